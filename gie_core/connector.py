@@ -154,7 +154,7 @@ def fuse(
         if text.pooled_empty is None:
             raise ValueError(f"fusion mode '{mode}' needs CLIP(\"\") as the pooled vector; encode it with the text encoders")
         pooled = text.pooled_empty.expand(projected.shape[0], -1) if text.pooled_empty.shape[0] == 1 else text.pooled_empty
-        return Conditioning(projected, pooled.to(projected.dtype))
+        return Conditioning(projected, pooled.to(device=projected.device, dtype=projected.dtype))
 
     t5 = text.t5.to(device=projected.device, dtype=projected.dtype)
     if t5.shape[-1] != projected.shape[-1]:

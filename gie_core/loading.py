@@ -1,0 +1,339 @@
+"""Loading the weights users have, from local paths only.
+
+- the released GPT-Image-Edit checkpoint directory (``UnivaQwen2p5VL`` layout), split into the
+  Qwen2.5-VL encoder, the connector and the fine-tuned Kontext transformer, streamed tensor by
+  tensor on any current transformers (old ``visual.*`` / ``model.*`` names are mapped);
+- a FLUX.1-Kontext-dev diffusers directory;
+- connector / LoRA files written by the trainer.
+
+Single-file checkpoints as ComfyUI users keep them are in :mod:`gie_core.single_file`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .connector import Connector
+from .weights import CheckpointError, CheckpointReader, assign_weights, empty_weights
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+GIE_PROJECTOR_PREFIX = "denoise_tower.denoise_projector."
+GIE_DENOISER_PREFIX = "denoise_tower.denoiser."
+_GIE_NON_QWEN_PREFIX = "denoise_tower."
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'bf16' / 'fp16' / 'fp32' (or a torch dtype) -> torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"dtype '{dtype}' is unknown; expected one of {', '.join(DTYPES)}") from None
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent} is not {what}: it has no {path.name}") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+
+
+def _check_dir(path: str | os.PathLike, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{what} {p} does not exist")
+    if not p.is_dir():
+        raise CheckpointError(f"{what} must be a directory but {p} is a file")
+    return p
+
+
+# --------------------------------------------------------------------------------------
+# The released GPT-Image-Edit checkpoint
+# --------------------------------------------------------------------------------------
+
+
+def gie_config(path: str | os.PathLike) -> dict:
+    """config.json of a GPT-Image-Edit checkpoint directory, checked to be one."""
+    p = _check_dir(path, "GPT-Image-Edit checkpoint directory")
+    cfg = _read_json(p / "config.json", "a GPT-Image-Edit checkpoint directory")
+    tower = cfg.get("denoise_tower")
+    if not isinstance(tower, dict) or "denoiser_config" not in tower:
+        raise CheckpointError(
+            f"{p} is not a GPT-Image-Edit checkpoint directory: its config.json has no denoise_tower "
+            f"(model_type '{cfg.get('model_type', cfg.get('_class_name', '?'))}'); "
+            "a FLUX.1-Kontext diffusers directory goes to the Kontext loader instead"
+        )
+    return cfg
+
+
+def qwen_config_from_gie(cfg: dict):
+    """A transformers Qwen2_5_VLConfig from the checkpoint's flat (pre-4.52) fields."""
+    from transformers import Qwen2_5_VLConfig
+    from transformers.utils import logging as hf_logging
+
+    fields = {k: v for k, v in cfg.items() if k not in ("denoise_tower", "architectures", "model_type", "auto_map", "_name_or_path")}
+    fields.pop("torch_dtype", None)
+    fields.pop("dtype", None)
+    # The flat pre-4.52 fields are understood but logged about at length; keep the console clean.
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        config = Qwen2_5_VLConfig(**fields)
+    finally:
+        hf_logging.set_verbosity(level)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def map_qwen_key(key: str, model_keys: set[str]) -> str | None:
+    """Map a checkpoint key (pre-4.52 ``visual.*`` / ``model.*`` or the current layout) to the
+    model's parameter name; None when the model has no such parameter."""
+    if key in model_keys:
+        return key
+    candidates = []
+    if key.startswith("visual."):
+        candidates.append("model." + key)
+    elif key.startswith("model.") and not key.startswith(("model.language_model.", "model.visual.")):
+        candidates.append("model.language_model." + key[len("model."):])
+    elif key.startswith("model.visual."):  # current layout into an old-layout model
+        candidates.append(key[len("model."):])
+    elif key.startswith("model.language_model."):
+        candidates.append("model." + key[len("model.language_model."):])
+    for c in candidates:
+        if c in model_keys:
+            return c
+    return None
+
+
+def load_qwen_from_gie(path: Path, cfg: dict, reader: CheckpointReader, dtype: torch.dtype, device):
+    """The Qwen2.5-VL part of the checkpoint as ``Qwen2_5_VLForConditionalGeneration``."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config = qwen_config_from_gie(cfg)
+    with empty_weights():
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model_keys = set(model.state_dict())
+
+    def pairs():
+        for key in reader.keys():
+            if key.startswith(_GIE_NON_QWEN_PREFIX):
+                continue
+            name = map_qwen_key(key, model_keys)
+            if name is None:
+                raise CheckpointError(f"{path}: tensor '{key}' does not belong to a Qwen2.5-VL model")
+            yield name, reader.read(key)
+
+    assign_weights(model, pairs(), dtype=dtype, device=device, what=f"Qwen2.5-VL weights in {path}")
+    if getattr(config, "tie_word_embeddings", False) or getattr(getattr(config, "text_config", None), "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.eval().requires_grad_(False)
+
+
+def load_connector_from_reader(reader: CheckpointReader, prefix: str, what: str) -> Connector:
+    state = {k[len(prefix):]: reader.read(k) for k in reader.keys() if k.startswith(prefix)}
+    if not state:
+        raise CheckpointError(f"{what} holds no connector weights (no '{prefix}*' tensors)")
+    return Connector.from_state_dict({"denoise_projector." + k if k[0].isdigit() else k: v for k, v in state.items()})
+
+
+def load_flux_transformer_from_reader(reader: CheckpointReader, prefix: str, config: dict, dtype, device, what: str):
+    """A diffusers FluxTransformer2DModel from ``config`` filled with the ``prefix`` tensors."""
+    from diffusers import FluxTransformer2DModel
+
+    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+    with empty_weights():
+        transformer = FluxTransformer2DModel.from_config(cfg)
+    pairs = ((k[len(prefix):], reader.read(k)) for k in reader.keys() if k.startswith(prefix))
+    assign_weights(transformer, pairs, dtype=dtype, device=device, what=what)
+    return transformer.eval().requires_grad_(False)
+
+
+@dataclass
+class GIECheckpoint:
+    """The three parts of a released checkpoint (a part is None when not asked for)."""
+
+    encoder: object | None  # encoders.QwenVLEncoder
+    connector: Connector | None
+    transformer: torch.nn.Module | None
+    config: dict
+
+
+def load_gie_checkpoint(
+    path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "bf16",
+    device: str | torch.device = "cpu",
+    parts: tuple[str, ...] = ("encoder", "connector", "transformer"),
+    processor_dir: str | os.PathLike | None = None,
+) -> GIECheckpoint:
+    """Load the released GPT-Image-Edit checkpoint directory, streamed from its shards.
+
+    ``parts`` picks what to load; ``processor_dir`` supplies the Qwen tokenizer and image
+    processor when the checkpoint directory lacks them.
+    """
+    from .encoders import QwenVLEncoder
+
+    p = Path(path)
+    cfg = gie_config(p)
+    dtype = parse_dtype(dtype)
+    unknown = set(parts) - {"encoder", "connector", "transformer"}
+    if unknown:
+        raise ValueError(f"parts {sorted(unknown)} are unknown; expected encoder, connector, transformer")
+    tower = cfg["denoise_tower"]
+    encoder = connector = transformer = None
+    with CheckpointReader.open(p) as reader:
+        if "connector" in parts:
+            connector = load_connector_from_reader(reader, GIE_PROJECTOR_PREFIX, str(p)).to(device=device, dtype=dtype)
+            connector.eval().requires_grad_(False)
+        if "transformer" in parts:
+            transformer = load_flux_transformer_from_reader(
+                reader, GIE_DENOISER_PREFIX, tower["denoiser_config"], dtype, device, f"Kontext transformer in {p}"
+            )
+        if "encoder" in parts:
+            model = load_qwen_from_gie(p, cfg, reader, dtype, device)
+            encoder = QwenVLEncoder(model, *load_qwen_processing(processor_dir or p))
+    return GIECheckpoint(encoder, connector, transformer, cfg)
+
+
+def load_qwen_processing(path: str | os.PathLike):
+    """(tokenizer, image_processor, stock processor or None) from a directory of processor files."""
+    from transformers import AutoTokenizer
+
+    from .encoders import load_qwen_image_processor, torchvision_available
+
+    p = Path(path)
+    if not (p / "tokenizer.json").exists() and not (p / "vocab.json").exists():
+        raise CheckpointError(
+            f"{p} has no Qwen tokenizer files (tokenizer.json); pass the Qwen2.5-VL processor directory"
+        )
+    if not (p / "preprocessor_config.json").exists():
+        raise CheckpointError(f"{p} has no preprocessor_config.json for the Qwen2.5-VL image processor")
+    tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    image_processor = load_qwen_image_processor(p)
+    processor = None
+    if torchvision_available():
+        try:
+            from transformers import AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(p, local_files_only=True)
+        except Exception:  # processor files incomplete: the image-only path works the same
+            processor = None
+    return tokenizer, image_processor, processor
+
+
+# --------------------------------------------------------------------------------------
+# FLUX.1-Kontext-dev diffusers directory
+# --------------------------------------------------------------------------------------
+
+
+def _dtype_kwarg(cls, dtype) -> dict:
+    """diffusers >= 0.42 takes ``dtype=``; older versions ``torch_dtype=``."""
+    params = inspect.signature(cls.from_pretrained).parameters
+    return {"dtype": dtype} if "dtype" in params else {"torch_dtype": dtype}
+
+
+@dataclass
+class KontextComponents:
+    """Parts of a FLUX.1-Kontext directory; a part is None when not asked for."""
+
+    transformer: torch.nn.Module | None
+    vae: torch.nn.Module | None
+    scheduler: object | None
+    text: object | None  # encoders.TextEncoders
+
+
+KONTEXT_PARTS = ("transformer", "vae", "scheduler", "clip", "t5")
+
+
+def kontext_index(path: str | os.PathLike) -> dict:
+    """model_index.json of a FLUX diffusers directory, checked to be one."""
+    p = _check_dir(path, "FLUX.1-Kontext directory")
+    index = p / "model_index.json"
+    if not index.exists():
+        if (p / "config.json").exists() and "denoise_tower" in (p / "config.json").read_text():
+            raise CheckpointError(f"{p} is a GPT-Image-Edit checkpoint, not a FLUX.1-Kontext diffusers directory")
+        raise CheckpointError(f"{p} is not a FLUX.1-Kontext diffusers directory: it has no model_index.json")
+    data = _read_json(index, "a diffusers directory")
+    if not str(data.get("_class_name", "")).startswith("Flux"):
+        raise CheckpointError(f"{p} is a {data.get('_class_name')} directory, not a FLUX.1-Kontext one")
+    return data
+
+
+def load_kontext_dir(
+    path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "bf16",
+    device: str | torch.device = "cpu",
+    parts: tuple[str, ...] = KONTEXT_PARTS,
+    t5_max_length: int | None = None,
+) -> KontextComponents:
+    """Load components of a FLUX.1-Kontext-dev diffusers directory (local files only)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+    from .constants import T5_MAX_LENGTH
+    from .encoders import TextEncoders
+
+    p = Path(path)
+    kontext_index(p)
+    dtype = parse_dtype(dtype)
+    unknown = set(parts) - set(KONTEXT_PARTS)
+    if unknown:
+        raise ValueError(f"parts {sorted(unknown)} are unknown; expected some of {', '.join(KONTEXT_PARTS)}")
+
+    def sub(name):
+        d = p / name
+        if not d.is_dir():
+            raise CheckpointError(f"{p} has no {name}/ folder (is it a complete FLUX.1-Kontext directory?)")
+        return d
+
+    def model(cls, name):
+        kw = _dtype_kwarg(cls, dtype)
+        try:
+            m = cls.from_pretrained(sub(name), local_files_only=True, use_safetensors=True, **kw)
+        except (OSError, ValueError, EnvironmentError) as exc:
+            raise CheckpointError(f"could not load {name} from {p}: {exc}") from None
+        return m.to(device).eval().requires_grad_(False)
+
+    transformer = model(FluxTransformer2DModel, "transformer") if "transformer" in parts else None
+    vae = model(AutoencoderKL, "vae") if "vae" in parts else None
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(sub("scheduler")) if "scheduler" in parts else None
+    text = None
+    if "clip" in parts or "t5" in parts:
+        clip = model(CLIPTextModel, "text_encoder") if "clip" in parts else None
+        clip_tok = AutoTokenizer.from_pretrained(sub("tokenizer"), local_files_only=True) if "clip" in parts else None
+        t5 = model(T5EncoderModel, "text_encoder_2") if "t5" in parts else None
+        t5_tok = AutoTokenizer.from_pretrained(sub("tokenizer_2"), local_files_only=True) if "t5" in parts else None
+        text = TextEncoders(clip, clip_tok, t5, t5_tok, t5_max_length or T5_MAX_LENGTH)
+    return KontextComponents(transformer, vae, scheduler, text)
+
+
+# --------------------------------------------------------------------------------------
+# Files written by our trainer
+# --------------------------------------------------------------------------------------
+
+
+def load_connector(path: str | os.PathLike, *, dtype="bf16", device="cpu") -> Connector:
+    """A connector from a safetensors file (ours: ``denoise_projector.*``; or any file holding
+    the released ``denoise_tower.denoise_projector.*`` keys) or a GPT-Image-Edit directory."""
+    p = Path(path)
+    dtype = parse_dtype(dtype)
+    if p.is_dir():
+        gie_config(p)
+    with CheckpointReader.open(p) as reader:
+        prefix = GIE_PROJECTOR_PREFIX if any(k.startswith(GIE_PROJECTOR_PREFIX) for k in reader.keys()) else ""
+        if prefix:
+            conn = load_connector_from_reader(reader, prefix, str(p))
+        else:
+            conn = Connector.from_state_dict({k: reader.read(k) for k in reader.keys()})
+    return conn.to(device=device, dtype=dtype).eval().requires_grad_(False)

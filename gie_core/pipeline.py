@@ -1,0 +1,309 @@
+"""The whole edit in one object: encode (Qwen-VL, T5, CLIP), fuse, sample, and optional pad/crop.
+
+Offload modes, for cards smaller than the models:
+- ``none``: every part stays on the device;
+- ``model``: parts live on the CPU and visit the device one at a time (the encoders leave
+  before the transformer arrives);
+- ``sequential``: as ``model``, and the transformer itself streams its blocks to the device
+  one group at a time (diffusers group offloading): the mode for 24 GB cards at 1 MP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from .conditioning import Conditioning
+from .connector import Connector, TextFeatures, fuse
+from .constants import DEFAULT_FUSION_MODE, DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_TRUE_CFG
+from .encoders import QwenVLEncoder, TextEncoders, check_instruction
+from .images import ImageLike, auto_output_size, check_output_size, prepare_reference, to_pil, to_tensor
+from .loading import load_gie_checkpoint, load_kontext_dir, parse_dtype
+from .ratio import PadRecord, crop_padding, pad_to_ratio
+from .sampler import InterruptFn, KontextModels, ProgressFn, sample
+
+OFFLOAD_MODES = ("none", "model", "sequential")
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else MPS, else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def free_device_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class EditResult:
+    images: list[Image.Image]
+    tensor: torch.Tensor  # [B, H, W, 3] in 0..1 (after crop-back when snapping)
+    pad_record: PadRecord | None = None
+    conditioning: Conditioning | None = None
+    info: dict = field(default_factory=dict)
+
+
+class EditPipeline:
+    """Qwen-VL + T5 conditioning fused into FLUX.1 Kontext, with offloading."""
+
+    def __init__(
+        self,
+        *,
+        transformer,
+        vae,
+        scheduler,
+        text: TextEncoders | None = None,
+        qwen: QwenVLEncoder | None = None,
+        connector: Connector | None = None,
+        device: str | torch.device | None = None,
+        offload: str = "none",
+    ):
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload mode '{offload}' is unknown; expected one of {', '.join(OFFLOAD_MODES)}")
+        self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
+        self.text, self.qwen, self.connector = text, qwen, connector
+        self.device = torch.device(device) if device is not None else default_device()
+        self.offload = offload
+        self._grouped = False
+        if offload == "none":
+            for m in self._modules():
+                m.to(self.device)
+        else:
+            for m in self._modules():
+                m.to("cpu")
+
+    def _modules(self):
+        mods = [self.transformer, self.vae, self.connector]
+        if self.text is not None:
+            mods += [self.text.clip, self.text.t5]
+        if self.qwen is not None:
+            mods.append(self.qwen.model)
+        return [m for m in mods if m is not None]
+
+    @contextlib.contextmanager
+    def on_device(self, *modules):
+        """Bring modules to the device for a block (offload modes), then send them back."""
+        if self.offload == "none":
+            yield
+            return
+        moved = []
+        try:
+            for m in modules:
+                if m is None:
+                    continue
+                if m is self.transformer and self.offload == "sequential" and self.device.type != "cpu":
+                    self._group_offload()
+                    continue
+                m.to(self.device)
+                moved.append(m)
+            yield
+        finally:
+            for m in moved:
+                m.to("cpu")
+            free_device_memory(self.device)
+
+    def _group_offload(self):
+        if self._grouped:
+            return
+        self.transformer.enable_group_offload(
+            onload_device=self.device,
+            offload_device=torch.device("cpu"),
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            use_stream=self.device.type == "cuda",
+        )
+        self._grouped = True
+
+    # ------------------------------------------------------------------
+    @classmethod
+    def from_paths(
+        cls,
+        *,
+        gie_dir: str | os.PathLike | None = None,
+        kontext_dir: str | os.PathLike | None = None,
+        transformer_file: str | os.PathLike | None = None,
+        vae_file: str | os.PathLike | None = None,
+        t5_file: str | os.PathLike | None = None,
+        clip_file: str | os.PathLike | None = None,
+        tokenizer_dir: str | os.PathLike | None = None,
+        mode: str = DEFAULT_FUSION_MODE,
+        dtype: str | torch.dtype = "bf16",
+        device: str | torch.device | None = None,
+        offload: str = "none",
+    ) -> EditPipeline:
+        """Load what ``mode`` needs from a GPT-Image-Edit directory, a FLUX.1-Kontext directory
+        and/or single files (single files override the directory's parts).
+
+        The transformer is the GPT-Image-Edit fine-tune when ``gie_dir`` is given (else the
+        single file, else the Kontext directory's stock one). ``tokenizer_dir`` is a folder with
+        ``tokenizer/`` (CLIP) and ``tokenizer_2/`` (T5) for single-file text encoders (a
+        FLUX.1 diffusers directory has them).
+        """
+        from . import single_file as sf
+        from .connector import check_mode
+
+        check_mode(mode)
+        dtype = parse_dtype(dtype)
+        load_dev = "cpu"
+        needs_vlm = mode != "t5"
+        needs_t5 = mode in ("t5", "vlm+t5", "vlm+t5+type")
+        if needs_vlm and gie_dir is None:
+            raise ValueError(f"fusion mode '{mode}' needs a GPT-Image-Edit checkpoint (--model); mode 't5' runs stock Kontext")
+        qwen = connector = transformer = None
+        if gie_dir is not None:
+            parts = ["transformer"] if transformer_file is None else []
+            if needs_vlm:
+                parts += ["encoder", "connector"]
+            ck = load_gie_checkpoint(gie_dir, dtype=dtype, device=load_dev, parts=tuple(parts))
+            qwen, connector, transformer = ck.encoder, ck.connector, ck.transformer
+        if transformer_file is not None:
+            transformer = sf.load_bfl_transformer(transformer_file, dtype=dtype, device=load_dev)
+
+        k_parts = []
+        if transformer is None:
+            k_parts.append("transformer")
+        if vae_file is None:
+            k_parts.append("vae")
+        k_parts.append("scheduler")
+        if clip_file is None:
+            k_parts.append("clip")
+        if needs_t5 and t5_file is None:
+            k_parts.append("t5")
+        comps = None
+        if kontext_dir is not None:
+            comps = load_kontext_dir(kontext_dir, dtype=dtype, device=load_dev, parts=tuple(k_parts))
+        elif set(k_parts) - {"scheduler"}:
+            missing = ", ".join(sorted(set(k_parts) - {"scheduler"}))
+            raise ValueError(f"no FLUX.1-Kontext directory given (--kontext) and no single files for: {missing}")
+        if transformer is None:
+            transformer = comps.transformer
+        vae = comps.vae if vae_file is None else sf.load_bfl_vae(vae_file, dtype=dtype, device=load_dev)
+        if comps is not None:
+            scheduler = comps.scheduler
+        else:
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(sf.load_config("flow-match-scheduler.json"))
+        text = comps.text if comps is not None else None
+        if clip_file is not None or (needs_t5 and t5_file is not None):
+            text = _single_file_text(text, clip_file, t5_file if needs_t5 else None, tokenizer_dir, kontext_dir, dtype)
+        return cls(
+            transformer=transformer, vae=vae, scheduler=scheduler, text=text, qwen=qwen, connector=connector,
+            device=device, offload=offload,
+        )
+
+    # ------------------------------------------------------------------
+    def conditioning(self, images: ImageLike, instruction: str, mode: str = DEFAULT_FUSION_MODE) -> Conditioning:
+        """Encode and fuse (image, instruction) into Kontext conditioning for ``mode``."""
+        check_instruction(instruction)
+        vlm = None
+        if mode != "t5":
+            if self.qwen is None or self.connector is None:
+                raise ValueError(f"fusion mode '{mode}' needs the Qwen-VL encoder and connector (load a GPT-Image-Edit checkpoint)")
+            queries = self.connector.queries if mode == "metaquery" else None
+            with self.on_device(self.qwen.model):
+                vlm = self.qwen.encode(images, instruction, queries=queries)
+        if self.text is None:
+            raise ValueError("no CLIP/T5 text encoders are loaded")
+        with self.on_device(self.text.clip, self.text.t5):
+            text = self.text.encode(instruction, with_t5=mode not in ("vlm", "metaquery"))
+        with self.on_device(self.connector):
+            cond = fuse(mode, self.connector, vlm, text)  # fuse moves features to the connector's device
+        return cond.to("cpu")
+
+    def edit(
+        self,
+        image: ImageLike,
+        instruction: str,
+        *,
+        mode: str = DEFAULT_FUSION_MODE,
+        steps: int = DEFAULT_STEPS,
+        guidance: float = DEFAULT_GUIDANCE,
+        seed: int = DEFAULT_SEED,
+        size: tuple[int, int] | None = None,
+        batch_size: int = 1,
+        snap: str | None = None,
+        pad_color: str = "white",
+        negative_instruction: str | None = None,
+        true_cfg: float = DEFAULT_TRUE_CFG,
+        reference_resize: str = "preferred",
+        progress: ProgressFn | None = None,
+        interrupt: InterruptFn | None = None,
+    ) -> EditResult:
+        """Edit ``image`` by ``instruction``. ``snap`` (a ratio set, e.g. "default") pads the image
+        to the nearest ratio first and crops the padding from the result, back to the original size."""
+        check_instruction(instruction)
+        checked = to_tensor(image, "input image")  # validates type, mode and size
+        n_images = checked.shape[0]
+        # Keep PIL inputs as PIL: the reference is then resized exactly as diffusers does (LANCZOS).
+        images = image if isinstance(image, (Image.Image, list, tuple)) else checked
+        record = None
+        if snap:
+            images, record = pad_to_ratio(checked if isinstance(images, (list, tuple)) else images, snap, color=pad_color)
+        in_w, in_h = (record.padded_width, record.padded_height) if record else (checked.shape[2], checked.shape[1])
+        if size is None:
+            width, height = auto_output_size(in_w, in_h)
+        else:
+            width, height = int(size[0]), int(size[1])
+            check_output_size(width, height)
+        positive = self.conditioning(images, instruction, mode)
+        negative = None
+        if true_cfg > 1.0:
+            negative = self.conditioning(images, negative_instruction or " ", mode)
+        reference = prepare_reference(images, reference_resize)
+        with self.on_device(self.transformer, self.vae):
+            out = sample(
+                KontextModels(self.transformer, self.vae, self.scheduler),
+                positive,
+                reference,
+                width=width,
+                height=height,
+                steps=steps,
+                guidance=guidance,
+                seed=seed,
+                batch_size=batch_size if n_images == 1 else n_images,
+                true_cfg=true_cfg,
+                negative=negative,
+                device=self.device,
+                progress=progress,
+                interrupt=interrupt,
+            ).cpu()
+        if record is not None:
+            out = crop_padding(out, record)
+        return EditResult(to_pil(out), out, record, positive, {"width": width, "height": height, "mode": mode})
+
+
+def _single_file_text(text, clip_file, t5_file, tokenizer_dir, kontext_dir, dtype) -> TextEncoders:
+    """CLIP / T5 from single files, with tokenizers from ``tokenizer_dir`` (or the Kontext dir)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from . import single_file as sf
+
+    tok_root = Path(tokenizer_dir or kontext_dir) if (tokenizer_dir or kontext_dir) else None
+    if tok_root is None:
+        raise ValueError(
+            "single-file text encoders need their tokenizers: pass --tokenizers DIR "
+            "(a FLUX.1 diffusers folder, or any folder with tokenizer/ (CLIP) and tokenizer_2/ (T5))"
+        )
+    clip = text.clip if text is not None else None
+    clip_tok = text.clip_tokenizer if text is not None else None
+    t5 = text.t5 if text is not None else None
+    t5_tok = text.t5_tokenizer if text is not None else None
+    if clip_file is not None:
+        clip_tok = AutoTokenizer.from_pretrained(tok_root / "tokenizer", local_files_only=True)
+        clip = sf.load_clip_text(clip_file, dtype=dtype, device="cpu", eos_token_id=clip_tok.eos_token_id)
+    if t5_file is not None:
+        t5_tok = AutoTokenizer.from_pretrained(tok_root / "tokenizer_2", local_files_only=True)
+        t5 = sf.load_t5_encoder(t5_file, dtype=dtype, device="cpu")
+    return TextEncoders(clip, clip_tok, t5, t5_tok)
