@@ -11,6 +11,7 @@ Single-file checkpoints as ComfyUI users keep them are in :mod:`gie_core.single_
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -27,6 +28,20 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GIE_PROJECTOR_PREFIX = "denoise_tower.denoise_projector."
 GIE_DENOISER_PREFIX = "denoise_tower.denoiser."
 _GIE_NON_QWEN_PREFIX = "denoise_tower."
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' warnings while it reads the released config's flat pre-4.52 fields
+    (understood correctly, but logged about at length)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -79,18 +94,12 @@ def gie_config(path: str | os.PathLike) -> dict:
 def qwen_config_from_gie(cfg: dict):
     """A transformers Qwen2_5_VLConfig from the checkpoint's flat (pre-4.52) fields."""
     from transformers import Qwen2_5_VLConfig
-    from transformers.utils import logging as hf_logging
 
     fields = {k: v for k, v in cfg.items() if k not in ("denoise_tower", "architectures", "model_type", "auto_map", "_name_or_path")}
     fields.pop("torch_dtype", None)
     fields.pop("dtype", None)
-    # The flat pre-4.52 fields are understood but logged about at length; keep the console clean.
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
+    with quiet_transformers():
         config = Qwen2_5_VLConfig(**fields)
-    finally:
-        hf_logging.set_verbosity(level)
     config._attn_implementation = "sdpa"
     return config
 
@@ -218,7 +227,8 @@ def load_qwen_processing(path: str | os.PathLike):
         )
     if not (p / "preprocessor_config.json").exists():
         raise CheckpointError(f"{p} has no preprocessor_config.json for the Qwen2.5-VL image processor")
-    tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    with quiet_transformers():  # it peeks at config.json, whose model_type transformers doesn't know
+        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
     image_processor = load_qwen_image_processor(p)
     processor = None
     if torchvision_available():

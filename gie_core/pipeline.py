@@ -255,6 +255,12 @@ class EditPipeline:
         else:
             width, height = int(size[0]), int(size[1])
             check_output_size(width, height)
+            if record is not None and abs((width / height) / (in_w / in_h) - 1) > 0.01:
+                rw, rh = record.ratio
+                raise ValueError(
+                    f"output size {width}x{height} does not have the {rw}:{rh} aspect the image is padded to; "
+                    f"use an automatic size or a {rw}:{rh} size (e.g. {rw * 16 * 4}x{rh * 16 * 4})"
+                )
         positive = self.conditioning(images, instruction, mode)
         negative = None
         if true_cfg > 1.0:

@@ -61,8 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pad-color", default="white", help="padding colour for --snap: white (default), black, edge, or r,g,b")
     s.add_argument("--negative", default=None, help="negative instruction for true CFG (used with --true-cfg > 1)")
     s.add_argument("--true-cfg", type=float, default=1.0, help="true classifier-free guidance scale; 1 = off (default)")
-    s.add_argument("--reference-size", choices=("preferred", "keep"), default="preferred",
-                   help="resize the input to the nearest preferred Kontext resolution (default, as the reference) or keep its size")
+    s.add_argument("--reference-size", choices=("preferred", "keep"), default=None,
+                   help="resize the input to the nearest preferred Kontext resolution (default, as the reference) "
+                        "or keep its size (the demo's default, to stay quick)")
+    w2 = p.add_argument_group("instruction rewriting")
+    w2.add_argument("--rewrite", action="store_true",
+                    help="first rewrite the instruction into an explicit one with the checkpoint's Qwen2.5-VL (as gie-rewrite; "
+                         "needs --model and a mode using the VLM); the rewrite is printed on stderr")
+    w2.add_argument("--rewrite-max-tokens", type=int, default=256, help="bound on the rewriting answer's length (default 256)")
     r = p.add_argument_group("runtime")
     r.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="weights dtype (default bf16 on GPU, fp32 on CPU)")
     r.add_argument("--offload", choices=OFFLOAD_MODES, default="none",
@@ -129,6 +135,21 @@ def load_input(path: str):
         raise ValueError(f"input image {p} is not an image file PIL can read") from None
 
 
+def rewrite_for_edit(pipe, image, instruction: str, max_new_tokens: int) -> str:
+    """The rewritten instruction (greedy) from the pipeline's loaded Qwen2.5-VL, reported on stderr."""
+    from ..rewrite import rewrite_instruction
+    from .rewrite import quiet_library_warnings
+
+    quiet_library_warnings()
+    with pipe.on_device(pipe.qwen.model):
+        result = rewrite_instruction(pipe.qwen, image, instruction, max_new_tokens=max_new_tokens)
+    if result.fell_back:
+        print(f"gie-edit: warning: --rewrite kept the original instruction: {result.reason}", file=sys.stderr)
+    else:
+        print(f"gie-edit: rewritten instruction: {result.instruction}", file=sys.stderr)
+    return result.instruction
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -173,22 +194,32 @@ def run(args) -> int:
 
             im = load_input(input_path)
             size = auto_output_size(im.width, im.height, DEMO_AREA)
+        reference_size = args.reference_size or "keep"
     else:
         gie_dir, kontext_dir = args.model, args.kontext
         if not args.input or not args.instruction:
             raise ValueError("give the INPUT image and the INSTRUCTION")
         input_path, instruction = args.input, args.instruction
+        reference_size = args.reference_size or "preferred"
     from ..encoders import check_instruction
 
     check_instruction(instruction)
     image = load_input(input_path)
     mode = args.mode or ("vlm+t5" if gie_dir else "t5")
+    if args.rewrite:
+        from ..rewrite import check_rewrite_options
+
+        if not gie_dir or mode == "t5":
+            raise ValueError("--rewrite needs the Qwen2.5-VL of a GPT-Image-Edit checkpoint: give --model and a mode that uses the VLM (not 't5')")
+        check_rewrite_options(args.rewrite_max_tokens, 0.0, 0, 1.0)
 
     pipe = EditPipeline.from_paths(
         gie_dir=gie_dir, kontext_dir=kontext_dir, transformer_file=args.transformer, vae_file=args.vae,
         t5_file=args.t5, clip_file=args.clip, tokenizer_dir=args.tokenizers, mode=mode, dtype=dtype,
         device=device, offload=args.offload,
     )
+    if args.rewrite:
+        instruction = rewrite_for_edit(pipe, image, instruction, args.rewrite_max_tokens)
     bar = None
     if not args.quiet:
         from tqdm import tqdm
@@ -205,7 +236,7 @@ def run(args) -> int:
         result = pipe.edit(
             image, instruction, mode=mode, steps=args.steps, guidance=args.guidance, seed=args.seed, size=size,
             batch_size=args.batch, snap=args.snap, pad_color=args.pad_color, negative_instruction=args.negative,
-            true_cfg=args.true_cfg, reference_resize=args.reference_size, progress=progress,
+            true_cfg=args.true_cfg, reference_resize=reference_size, progress=progress,
         )
     finally:
         if bar is not None:
