@@ -160,13 +160,40 @@ class _InterruptHooks:
             h.remove()
 
 
+class _RopeCache:
+    """Reuse the rotary tables across steps: the token ids never change during one sampling
+    run, but the transformer recomputes cos/sin from them on every call (and twice per step
+    with true CFG). Restored on exit."""
+
+    def __init__(self, transformer):
+        self.pos_embed = getattr(transformer, "pos_embed", None)
+        self.ids = self.value = None
+
+    def __enter__(self):
+        if self.pos_embed is not None:
+            original = self.pos_embed.forward
+
+            def cached(ids):
+                if self.ids is None or self.ids.shape != ids.shape or not torch.equal(self.ids, ids):
+                    self.ids, self.value = ids.clone(), original(ids)
+                return self.value
+
+            self.pos_embed.forward = cached
+        return self
+
+    def __exit__(self, *exc):
+        if self.pos_embed is not None:
+            del self.pos_embed.forward  # back to the class's forward
+        self.ids = self.value = None
+
+
 def make_noise(batch_size: int, channels: int, latent_height: int, latent_width: int, seed: int) -> torch.Tensor:
     """Initial noise from a CPU generator, so a seed gives the same image on any device."""
     generator = torch.Generator("cpu").manual_seed(int(seed))
     return torch.randn((batch_size, channels, latent_height, latent_width), generator=generator, dtype=torch.float32)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample(
     models: KontextModels,
     positive: Conditioning,
@@ -181,6 +208,7 @@ def sample(
     true_cfg: float = DEFAULT_TRUE_CFG,
     negative: Conditioning | None = None,
     reference_method: str = "index",
+    cfg_batch: bool = True,
     device: torch.device | str | None = None,
     noise: torch.Tensor | None = None,
     progress: ProgressFn | None = None,
@@ -192,7 +220,9 @@ def sample(
     ``references``: [B_ref, 3, H, W] in [-1, 1] (see ``images.prepare_reference``), or a list of
     such for several references per image, or None for plain text-to-image. ``B_ref`` is 1
     (shared) or ``batch_size``. Returns images [B, H, W, 3] in 0..1 (``output="latent"``: the
-    normalised latents [B, 16, H/8, W/8]).
+    normalised latents [B, 16, H/8, W/8]). With true CFG and ``cfg_batch``, the positive and
+    negative predictions run as one batch when their token counts match (turn it off to halve
+    activation memory on small cards).
     """
     check_output_size(width, height)
     if steps < 1:
@@ -260,30 +290,43 @@ def sample(
         else None
     )
 
-    def predict(model_input, t, cond, tids):
+    def predict(model_input, t, context, pooled, tids, guid):
         out = transformer(
             hidden_states=model_input,
             timestep=t / 1000,
-            guidance=guidance_vec,
-            pooled_projections=cond.pooled,
-            encoder_hidden_states=cond.context,
+            guidance=guid,
+            pooled_projections=pooled,
+            encoder_hidden_states=context,
             txt_ids=tids,
             img_ids=ids,
             return_dict=False,
         )[0]
         return out[:, :n_target]  # slice the prediction back to the target tokens
 
+    joint_cfg = do_cfg and cfg_batch and neg.context.shape[1] == pos.context.shape[1]
+    if joint_cfg:
+        both_context = torch.cat([pos.context, neg.context])  # [2B, L, D]
+        both_pooled = torch.cat([pos.pooled, neg.pooled])
+        both_guidance = guidance_vec.repeat(2) if guidance_vec is not None else None
+
     total = len(timesteps)
-    with _InterruptHooks(transformer, interrupt):
+    with _InterruptHooks(transformer, interrupt), _RopeCache(transformer):
         for i, t in enumerate(timesteps):
             if interrupt is not None and interrupt():
                 raise SamplingInterrupted("sampling was interrupted")
             model_input = latents if ref_tokens is None else torch.cat([latents, ref_tokens], dim=1)
-            tt = t.expand(batch_size).to(dtype)
-            noise_pred = predict(model_input, tt, pos, txt_ids)
-            if do_cfg:
-                neg_pred = predict(model_input, tt, neg, neg_txt_ids)
+            if joint_cfg:
+                tt = t.expand(2 * batch_size).to(dtype)
+                noise_pred, neg_pred = predict(
+                    model_input.repeat(2, 1, 1), tt, both_context, both_pooled, txt_ids, both_guidance
+                ).chunk(2)
                 noise_pred = neg_pred + true_cfg * (noise_pred - neg_pred)
+            else:
+                tt = t.expand(batch_size).to(dtype)
+                noise_pred = predict(model_input, tt, pos.context, pos.pooled, txt_ids, guidance_vec)
+                if do_cfg:
+                    neg_pred = predict(model_input, tt, neg.context, neg.pooled, neg_txt_ids, guidance_vec)
+                    noise_pred = neg_pred + true_cfg * (noise_pred - neg_pred)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if progress is not None:
                 progress(i + 1, total)

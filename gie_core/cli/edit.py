@@ -210,7 +210,9 @@ def run(args) -> int:
         from ..rewrite import check_rewrite_options
 
         if not gie_dir or mode == "t5":
-            raise ValueError("--rewrite needs the Qwen2.5-VL of a GPT-Image-Edit checkpoint: give --model and a mode that uses the VLM (not 't5')")
+            raise ValueError(
+                "--rewrite needs the Qwen2.5-VL of a GPT-Image-Edit checkpoint: give --model and a mode that uses the VLM (not 't5')"
+            )
         check_rewrite_options(args.rewrite_max_tokens, 0.0, 0, 1.0)
 
     pipe = EditPipeline.from_paths(

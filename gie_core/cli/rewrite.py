@@ -1,0 +1,102 @@
+"""``gie-rewrite``: rewrite an edit instruction for an image with the checkpoint's own Qwen2.5-VL.
+
+Prints the rewritten instruction (the Edit field) on stdout, or the whole result as JSON with
+``--json``. When the model's answer can't be used, the original instruction is printed, a
+warning on stderr says why, and the exit code is still 0 (the output is always usable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..rewrite import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT
+
+    p = argparse.ArgumentParser(
+        prog="gie-rewrite",
+        description=(
+            "Rewrite an edit instruction into an explicit one (the reference's 'thinking-rewritten' prompts) with the "
+            "Qwen2.5-VL inside a GPT-Image-Edit checkpoint, offline. The model describes the image (Input), the exact "
+            "change naming what to keep (Edit) and the expected result (Output); the Edit field is printed. "
+            "Greedy by default: the same image and instruction give the same rewrite."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "examples:\n"
+            "  gie-rewrite photo.jpg 'change the background to a city street' --model gpt-image-edit/final_checkpoint\n"
+            "  gie-rewrite photo.jpg 'make it winter' --model ckpt --json\n"
+            "  gie-edit photo.jpg 'make it winter' -o out.png --model ckpt --kontext FLUX.1-Kontext-dev --rewrite\n"
+        ),
+    )
+    p.add_argument("image", help="the image to edit (PNG/JPEG/WebP...)")
+    p.add_argument("instruction", help="the edit instruction to rewrite")
+    p.add_argument("--model", required=True, help="GPT-Image-Edit checkpoint directory (only its Qwen2.5-VL is loaded)")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help=f"bound on the answer's length, 1..{MAX_NEW_TOKENS_LIMIT} (default {DEFAULT_MAX_NEW_TOKENS})")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, deterministic (default); above 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling bound when sampling (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; same seed, same text (default 0)")
+    p.add_argument("--json", action="store_true", help="print the whole result (fields, raw answer, fallback) as JSON")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if present, else mps, else cpu)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="weights dtype (default bf16 on GPU, fp32 on CPU)")
+    return p
+
+
+def quiet_library_warnings() -> None:
+    """The command says why it fell back itself; keep the library's log record from printing it twice
+    (Python prints warnings of unconfigured logging to stderr)."""
+    log = logging.getLogger("gie_core.rewrite")
+    if not logging.getLogger().handlers and not any(isinstance(h, logging.NullHandler) for h in log.handlers):
+        log.addHandler(logging.NullHandler())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, TypeError) as exc:  # CheckpointError is a ValueError
+        print(f"gie-rewrite: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gie-rewrite: interrupted", file=sys.stderr)
+        return 130
+
+
+def run(args) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
+    import torch
+
+    from ..encoders import check_instruction
+    from ..loading import load_gie_checkpoint
+    from ..pipeline import default_device
+    from ..rewrite import check_rewrite_options, rewrite_instruction
+    from .edit import load_input
+
+    quiet_library_warnings()
+    check_instruction(args.instruction)
+    check_rewrite_options(args.max_new_tokens, args.temperature, args.seed, args.top_p)
+    image = load_input(args.image)
+    device = torch.device(args.device) if args.device else default_device()
+    dtype = args.dtype or ("fp32" if device.type == "cpu" else "bf16")
+    encoder = load_gie_checkpoint(args.model, dtype=dtype, device="cpu", parts=("encoder",)).encoder
+    encoder.model.to(device)
+    result = rewrite_instruction(
+        encoder, image, args.instruction, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        seed=args.seed, top_p=args.top_p,
+    )
+    if result.fell_back:
+        print(f"gie-rewrite: warning: kept the original instruction: {result.reason}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print(result.instruction)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
