@@ -134,13 +134,14 @@ def load_qwen_from_gie(path: Path, cfg: dict, reader: CheckpointReader, dtype: t
     model_keys = set(model.state_dict())
 
     def pairs():
-        for key in reader.keys():
-            if key.startswith(_GIE_NON_QWEN_PREFIX):
-                continue
-            name = map_qwen_key(key, model_keys)
-            if name is None:
+        keys = [k for k in reader.keys() if not k.startswith(_GIE_NON_QWEN_PREFIX)]
+        names = {}
+        for key in keys:
+            names[key] = map_qwen_key(key, model_keys)
+            if names[key] is None:
                 raise CheckpointError(f"{path}: tensor '{key}' does not belong to a Qwen2.5-VL model")
-            yield name, reader.read(key)
+        for key, tensor in reader.iter_tensors(keys):
+            yield names[key], tensor
 
     assign_weights(model, pairs(), dtype=dtype, device=device, what=f"Qwen2.5-VL weights in {path}")
     if getattr(config, "tie_word_embeddings", False) or getattr(getattr(config, "text_config", None), "tie_word_embeddings", False):
@@ -162,7 +163,7 @@ def load_flux_transformer_from_reader(reader: CheckpointReader, prefix: str, con
     cfg = {k: v for k, v in config.items() if not k.startswith("_")}
     with empty_weights():
         transformer = FluxTransformer2DModel.from_config(cfg)
-    pairs = ((k[len(prefix):], reader.read(k)) for k in reader.keys() if k.startswith(prefix))
+    pairs = ((k[len(prefix):], t) for k, t in reader.iter_tensors(k for k in reader.keys() if k.startswith(prefix)))
     assign_weights(transformer, pairs, dtype=dtype, device=device, what=what)
     return transformer.eval().requires_grad_(False)
 

@@ -12,6 +12,8 @@ import json
 import os
 import struct
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -44,6 +46,20 @@ class CheckpointError(ValueError):
     """A weights file or directory is missing, corrupt or of the wrong kind."""
 
 
+_HAS_PREADV = hasattr(os, "preadv")
+
+
+def _read_exact(fh, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = fh.read(n - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
 class SafetensorsFile:
     """One safetensors file, read by explicit offsets.
 
@@ -55,9 +71,10 @@ class SafetensorsFile:
         if not self.path.is_file():
             raise CheckpointError(f"weights file {self.path} does not exist")
         size = self.path.stat().st_size
-        self._fh = open(self.path, "rb")
+        self._fh = open(self.path, "rb", buffering=0)
+        self._lock = threading.Lock()
         try:
-            head = self._fh.read(8)
+            head = _read_exact(self._fh, 8)
             if len(head) < 8:
                 raise CheckpointError(f"{self.path} is not a safetensors file: only {size} bytes")
             (header_len,) = struct.unpack("<Q", head)
@@ -67,7 +84,7 @@ class SafetensorsFile:
                     f"does not fit in a {size}-byte file"
                 )
             try:
-                header = json.loads(self._fh.read(header_len))
+                header = json.loads(_read_exact(self._fh, header_len))
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise CheckpointError(f"{self.path} is not a valid safetensors file: header is not JSON ({exc})") from None
             if not isinstance(header, dict):
@@ -110,15 +127,27 @@ class SafetensorsFile:
     def shape(self, key: str) -> tuple[int, ...]:
         return self._entries[key][1]
 
+    def nbytes(self, key: str) -> int:
+        _, _, begin, end = self._entries[key]
+        return end - begin
+
     def read(self, key: str) -> torch.Tensor:
-        """Read one tensor into fresh CPU memory (its stored dtype)."""
+        """Read one tensor into fresh CPU memory (its stored dtype). Thread-safe: positional
+        reads, so several tensors can be read at once."""
         dtype, shape, begin, end = self._entries[key]
         buf = torch.empty(end - begin, dtype=torch.uint8)
-        if end > begin:
-            self._fh.seek(self._data_start + begin)
-            got = self._fh.readinto(memoryview(buf.numpy()))
-            if got != end - begin:
+        view = memoryview(buf.numpy())
+        pos, offset = 0, self._data_start + begin
+        while pos < len(view):
+            if _HAS_PREADV:
+                got = os.preadv(self._fh.fileno(), [view[pos:]], offset + pos)
+            else:
+                with self._lock:
+                    self._fh.seek(offset + pos)
+                    got = self._fh.readinto(view[pos:])
+            if not got:
                 raise CheckpointError(f"{self.path} is truncated: could not read tensor '{key}'")
+            pos += got
         return buf.view(dtype).reshape(shape)
 
     def close(self) -> None:
@@ -165,6 +194,35 @@ class CheckpointReader:
         except KeyError:
             raise CheckpointError(f"tensor '{key}' is not in the checkpoint ({self.describe()})") from None
         return f.read(key)
+
+    def nbytes(self, key: str) -> int:
+        return self._where[key].nbytes(key)
+
+    def iter_tensors(
+        self, keys: Iterable[str], *, workers: int = 4, max_ahead_bytes: int = 512 * 2**20
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(key, tensor)`` in order while reading ahead on a few threads (file reads
+        release the GIL), with at most ``max_ahead_bytes`` read but not yet consumed."""
+        keys = list(keys)
+        if workers <= 1 or len(keys) < 2:
+            for k in keys:
+                yield k, self.read(k)
+            return
+        from collections import deque
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gie-read") as pool:
+            pending: deque = deque()
+            ahead = 0
+            nxt = 0
+            while nxt < len(keys) or pending:
+                while nxt < len(keys) and (not pending or ahead + self.nbytes(keys[nxt]) <= max_ahead_bytes):
+                    k = keys[nxt]
+                    pending.append((k, pool.submit(self.read, k)))
+                    ahead += self.nbytes(k)
+                    nxt += 1
+                k, fut = pending.popleft()
+                ahead -= self.nbytes(k)
+                yield k, fut.result()
 
     def describe(self) -> str:
         if len(self.files) == 1:

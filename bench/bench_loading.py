@@ -1,0 +1,187 @@
+"""Loading a synthetic multi-GB checkpoint in the released GPT-Image-Edit layout.
+
+Writes (once, into --dir) a random bf16 checkpoint with the released key names and shards,
+then, each in a fresh process, measures:
+- ours: ``load_gie_checkpoint`` (Qwen2.5-VL + connector + Kontext transformer), streamed;
+- plain: ``Qwen2_5_VLForConditionalGeneration.from_pretrained`` of the same directory
+  (transformers' own loader; it reads the Qwen part only).
+After loading, every page of every weight is touched (as moving to a GPU would), so loaders
+that only map files are charged for reading them. Prints peak RSS over the process's
+import-time baseline divided by the checkpoint bytes
+(goal for ours <= 1.15) and the load-time ratio, measured in this one run.
+
+    python bench/bench_loading.py [--gb 2] [--dir /tmp/gie-bench-ckpt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _rss_peak_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _current_rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def write_checkpoint(path: Path, gb: float) -> int:
+    """A released-layout checkpoint of about ``gb`` GB (bf16), sized mostly by Qwen layers."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from gie_core.weights import save_safetensors_atomic
+
+    marker = path / "bench.json"
+    if marker.exists() and json.loads(marker.read_text()).get("gb") == gb:
+        return json.loads(marker.read_text())["bytes"]
+    path.mkdir(parents=True, exist_ok=True)
+    hidden = 1024
+    layer_bytes = 2 * (4 * hidden * hidden + 3 * hidden * 4 * hidden)  # attn + mlp, bf16
+    layers = max(2, int(gb * 0.8 * 1e9 / layer_bytes))
+    text = dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=8,
+                num_key_value_heads=8, vocab_size=32000, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+                max_position_embeddings=4096, tie_word_embeddings=False, image_token_id=31990, video_token_id=31991,
+                vision_start_token_id=31992, vision_end_token_id=31993)
+    vision = dict(depth=2, hidden_size=256, intermediate_size=512, num_heads=4, out_hidden_size=hidden, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1])
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        qwen = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**text, vision_config=vision))
+    flux_cfg = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64,
+                    num_attention_heads=8, joint_attention_dim=hidden, pooled_projection_dim=768, guidance_embeds=True,
+                    axes_dims_rope=[8, 28, 28])
+    with torch.device("meta"):
+        flux = FluxTransformer2DModel(**flux_cfg)
+
+    def old_name(k):
+        if k.startswith("model.language_model."):
+            return "model." + k[len("model.language_model."):]
+        if k.startswith("model.visual."):
+            return k[len("model."):]
+        return k
+
+    entries = [(old_name(k), tuple(v.shape)) for k, v in qwen.state_dict().items()]
+    entries += [("denoise_tower.denoise_projector.0.weight", (3 * hidden, hidden)), ("denoise_tower.denoise_projector.0.bias", (3 * hidden,)),
+                ("denoise_tower.denoise_projector.2.weight", (hidden, 3 * hidden)), ("denoise_tower.denoise_projector.2.bias", (hidden,))]
+    entries += [("denoise_tower.denoiser." + k, tuple(v.shape)) for k, v in flux.state_dict().items()]
+    shard_limit, shard, shards, weight_map, total = 500e6, {}, [], {}, 0
+
+    def flush():
+        if shard:
+            shards.append(dict(shard))
+            shard.clear()
+
+    size = 0
+    for name, shape in entries:
+        t = (torch.randn(shape) * 0.02).to(torch.bfloat16)
+        if size + t.numel() * 2 > shard_limit:
+            flush()
+            size = 0
+        shard[name] = t
+        size += t.numel() * 2
+        total += t.numel() * 2
+    flush()
+    n = len(shards)
+    for i, sd in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        save_safetensors_atomic(sd, path / fname)
+        weight_map.update({k: fname for k in sd})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    cfg = dict(text, model_type="univa_qwen2p5vl", architectures=["UnivaQwen2p5VLForConditionalGeneration"], vision_config=vision,
+               torch_dtype="bfloat16", denoise_tower=dict(denoiser_type="flux", denoise_projector_type="mlp2x_gelu",
+                                                          input_hidden_size=hidden, output_hidden_size=hidden,
+                                                          denoiser_config=dict(flux_cfg, _class_name="FluxTransformer2DModel")))
+    (path / "config.json").write_text(json.dumps(cfg))
+    # the processor files the released directory carries (a tiny tokenizer stands in)
+    import shutil
+    import tempfile
+
+    from gie_core.tiny import build_tokenizers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in build_tokenizers(Path(tmp)).qwen.iterdir():
+            shutil.copy(f, path / f.name)
+    marker.write_text(json.dumps({"gb": gb, "bytes": total}))
+    return total
+
+
+def child(kind: str, path: str) -> None:
+    """Runs in a fresh process: import, note the baseline, load, report."""
+    import torch  # noqa: F401
+    from diffusers import FluxTransformer2DModel  # noqa: F401  (lazy imports happen before the baseline)
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration  # noqa: F401
+
+    from gie_core.encoders import load_qwen_image_processor  # noqa: F401
+    from gie_core.loading import gie_config, load_gie_checkpoint, qwen_config_from_gie
+
+    base = _current_rss_mb()
+    t = time.perf_counter()
+    if kind == "ours":
+        ck = load_gie_checkpoint(path, dtype="bf16", device="cpu")
+        n = sum(p.numel() for m in (ck.encoder.model, ck.connector, ck.transformer) for p in m.parameters())
+    else:
+        m = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, config=qwen_config_from_gie(gie_config(path)),
+                                                               dtype="bfloat16", local_files_only=True)
+        n = sum(p.numel() for p in m.parameters())
+    # Touch every page of every weight (as moving to a GPU would): mmap-backed loaders only
+    # read lazily, so without this their time and memory would not count the reading.
+    import torch
+
+    models = (ck.encoder.model, ck.connector, ck.transformer) if kind == "ours" else (m,)
+    with torch.no_grad():
+        for mod in models:
+            for p in mod.parameters():
+                p.detach().reshape(-1)[::2048].float().sum()
+    dt = time.perf_counter() - t
+    print(json.dumps({"seconds": dt, "peak_mb": _rss_peak_mb(), "base_mb": base, "params": n}))
+
+
+def run_child(kind: str, path: Path) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", kind, "--dir", str(path)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gb", type=float, default=2.0)
+    ap.add_argument("--dir", default="/tmp/gie-bench-ckpt")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    path = Path(args.dir)
+    if args.child:
+        child(args.child, str(path))
+        return
+    total = write_checkpoint(path, args.gb)
+    ours = run_child("ours", path)
+    plain = run_child("plain", path)
+    qwen_bytes = plain["params"] * 2
+    print(f"checkpoint: {total / 1e9:.2f} GB in {path} (Qwen part {qwen_bytes / 1e9:.2f} GB)")
+    for name, r, nbytes in (("ours (all three parts)", ours, ours["params"] * 2), ("plain from_pretrained (Qwen part)", plain, qwen_bytes)):
+        grow = (r["peak_mb"] - r["base_mb"]) * 2**20
+        print(f"  {name:36s} {r['seconds']:6.2f} s   peak RSS over baseline / bytes loaded = {grow / nbytes:.3f}")
+    ratio = ours["seconds"] / plain["seconds"] * (qwen_bytes / (ours["params"] * 2))
+    print(f"  load time per byte, ours / from_pretrained = {ratio:.3f}")
+    print(f"  goal: ours peak RSS / checkpoint bytes <= 1.15 -> {((ours['peak_mb'] - ours['base_mb']) * 2**20) / total:.3f}")
+
+
+if __name__ == "__main__":
+    main()
