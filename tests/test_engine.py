@@ -311,3 +311,31 @@ def test_corrupt_and_missing_shards_fail_clearly(gie_dir, tmp_path):
     shard.unlink()
     with pytest.raises(CheckpointError, match="lists shards that are missing"):
         load_gie_checkpoint(broken, dtype="fp32")
+
+
+def test_several_references_get_distinct_positions():
+    from gie_core.sampler import pack_latents, reference_tokens, unpack_latents
+
+    a, b = torch.randn(1, 16, 8, 12), torch.randn(1, 16, 8, 8)
+    assert torch.equal(unpack_latents(pack_latents(a), 8, 12), a)
+    tokens, ids = reference_tokens([a, b], "index")
+    assert tokens.shape == (1, 4 * 6 + 4 * 4, 64)
+    assert ids[:24, 0].eq(1).all() and ids[24:, 0].eq(2).all()  # Kontext's first coordinate: 1, then 2
+    tokens, ids = reference_tokens([a, b], "offset")
+    assert ids[:, 0].eq(1).all()
+    # the second reference sits beside or below the first, never on top of it
+    first = {tuple(r) for r in ids[:24, 1:].tolist()}
+    second = {tuple(r) for r in ids[24:, 1:].tolist()}
+    assert not first & second
+    with pytest.raises(ValueError, match="reference method 'stack' is unknown"):
+        reference_tokens([a], "stack")
+
+
+def test_two_references_change_the_edit(t5_pipeline):
+    models = KontextModels(t5_pipeline.transformer, t5_pipeline.vae, t5_pipeline.scheduler)
+    cond = t5_pipeline.conditioning(noise_image(64, 64), INSTRUCTION, "t5")
+    one = prepare_reference(noise_image(64, 64, seed=1), "keep")
+    two = prepare_reference(noise_image(48, 64, seed=2), "keep")
+    single = sample(models, cond, one, width=64, height=64, steps=2, seed=3)
+    double = sample(models, cond, [one, two], width=64, height=64, steps=2, seed=3)
+    assert single.shape == double.shape and not torch.allclose(single, double)
