@@ -1,0 +1,253 @@
+"""Models loaded as separate parts, as a node graph wires them, and where each part runs.
+
+``EditPipeline`` owns every part at once. A node graph instead loads the Kontext
+transformer, the VAE, the text encoders and the Qwen-VL encoder in different nodes, keeps them
+between runs and hands them from node to node; each part then carries its own
+:class:`Placement`: the device it computes on and whether it waits there or on the CPU
+between uses. Memory hooks (make room on the device, empty the cache) are passed in, so a
+host such as ComfyUI can evict its own models first; nothing here imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .pipeline import OFFLOAD_MODES
+
+MakeRoomFn = Callable[[int, torch.device], None]  # (bytes needed, device)
+EmptyCacheFn = Callable[[], None]
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (what moving it to a device costs)."""
+    total = sum(p.numel() * p.element_size() for p in module.parameters())
+    return total + sum(b.numel() * b.element_size() for b in module.buffers())
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` name the same device when no index is given (the current one)."""
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        current = torch.cuda.current_device() if a.type == "cuda" and torch.cuda.is_available() else 0
+        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+    return a.index == b.index
+
+
+def _default_empty_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Placement:
+    """Where a loaded model computes and where it waits between uses.
+
+    ``offload``: ``none`` (moves to the device on first use and stays: fastest, needs memory
+    for every part at once), ``model`` (visits the device only while in use, waits on the CPU),
+    ``sequential`` (as ``model``; a diffusers transformer also streams its blocks to the device
+    one at a time: the mode for cards smaller than the transformer).
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        offload: str = "none",
+        *,
+        make_room: MakeRoomFn | None = None,
+        empty_cache: EmptyCacheFn | None = None,
+    ):
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload mode '{offload}' is unknown; expected one of {', '.join(OFFLOAD_MODES)}")
+        self.device = torch.device(device)
+        self.offload = offload
+        self.make_room = make_room
+        self.empty_cache = empty_cache or _default_empty_cache
+
+    def __repr__(self) -> str:
+        return f"Placement(device={self.device}, offload={self.offload})"
+
+    def _streams(self, module: torch.nn.Module) -> bool:
+        return self.offload == "sequential" and self.device.type != "cpu" and hasattr(module, "enable_group_offload")
+
+    def _bring(self, module: torch.nn.Module) -> bool:
+        """Put ``module`` on the device; True when it was moved (so it may go back)."""
+        if getattr(module, "_gie_group_offloaded", False):
+            return False
+        if self._streams(module):
+            module.enable_group_offload(
+                onload_device=self.device,
+                offload_device=torch.device("cpu"),
+                offload_type="block_level",
+                num_blocks_per_group=1,
+                use_stream=self.device.type == "cuda",
+            )
+            module._gie_group_offloaded = True
+            return False
+        if same_device(_module_device(module), self.device):
+            return False
+        if self.make_room is not None and self.device.type != "cpu":
+            self.make_room(module_bytes(module), self.device)
+        module.to(self.device)
+        return True
+
+    @contextlib.contextmanager
+    def use(self, *modules: torch.nn.Module | None) -> Iterator[torch.device]:
+        """Modules on the device for a block; with offload ``model``/``sequential`` they return
+        to the CPU afterwards (also when the block raises). Yields the device."""
+        moved = []
+        try:
+            for m in modules:
+                if m is not None and self._bring(m):
+                    moved.append(m)
+            yield self.device
+        finally:
+            if self.offload != "none" and moved:
+                for m in moved:
+                    m.to("cpu")
+                self.empty_cache()
+
+    def unload(self, *modules: torch.nn.Module | None) -> None:
+        """Send modules back to the CPU now (streamed transformers already wait there)."""
+        moved = False
+        for m in modules:
+            if m is None or getattr(m, "_gie_group_offloaded", False):
+                continue
+            if _module_device(m).type != "cpu":
+                m.to("cpu")
+                moved = True
+        if moved:
+            self.empty_cache()
+
+
+def torch_modules(obj: Any) -> list[torch.nn.Module]:
+    """The torch modules inside a loaded part (a module itself, ``TextEncoders``, ``QwenVLEncoder``)."""
+    if obj is None:
+        return []
+    if isinstance(obj, torch.nn.Module):
+        return [obj]
+    found = []
+    for name in ("model", "clip", "t5"):
+        m = getattr(obj, name, None)
+        if isinstance(m, torch.nn.Module):
+            found.append(m)
+    return found
+
+
+@dataclass
+class PlacedModel:
+    """A loaded part (VAE, connector, text encoders, Qwen-VL encoder) and its placement."""
+
+    model: Any
+    placement: Placement
+    source: str = ""
+
+    def modules(self) -> list[torch.nn.Module]:
+        return torch_modules(self.model)
+
+    def use(self):
+        return self.placement.use(*self.modules())
+
+    def unload(self) -> None:
+        self.placement.unload(*self.modules())
+
+
+@dataclass
+class KontextModel:
+    """A Kontext transformer with its scheduler, placement and the LoRAs to apply to it.
+
+    ``loras`` is a tuple of ``(adapter name, strength)`` activated for each run (see
+    :mod:`gie_core.lora`); a copy with another LoRA list shares the transformer.
+    ``transformer`` is None when the loader was told to skip it.
+    """
+
+    transformer: torch.nn.Module | None
+    scheduler: Any
+    placement: Placement
+    loras: tuple[tuple[str, float], ...] = ()
+    source: str = ""
+    info: dict = field(default_factory=dict)
+
+    def with_lora(self, adapter_name: str, strength: float) -> KontextModel:
+        """A shallow copy with one more LoRA (the transformer is shared, not cloned)."""
+        return replace(self, loras=self.loras + ((adapter_name, float(strength)),))
+
+    def require_transformer(self) -> torch.nn.Module:
+        if self.transformer is None:
+            raise ValueError(
+                f"this Kontext model ({self.source or 'loader'}) was loaded without its transformer; "
+                "turn on load_transformer in the loader or use another model input"
+            )
+        return self.transformer
+
+
+def default_scheduler():
+    """FLUX's FlowMatch Euler scheduler from the shipped config (the checkpoints carry none)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from .single_file import SCHEDULER_CONFIG, load_config, model_kwargs
+
+    return FlowMatchEulerDiscreteScheduler.from_config(model_kwargs(load_config(SCHEDULER_CONFIG)))
+
+
+def load_text_encoder_files(
+    clip_file: str | os.PathLike,
+    t5_file: str | os.PathLike | None,
+    clip_tokenizer_dir: str | os.PathLike,
+    t5_tokenizer_dir: str | os.PathLike | None,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+):
+    """CLIP-L (and T5-XXL) from single files, each with its own tokenizer directory.
+
+    Returns ``encoders.TextEncoders``; without ``t5_file`` it holds CLIP only (enough for the
+    ``vlm`` fusion mode, whose pooled vector is CLIP's).
+    """
+    from transformers import AutoTokenizer
+
+    from .encoders import TextEncoders
+    from .single_file import load_clip_text, load_t5_encoder
+    from .weights import CheckpointError
+
+    def tokenizer(path, what):
+        p = Path(path)
+        if not p.is_dir():
+            raise CheckpointError(f"{what} tokenizer directory {p} does not exist")
+        try:
+            return AutoTokenizer.from_pretrained(p, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{p} holds no usable {what} tokenizer: {exc}") from None
+
+    clip_tok = tokenizer(clip_tokenizer_dir, "CLIP")
+    clip = load_clip_text(clip_file, dtype=dtype, device=device, eos_token_id=clip_tok.eos_token_id)
+    t5 = t5_tok = None
+    if t5_file is not None:
+        if t5_tokenizer_dir is None:
+            raise ValueError("a T5 encoder file needs its tokenizer directory")
+        t5_tok = tokenizer(t5_tokenizer_dir, "T5")
+        t5 = load_t5_encoder(t5_file, dtype=dtype, device=device)
+    return TextEncoders(clip.requires_grad_(False), clip_tok, t5.requires_grad_(False) if t5 is not None else None, t5_tok)
+
+
+__all__ = [
+    "KontextModel",
+    "Placement",
+    "PlacedModel",
+    "default_scheduler",
+    "load_text_encoder_files",
+    "module_bytes",
+    "torch_modules",
+]

@@ -1,0 +1,20 @@
+"""GPT-Image-Edit as ComfyUI nodes: thin faces over ``gie_core``.
+
+Imports without ComfyUI (tests and tools use it directly); ComfyUI-specific calls live in
+``nodes.comfy`` only, each with a plain fallback.
+"""
+
+from __future__ import annotations
+
+from . import comfy, encode, loaders, ratio, rewrite, sampling
+
+comfy.register_model_folder()
+
+_NODES = {}
+for _module in (loaders, encode, rewrite, sampling, ratio):
+    _NODES.update(_module.NODES)
+
+NODE_CLASS_MAPPINGS = {name: cls for name, (cls, _) in _NODES.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {name: title for name, (_, title) in _NODES.items()}
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

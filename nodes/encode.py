@@ -1,0 +1,158 @@
+"""Encoders and the fusion connector: instruction (+ image) -> Kontext conditioning.
+
+Outputs live on the CPU (they are cached between runs by ComfyUI and must not pin GPU memory).
+``CONDITIONING`` outputs are ComfyUI's native list ``[[tokens, {"pooled_output": ...}]]``, so
+native nodes (FluxGuidance, ReferenceLatent, KSampler with a Flux model) take them too.
+"""
+
+from __future__ import annotations
+
+from gie_core.connector import QwenFeatures, TextFeatures, fuse
+from gie_core.conditioning import Conditioning
+from gie_core.constants import DEFAULT_FUSION_MODE, FUSION_MODES
+from gie_core.encoders import check_instruction
+
+from .common import (
+    CAT_CONDITIONING,
+    CONNECTOR,
+    QWEN_FEATURES,
+    QWEN_VL,
+    TEXT_ENCODERS,
+    TEXT_FEATURES,
+    check_image,
+    require,
+)
+
+DEFAULT_INSTRUCTION = "Replace the sky with a warm sunset."
+
+
+def instruction_input(tooltip: str) -> tuple:
+    return ("STRING", {"default": DEFAULT_INSTRUCTION, "multiline": True, "tooltip": tooltip})
+
+
+class GIEQwenVLEncode:
+    DESCRIPTION = (
+        "Encodes the image together with the edit instruction with Qwen2.5-VL, in the format GPT-Image-Edit was "
+        "trained on (448x448 image first, then the instruction); feed the features to the Fusion Connector."
+    )
+    CATEGORY = CAT_CONDITIONING
+    FUNCTION = "encode"
+    RETURN_TYPES = (QWEN_FEATURES,)
+    RETURN_NAMES = ("qwen_features",)
+    OUTPUT_TOOLTIPS = ("Qwen2.5-VL last hidden states of every token [batch, tokens, 3584].",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "qwen_vl": (QWEN_VL, {"tooltip": "The Qwen2.5-VL encoder from the GPT-Image-Edit Checkpoint Loader."}),
+                "image": ("IMAGE", {"tooltip": "The image to edit; a batch gives one feature set per image."}),
+                "instruction": instruction_input("The edit instruction, e.g. 'make the car red'."),
+            },
+            "optional": {
+                "connector": (
+                    CONNECTOR,
+                    {"tooltip": "Only for MetaQuery connectors: their learned queries join the Qwen input. Leave "
+                     "unconnected for the released model."},
+                ),
+            },
+        }
+
+    def encode(self, qwen_vl, image, instruction, connector=None):
+        qwen = require(qwen_vl, "qwen_vl", "the GPT-Image-Edit Checkpoint Loader's qwen_vl output")
+        images = check_image(image)
+        check_instruction(instruction)
+        queries = getattr(connector.model, "queries", None) if connector is not None else None
+        with qwen.use():
+            feats = qwen.model.encode(images, instruction, queries=queries)
+        return (QwenFeatures(feats.hidden.cpu(), feats.num_queries),)
+
+
+class GIET5Encode:
+    DESCRIPTION = (
+        "Encodes the instruction with T5-XXL (256 tokens) and CLIP-L (pooled) as FLUX.1 Kontext does. Outputs "
+        "the text features for the Fusion Connector and the stock Kontext CONDITIONING."
+    )
+    CATEGORY = CAT_CONDITIONING
+    FUNCTION = "encode"
+    RETURN_TYPES = (TEXT_FEATURES, "CONDITIONING")
+    RETURN_NAMES = ("text_features", "conditioning")
+    OUTPUT_TOOLTIPS = (
+        "T5 tokens and the CLIP pooled vectors of the instruction and of the empty prompt.",
+        "Stock Kontext conditioning (T5 tokens + CLIP pooled), in ComfyUI's format; none without a T5 encoder.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "text_encoders": (TEXT_ENCODERS, {"tooltip": "CLIP-L and T5-XXL from a Kontext or T5 + CLIP loader."}),
+                "instruction": instruction_input("The edit instruction (the same text as for Qwen-VL Encode)."),
+            }
+        }
+
+    def encode(self, text_encoders, instruction):
+        text = require(text_encoders, "text_encoders", "a Kontext loader's text_encoders output")
+        check_instruction(instruction)
+        with text.use():
+            feats = text.model.encode(instruction, with_t5=text.model.t5 is not None)
+        feats = TextFeatures(
+            feats.t5.cpu() if feats.t5 is not None else None,
+            feats.pooled.cpu(),
+            feats.pooled_empty.cpu() if feats.pooled_empty is not None else None,
+        )
+        conditioning = Conditioning(feats.t5, feats.pooled).to_comfy() if feats.t5 is not None else None
+        return (feats, conditioning)
+
+
+class GIEFusionConnector:
+    DESCRIPTION = (
+        "Fuses Qwen-VL features and T5 features into Kontext conditioning through the connector. vlm+t5 is the "
+        "released model's mode; vlm uses Qwen-VL only; t5 is stock Kontext conditioning."
+    )
+    CATEGORY = CAT_CONDITIONING
+    FUNCTION = "fuse"
+    RETURN_TYPES = ("CONDITIONING",)
+    RETURN_NAMES = ("conditioning",)
+    OUTPUT_TOOLTIPS = ("Kontext conditioning in ComfyUI's format (also drives FluxGuidance, ReferenceLatent, KSampler).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "connector": (CONNECTOR, {"tooltip": "The fusion connector from the GPT-Image-Edit Checkpoint Loader."}),
+                "text_features": (
+                    TEXT_FEATURES,
+                    {"tooltip": "From T5 Encode. Every mode needs its CLIP pooled vector; the T5 tokens are used by "
+                     "vlm+t5 and t5 (for vlm, text encoders loaded without T5 suffice)."},
+                ),
+                "mode": (
+                    list(FUSION_MODES),
+                    {
+                        "default": DEFAULT_FUSION_MODE,
+                        "tooltip": "vlm+t5: projected Qwen tokens then T5 tokens, pooled CLIP(instruction) (released model). "
+                        "vlm: Qwen tokens only, pooled CLIP(''). t5: stock Kontext. vlm+t5+type and metaquery need "
+                        "connectors trained for them.",
+                    },
+                ),
+            },
+            "optional": {
+                "qwen_features": (QWEN_FEATURES, {"tooltip": "From Qwen-VL Encode; needed by every mode except t5."}),
+            },
+        }
+
+    def fuse(self, connector, text_features, mode, qwen_features=None):
+        conn = require(connector, "connector", "the GPT-Image-Edit Checkpoint Loader's connector output")
+        require(text_features, "text_features", "T5 Encode's text_features output")
+        if mode != "t5" and qwen_features is None:
+            raise ValueError(f"fusion mode '{mode}' needs qwen_features: connect Qwen-VL Encode (or use mode 't5')")
+        with conn.use():
+            cond = fuse(mode, conn.model, qwen_features if mode != "t5" else None, text_features)
+        return (cond.to("cpu").to_comfy(),)
+
+
+NODES = {
+    "GIEQwenVLEncode": (GIEQwenVLEncode, "Qwen-VL Encode"),
+    "GIET5Encode": (GIET5Encode, "T5 Encode"),
+    "GIEFusionConnector": (GIEFusionConnector, "Fusion Connector"),
+}

@@ -1,0 +1,240 @@
+"""Every shipped workflow checked against the node definitions, each UI workflow against its API
+twin, the folder layout against what ComfyUI's template browser scans, and each workflow run in
+process on the tiny models."""
+
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import nodes  # noqa: E402
+from nodes import comfy  # noqa: E402
+from workflow_check import check_api, check_ui, node_specs, run_prompt, ui_to_api  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATES = REPO / "example_workflows"
+API_DIR = TEMPLATES / "api"
+WORKFLOWS = (
+    "released_model_edit",
+    "kontext_t5_baseline",
+    "pad_edit_crop",
+    "three_turn_edit_chain",
+    "connector_modes_side_by_side",
+    "released_model_edit_with_rewriting",
+)
+# The folder names ComfyUI's server scans for a pack's templates (app/custom_node_manager.py).
+TEMPLATE_FOLDERS = ("example_workflows", "example", "examples", "workflow", "workflows")
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def specs(tmp_path_factory):
+    """Node definitions with the model dropdowns a user with the documented folders would see."""
+    root = tmp_path_factory.mktemp("wf") / "models"
+    (root / "gpt_image_edit" / "gpt-image-edit").mkdir(parents=True)
+    (root / "gpt_image_edit" / "gpt-image-edit" / "config.json").write_text("{}")
+    (root / "diffusers" / "FLUX.1-Kontext-dev").mkdir(parents=True)
+    (root / "diffusers" / "FLUX.1-Kontext-dev" / "model_index.json").write_text("{}")
+    comfy.set_model_roots({"gpt_image_edit": [root / "gpt_image_edit"], "diffusers": [root / "diffusers"]})
+    yield node_specs(nodes.NODE_CLASS_MAPPINGS, nodes.NODE_DISPLAY_NAME_MAPPINGS)
+    comfy.set_model_roots({})
+
+
+def test_layout_matches_what_the_template_browser_scans():
+    """UI workflows sit directly in example_workflows/ (listed as templates: the server globs
+    <pack>/<folder>/*.json, not deeper); API twins sit in example_workflows/api/ so they are not
+    listed as (broken) templates. No second template folder: each one found is served at the same
+    URL prefix and only the first would answer."""
+    pack = REPO.parent
+    listed = set()
+    for folder in TEMPLATE_FOLDERS:
+        for f in glob.glob(os.path.join(str(pack), f"{REPO.name}/{folder}/*.json")):
+            listed.add((folder, Path(f).stem))
+    assert listed == {("example_workflows", name) for name in WORKFLOWS}
+    assert sorted(p.stem for p in API_DIR.glob("*.json")) == sorted(WORKFLOWS)
+    for folder in TEMPLATE_FOLDERS[1:]:
+        assert not (REPO / folder).is_dir() or not list((REPO / folder).glob("*.json")), folder
+    for name in WORKFLOWS:
+        assert {"nodes", "links", "version"} <= set(load(TEMPLATES / f"{name}.json"))
+        assert all("class_type" in n for n in load(API_DIR / f"{name}.json").values())
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_ui_workflow_is_valid(name, specs):
+    assert check_ui(load(TEMPLATES / f"{name}.json"), specs) == []
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_api_workflow_is_valid(name, specs):
+    assert check_api(load(API_DIR / f"{name}.json"), specs) == []
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_ui_workflow_matches_its_api_twin(name, specs):
+    assert ui_to_api(load(TEMPLATES / f"{name}.json"), specs) == load(API_DIR / f"{name}.json")
+
+
+def _types(api):
+    return [n["class_type"] for n in api.values()]
+
+
+def test_workflows_do_what_their_names_say():
+    api = {name: load(API_DIR / f"{name}.json") for name in WORKFLOWS}
+    released = api["released_model_edit"]
+    assert {"GIECheckpointLoader", "GIEQwenVLEncode", "GIET5Encode", "GIEFusionConnector", "GIEKontextSampler",
+            "LoadImage", "SaveImage"} <= set(_types(released))
+    assert [n["inputs"]["mode"] for n in released.values() if n["class_type"] == "GIEFusionConnector"] == ["vlm+t5"]
+    base = api["kontext_t5_baseline"]
+    assert "GIECheckpointLoader" not in _types(base) and "GIEFusionConnector" not in _types(base)
+    sampler = next(n for n in base.values() if n["class_type"] == "GIEKontextSampler")
+    assert base[sampler["inputs"]["positive"][0]]["class_type"] == "GIET5Encode" and sampler["inputs"]["positive"][1] == 1
+    assert {"GIEPadToRatio", "GIECropPadding", "GIEPaddingCheck"} <= set(_types(api["pad_edit_crop"]))
+    chain = api["three_turn_edit_chain"]
+    samplers = {nid: n for nid, n in chain.items() if n["class_type"] == "GIEKontextSampler"}
+    assert len(samplers) == 3
+    fed_by_sampler = [nid for nid, n in samplers.items() if n["inputs"]["image"][0] in samplers]
+    assert len(fed_by_sampler) == 2  # turns 2 and 3 edit the previous result
+    modes = sorted(n["inputs"]["mode"] for n in api["connector_modes_side_by_side"].values()
+                   if n["class_type"] == "GIEFusionConnector")
+    assert modes == ["t5", "vlm", "vlm+t5"]
+    rw = api["released_model_edit_with_rewriting"]
+    rid = next(nid for nid, n in rw.items() if n["class_type"] == "GIERewriteInstruction")
+    encoders = [n for n in rw.values() if n["class_type"] in ("GIEQwenVLEncode", "GIET5Encode")]
+    assert len(encoders) == 2 and all(n["inputs"]["instruction"] == [rid, 0] for n in encoders)
+    for a in api.values():  # the names a user has, per the README
+        for n in a.values():
+            if n["class_type"] == "GIECheckpointLoader":
+                assert n["inputs"]["checkpoint"] == "gpt-image-edit"
+            if n["class_type"] == "GIEKontextDiffusersLoader":
+                assert n["inputs"]["kontext"] == "FLUX.1-Kontext-dev"
+            if n["class_type"] == "LoadImage":
+                assert n["inputs"]["image"] == "example.png"
+
+
+def test_seed_widgets_carry_control_after_generate(specs):
+    ui = load(TEMPLATES / "released_model_edit.json")
+    node = next(n for n in ui["nodes"] if n["type"] == "GIEKontextSampler")
+    names = [s[0] for s in specs["GIEKontextSampler"].widget_slots()]
+    assert names[:2] == ["seed", "control_after_generate"] and node["widgets_values"][1] == "fixed"
+    api = ui_to_api(ui, specs)
+    assert "control_after_generate" not in api[str(node["id"])]["inputs"]
+    load_image = next(n for n in ui["nodes"] if n["type"] == "LoadImage")
+    assert load_image["widgets_values"] == ["example.png", "image"]
+    assert api[str(load_image["id"])]["inputs"] == {"image": "example.png"}
+
+
+def test_checker_finds_broken_workflows(specs):
+    """The checks are not vacuous: each kind of mistake is reported."""
+    ui = load(TEMPLATES / "released_model_edit.json")
+    api = load(API_DIR / "released_model_edit.json")
+
+    def ui_errors(edit):
+        broken = copy.deepcopy(ui)
+        edit(broken)
+        return "\n".join(check_ui(broken, specs))
+
+    def node(wf, t):
+        return next(n for n in wf["nodes"] if n["type"] == t)
+
+    assert "unknown node type" in ui_errors(lambda w: node(w, "SaveImage").update(type="SaveImageX"))
+    assert "above the maximum" in ui_errors(lambda w: node(w, "GIEKontextSampler")["widgets_values"].__setitem__(2, 500))
+    assert "not one of" in ui_errors(lambda w: node(w, "GIEFusionConnector")["widgets_values"].__setitem__(0, "vlm+clip"))
+    assert "not one of" in ui_errors(lambda w: node(w, "GIECheckpointLoader")["widgets_values"].__setitem__(0, "missing"))
+    assert "widgets_values has" in ui_errors(lambda w: node(w, "GIEKontextSampler")["widgets_values"].pop(1))
+
+    def retype(w):
+        link = next(l for l in w["links"] if l[5] == "GIE_VAE")
+        link[5] = "VAE"
+
+    assert "carries VAE" in ui_errors(retype)
+
+    def miswire(w):  # the Qwen encoder's output into the sampler's vae input
+        link = next(l for l in w["links"] if l[5] == "GIE_VAE")
+        q = node(w, "GIEQwenVLEncode")
+        link[1], link[2], link[5] = q["id"], 0, "GIE_VAE"
+        q["outputs"][0]["links"].append(link[0])
+
+    assert "is GIE_QWEN_FEATURES, the link says GIE_VAE" in ui_errors(miswire)
+
+    def unplug(w):
+        s = node(w, "GIEKontextSampler")
+        lid = s["inputs"][0]["link"]
+        s["inputs"][0]["link"] = None
+        w["links"] = [l for l in w["links"] if l[0] != lid]
+        for n in w["nodes"]:
+            for o in n.get("outputs", []):
+                o["links"] = [x for x in o["links"] or [] if x != lid]
+
+    assert "required input 'kontext_model' is not connected" in ui_errors(unplug)
+
+    broken_api = copy.deepcopy(api)
+    sid = next(k for k, n in broken_api.items() if n["class_type"] == "GIEKontextSampler")
+    del broken_api[sid]["inputs"]["vae"]
+    broken_api[sid]["inputs"]["steps"] = 0
+    errors = "\n".join(check_api(broken_api, specs))
+    assert "required input 'vae' is missing" in errors and "below the minimum" in errors
+    twin = copy.deepcopy(ui)
+    node(twin, "GIEKontextSampler")["widgets_values"][0] = 7
+    assert ui_to_api(twin, specs) != api
+
+
+# ---------------------------------------------------------------------------------------------
+# Each workflow runs
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runnable(tiny_set, tmp_path_factory):
+    """The workflows' model names pointing at the tiny models."""
+    root = tmp_path_factory.mktemp("wf-run") / "models"
+    (root / "gpt_image_edit").mkdir(parents=True)
+    (root / "diffusers").mkdir(parents=True)
+    (root / "gpt_image_edit" / "gpt-image-edit").symlink_to(tiny_set.gie_dir)
+    (root / "diffusers" / "FLUX.1-Kontext-dev").symlink_to(tiny_set.kontext_dir)
+    comfy.set_model_roots({"gpt_image_edit": [root / "gpt_image_edit"], "diffusers": [root / "diffusers"]})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(comfy, "torch_device", lambda: torch.device("cpu"))
+        yield {}
+    comfy.set_model_roots({})
+
+
+NATIVES = {
+    "LoadImage": lambda image: (torch.rand(1, 40, 56, 3, generator=torch.Generator().manual_seed(0)), torch.zeros(1, 40, 56)),
+    "SaveImage": lambda images, filename_prefix: {"ui": {"images": [filename_prefix]}, "result": ()},
+    "PrimitiveStringMultiline": lambda value: (value,),
+}
+# Quick settings for the tiny models (the shipped values are the published ones: 28 steps, ~1 MP).
+QUICK = {
+    "GIECheckpointLoader": {"dtype": "fp32"},
+    "GIEKontextDiffusersLoader": {"dtype": "fp32"},
+    "GIEKontextSampler": {"steps": 1, "width": 48, "height": 0, "reference_resize": "keep"},
+    "GIERewriteInstruction": {"max_new_tokens": 16},
+}
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_workflow_runs_in_process(name, runnable):
+    api = load(API_DIR / f"{name}.json")
+    out = run_prompt(api, nodes.NODE_CLASS_MAPPINGS, NATIVES, overrides=QUICK, cache=runnable)
+    for nid, node in api.items():
+        if node["class_type"] == "GIEKontextSampler":
+            (img,) = out[nid]["result"]
+            assert img.shape[0] == 1 and img.shape[-1] == 3 and 0 <= img.min() and img.max() <= 1
+        if node["class_type"] == "GIECropPadding":
+            assert out[nid]["result"][0].shape == (1, 40, 56, 3)  # back to the input's size
+        if node["class_type"] == "GIEPaddingCheck":
+            assert isinstance(out[nid]["result"][0], float) and out[nid]["ui"]["text"]
+    saved = [nid for nid, n in api.items() if n["class_type"] == "SaveImage"]
+    assert saved and all(out[nid]["ui"]["images"] for nid in saved)
