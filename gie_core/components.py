@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .pipeline import OFFLOAD_MODES
+from .constants import OFFLOAD_MODES
 
 MakeRoomFn = Callable[[int, torch.device], None]  # (bytes needed, device)
 EmptyCacheFn = Callable[[], None]
@@ -203,9 +203,9 @@ def default_scheduler():
 
 
 def load_text_encoder_files(
-    clip_file: str | os.PathLike,
+    clip_file: str | os.PathLike | None,
     t5_file: str | os.PathLike | None,
-    clip_tokenizer_dir: str | os.PathLike,
+    clip_tokenizer_dir: str | os.PathLike | None,
     t5_tokenizer_dir: str | os.PathLike | None,
     *,
     dtype: torch.dtype = torch.bfloat16,
@@ -214,7 +214,7 @@ def load_text_encoder_files(
     """CLIP-L (and T5-XXL) from single files, each with its own tokenizer directory.
 
     Returns ``encoders.TextEncoders``; without ``t5_file`` it holds CLIP only (enough for the
-    ``vlm`` fusion mode, whose pooled vector is CLIP's).
+    ``vlm`` fusion mode, whose pooled vector is CLIP's); without ``clip_file``, T5 only.
     """
     from transformers import AutoTokenizer
 
@@ -231,15 +231,16 @@ def load_text_encoder_files(
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{p} holds no usable {what} tokenizer: {exc}") from None
 
-    clip_tok = tokenizer(clip_tokenizer_dir, "CLIP")
-    clip = load_clip_text(clip_file, dtype=dtype, device=device, eos_token_id=clip_tok.eos_token_id)
-    t5 = t5_tok = None
+    clip = clip_tok = t5 = t5_tok = None
+    if clip_file is not None:
+        clip_tok = tokenizer(clip_tokenizer_dir, "CLIP")
+        clip = load_clip_text(clip_file, dtype=dtype, device=device, eos_token_id=clip_tok.eos_token_id).requires_grad_(False)
     if t5_file is not None:
         if t5_tokenizer_dir is None:
             raise ValueError("a T5 encoder file needs its tokenizer directory")
         t5_tok = tokenizer(t5_tokenizer_dir, "T5")
         t5 = load_t5_encoder(t5_file, dtype=dtype, device=device)
-    return TextEncoders(clip.requires_grad_(False), clip_tok, t5.requires_grad_(False) if t5 is not None else None, t5_tok)
+    return TextEncoders(clip, clip_tok, t5.requires_grad_(False) if t5 is not None else None, t5_tok)
 
 
 __all__ = [

@@ -64,6 +64,9 @@ MAX_IMAGE_SEQ_LEN = 4096
 BASE_SHIFT = 0.5
 MAX_SHIFT = 1.15
 
+# Where models wait between uses (see gie_core.components.Placement).
+OFFLOAD_MODES: tuple[str, ...] = ("none", "model", "sequential")
+
 # Fusion modes (see gie_core.connector).
 FUSION_MODES: tuple[str, ...] = ("vlm", "t5", "vlm+t5", "vlm+t5+type", "metaquery")
 DEFAULT_FUSION_MODE = "vlm+t5"

@@ -19,15 +19,13 @@ from PIL import Image
 
 from .conditioning import Conditioning
 from .connector import Connector, TextFeatures, fuse
-from .constants import DEFAULT_FUSION_MODE, DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_TRUE_CFG
+from .components import Placement, default_scheduler, load_text_encoder_files
+from .constants import OFFLOAD_MODES, DEFAULT_FUSION_MODE, DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_TRUE_CFG
 from .encoders import QwenVLEncoder, TextEncoders, check_instruction
 from .images import ImageLike, auto_output_size, check_output_size, prepare_reference, to_pil, to_tensor
 from .loading import load_gie_checkpoint, load_kontext_dir, parse_dtype
 from .ratio import PadRecord, crop_padding, pad_to_ratio
 from .sampler import InterruptFn, KontextModels, ProgressFn, sample
-
-OFFLOAD_MODES = ("none", "model", "sequential")
-
 
 def default_device() -> torch.device:
     """CUDA when present, else MPS, else CPU."""
@@ -36,11 +34,6 @@ def default_device() -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def free_device_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 @dataclass
@@ -67,19 +60,12 @@ class EditPipeline:
         device: str | torch.device | None = None,
         offload: str = "none",
     ):
-        if offload not in OFFLOAD_MODES:
-            raise ValueError(f"offload mode '{offload}' is unknown; expected one of {', '.join(OFFLOAD_MODES)}")
         self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
         self.text, self.qwen, self.connector = text, qwen, connector
-        self.device = torch.device(device) if device is not None else default_device()
-        self.offload = offload
-        self._grouped = False
-        if offload == "none":
-            for m in self._modules():
-                m.to(self.device)
-        else:
-            for m in self._modules():
-                m.to("cpu")
+        self.placement = Placement(device if device is not None else default_device(), offload)
+        self.device, self.offload = self.placement.device, offload
+        for m in self._modules():
+            m.to(self.device if offload == "none" else "cpu")
 
     def _modules(self):
         mods = [self.transformer, self.vae, self.connector]
@@ -89,39 +75,9 @@ class EditPipeline:
             mods.append(self.qwen.model)
         return [m for m in mods if m is not None]
 
-    @contextlib.contextmanager
     def on_device(self, *modules):
-        """Bring modules to the device for a block (offload modes), then send them back."""
-        if self.offload == "none":
-            yield
-            return
-        moved = []
-        try:
-            for m in modules:
-                if m is None:
-                    continue
-                if m is self.transformer and self.offload == "sequential" and self.device.type != "cpu":
-                    self._group_offload()
-                    continue
-                m.to(self.device)
-                moved.append(m)
-            yield
-        finally:
-            for m in moved:
-                m.to("cpu")
-            free_device_memory(self.device)
-
-    def _group_offload(self):
-        if self._grouped:
-            return
-        self.transformer.enable_group_offload(
-            onload_device=self.device,
-            offload_device=torch.device("cpu"),
-            offload_type="block_level",
-            num_blocks_per_group=1,
-            use_stream=self.device.type == "cuda",
-        )
-        self._grouped = True
+        """Bring modules to the device for a block (offload modes send them back after)."""
+        return self.placement.use(*modules)
 
     # ------------------------------------------------------------------
     @classmethod
@@ -190,9 +146,7 @@ class EditPipeline:
         if comps is not None:
             scheduler = comps.scheduler
         else:
-            from diffusers import FlowMatchEulerDiscreteScheduler
-
-            scheduler = FlowMatchEulerDiscreteScheduler.from_config(sf.load_config("flow-match-scheduler.json"))
+            scheduler = default_scheduler()
         text = comps.text if comps is not None else None
         if clip_file is not None or (needs_t5 and t5_file is not None):
             text = _single_file_text(text, clip_file, t5_file if needs_t5 else None, tokenizer_dir, kontext_dir, dtype)
@@ -289,27 +243,21 @@ class EditPipeline:
 
 
 def _single_file_text(text, clip_file, t5_file, tokenizer_dir, kontext_dir, dtype) -> TextEncoders:
-    """CLIP / T5 from single files, with tokenizers from ``tokenizer_dir`` (or the Kontext dir)."""
+    """CLIP / T5 from single files, with tokenizers from ``tokenizer_dir`` (or the Kontext dir);
+    a part without a file comes from the Kontext directory's ``text``."""
     from pathlib import Path
 
-    from transformers import AutoTokenizer
-
-    from . import single_file as sf
-
-    tok_root = Path(tokenizer_dir or kontext_dir) if (tokenizer_dir or kontext_dir) else None
+    tok_root = tokenizer_dir or kontext_dir
     if tok_root is None:
         raise ValueError(
             "single-file text encoders need their tokenizers: pass --tokenizers DIR "
             "(a FLUX.1 diffusers folder, or any folder with tokenizer/ (CLIP) and tokenizer_2/ (T5))"
         )
-    clip = text.clip if text is not None else None
-    clip_tok = text.clip_tokenizer if text is not None else None
-    t5 = text.t5 if text is not None else None
-    t5_tok = text.t5_tokenizer if text is not None else None
-    if clip_file is not None:
-        clip_tok = AutoTokenizer.from_pretrained(tok_root / "tokenizer", local_files_only=True)
-        clip = sf.load_clip_text(clip_file, dtype=dtype, device="cpu", eos_token_id=clip_tok.eos_token_id)
-    if t5_file is not None:
-        t5_tok = AutoTokenizer.from_pretrained(tok_root / "tokenizer_2", local_files_only=True)
-        t5 = sf.load_t5_encoder(t5_file, dtype=dtype, device="cpu")
-    return TextEncoders(clip, clip_tok, t5, t5_tok)
+    tok_root = Path(tok_root)
+    if clip_file is None:  # only T5 from a file: CLIP comes from the directory
+        t5_only = load_text_encoder_files(None, t5_file, None, tok_root / "tokenizer_2", dtype=dtype)
+        return TextEncoders(text.clip, text.clip_tokenizer, t5_only.t5, t5_only.t5_tokenizer)
+    loaded = load_text_encoder_files(clip_file, t5_file, tok_root / "tokenizer", tok_root / "tokenizer_2", dtype=dtype)
+    if t5_file is None and text is not None and text.t5 is not None:
+        loaded.t5, loaded.t5_tokenizer = text.t5, text.t5_tokenizer
+    return loaded

@@ -7,7 +7,7 @@ import torch
 from gie_core.components import Placement
 from gie_core.images import to_tensor
 from gie_core.loading import DTYPES
-from gie_core.pipeline import OFFLOAD_MODES
+from gie_core.constants import OFFLOAD_MODES
 
 from . import comfy
 

@@ -19,7 +19,7 @@ DEMO_AREA = 256 * 256  # the tiny models prove the pipeline; a small output keep
 
 def build_parser() -> argparse.ArgumentParser:
     from ..constants import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, FUSION_MODES
-    from ..pipeline import OFFLOAD_MODES
+    from ..constants import OFFLOAD_MODES
 
     p = argparse.ArgumentParser(
         prog="gie-edit",
