@@ -1,0 +1,111 @@
+"""``gie-train``: the two-stage GPT-Image-Edit trainer, without ComfyUI.
+
+    gie-train --config training/stage1.yaml                       # train (the default command)
+    gie-train --config training/stage1.yaml --max-steps 100 --set optim.lr=5e-4
+    gie-train cache --config training/stage1.yaml                 # precompute features and latents
+    gie-train export --config training/stage2.yaml --checkpoint latest --out exported/
+    accelerate launch --config_file training/accelerate_deepspeed_zero2.yaml -m gie_core.cli.train --config training/stage2.yaml
+
+Every option of the config file can be given on the command line (``--optim.lr 1e-4``, its
+short form ``--lr 1e-4`` when unique, or ``--set optim.lr=1e-4``); ``gie-train --help`` lists
+them with their defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+COMMANDS = ("train", "cache", "export")
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    from ..train.config import add_config_arguments
+
+    p = argparse.ArgumentParser(
+        prog=f"gie-train {command}" if command != "train" else "gie-train",
+        usage=f"gie-train{'' if command == 'train' else ' ' + command} [--config FILE] [--OPTION VALUE ...] [--set KEY=VALUE ...]"
+              + (" [--checkpoint latest|DIR] [--out DIR]" if command == "export" else ""),
+        description={
+            "train": "Train the GPT-Image-Edit connector (stage 1) or connector + Kontext transformer (stage 2). "
+                     "Other commands: 'gie-train cache' precomputes features, 'gie-train export' writes weights from a checkpoint.",
+            "cache": "Precompute Qwen-VL / T5 / CLIP features and VAE latents into data.cache_dir, "
+                     "so training needs no encoder (then set data.use_cache true).",
+            "export": "Write connector / transformer / LoRA safetensors (and optionally a released-layout directory) "
+                      "from a checkpoint of a run.",
+        }[command],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+        allow_abbrev=False,  # '--max-step' must be an error, not silently '--max-steps'
+    )
+    if command == "export":
+        p.add_argument("--checkpoint", default="latest", help="'latest' (in output_dir) or a checkpoint directory (default latest)")
+        p.add_argument("--out", default=None, help="output folder (default: export.dir, else output_dir/export)")
+    add_config_arguments(p)
+    return p
+
+
+def _setup_logging() -> None:
+    main_process = int(os.environ.get("RANK", "0")) == 0  # other processes of a launch report only problems
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "PIL", "diffusers", "transformers", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``gie-train``; returns the exit status."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local paths only: never reach the hub
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    parser = build_parser(command)
+    from ..train.config import ConfigError, config_from_args, reject_unknown_arguments
+
+    args, extras = parser.parse_known_args(argv)
+    try:
+        reject_unknown_arguments(extras)
+        cfg = config_from_args(args, for_training=command != "export")
+    except ConfigError as exc:
+        parser.error(str(exc))
+    _setup_logging()
+    log = logging.getLogger("gie_core.train")
+    try:
+        if command == "cache":
+            from ..train.cache import build_cache
+
+            if not cfg.data.cache_dir:
+                parser.error("data.cache_dir is not set (where to write the cache)")
+            counts = build_cache(cfg, progress=cfg.log.progress)
+            log.info("cache: %(pairs)d pairs, %(written)d written, %(bad)d bad", counts)
+            return 0
+        if command == "export":
+            from ..train.trainer import Trainer
+
+            if not cfg.model.kontext:
+                parser.error("model.kontext is not set (the FLUX.1-Kontext-dev directory of the run)")
+            cfg.checkpoint.resume = args.checkpoint
+            trainer = Trainer(cfg).setup(data=False)
+            if trainer.last_checkpoint is None:
+                parser.error(f"no checkpoint found for --checkpoint {args.checkpoint} in {trainer.checkpoint_dir}")
+            files = trainer.export(args.out)
+            for kind, path in files.items():
+                log.info("exported %s: %s", kind, path)
+            return 0
+        from ..train.trainer import Trainer
+
+        result = Trainer(cfg).train()
+        log.info("finished at step %d (%.2f steps/s); %s", result.step, result.steps_per_second, result.problems)
+        for kind, path in result.exported.items():
+            log.info("exported %s: %s", kind, path)
+        return 0
+    except KeyboardInterrupt:
+        log.error("interrupted; resume with --resume latest")
+        return 130
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Checkpoint folders: atomic commits, keep-last-K, finding the one to resume.
+
+A checkpoint is written into ``checkpoint-<step>.tmp`` and renamed to ``checkpoint-<step>`` only
+once complete (``trainer_state.json`` is its last file), so a crash or kill mid-save leaves the
+previous checkpoints untouched; a leftover ``.tmp`` is never resumed from and is removed by the
+next save. Older checkpoints are pruned only after a newer one is committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+STATE_FILE = "trainer_state.json"
+TRAINABLE_FILE = "trainable.safetensors"
+EMA_FILE = "ema.safetensors"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointNotFound(FileNotFoundError):
+    """``checkpoint.resume`` names nothing resumable."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / STATE_FILE).is_file()
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir() and is_complete(p):
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def resolve_resume(resume: str | None, root: str | os.PathLike) -> Path | None:
+    """``None`` -> None; ``latest`` -> the newest complete checkpoint under ``root`` (None if there
+    is none yet: a fresh start); a path -> that checkpoint, which must be complete."""
+    if not resume:
+        return None
+    if resume == "latest":
+        return latest_checkpoint(root)
+    p = Path(resume)
+    if not p.is_dir():
+        raise CheckpointNotFound(f"checkpoint.resume {p} does not exist")
+    if not is_complete(p):
+        raise CheckpointNotFound(f"checkpoint.resume {p} is not a complete checkpoint (no {STATE_FILE}); it may be a save that was interrupted")
+    return p
+
+
+def read_state(path: str | os.PathLike) -> dict:
+    return json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def _fsync_tree(path: Path) -> None:
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def recover(root: str | os.PathLike) -> None:
+    """Tidy after a crash: restore a checkpoint set aside by an interrupted overwrite, drop
+    unfinished ``.tmp`` saves."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.name.endswith(".old") and _NAME.match(p.name[:-4]):
+            final = root / p.name[:-4]
+            if not final.exists() and is_complete(p):
+                os.replace(p, final)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+        elif p.name.endswith(".tmp") and _NAME.match(p.name[:-4]):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def begin(root: str | os.PathLike, step: int) -> Path:
+    """A fresh temporary folder for the checkpoint of ``step`` (main process only)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"{checkpoint_name(step)}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def write_state(tmp: Path, state: dict) -> None:
+    """Write ``trainer_state.json`` (the completion marker: write it last)."""
+    part = tmp / (STATE_FILE + ".part")
+    part.write_text(json.dumps(state, indent=2, default=str), encoding="utf-8")
+    os.replace(part, tmp / STATE_FILE)
+
+
+def commit(tmp: Path) -> Path:
+    """Make the finished ``tmp`` folder the checkpoint, atomically (main process only)."""
+    final = tmp.with_name(tmp.name[: -len(".tmp")])
+    if not is_complete(tmp):
+        raise RuntimeError(f"checkpoint {tmp} is incomplete and was not committed")
+    _fsync_tree(tmp)
+    old = None
+    if final.exists():  # saving the same step again (after resuming from an earlier one)
+        old = final.with_name(final.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def prune(root: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints (0 keeps all)."""
+    if keep_last <= 0:
+        return []
+    found = list_checkpoints(root)
+    removed = []
+    for _, p in found[:-keep_last]:
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed

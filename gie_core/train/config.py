@@ -1,0 +1,543 @@
+"""Trainer options: dataclass sections, YAML/TOML config files and command-line overrides.
+
+A run is configured by defaults, then a config file (``training/stage1.yaml``; YAML or TOML),
+then the command line, later winning. Every option has a dotted name (``optim.lr``) usable as
+``--optim.lr 1e-4`` or ``--set optim.lr=1e-4``; options whose last part is unique also get a
+short flag (``--lr 1e-4``, ``--max-steps 100``). An unknown key, in a file or on the command
+line, fails at start with its name and the nearest known ones.
+
+``auto`` values are resolved per stage by :meth:`TrainConfig.resolve` (stage 1: connector only,
+AdamW lr 1e-3; stage 2: image-branch attention + connector, lr 1e-6, gradient checkpointing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from ..constants import FUSION_MODES
+
+
+class ConfigError(ValueError):
+    """A config file or command-line option is unknown, malformed or inconsistent."""
+
+
+def _opt(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+STAGES = (1, 2)
+TRAINABLE_SETS = ("connector", "image_attention", "full", "lora")
+OPTIMIZERS = ("adamw", "prodigy")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+BUCKETING = ("ratio", "square")
+REGION_WEIGHTING = ("auto", "on", "off")
+WEIGHT_SCHEMES = ("log", "exp")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+DTYPE_NAMES = ("bf16", "fp16", "fp32")
+
+
+@dataclass
+class ModelOptions:
+    kontext: str | None = _opt(None, "FLUX.1-Kontext-dev diffusers directory (VAE, CLIP, T5, tokenizers, scheduler, stock transformer)")
+    gie: str | None = _opt(None, "GPT-Image-Edit checkpoint directory in the released layout (Qwen2.5-VL, connector, fine-tuned transformer)")
+    qwen: str | None = _opt(None, "Qwen2.5-VL(-7B-Instruct) transformers directory, when no GPT-Image-Edit directory gives the encoder")
+    init_transformer: str = _opt("auto", "transformer to start from: auto (gie if given, else kontext), kontext, gie, or a .safetensors file (BFL or diffusers layout)")
+    init_connector: str = _opt("auto", "connector to start from: auto (gie's if given, else fresh), fresh, or a connector .safetensors / GPT-Image-Edit directory")
+    mode: str = _opt("vlm", f"conditioning the connector is trained for: {', '.join(m for m in FUSION_MODES if m != 't5')} (vlm = the reference's training)")
+    num_queries: int = _opt(256, "learned query tokens of a fresh metaquery connector")
+
+
+@dataclass
+class DataOptions:
+    data_txt: str | None = _opt(None, "data.txt: one 'image_root,annotation_json,region_weighting' line per source")
+    resolution: int = _opt(512, "training side for 'square', or sqrt of the bucket area for 'ratio' (512: stage 1, 1024: stage 2)")
+    bucketing: str = _opt("ratio", "ratio: aspect buckets of data.ratios (1:1, 3:2, 2:3); square: squash to resolution^2 like the reference")
+    ratios: str = _opt("default", "bucket ratios: default (1:1, 3:2, 2:3), kontext, or a list such as '1:1,4:3,3:4'")
+    batch_size: int = _opt(1, "pairs per batch per process (the released runs used 1)")
+    num_workers: int = _opt(4, "data loading worker processes")
+    shuffle: bool = _opt(True, "shuffle pairs (deterministically from train.seed and the epoch)")
+    region_weighting: str = _opt("auto", "weight the changed region in the loss: auto (per data.txt line), on, off")
+    cache_dir: str | None = _opt(None, "folder of precomputed features and latents (gie-train cache writes it)")
+    use_cache: bool = _opt(False, "train from data.cache_dir: no encoder is loaded (Qwen still is for metaquery)")
+    cache_dtype: str = _opt("bf16", "dtype features are cached in: bf16, fp16, fp32")
+
+
+@dataclass
+class TrainOptions:
+    stage: int = _opt(1, "1: connector only; 2: connector + transformer")
+    max_steps: int = _opt(1000, "optimizer steps to train for")
+    seed: int = _opt(203, "seed of data order, noise and timesteps (resume replays them exactly)")
+    trainable: str = _opt("auto", "stage 2 trainable transformer set: image_attention (released), full, lora; auto = connector (stage 1) / image_attention (stage 2)")
+    train_connector: bool = _opt(True, "stage 2: train the connector along with the transformer")
+    layers: list[int] | None = _opt(None, "image_attention: block indices to train (double blocks first, then single; default all)")
+    mixed_precision: str = _opt("bf16", "no, bf16 or fp16 (trainable weights stay fp32, frozen ones are stored in this dtype)")
+    gradient_checkpointing: bool | None = _opt(None, "recompute transformer activations in backward (default: on in stage 2)")
+    gradient_accumulation: int = _opt(1, "micro-batches per optimizer step")
+    guidance: float = _opt(1.0, "guidance embedding value during training (reference: 1.0)")
+    logit_mean: float = _opt(0.0, "mean of the logit-normal timestep distribution")
+    logit_std: float = _opt(1.0, "std of the logit-normal timestep distribution")
+    weight_scheme: str = _opt("log", "region weight of changed pixels: log (log2(total/changed) + 1) or exp")
+    overfit_batches: int = _opt(0, "debug: train on the first N batches only, with the same noise and timestep each time")
+
+
+@dataclass
+class OptimOptions:
+    optimizer: str = _opt("adamw", "adamw (released config) or prodigy (the paper's stage 1)")
+    lr: float | None = _opt(None, "learning rate (default: adamw 1e-3 in stage 1, 1e-6 in stage 2; prodigy 1.0)")
+    betas: list[float] = _opt([0.9, 0.99], "Adam betas")
+    eps: float = _opt(1e-8, "Adam epsilon")
+    weight_decay: float = _opt(0.0, "decoupled weight decay")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = off)")
+    lr_scheduler: str = _opt("constant", f"learning-rate schedule: {', '.join(LR_SCHEDULERS)}")
+    warmup_steps: int = _opt(0, "warmup steps of the schedule")
+    ema_decay: float = _opt(0.0, "EMA of the trained weights (0 = off; the released stage 1 used 0.999)")
+
+
+@dataclass
+class LoraOptions:
+    rank: int = _opt(16, "LoRA rank")
+    alpha: float = _opt(16.0, "LoRA alpha (scale = alpha / rank)")
+    dropout: float = _opt(0.0, "LoRA dropout")
+    targets: list[str] = _opt(["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"], "module names LoRA adapts (peft target_modules)")
+
+
+@dataclass
+class CheckpointOptions:
+    every: int = _opt(2000, "save a checkpoint every N steps (0 = only at the end)")
+    keep_last: int = _opt(3, "checkpoints kept (older ones are deleted after a newer one is complete; 0 = keep all)")
+    resume: str | None = _opt(None, "resume from 'latest' (in output_dir) or a checkpoint directory")
+
+
+@dataclass
+class ValidationOptions:
+    every: int = _opt(0, "edit the validation pairs every N steps (0 = off)")
+    pairs: list[dict] = _opt([], "list of {image: PATH, instruction: TEXT}")
+    steps: int = _opt(28, "sampling steps of validation edits")
+    guidance: float = _opt(3.5, "guidance of validation edits")
+    seed: int = _opt(42, "noise seed of validation edits")
+
+
+@dataclass
+class LogOptions:
+    every: int = _opt(10, "log the loss every N steps")
+    tensorboard: bool = _opt(False, "write TensorBoard logs to output_dir/logs (needs the tensorboard package)")
+    progress: bool = _opt(True, "show a progress bar with loss and speed")
+
+
+@dataclass
+class ExportOptions:
+    dir: str | None = _opt(None, "where exported weights go (default output_dir/export)")
+    at_end: bool = _opt(True, "export when training finishes")
+    dtype: str = _opt("bf16", "dtype of exported weights: bf16, fp16, fp32")
+    use_ema: bool = _opt(True, "export the EMA weights when optim.ema_decay > 0")
+    transformer: bool = _opt(True, "stage 2: write transformer.safetensors (full diffusers state dict with the trained weights)")
+    merge_lora: bool = _opt(False, "LoRA runs: also write transformer.safetensors with the LoRA merged in")
+    released_dir: bool = _opt(False, "also write a full checkpoint directory in the released GPT-Image-Edit layout")
+
+
+@dataclass
+class TrainConfig:
+    """All trainer options; sections are attributes (``config.optim.lr``)."""
+
+    output_dir: str = _opt("runs/gie", "run folder: checkpoints/, validation/, logs/, export/")
+    model: ModelOptions = field(default_factory=ModelOptions)
+    data: DataOptions = field(default_factory=DataOptions)
+    train: TrainOptions = field(default_factory=TrainOptions)
+    optim: OptimOptions = field(default_factory=OptimOptions)
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)
+    validation: ValidationOptions = field(default_factory=ValidationOptions)
+    log: LogOptions = field(default_factory=LogOptions)
+    export: ExportOptions = field(default_factory=ExportOptions)
+
+    # --------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def get(self, key: str) -> Any:
+        obj = self
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def set(self, key: str, value: Any, source: str = "command line") -> None:
+        """Set a dotted option, coercing ``value`` (a string from the command line is parsed)."""
+        spec = _option_specs().get(key)
+        if spec is None:
+            raise ConfigError(_unknown(key, source))
+        owner = self
+        parts = key.split(".")
+        for part in parts[:-1]:
+            owner = getattr(owner, part)
+        setattr(owner, parts[-1], _coerce(value, spec.type, key, source))
+
+    @property
+    def trainable_set(self) -> str:
+        """The resolved trainable transformer set (``connector`` = none of the transformer)."""
+        t = self.train.trainable
+        if t == "auto":
+            return "connector" if self.train.stage == 1 else "image_attention"
+        return t
+
+    @property
+    def learning_rate(self) -> float:
+        if self.optim.lr is not None:
+            return self.optim.lr
+        if self.optim.optimizer == "prodigy":
+            return 1.0
+        return 1e-3 if self.train.stage == 1 else 1e-6
+
+    @property
+    def use_gradient_checkpointing(self) -> bool:
+        g = self.train.gradient_checkpointing
+        return (self.train.stage == 2) if g is None else g
+
+    @property
+    def trains_connector(self) -> bool:
+        return self.train.stage == 1 or self.train.train_connector
+
+    def check(self, for_training: bool = True) -> TrainConfig:
+        """Reject inconsistent options, naming them."""
+        def choice(key, choices):
+            v = self.get(key)
+            if v not in choices:
+                raise ConfigError(f"{key} is '{v}'; expected one of {', '.join(map(str, choices))}")
+
+        choice("train.stage", STAGES)
+        choice("model.mode", tuple(m for m in FUSION_MODES if m != "t5"))
+        choice("train.trainable", ("auto",) + TRAINABLE_SETS)
+        choice("optim.optimizer", OPTIMIZERS)
+        choice("train.mixed_precision", MIXED_PRECISION)
+        choice("data.bucketing", BUCKETING)
+        choice("data.region_weighting", REGION_WEIGHTING)
+        choice("train.weight_scheme", WEIGHT_SCHEMES)
+        choice("optim.lr_scheduler", LR_SCHEDULERS)
+        choice("data.cache_dtype", DTYPE_NAMES)
+        choice("export.dtype", DTYPE_NAMES)
+        if self.train.stage == 1 and self.trainable_set != "connector":
+            raise ConfigError(
+                f"train.trainable is '{self.train.trainable}' but stage 1 trains only the connector; "
+                "use train.stage 2 to train transformer weights"
+            )
+        if self.train.stage == 2 and self.trainable_set == "connector" and not self.train.train_connector:
+            raise ConfigError("stage 2 with train.trainable 'connector' and train.train_connector false trains nothing")
+        for key in ("data.batch_size", "train.max_steps", "train.gradient_accumulation", "data.resolution", "lora.rank"):
+            if self.get(key) < 1:
+                raise ConfigError(f"{key} is {self.get(key)} but must be at least 1")
+        for key in ("data.num_workers", "checkpoint.every", "checkpoint.keep_last", "validation.every", "train.overfit_batches", "optim.warmup_steps"):
+            if self.get(key) < 0:
+                raise ConfigError(f"{key} is {self.get(key)} but must be 0 or more")
+        if self.data.resolution % 16:
+            raise ConfigError(f"data.resolution is {self.data.resolution} but must be a multiple of 16")
+        if len(self.optim.betas) != 2:
+            raise ConfigError(f"optim.betas must be two numbers, not {self.optim.betas}")
+        if not 0.0 <= self.optim.ema_decay < 1.0:
+            raise ConfigError(f"optim.ema_decay is {self.optim.ema_decay} but must be in [0, 1)")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"optim.lr is {self.learning_rate} but must be positive")
+        if self.model.init_transformer == "gie" and not self.model.gie:
+            raise ConfigError("model.init_transformer is 'gie' but model.gie (a GPT-Image-Edit directory) is not set")
+        if self.model.mode == "metaquery" and self.model.num_queries < 1:
+            raise ConfigError("model.num_queries must be at least 1 for mode 'metaquery'")
+        for i, pair in enumerate(self.validation.pairs):
+            if not isinstance(pair, dict) or set(pair) != {"image", "instruction"}:
+                raise ConfigError(f"validation.pairs[{i}] must be {{image: PATH, instruction: TEXT}}, not {pair!r}")
+        if for_training:
+            if not self.data.data_txt:
+                raise ConfigError("data.data_txt is not set (the data.txt listing image roots and annotation files)")
+            if not self.model.kontext:
+                raise ConfigError("model.kontext is not set (a FLUX.1-Kontext-dev diffusers directory: VAE, CLIP, T5, scheduler)")
+            needs_qwen = not self.data.use_cache or self.model.mode == "metaquery" or self.validation.every > 0
+            if needs_qwen and not (self.model.gie or self.model.qwen):
+                raise ConfigError("the Qwen2.5-VL encoder is needed: set model.gie (GPT-Image-Edit directory) or model.qwen")
+            if self.data.use_cache and not self.data.cache_dir:
+                raise ConfigError("data.use_cache is true but data.cache_dir is not set")
+        return self
+
+    # --------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> TrainConfig:
+        cfg = cls()
+        cfg.update(data, source)
+        return cfg
+
+    def update(self, data: dict, source: str = "config") -> TrainConfig:
+        """Apply a nested dict of options (a parsed config file); unknown keys fail, named."""
+        for key, value in flatten(data, source):
+            self.set(key, value, source)
+        return self
+
+
+# ------------------------------------------------------------------------------------------
+# Option specs, coercion
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    key: str
+    type: Any
+    default: Any
+    help: str
+
+
+_SPECS: dict[str, OptionSpec] | None = None
+
+
+def _option_specs() -> dict[str, OptionSpec]:
+    global _SPECS
+    if _SPECS is None:
+        specs = {}
+        hints = get_type_hints(TrainConfig)
+        for f in dataclasses.fields(TrainConfig):
+            if dataclasses.is_dataclass(hints[f.name]):
+                section_cls = hints[f.name]
+                sub_hints = get_type_hints(section_cls)
+                for sf in dataclasses.fields(section_cls):
+                    default = sf.default if sf.default is not dataclasses.MISSING else sf.default_factory()
+                    key = f"{f.name}.{sf.name}"
+                    specs[key] = OptionSpec(key, sub_hints[sf.name], default, sf.metadata.get("help", ""))
+            else:
+                specs[f.name] = OptionSpec(f.name, hints[f.name], f.default, f.metadata.get("help", ""))
+        _SPECS = specs
+    return _SPECS
+
+
+def option_names() -> list[str]:
+    """Every dotted option name."""
+    return list(_option_specs())
+
+
+def _unknown(key: str, source: str) -> str:
+    near = difflib.get_close_matches(key, option_names(), n=3, cutoff=0.5)
+    if not near:  # match on the last part too (``lr`` -> ``optim.lr``)
+        leaf = key.rsplit(".", 1)[-1]
+        near = [k for k in option_names() if k.rsplit(".", 1)[-1] == leaf] or difflib.get_close_matches(
+            leaf, option_names(), n=3, cutoff=0.5
+        )
+    hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+    return f"unknown option '{key}' in {source}{hint}"
+
+
+def flatten(data: Any, source: str, prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested dict -> [(dotted key, value)]; sections must be dicts, leaves are anything."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must hold a mapping of options, not {type(data).__name__}")
+    out = []
+    specs = _option_specs()
+    sections = {k.split(".", 1)[0] for k in specs if "." in k}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if key in specs:
+            out.append((key, v))
+        elif not prefix and k in sections:
+            if v is None:
+                continue
+            if not isinstance(v, dict):
+                raise ConfigError(f"section '{key}' in {source} must be a mapping of options, not {v!r}")
+            out.extend(flatten(v, source, key + "."))
+        else:
+            raise ConfigError(_unknown(key, source))
+    return out
+
+
+_NONE_WORDS = {"none", "null", "~", ""}
+_TRUE_WORDS = {"true", "yes", "on", "1"}
+_FALSE_WORDS = {"false", "no", "off", "0"}
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    origin, args = get_origin(tp), get_args(tp)
+    bad = lambda what: ConfigError(f"{key} in {source} is {value!r} but must be {what}")  # noqa: E731
+    if origin in (Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
+            return None
+        return _coerce(value, inner[0], key, source)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS | _FALSE_WORDS:
+            return value.strip().lower() in _TRUE_WORDS
+        raise bad("true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad("an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value.strip())
+            except ValueError:
+                raise bad("an integer") from None
+            if f.is_integer():
+                return int(f)
+        raise bad("an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad("a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise bad("a number") from None
+        raise bad("a number")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, Path):
+            return str(value)
+        raise bad("a string")
+    if origin is list:
+        (item_type,) = args
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import yaml
+
+                try:
+                    value = yaml.safe_load(text)
+                except yaml.YAMLError as exc:
+                    raise bad(f"a list ({exc})") from None
+            elif item_type is dict:
+                raise bad("a list of mappings, e.g. [{image: a.png, instruction: make it red}]")
+            else:
+                value = [v.strip() for v in text.split(",") if v.strip()]
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise bad("a list")
+        return [_coerce(v, item_type, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise bad("a mapping")
+    raise ConfigError(f"{key}: unsupported option type {tp}")  # a programming error
+
+
+# ------------------------------------------------------------------------------------------
+# Files and the command line
+# ------------------------------------------------------------------------------------------
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A YAML (.yaml/.yml) or TOML (.toml) config file as a nested dict."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            try:
+                import tomli as tomllib
+            except ImportError:
+                raise ConfigError(f"{p}: TOML configs need Python 3.11+ (or the tomli package); YAML works everywhere") from None
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p} is not valid TOML: {exc}") from None
+    if p.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p} is not valid YAML: {exc}") from None
+        return data or {}
+    raise ConfigError(f"config file {p} must end in .yaml, .yml or .toml")
+
+
+def _short_flags() -> dict[str, str]:
+    """``--max-steps`` -> ``train.max_steps`` for option names whose last part is unique."""
+    leaves: dict[str, list[str]] = {}
+    for key in option_names():
+        leaves.setdefault(key.rsplit(".", 1)[-1], []).append(key)
+    reserved = {"config", "set", "help", "dir"}
+    return {
+        "--" + leaf.replace("_", "-"): keys[0]
+        for leaf, keys in leaves.items()
+        if len(keys) == 1 and leaf not in reserved and "." in keys[0]
+    }
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config``, ``--set`` and one flag per option (``--section.name`` and, when unique, ``--name``)."""
+    parser.add_argument("--config", "-c", action="append", default=[], metavar="FILE",
+                        help="YAML or TOML config file (several: later ones override earlier ones)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_options",
+                        help="override any option, e.g. --set optim.lr=1e-4 (repeatable)")
+    short = {v: k for k, v in _short_flags().items()}
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for key, spec in _option_specs().items():
+        section = key.split(".", 1)[0] if "." in key else "run"
+        group = groups.get(section) or parser.add_argument_group(f"{section} options")
+        groups[section] = group
+        flags = [f"--{key}"]
+        if "." not in key:
+            flags = [f"--{key.replace('_', '-')}"]
+        if key in short:
+            flags.append(short[key])
+        default = spec.default
+        group.add_argument(*flags, dest=f"opt:{key}", default=argparse.SUPPRESS, metavar="V",
+                           help=f"{spec.help} (default: {default})")
+
+
+def config_from_args(args: argparse.Namespace, for_training: bool = True) -> TrainConfig:
+    """Defaults, then each ``--config`` file, then option flags, then ``--set`` (in order)."""
+    cfg = TrainConfig()
+    for path in getattr(args, "config", []) or []:
+        cfg.update(read_config_file(path), source=str(path))
+    for name, value in vars(args).items():
+        if name.startswith("opt:"):
+            cfg.set(name[4:], value, "command line")
+    for item in getattr(args, "set_options", []) or []:
+        if "=" not in item:
+            raise ConfigError(f"--set '{item}' must be KEY=VALUE, e.g. --set optim.lr=1e-4")
+        key, value = item.split("=", 1)
+        cfg.set(key.strip(), value, "--set")
+    return cfg.check(for_training=for_training)
+
+
+def reject_unknown_arguments(extras: list[str]) -> None:
+    """Name the first unknown command-line flag, with the nearest known ones."""
+    for item in extras:
+        if item.startswith("--"):
+            flag = item.split("=", 1)[0]
+            key = flag[2:]
+            if key.replace("-", "_") in option_names():
+                continue
+            known = [f"--{k}" for k in option_names()] + list(_short_flags())
+            near = difflib.get_close_matches(flag, known, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(near)}?" if near else ""
+            raise ConfigError(f"unknown option '{flag}' on the command line{hint}")
+    if extras:
+        raise ConfigError(f"unexpected command-line arguments: {' '.join(extras)}")
+
+
+def load_config(*files: str | Path, overrides: dict | None = None, for_training: bool = True) -> TrainConfig:
+    """Defaults, then ``files`` in order, then ``overrides`` ({"optim.lr": 1e-4} or nested)."""
+    cfg = TrainConfig()
+    for f in files:
+        cfg.update(read_config_file(f), source=str(f))
+    if overrides:
+        for key, value in overrides.items():
+            if isinstance(value, dict) and key in {k.split(".", 1)[0] for k in option_names()} and key not in option_names():
+                cfg.update({key: value}, source="overrides")
+            else:
+                cfg.set(key, value, "overrides")
+    return cfg.check(for_training=for_training)

@@ -1,0 +1,626 @@
+"""Training data: ``data.txt``, annotation files, aspect buckets, region weights, the dataset.
+
+``data.txt`` lists one source per line, ``image_root,annotation_json,region_weighting``
+(``true``/``false``; relative paths are taken from the data.txt folder, else the working
+directory). An annotation file holds edit records in either schema:
+
+- GPT-Image-Edit's: ``{"image": [source, target], "conversations": [{"from": "human",
+  "value": "<image>\\n{instruction}"}, {"from": "gpt", "value": "<gen_image>"}]}``;
+- the dataset card's metadata: ``{"input": source, "output": target, "instruction": ...}``,
+
+as a JSON list or as JSON lines (one record per line). Image paths are relative to the image
+root. Malformed records, missing files and unreadable images are reported and skipped, with
+a count at the end; a run never stops for one bad sample.
+
+Buckets: the data was generated at 1:1, 3:2 and 2:3, so by default each pair is resized (cover
+and centre-crop, no distortion) to the bucket of its ratio at about ``resolution^2`` pixels;
+``square`` squashes every image to ``resolution x resolution`` as the reference did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import threading
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageChops, UnidentifiedImageError
+
+from ..constants import MIN_IMAGE_SIDE, QWEN_IMAGE_SIZE, SIZE_MULTIPLE
+from ..ratio import nearest_ratio, parse_ratios
+
+logger = logging.getLogger("gie_core.train")
+
+IMAGE_TOKEN = "<image>"
+
+
+class DataError(ValueError):
+    """data.txt or an annotation file cannot be used at all (a setup error, not a bad sample)."""
+
+
+# ------------------------------------------------------------------------------------------
+# Problems: reported, counted, never fatal
+# ------------------------------------------------------------------------------------------
+
+
+class ProblemLog:
+    """Bad samples seen during a run: each is logged (the first ``max_logged``) and counted."""
+
+    def __init__(self, max_logged: int = 20):
+        self.max_logged = max_logged
+        self.counts: Counter[str] = Counter()
+        self.seen: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def report(self, kind: str, where: str, reason: str) -> None:
+        """Record one problem (``kind``: missing image, unreadable image, malformed record, ...);
+        the same (kind, where) is counted once."""
+        with self._lock:
+            if (kind, where) in self.seen:
+                return
+            self.seen.add((kind, where))
+            self.counts[kind] += 1
+            n = sum(self.counts.values())
+        if n <= self.max_logged:
+            logger.warning("skipping %s: %s (%s)", kind, where, reason)
+        elif n == self.max_logged + 1:
+            logger.warning("more bad samples are being skipped; the count is reported at the end")
+
+    def extend(self, items: Iterable[tuple[str, str, str]]) -> None:
+        for kind, where, reason in items:
+            self.report(kind, where, reason)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "no bad samples"
+        parts = ", ".join(f"{n} {kind}" for kind, n in sorted(self.counts.items()))
+        return f"skipped {self.total} bad samples: {parts}"
+
+    def to_dict(self) -> dict:
+        return {"counts": dict(self.counts), "seen": sorted(list(s) for s in self.seen)}
+
+    def load_dict(self, d: dict) -> None:
+        self.counts = Counter(d.get("counts", {}))
+        self.seen = {tuple(s) for s in d.get("seen", [])}
+
+
+# ------------------------------------------------------------------------------------------
+# data.txt and annotations
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One line of data.txt."""
+
+    image_root: Path
+    annotation: Path
+    region_weighting: bool
+    line: int = 0
+
+
+def _resolve(path: str, base: Path) -> Path:
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p
+    beside = base / p
+    return beside if beside.exists() or not p.exists() else p
+
+
+def read_data_txt(path: str | os.PathLike) -> list[DataSource]:
+    """Parse data.txt (``image_root,annotation_json,region_weighting`` per line; ``#`` comments
+    and blank lines ignored; the third field may be left out for ``false``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data.txt {p} does not exist")
+    sources = []
+    for n, raw in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) == 2:
+            fields.append("false")
+        if len(fields) != 3 or not fields[0] or not fields[1]:
+            raise DataError(f"{p} line {n} must be 'image_root,annotation_json,region_weighting' but is {raw!r}")
+        flag = fields[2].lower()
+        if flag not in ("true", "false"):
+            raise DataError(f"{p} line {n}: region_weighting is {fields[2]!r} but must be true or false")
+        root, ann = _resolve(fields[0], p.parent), _resolve(fields[1], p.parent)
+        if not ann.is_file():
+            raise DataError(f"{p} line {n}: annotation file {ann} does not exist")
+        if not root.is_dir():
+            raise DataError(f"{p} line {n}: image root {root} is not a directory")
+        sources.append(DataSource(root, ann, flag == "true", n))
+    if not sources:
+        raise DataError(f"{p} lists no data sources")
+    return sources
+
+
+@dataclass(frozen=True)
+class EditRecord:
+    """One training pair: edit ``source`` by ``instruction`` into ``target``."""
+
+    source: Path
+    target: Path
+    instruction: str
+    region_weighting: bool = False
+
+    @property
+    def key(self) -> str:
+        """A stable id of the pair (cache file names)."""
+        text = f"{self.source}\0{self.target}\0{self.instruction}"
+        return hashlib.sha1(text.encode("utf-8")).hexdigest()[:24]
+
+
+def strip_image_tokens(text: str) -> str:
+    """The instruction without its ``<image>`` placeholders (the engine places the image first);
+    the rest of the text, newlines included, is kept as written."""
+    return re.sub(r"\s*" + re.escape(IMAGE_TOKEN) + r"\s*", " ", text).strip()
+
+
+def instruction_from_conversations(conversations) -> str:
+    """The first human turn without its ``<image>`` placeholders."""
+    if not isinstance(conversations, list):
+        raise ValueError("'conversations' must be a list of turns")
+    for turn in conversations:
+        if isinstance(turn, dict) and turn.get("from") in ("human", "user"):
+            value = turn.get("value")
+            if not isinstance(value, str):
+                raise ValueError("the human turn has no text 'value'")
+            return strip_image_tokens(value)
+    raise ValueError("'conversations' has no human turn")
+
+
+def parse_record(obj, image_root: Path, region_weighting: bool) -> EditRecord:
+    """One annotation record (either schema) -> EditRecord; ValueError says what is wrong."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"record is a {type(obj).__name__}, not an object")
+    if "image" in obj or "conversations" in obj:
+        images = obj.get("image")
+        if isinstance(images, str):
+            images = [images]
+        if not isinstance(images, list) or len(images) != 2 or not all(isinstance(i, str) and i for i in images):
+            n = len(images) if isinstance(images, list) else 0
+            raise ValueError(f"'image' must be [source, target] but has {n} path(s)")
+        source, target = images
+        instruction = instruction_from_conversations(obj.get("conversations"))
+    elif {"input", "output", "instruction"} <= set(obj):
+        source, target, instruction = obj["input"], obj["output"], obj["instruction"]
+        if not all(isinstance(v, str) for v in (source, target, instruction)):
+            raise ValueError("'input', 'output' and 'instruction' must be strings")
+        instruction = strip_image_tokens(instruction)
+    else:
+        raise ValueError("record has neither 'image' + 'conversations' nor 'input' + 'output' + 'instruction'")
+    if not instruction:
+        raise ValueError("the instruction is empty")
+    return EditRecord(image_root / source, image_root / target, instruction, region_weighting)
+
+
+def _iter_annotation_objects(path: Path, problems: ProblemLog):
+    """Yield (where, object) from a JSON list/object file or a JSON-lines file."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None
+        if isinstance(data, list):
+            for i, obj in enumerate(data):
+                yield f"{path} record {i}", obj
+            return
+    lines = text.splitlines()
+    if stripped.startswith("[") and len(lines) > 1:
+        raise DataError(f"{path} starts like a JSON list but is not valid JSON (and not JSON lines)")
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.report("malformed record", f"{path} line {n}", f"not valid JSON: {exc.msg}")
+            continue
+        if isinstance(obj, list):  # a one-line JSON list
+            for i, o in enumerate(obj):
+                yield f"{path} line {n} record {i}", o
+        else:
+            yield f"{path} line {n}", obj
+
+
+def read_annotations(source: DataSource, problems: ProblemLog) -> list[EditRecord]:
+    """All usable records of one data.txt line; malformed ones are reported and skipped."""
+    records = []
+    for where, obj in _iter_annotation_objects(source.annotation, problems):
+        try:
+            records.append(parse_record(obj, source.image_root, source.region_weighting))
+        except ValueError as exc:
+            problems.report("malformed record", where, str(exc))
+    return records
+
+
+def read_dataset(data_txt: str | os.PathLike, problems: ProblemLog, region_weighting: str = "auto") -> list[EditRecord]:
+    """Every record of every source in data.txt (``region_weighting`` on/off overrides the lines)."""
+    records: list[EditRecord] = []
+    for src in read_data_txt(data_txt):
+        recs = read_annotations(src, problems)
+        if region_weighting != "auto":
+            flag = region_weighting == "on"
+            recs = [EditRecord(r.source, r.target, r.instruction, flag) for r in recs]
+        logger.info("%d pairs from %s", len(recs), src.annotation)
+        records.extend(recs)
+    return records
+
+
+# ------------------------------------------------------------------------------------------
+# Buckets
+# ------------------------------------------------------------------------------------------
+
+
+def bucket_size(ratio: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(width, height) of about ``resolution^2`` pixels at exactly ``ratio`` when the sides allow
+    (3:2 at 512 -> 624x416, at 1024 -> 1248x832), sides multiples of 16."""
+    rw, rh = ratio
+    unit_w, unit_h = rw * SIZE_MULTIPLE, rh * SIZE_MULTIPLE
+    n = round(math.sqrt(resolution * resolution / (unit_w * unit_h)))
+    if n >= 1:
+        return unit_w * n, unit_h * n
+    # a ratio too lopsided for exact multiples: nearest sides, each a multiple of 16
+    w = max(SIZE_MULTIPLE, round(resolution * math.sqrt(rw / rh) / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+    h = max(SIZE_MULTIPLE, round(resolution * math.sqrt(rh / rw) / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+    return w, h
+
+
+def bucket_for(width: int, height: int, bucketing: str, resolution: int, ratios="default") -> tuple[int, int]:
+    """The training size of an image of ``width x height``."""
+    if bucketing == "square":
+        return resolution, resolution
+    return bucket_size(nearest_ratio(width, height, ratios), resolution)
+
+
+def bucket_sizes(resolution: int, ratios="default") -> list[tuple[int, int]]:
+    """Every bucket of a ratio set at ``resolution``."""
+    return [bucket_size(r, resolution) for r in parse_ratios(ratios)]
+
+
+def fit_to_bucket(image: Image.Image, width: int, height: int, bucketing: str) -> Image.Image:
+    """Resize to ``width x height``: ``square`` squashes (the reference), ``ratio`` covers and
+    centre-crops (no distortion; the crop is tiny for images made at the bucket's ratio)."""
+    if image.size == (width, height):
+        return image
+    if bucketing == "square":
+        return image.resize((width, height), Image.LANCZOS)
+    w0, h0 = image.size
+    scale = max(width / w0, height / h0)
+    rw, rh = max(width, round(w0 * scale)), max(height, round(h0 * scale))
+    resized = image.resize((rw, rh), Image.LANCZOS)
+    left, top = (rw - width) // 2, (rh - height) // 2
+    return resized.crop((left, top, left + width, top + height))
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as im:  # reads the header only
+        return im.size
+
+
+def _check_image(path: Path) -> tuple[str, str] | None:
+    """(kind, reason) when the image cannot be used, else None."""
+    if not path.is_file():
+        return "missing image", "no such file"
+    try:
+        w, h = _image_size(path)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        return "unreadable image", f"{type(exc).__name__}: {exc}"
+    if min(w, h) < MIN_IMAGE_SIDE:
+        return "unreadable image", f"{w}x{h} is smaller than {MIN_IMAGE_SIDE} px a side"
+    return None
+
+
+def scan_sizes(
+    records: Sequence[EditRecord], problems: ProblemLog, index_dir: str | os.PathLike | None = None, threads: int = 16
+) -> list[tuple[int, int] | None]:
+    """Target sizes of every record (None for a pair with a missing or unreadable image, which is
+    reported). Image headers are read once; the result is kept in ``index_dir`` for later runs."""
+    digest = hashlib.sha1()
+    for r in records:
+        digest.update(f"{r.source}\0{r.target}\n".encode("utf-8"))
+    cache_file = Path(index_dir) / f"sizes-{digest.hexdigest()[:20]}.json" if index_dir else None
+    if cache_file is not None and cache_file.is_file():
+        try:
+            saved = json.loads(cache_file.read_text(encoding="utf-8"))
+            if len(saved["sizes"]) == len(records):
+                for kind, where, reason in saved.get("problems", []):
+                    problems.report(kind, where, reason)
+                return [tuple(s) if s else None for s in saved["sizes"]]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+
+    def one(rec: EditRecord):
+        for path in (rec.source, rec.target):
+            bad = _check_image(path)
+            if bad:
+                return None, (bad[0], str(path), bad[1])
+        return _image_size(rec.target), None
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        results = list(pool.map(one, records))
+    sizes, found = [], []
+    for size, problem in results:
+        sizes.append(size)
+        if problem:
+            found.append(problem)
+            problems.report(*problem)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"sizes": [list(s) if s else None for s in sizes], "problems": found}), encoding="utf-8")
+        os.replace(tmp, cache_file)
+    return sizes
+
+
+# ------------------------------------------------------------------------------------------
+# Region weights (the reference's "log" scheme, without OpenCV)
+# ------------------------------------------------------------------------------------------
+
+# cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+_ELLIPSE_5 = torch.tensor(
+    [[0, 0, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 1, 0, 0]], dtype=torch.float32
+)
+
+
+def close_holes(mask: torch.Tensor) -> torch.Tensor:
+    """Morphological closing of a bool mask [H, W] with the 5x5 ellipse (dilate, then erode;
+    the border neither grows nor erodes the mask, as OpenCV's defaults)."""
+    k = _ELLIPSE_5[None, None]
+    m = mask.float()[None, None]
+    dilated = F.conv2d(m, k, padding=2) > 0
+    padded = F.pad(dilated.float(), (2, 2, 2, 2), value=1.0)
+    eroded = F.conv2d(padded, k) >= k.sum() - 0.5
+    return eroded[0, 0]
+
+
+def connected_components(mask: torch.Tensor) -> torch.Tensor:
+    """8-connected component labels of a bool mask [H, W] (0 = background, else the largest flat
+    index + 1 in the component), by label propagation with pointer jumping."""
+    h, w = mask.shape
+    flat = torch.arange(1, h * w + 1, dtype=torch.float64).reshape(h, w)
+    labels = torch.where(mask, flat, torch.zeros((), dtype=torch.float64))
+    while True:
+        grown = F.max_pool2d(labels[None, None], 3, stride=1, padding=1)[0, 0]
+        grown = torch.where(mask, grown, torch.zeros((), dtype=torch.float64))
+        # pointer jumping: adopt the label of the pixel your label points at
+        idx = (grown.long() - 1).clamp(min=0).flatten()
+        jumped = torch.where(mask.flatten(), labels.flatten()[idx].maximum(grown.flatten()), torch.zeros((), dtype=torch.float64))
+        jumped = jumped.reshape(h, w)
+        if torch.equal(jumped, labels):
+            return labels.long()
+        labels = jumped
+
+
+def drop_small_components(mask: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Keep the 8-connected components whose area is at least ``fraction`` of the masked area."""
+    total = int(mask.sum())
+    if total == 0:
+        return mask
+    labels = connected_components(mask)
+    ids, counts = torch.unique(labels[labels > 0], return_counts=True)
+    keep = ids[counts >= fraction * total]
+    return torch.isin(labels, keep) & mask
+
+
+class RegionTooSmall(ValueError):
+    """The changed region is too small a part of the image to weight (the reference drops such pairs)."""
+
+
+def region_weight_map(
+    source: Image.Image,
+    target: Image.Image,
+    scheme: str = "log",
+    *,
+    threshold: int = 18,
+    component_fraction: float = 0.3,
+    min_area: float = 0.001,
+    factor: int = 8,
+) -> torch.Tensor:
+    """Loss weights [1, H/8, W/8] that emphasise where ``target`` differs from ``source``.
+
+    As the reference: pixels whose grey difference is >= 18 form the mask; small holes are
+    closed; components under 30% of the masked area are dropped; the mask is max-pooled 8x
+    (VAE resolution) and closed again. Masked latents weigh ``log2(total/masked) + 1``
+    (``exp``: ``2^(sqrt(total/masked) - 1)``), the rest 1. A pair with no change weighs 1
+    everywhere; a change below 0.1% of the image raises :class:`RegionTooSmall`.
+    """
+    diff = np.asarray(ImageChops.difference(source, target).convert("L"))
+    mask = torch.from_numpy(diff >= threshold)
+    mask = close_holes(mask)
+    mask = drop_small_components(mask, component_fraction)
+    ratio = float(mask.float().mean())
+    if ratio == 0.0:
+        mask = torch.ones_like(mask)
+    elif ratio < min_area:
+        raise RegionTooSmall(f"the changed region is {ratio:.4%} of the image (below {min_area:.1%})")
+    small = F.max_pool2d(mask.float()[None, None], factor, stride=factor)[0, 0] > 0
+    small = close_holes(small)
+    x = small.numel() / max(int(small.sum()), 1)
+    if scheme == "log":
+        weight = math.log2(x) + 1
+    elif scheme == "exp":
+        weight = 2 ** (x**0.5 - 1)
+    else:
+        raise ValueError(f"region weight scheme '{scheme}' is unknown; expected log or exp")
+    weight = round(weight, 6)
+    return torch.where(small, torch.tensor(weight, dtype=torch.float32), torch.tensor(1.0))[None]
+
+
+# ------------------------------------------------------------------------------------------
+# Dataset
+# ------------------------------------------------------------------------------------------
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open an image fully as RGB (raises for missing or corrupt files)."""
+    with Image.open(path) as im:
+        im.load()
+        rgb = im.convert("RGB")
+    if min(rgb.size) < MIN_IMAGE_SIDE:
+        raise ValueError(f"{rgb.size[0]}x{rgb.size[1]} is smaller than {MIN_IMAGE_SIDE} px a side")
+    return rgb
+
+
+def pil_to_unit_range(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> [3, H, W] float32 in [-1, 1] (the VAE's input range)."""
+    arr = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+    return arr.permute(2, 0, 1) * 2.0 - 1.0
+
+
+class EditDataset(torch.utils.data.Dataset):
+    """Pairs at their bucket size; a pair that fails to load is replaced by the next pair of the
+    same bucket (so batches stay full and processes stay in step) and reported in the item."""
+
+    MAX_REPLACEMENTS = 64
+
+    def __init__(
+        self,
+        records: Sequence[EditRecord],
+        buckets: Sequence[tuple[int, int]],
+        *,
+        bucketing: str = "ratio",
+        weight_scheme: str = "log",
+        cache=None,
+        qwen_size: int = QWEN_IMAGE_SIZE,
+    ):
+        if len(records) != len(buckets):
+            raise ValueError("records and buckets differ in length")
+        self.records, self.buckets = list(records), list(buckets)
+        self.bucketing, self.weight_scheme = bucketing, weight_scheme
+        self.cache = cache  # a cache.FeatureCache, or None to load images
+        self.qwen_size = qwen_size
+        self.members: dict[tuple[int, int], list[int]] = {}
+        for i, b in enumerate(self.buckets):
+            self.members.setdefault(b, []).append(i)
+        self._position = {i: n for b, idx in self.members.items() for n, i in enumerate(idx)}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, index: int) -> dict:
+        """Load one pair (raises on any problem)."""
+        rec = self.records[index]
+        width, height = self.buckets[index]
+        if self.cache is not None:
+            return {"index": index, "key": rec.key, "instruction": rec.instruction, "cached": self.cache.read(rec, (width, height))}
+        src, tgt = load_rgb(rec.source), load_rgb(rec.target)
+        src_fit = fit_to_bucket(src, width, height, self.bucketing)
+        tgt_fit = fit_to_bucket(tgt, width, height, self.bucketing)
+        weight = region_weight_map(src_fit, tgt_fit, self.weight_scheme) if rec.region_weighting else None
+        s = self.qwen_size
+        qwen_image = src if src.size == (s, s) else src.resize((s, s), Image.BICUBIC)  # as QwenVLEncoder does
+        return {
+            "index": index,
+            "key": rec.key,
+            "instruction": rec.instruction,
+            "source": pil_to_unit_range(src_fit),
+            "target": pil_to_unit_range(tgt_fit),
+            "qwen_image": qwen_image,
+            "region_weight": weight,
+        }
+
+    def __getitem__(self, index: int) -> dict:
+        bad = []
+        members = self.members[self.buckets[index]]
+        pos = self._position[index]
+        for attempt in range(min(len(members), self.MAX_REPLACEMENTS)):
+            i = members[(pos + attempt) % len(members)]
+            rec = self.records[i]
+            try:
+                item = self.load(i)
+            except FileNotFoundError as exc:
+                bad.append(("missing image", str(getattr(exc, "filename", None) or rec.source), "no such file"))
+            except RegionTooSmall as exc:
+                bad.append(("region too small", str(rec.target), str(exc)))
+            except KeyError as exc:  # not in the feature cache
+                bad.append(("not cached", str(rec.target), str(exc)))
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+                where = getattr(exc, "filename", None) or f"{rec.source} / {rec.target}"
+                bad.append(("unreadable image", str(where), f"{type(exc).__name__}: {exc}"))
+            else:
+                item["bad"] = bad
+                return item
+        raise RuntimeError(
+            f"{len(bad)} pairs in a row of the {self.buckets[index][0]}x{self.buckets[index][1]} bucket could not be "
+            f"loaded (last: {bad[-1][0]} {bad[-1][1]}: {bad[-1][2]}); check the data"
+        )
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack a batch of one bucket; PIL images and strings stay lists."""
+    out: dict = {
+        "index": [it["index"] for it in items],
+        "key": [it["key"] for it in items],
+        "instruction": [it["instruction"] for it in items],
+        "bad": [b for it in items for b in it["bad"]],
+    }
+    if "cached" in items[0]:
+        out["cached"] = [it["cached"] for it in items]
+        return out
+    out["source"] = torch.stack([it["source"] for it in items])
+    out["target"] = torch.stack([it["target"] for it in items])
+    out["qwen_image"] = [it["qwen_image"] for it in items]
+    weights = [it["region_weight"] for it in items]
+    if any(w is not None for w in weights):
+        h, w = out["target"].shape[2] // 8, out["target"].shape[3] // 8
+        out["region_weight"] = torch.stack([wt if wt is not None else torch.ones(1, h, w) for wt in weights])
+    else:
+        out["region_weight"] = None
+    return out
+
+
+class BucketBatches:
+    """Deterministic batches of one bucket each, per epoch, split across processes.
+
+    The order depends only on (seed, epoch), so a resumed run replays it exactly: it skips the
+    batches already done without loading them.
+    """
+
+    def __init__(self, buckets: Sequence[tuple[int, int]], batch_size: int, *, seed: int, shuffle: bool = True,
+                 num_replicas: int = 1, rank: int = 0):
+        self.buckets = list(buckets)
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.num_replicas, self.rank = num_replicas, rank
+        self.groups: dict[tuple[int, int], list[int]] = {}
+        for i, b in enumerate(self.buckets):
+            self.groups.setdefault(b, []).append(i)
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        """This process's batches of ``epoch``."""
+        rng = random.Random(f"{self.seed}:{epoch}")
+        batches = []
+        for bucket in sorted(self.groups):
+            idx = list(self.groups[bucket])
+            if self.shuffle:
+                rng.shuffle(idx)
+            batches.extend(idx[i:i + self.batch_size] for i in range(0, len(idx), self.batch_size))
+        if self.shuffle:
+            rng.shuffle(batches)
+        usable = len(batches) - len(batches) % self.num_replicas  # every process gets as many
+        return batches[:usable][self.rank::self.num_replicas]
+
+    def __len__(self) -> int:
+        n = sum(math.ceil(len(v) / self.batch_size) for v in self.groups.values())
+        return n // self.num_replicas

@@ -1,0 +1,254 @@
+"""Exported weights, in the formats the engine's loaders and the ComfyUI nodes read.
+
+- ``connector.safetensors``: keys ``denoise_projector.{0,2}.{weight,bias}`` (+ ``type_embedding``,
+  ``queries``), read by :func:`gie_core.loading.load_connector`;
+- ``transformer.safetensors``: the whole Kontext transformer, diffusers key names (trained
+  weights merged in), read by :func:`gie_core.single_file.load_bfl_transformer` (it takes the
+  diffusers layout too) and by ComfyUI's diffusion-model loader;
+- ``transformer_lora.safetensors``: a diffusers/peft LoRA (``transformer.``-prefixed keys with
+  the adapter config in the metadata, as ``FluxKontextPipeline.save_lora_weights`` writes),
+  read by :func:`gie_core.lora.load_lora` (the engine and the GIE LoRA node), diffusers'
+  ``load_lora_weights`` and ComfyUI's own LoRA loader;
+- optionally ``gpt-image-edit/``: a full checkpoint directory in the released layout
+  (``denoise_tower.denoise_projector.*``, ``denoise_tower.denoiser.*``, Qwen in the pre-4.52
+  names), read by :func:`gie_core.loading.load_gie_checkpoint` and ``gie-edit --model``.
+
+Every file is written through a temporary file and an atomic rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ..loading import GIE_DENOISER_PREFIX, GIE_PROJECTOR_PREFIX, gie_config, parse_dtype
+from ..weights import CheckpointReader, save_safetensors_atomic
+
+CONNECTOR_FILE = "connector.safetensors"
+TRANSFORMER_FILE = "transformer.safetensors"
+LORA_FILE = "transformer_lora.safetensors"
+RELEASED_DIR = "gpt-image-edit"
+INFO_FILE = "export_info.json"
+
+# Processor / tokenizer files copied into a released-layout directory.
+_PROCESSOR_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "preprocessor_config.json", "chat_template.json", "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()) for k, v in state.items()}
+
+
+def export_connector(connector, path: str | os.PathLike, *, dtype="bf16", mode: str | None = None, step: int | None = None) -> Path:
+    """Write the connector (``denoise_projector.*`` keys, + ``type_embedding`` / ``queries``)."""
+    meta = {"format": "pt", "gie_component": "connector"}
+    if mode:
+        meta["gie_fusion_mode"] = mode
+    if step is not None:
+        meta["gie_train_step"] = str(step)
+    return save_safetensors_atomic(_cast(connector.state_dict(), parse_dtype(dtype)), path, metadata=meta)
+
+
+@contextlib.contextmanager
+def merged_lora(transformer) -> Iterator[None]:
+    """Temporarily merge any peft LoRA layers into their base weights."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
+    for m in layers:
+        m.merge()
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.unmerge()
+
+
+def transformer_state_dict(transformer) -> dict[str, torch.Tensor]:
+    """The diffusers-named state dict of ``transformer`` (LoRA merged when attached; call inside
+    :func:`merged_lora` for that)."""
+    state = {}
+    for k, v in transformer.state_dict().items():
+        if "lora_" in k:
+            continue
+        state[k.replace(".base_layer.", ".")] = v
+    return state
+
+
+def export_transformer(transformer, path: str | os.PathLike, *, dtype="bf16", step: int | None = None) -> Path:
+    """Write the whole transformer, diffusers key names, any LoRA merged in."""
+    meta = {"format": "pt", "gie_component": "kontext_transformer", "config": json.dumps(dict(_transformer_config(transformer)))}
+    if step is not None:
+        meta["gie_train_step"] = str(step)
+    with merged_lora(transformer):
+        state = _cast(transformer_state_dict(transformer), parse_dtype(dtype))
+    return save_safetensors_atomic(state, path, metadata=meta)
+
+
+def _transformer_config(transformer) -> dict:
+    return {k: v for k, v in json.loads(transformer.to_json_string()).items() if not k.startswith("_")} | {
+        "_class_name": type(transformer).__name__
+    }
+
+
+def export_lora(transformer, path: str | os.PathLike, *, dtype="bf16", adapter_name: str = "default") -> Path:
+    """Write the LoRA as diffusers' ``save_lora_weights`` does (``transformer.`` keys, adapter metadata)."""
+    import inspect
+
+    from diffusers import FluxKontextPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    path = Path(path)
+    layers = _cast(get_peft_model_state_dict(transformer, adapter_name=adapter_name), parse_dtype(dtype))
+    kwargs = {}
+    if "transformer_lora_adapter_metadata" in inspect.signature(FluxKontextPipeline.save_lora_weights).parameters:
+        kwargs["transformer_lora_adapter_metadata"] = transformer.peft_config[adapter_name].to_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        FluxKontextPipeline.save_lora_weights(tmp, transformer_lora_layers=layers, weight_name=path.name, **kwargs)
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load_transformer_file(path: str | os.PathLike, *, dtype="bf16", device="cpu"):
+    """A transformer written by :func:`export_transformer` (the engine's single-file loader reads it)."""
+    from ..single_file import load_bfl_transformer
+
+    return load_bfl_transformer(path, dtype=parse_dtype(dtype), device=device)
+
+
+# ------------------------------------------------------------------------------------------
+# Released-layout directory
+# ------------------------------------------------------------------------------------------
+
+
+class _ShardWriter:
+    """Greedy shards ``model-0000i-of-0000N.safetensors`` plus the index, written as tensors arrive."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int):
+        self.dir, self.max = directory, max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.shards: list[list[str]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.size + nbytes > self.max:
+            self._flush()
+        self.pending[name] = tensor.detach().cpu().contiguous()
+        self.size += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        i = len(self.shards)
+        save_safetensors_atomic(self.pending, self.dir / f"shard-{i:05d}.partial", metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.size = {}, 0
+
+    def close(self) -> None:
+        if self.pending:
+            self._flush()
+        n = len(self.shards)
+        weight_map = {}
+        for i, keys in enumerate(self.shards):
+            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.dir / f"shard-{i:05d}.partial", self.dir / name)
+            weight_map.update({k: name for k in keys})
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+def released_qwen_name(key: str) -> str:
+    """A current transformers Qwen2.5-VL key in the pre-4.52 naming of the release."""
+    from ..tiny import _to_released_name  # the one mapping the tiny released-layout builder uses
+
+    return _to_released_name(key)
+
+
+def export_released_dir(
+    out_dir: str | os.PathLike,
+    *,
+    connector,
+    transformer,
+    gie_dir: str | os.PathLike | None = None,
+    qwen_model=None,
+    processor_dir: str | os.PathLike | None = None,
+    dtype="bf16",
+    max_shard_bytes: int = 5 * 10**9,
+) -> Path:
+    """A checkpoint directory in the released GPT-Image-Edit layout.
+
+    The Qwen2.5-VL part is streamed from ``gie_dir`` (names kept) or taken from ``qwen_model``
+    (renamed to the release's pre-4.52 names); the processor files come from ``processor_dir``
+    (default ``gie_dir``). The directory is built beside ``out_dir`` and renamed into place.
+    """
+    out = Path(out_dir)
+    dt = parse_dtype(dtype)
+    if gie_dir is None and qwen_model is None:
+        raise ValueError("a released-layout export needs the Qwen2.5-VL weights: a GPT-Image-Edit directory or a loaded model")
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        writer = _ShardWriter(tmp, max_shard_bytes)
+        if gie_dir is not None:
+            base = gie_config(gie_dir)
+            with CheckpointReader.open(gie_dir) as reader:
+                for key in reader.keys():
+                    if not key.startswith("denoise_tower."):
+                        t = reader.read(key)
+                        writer.add(key, t.to(dt) if t.is_floating_point() else t)
+        else:
+            cfg = qwen_model.config.to_dict()
+            base = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "_name_or_path")}
+            for key, t in qwen_model.state_dict().items():
+                writer.add(released_qwen_name(key), t.to(dt) if t.is_floating_point() else t)
+        for key, t in connector.state_dict().items():
+            name = key[len("denoise_projector."):] if key.startswith("denoise_projector.") else key
+            writer.add(GIE_PROJECTOR_PREFIX + name, t.to(dt))
+        with merged_lora(transformer):
+            for key, t in transformer_state_dict(transformer).items():
+                writer.add(GIE_DENOISER_PREFIX + key, t.to(dt) if t.is_floating_point() else t)
+        writer.close()
+        config = {
+            **base,
+            "architectures": ["UnivaQwen2p5VLForConditionalGeneration"],
+            "model_type": "univa_qwen2p5vl",
+            "torch_dtype": {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dt, "float32"),
+            "denoise_tower": {
+                **(base.get("denoise_tower") or {}),
+                "denoiser_type": "flux",
+                "denoise_projector_type": "mlp2x_gelu",
+                "input_hidden_size": connector.input_hidden_size,
+                "output_hidden_size": connector.output_hidden_size,
+                "denoiser_config": _transformer_config(transformer),
+            },
+        }
+        (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        src = Path(processor_dir or gie_dir) if (processor_dir or gie_dir) else None
+        if src is not None:
+            for name in _PROCESSOR_FILES:
+                if (src / name).is_file():
+                    shutil.copy2(src / name, tmp / name)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

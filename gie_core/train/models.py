@@ -1,0 +1,208 @@
+"""The parts a training run needs, loaded with the engine's loaders, and the trained module.
+
+Sources (local paths only):
+- a FLUX.1-Kontext-dev diffusers directory: VAE, CLIP-L, T5-XXL, scheduler, stock transformer;
+- a GPT-Image-Edit checkpoint directory (released layout): Qwen2.5-VL, connector, fine-tuned transformer;
+- a stock Qwen2.5-VL directory, when there is no GPT-Image-Edit directory;
+- a transformer single file and/or a connector file to start from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..connector import Connector, QwenFeatures, TextFeatures, fuse
+from ..encoders import QwenVLEncoder, TextEncoders
+from ..loading import load_connector, load_gie_checkpoint, load_kontext_dir, load_qwen_processing
+from .config import TrainConfig
+from .loss import flow_matching_loss
+
+logger = logging.getLogger("gie_core.train")
+
+# Modes whose conditioning carries T5 tokens and the CLIP pooled vector of the instruction.
+T5_MODES = ("vlm+t5", "vlm+t5+type")
+
+
+def load_qwen_dir(path: str | Path, *, dtype: torch.dtype, device="cpu") -> QwenVLEncoder:
+    """A stock Qwen2.5-VL transformers directory (e.g. Qwen2.5-VL-7B-Instruct) as the engine's encoder."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"model.qwen {p} is not a transformers model directory (no config.json)")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(p, local_files_only=True, dtype=dtype, attn_implementation="sdpa")
+    return QwenVLEncoder(model.to(device).eval().requires_grad_(False), *load_qwen_processing(p))
+
+
+def qwen_hidden_size(cfg: TrainConfig) -> int | None:
+    """The Qwen text hidden width from the configured directory's config.json, without loading weights."""
+    for path in (cfg.model.gie, cfg.model.qwen):
+        if path and (Path(path) / "config.json").is_file():
+            data = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+            text = data.get("text_config") or {}
+            return int(text.get("hidden_size") or data["hidden_size"])
+    return None
+
+
+def encode_qwen_with_grad(encoder: QwenVLEncoder, images, instruction: str, queries: torch.Tensor) -> QwenFeatures:
+    """``QwenVLEncoder.encode`` with gradients flowing to the MetaQuery ``queries`` (the encoder
+    itself stays frozen). The engine's ``encode`` runs under no_grad; its undecorated body is reused."""
+    with torch.enable_grad():
+        return QwenVLEncoder.encode.__wrapped__(encoder, images, instruction, queries=queries)
+
+
+@dataclass
+class TrainingComponents:
+    """Everything a run loaded. Encoders are None when the feature cache replaces them."""
+
+    transformer: nn.Module
+    connector: Connector
+    scheduler: object
+    vae: nn.Module | None = None
+    qwen: QwenVLEncoder | None = None
+    text: TextEncoders | None = None
+    sources: dict = field(default_factory=dict)
+
+
+def _transformer_source(cfg: TrainConfig) -> str:
+    src = cfg.model.init_transformer
+    if src == "auto":
+        return "gie" if cfg.model.gie else "kontext"
+    return src
+
+
+def _connector_source(cfg: TrainConfig) -> str:
+    src = cfg.model.init_connector
+    if src == "auto":
+        return "gie" if cfg.model.gie else "fresh"
+    return src
+
+
+def _fit_connector_to_mode(conn: Connector, cfg: TrainConfig, where: str) -> Connector:
+    """Add the parameters ``mode`` needs (type embedding, queries) to a loaded connector, keeping its projector."""
+    mode = cfg.model.mode
+    if mode in conn.modes:
+        return conn
+    fresh = Connector.for_mode(mode, conn.input_hidden_size, conn.output_hidden_size, cfg.model.num_queries)
+    missing = fresh.load_state_dict(conn.state_dict(), strict=False).missing_keys
+    logger.info("connector from %s has no %s; starting them fresh for mode '%s'", where, ", ".join(missing), mode)
+    return fresh
+
+
+def load_components(
+    cfg: TrainConfig,
+    *,
+    weight_dtype: torch.dtype,
+    need_qwen: bool,
+    need_clip: bool,
+    need_t5: bool,
+    need_vae: bool,
+    qwen_hidden: int | None = None,
+) -> TrainingComponents:
+    """Load what the run needs onto the CPU (the trainer moves it). Frozen parts are stored in
+    ``weight_dtype``; the VAE stays fp32 (as the reference's ``vae_fp32``); the connector is fp32."""
+    from ..single_file import load_bfl_transformer
+
+    sources = {}
+    t_src = _transformer_source(cfg)
+    c_src = _connector_source(cfg)
+    gie_parts = []
+    if t_src == "gie":
+        gie_parts.append("transformer")
+    if need_qwen and cfg.model.gie:
+        gie_parts.append("encoder")
+    transformer = connector = qwen = None
+    if gie_parts:
+        if not cfg.model.gie:  # pragma: no cover - config.check rejects this first
+            raise ValueError("model.gie (a GPT-Image-Edit checkpoint directory) is needed for " + ", ".join(gie_parts))
+        ck = load_gie_checkpoint(cfg.model.gie, dtype=weight_dtype, parts=tuple(gie_parts))
+        transformer, qwen = ck.transformer, ck.encoder
+        for part in gie_parts:
+            sources[part] = str(cfg.model.gie)
+    if need_qwen and qwen is None:
+        if not cfg.model.qwen:
+            raise ValueError("the Qwen2.5-VL encoder is needed: set model.gie or model.qwen")
+        qwen = load_qwen_dir(cfg.model.qwen, dtype=weight_dtype)
+        sources["encoder"] = str(cfg.model.qwen)
+
+    k_parts = ["scheduler"]
+    if t_src == "kontext":
+        k_parts.append("transformer")
+    if need_clip:
+        k_parts.append("clip")
+    if need_t5:
+        k_parts.append("t5")
+    comps = load_kontext_dir(cfg.model.kontext, dtype=weight_dtype, parts=tuple(k_parts))
+    if t_src == "kontext":
+        transformer = comps.transformer
+        sources["transformer"] = str(cfg.model.kontext)
+    elif t_src not in ("gie",):
+        transformer = load_bfl_transformer(t_src, dtype=weight_dtype)
+        sources["transformer"] = t_src
+    vae = None
+    if need_vae:
+        vae = load_kontext_dir(cfg.model.kontext, dtype=torch.float32, parts=("vae",)).vae
+    transformer.requires_grad_(False)
+
+    joint_dim = transformer.config.joint_attention_dim
+    hidden = qwen.hidden_size if qwen is not None else (qwen_hidden or qwen_hidden_size(cfg))
+    if c_src == "fresh":
+        if hidden is None:
+            raise ValueError("cannot size a fresh connector: no Qwen encoder, cache info or model.gie/model.qwen config")
+        torch.manual_seed(cfg.train.seed)  # a fresh connector is the same on every process and every run
+        connector = Connector.for_mode(cfg.model.mode, hidden, joint_dim, cfg.model.num_queries)
+        sources["connector"] = "fresh"
+    else:
+        where = cfg.model.gie if c_src == "gie" else c_src
+        if not where:
+            raise ValueError("model.init_connector is 'gie' but model.gie is not set")
+        connector = load_connector(where, dtype="fp32")  # trained weights stay fp32
+        sources["connector"] = str(where)
+    connector = _fit_connector_to_mode(connector, cfg, sources["connector"]).float()
+    if connector.output_hidden_size != joint_dim:
+        raise ValueError(
+            f"the connector outputs {connector.output_hidden_size}-wide tokens but the transformer's "
+            f"joint_attention_dim is {joint_dim}"
+        )
+    if hidden is not None and connector.input_hidden_size != hidden:
+        raise ValueError(f"the connector takes {connector.input_hidden_size}-wide Qwen features but the encoder gives {hidden}")
+    return TrainingComponents(
+        transformer=transformer, connector=connector, scheduler=comps.scheduler, vae=vae, qwen=qwen,
+        text=comps.text, sources=sources,
+    )
+
+
+class EditModel(nn.Module):
+    """Connector + Kontext transformer: the one module handed to accelerate (DDP / DeepSpeed / FSDP)."""
+
+    def __init__(self, connector: Connector, transformer: nn.Module, mode: str, guidance: float = 1.0):
+        super().__init__()
+        self.connector = connector
+        self.transformer = transformer
+        self.mode = mode
+        self.guidance = guidance
+
+    def conditioning(self, vlm_hidden, num_queries, t5, pooled, pooled_empty):
+        """Fuse like the engine (``gie_core.connector.fuse``)."""
+        vlm = QwenFeatures(vlm_hidden, num_queries=num_queries)
+        text = TextFeatures(t5=t5, pooled=pooled if pooled is not None else pooled_empty, pooled_empty=pooled_empty)
+        return fuse(self.mode, self.connector, vlm, text)
+
+    def forward(self, *, x0, noise, sigmas, vlm_hidden, vlm_mask=None, num_queries=0, t5=None, pooled=None,
+                pooled_empty=None, reference=None, region_weight=None) -> dict:
+        cond = self.conditioning(vlm_hidden, num_queries, t5, pooled, pooled_empty)
+        context_mask = None
+        if vlm_mask is not None and not bool(vlm_mask.all()) and self.mode != "metaquery":
+            extra = cond.context.shape[1] - vlm_mask.shape[1]  # T5 tokens are never padded
+            context_mask = torch.cat([vlm_mask, vlm_mask.new_ones(vlm_mask.shape[0], extra)], 1) if extra else vlm_mask
+        out = flow_matching_loss(
+            self.transformer, x0, noise, sigmas, cond.context, cond.pooled, reference,
+            guidance=self.guidance, region_weight=region_weight, context_mask=context_mask,
+        )
+        return {"loss": out.loss, "prediction": out.prediction, "target": out.target}
