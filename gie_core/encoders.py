@@ -127,10 +127,16 @@ class QwenVLEncoder:
         enc["mm_token_type_ids"] = (ids == self.image_token_id).to(torch.int32)
         return enc
 
-    @torch.no_grad()
-    def encode(self, images: ImageLike, instruction: str, queries: torch.Tensor | None = None) -> QwenFeatures:
+    def encode(
+        self, images: ImageLike, instruction: str, queries: torch.Tensor | None = None, *, grad: bool = False
+    ) -> QwenFeatures:
         """Last hidden states [B, L, H] of (image, instruction); with ``queries`` [N, H] (MetaQuery)
-        N learned tokens are appended to the input and their outputs come last."""
+        N learned tokens are appended to the input and their outputs come last. ``grad`` lets
+        gradients flow (to trainable queries; the encoder's own weights stay frozen)."""
+        with torch.set_grad_enabled(grad):
+            return self._encode(images, instruction, queries)
+
+    def _encode(self, images, instruction, queries) -> QwenFeatures:
         enc = self.inputs(images, instruction)
         base = self._base_model()
         device = _module_device(base)

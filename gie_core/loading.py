@@ -124,6 +124,18 @@ def map_qwen_key(key: str, model_keys: set[str]) -> str | None:
     return None
 
 
+def released_qwen_key(key: str) -> str:
+    """The inverse of :func:`map_qwen_key`: a current transformers Qwen2.5-VL key in the
+    pre-4.52 naming of the released checkpoint (``visual.*``, ``model.*``, ``lm_head.*``)."""
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model."):]
+    if key.startswith("model.visual."):
+        return key[len("model."):]
+    if key == "lm_head.weight" or key.startswith(("model.", "visual.")):  # already the old naming
+        return key
+    raise ValueError(f"'{key}' is not a Qwen2.5-VL parameter name")
+
+
 def load_qwen_from_gie(path: Path, cfg: dict, reader: CheckpointReader, dtype: torch.dtype, device):
     """The Qwen2.5-VL part of the checkpoint as ``Qwen2_5_VLForConditionalGeneration``."""
     from transformers import Qwen2_5_VLForConditionalGeneration

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..loading import GIE_DENOISER_PREFIX, GIE_PROJECTOR_PREFIX, gie_config, parse_dtype
+from ..loading import GIE_DENOISER_PREFIX, GIE_PROJECTOR_PREFIX, gie_config, parse_dtype, released_qwen_key
 from ..weights import CheckpointReader, save_safetensors_atomic
 
 CONNECTOR_FILE = "connector.safetensors"
@@ -172,13 +172,6 @@ class _ShardWriter:
         (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
 
 
-def released_qwen_name(key: str) -> str:
-    """A current transformers Qwen2.5-VL key in the pre-4.52 naming of the release."""
-    from ..tiny import _to_released_name  # the one mapping the tiny released-layout builder uses
-
-    return _to_released_name(key)
-
-
 def export_released_dir(
     out_dir: str | os.PathLike,
     *,
@@ -217,7 +210,7 @@ def export_released_dir(
             cfg = qwen_model.config.to_dict()
             base = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "_name_or_path")}
             for key, t in qwen_model.state_dict().items():
-                writer.add(released_qwen_name(key), t.to(dt) if t.is_floating_point() else t)
+                writer.add(released_qwen_key(key), t.to(dt) if t.is_floating_point() else t)
         for key, t in connector.state_dict().items():
             name = key[len("denoise_projector."):] if key.startswith("denoise_projector.") else key
             writer.add(GIE_PROJECTOR_PREFIX + name, t.to(dt))

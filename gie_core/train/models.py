@@ -52,9 +52,8 @@ def qwen_hidden_size(cfg: TrainConfig) -> int | None:
 
 def encode_qwen_with_grad(encoder: QwenVLEncoder, images, instruction: str, queries: torch.Tensor) -> QwenFeatures:
     """``QwenVLEncoder.encode`` with gradients flowing to the MetaQuery ``queries`` (the encoder
-    itself stays frozen). The engine's ``encode`` runs under no_grad; its undecorated body is reused."""
-    with torch.enable_grad():
-        return QwenVLEncoder.encode.__wrapped__(encoder, images, instruction, queries=queries)
+    itself stays frozen)."""
+    return encoder.encode(images, instruction, queries=queries, grad=True)
 
 
 @dataclass
