@@ -59,7 +59,9 @@ class EditPipeline:
         connector: Connector | None = None,
         device: str | torch.device | None = None,
         offload: str = "none",
+        loras: tuple[tuple[str, float], ...] = (),
     ):
+        self.loras = tuple(loras)  # (adapter name, strength), activated for each sampling run
         self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
         self.text, self.qwen, self.connector = text, qwen, connector
         self.placement = Placement(device if device is not None else default_device(), offload)
@@ -91,6 +93,8 @@ class EditPipeline:
         t5_file: str | os.PathLike | None = None,
         clip_file: str | os.PathLike | None = None,
         tokenizer_dir: str | os.PathLike | None = None,
+        connector_file: str | os.PathLike | None = None,
+        lora_files: tuple[tuple[str | os.PathLike, float], ...] = (),
         mode: str = DEFAULT_FUSION_MODE,
         dtype: str | torch.dtype = "bf16",
         device: str | torch.device | None = None,
@@ -102,7 +106,9 @@ class EditPipeline:
         The transformer is the GPT-Image-Edit fine-tune when ``gie_dir`` is given (else the
         single file, else the Kontext directory's stock one). ``tokenizer_dir`` is a folder with
         ``tokenizer/`` (CLIP) and ``tokenizer_2/`` (T5) for single-file text encoders (a
-        FLUX.1 diffusers directory has them).
+        FLUX.1 diffusers directory has them). ``connector_file`` replaces the checkpoint's
+        connector (e.g. one trained by ``gie-train``); ``lora_files`` are ``(path, strength)``
+        LoRAs applied to the transformer for every edit.
         """
         from . import single_file as sf
         from .connector import check_mode
@@ -119,8 +125,14 @@ class EditPipeline:
             parts = ["transformer"] if transformer_file is None else []
             if needs_vlm:
                 parts += ["encoder", "connector"]
+            if connector_file is not None and "connector" in parts:
+                parts.remove("connector")
             ck = load_gie_checkpoint(gie_dir, dtype=dtype, device=load_dev, parts=tuple(parts))
             qwen, connector, transformer = ck.encoder, ck.connector, ck.transformer
+        if connector_file is not None:
+            from .loading import load_connector
+
+            connector = load_connector(connector_file, dtype=dtype, device=load_dev)
         if transformer_file is not None:
             transformer = sf.load_bfl_transformer(transformer_file, dtype=dtype, device=load_dev)
 
@@ -150,9 +162,14 @@ class EditPipeline:
         text = comps.text if comps is not None else None
         if clip_file is not None or (needs_t5 and t5_file is not None):
             text = _single_file_text(text, clip_file, t5_file if needs_t5 else None, tokenizer_dir, kontext_dir, dtype)
+        loras = ()
+        if lora_files:
+            from .lora import load_lora
+
+            loras = tuple((load_lora(transformer, path), float(strength)) for path, strength in lora_files)
         return cls(
             transformer=transformer, vae=vae, scheduler=scheduler, text=text, qwen=qwen, connector=connector,
-            device=device, offload=offload,
+            device=device, offload=offload, loras=loras,
         )
 
     # ------------------------------------------------------------------
@@ -220,7 +237,9 @@ class EditPipeline:
         if true_cfg > 1.0:
             negative = self.conditioning(images, negative_instruction or " ", mode)
         reference = prepare_reference(images, reference_resize)
-        with self.on_device(self.transformer, self.vae):
+        from .lora import activated
+
+        with self.on_device(self.transformer, self.vae), activated(self.transformer, self.loras):
             out = sample(
                 KontextModels(self.transformer, self.vae, self.scheduler),
                 positive,

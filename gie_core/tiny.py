@@ -848,6 +848,24 @@ def build_tiny_model_set(root: Path) -> TinyModelSet:
     return _layout(root)
 
 
+def build_tiny_lora(kontext_dir: Path, out_dir: Path, name: str = "tiny_lora.safetensors") -> Path:
+    """A rank-4 LoRA on the tiny Kontext transformer's attention, made with peft and saved as
+    diffusers' ``FluxKontextPipeline.save_lora_weights`` writes it (non-zero, so it changes outputs)."""
+    import torch
+    from diffusers import FluxKontextPipeline, FluxTransformer2DModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    t = FluxTransformer2DModel.from_pretrained(Path(kontext_dir) / "transformer", local_files_only=True)
+    t.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for pname, p in t.named_parameters():
+            if "lora_B" in pname:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    FluxKontextPipeline.save_lora_weights(out_dir, transformer_lora_layers=get_peft_model_state_dict(t), weight_name=name)
+    return Path(out_dir) / name
+
+
 def default_tiny_root() -> Path:
     """Where the demo mode caches the tiny set.
 
@@ -868,6 +886,7 @@ __all__ = [
     "TinyTokenizerPaths",
     "build_gie_checkpoint",
     "build_kontext_dir",
+    "build_tiny_lora",
     "build_tiny_model_set",
     "build_tokenizers",
     "default_tiny_root",

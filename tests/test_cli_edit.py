@@ -138,3 +138,26 @@ def test_fp8_single_file_transformer_loads_through_the_cli(tmp_path, photo, kont
     out = tmp_path / "fp8.png"
     assert main([str(photo), "add a hat", "-o", str(out), "--mode", "t5", "--transformer", str(path), "--kontext", str(kontext_dir), *COMMON]) == 0
     assert Image.open(out).size == (64, 48)
+
+
+def test_connector_file_and_lora_change_the_edit(tmp_path, photo, gie_dir, kontext_dir):
+    """Artifacts from gie-train (a connector file, a LoRA) plug into gie-edit."""
+    from gie_core.connector import Connector
+    from gie_core.loading import load_gie_checkpoint
+    from gie_core.tiny import build_tiny_lora
+    from gie_core.weights import save_safetensors_atomic
+
+    stock = load_gie_checkpoint(gie_dir, dtype="fp32", parts=("connector",)).connector
+    other = Connector(stock.input_hidden_size, stock.output_hidden_size)
+    save_safetensors_atomic(other.state_dict(), tmp_path / "connector.safetensors")
+    lora = build_tiny_lora(kontext_dir, tmp_path)
+    base = [str(photo), "add a red hat", "--model", str(gie_dir), "--kontext", str(kontext_dir), *COMMON]
+    outs = {}
+    for name, extra in (("base", []), ("connector", ["--connector", str(tmp_path / "connector.safetensors")]),
+                        ("lora", ["--lora", f"{lora}:0.8"]), ("lora0", ["--lora", f"{lora}:0"])):
+        outs[name] = tmp_path / f"{name}.png"
+        assert main([*base[:2], "-o", str(outs[name]), *base[2:], *extra]) == 0, name
+    pix = {k: np.asarray(Image.open(v)) for k, v in outs.items()}
+    assert not np.array_equal(pix["base"], pix["connector"])
+    assert not np.array_equal(pix["base"], pix["lora"])
+    assert np.array_equal(pix["base"], pix["lora0"])  # strength 0 is the base model

@@ -41,20 +41,9 @@ _real_torch_device = comfy.torch_device  # module fixtures pin the device to the
 
 
 def _tiny_lora(kontext_dir: Path, out_dir: Path) -> Path:
-    """A rank-4 LoRA on the tiny transformer's attention, made with peft and saved as diffusers does."""
-    from diffusers import FluxKontextPipeline, FluxTransformer2DModel
-    from peft import LoraConfig, get_peft_model_state_dict
+    from gie_core.tiny import build_tiny_lora
 
-    t = FluxTransformer2DModel.from_pretrained(kontext_dir / "transformer")
-    t.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in t.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    FluxKontextPipeline.save_lora_weights(out_dir, transformer_lora_layers=get_peft_model_state_dict(t),
-                                          weight_name="tiny_lora.safetensors")
-    return out_dir / "tiny_lora.safetensors"
+    return build_tiny_lora(kontext_dir, out_dir)
 
 
 def _single_files(kontext_dir: Path, root: Path) -> None:

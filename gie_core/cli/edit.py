@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--vae", help="single-file FLUX VAE (ae.safetensors)")
     w.add_argument("--t5", help="single-file T5-XXL encoder (t5xxl_fp16.safetensors or an fp8 one)")
     w.add_argument("--clip", help="single-file CLIP-L text encoder (clip_l.safetensors)")
+    w.add_argument("--connector", help="connector safetensors (e.g. trained with gie-train) replacing the checkpoint's")
+    w.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="a FLUX/Kontext LoRA safetensors applied to the transformer, strength 1 unless given; repeatable")
     w.add_argument("--tokenizers", help="folder with tokenizer/ (CLIP) and tokenizer_2/ (T5), for single-file text encoders")
     s = p.add_argument_group("editing")
     s.add_argument("--mode", choices=FUSION_MODES, help="conditioning: vlm+t5 (released model, default with --model), vlm, t5 (stock Kontext, default without --model), or the training modes")
@@ -91,6 +94,17 @@ def parse_size(text: str) -> tuple[int, int] | None:
         raise ValueError(f"--size '{text}' must be WIDTHxHEIGHT (e.g. 1024x768) or 'auto'") from None
     check_output_size(w, h)
     return w, h
+
+
+def parse_lora(text: str) -> tuple[str, float]:
+    """'file.safetensors' or 'file.safetensors:0.8' -> (path, strength)."""
+    path, sep, strength = text.rpartition(":")
+    if sep and path.endswith(".safetensors"):
+        try:
+            return path, float(strength)
+        except ValueError:
+            raise ValueError(f"--lora '{text}': strength '{strength}' is not a number") from None
+    return text, 1.0
 
 
 def output_paths(output: str, batch: int) -> list[Path]:
@@ -217,7 +231,8 @@ def run(args) -> int:
 
     pipe = EditPipeline.from_paths(
         gie_dir=gie_dir, kontext_dir=kontext_dir, transformer_file=args.transformer, vae_file=args.vae,
-        t5_file=args.t5, clip_file=args.clip, tokenizer_dir=args.tokenizers, mode=mode, dtype=dtype,
+        t5_file=args.t5, clip_file=args.clip, tokenizer_dir=args.tokenizers, connector_file=args.connector,
+        lora_files=tuple(parse_lora(v) for v in args.lora), mode=mode, dtype=dtype,
         device=device, offload=args.offload,
     )
     if args.rewrite:
