@@ -124,7 +124,10 @@ class QwenVLEncoder:
         expected = int(enc["image_grid_thw"][0].prod()) // self.merge_size**2
         if n_img != expected:
             raise RuntimeError(f"Qwen input has {n_img} image tokens but the image needs {expected}")
-        enc["mm_token_type_ids"] = (ids == self.image_token_id).to(torch.int32)
+        if self._passes_token_types:  # transformers 5 needs it for mRoPE positions; 4.x finds image tokens by id
+            enc["mm_token_type_ids"] = (ids == self.image_token_id).to(torch.int32)
+        else:
+            enc.pop("mm_token_type_ids", None)
         return enc
 
     def encode(
@@ -150,12 +153,11 @@ class QwenVLEncoder:
             extra = torch.full((b, n_q), pad_id, dtype=kwargs["input_ids"].dtype, device=device)
             kwargs["input_ids"] = torch.cat([kwargs["input_ids"], extra], dim=1)
             kwargs["attention_mask"] = torch.cat([kwargs["attention_mask"], torch.ones_like(extra)], dim=1)
-            kwargs["mm_token_type_ids"] = torch.cat([kwargs["mm_token_type_ids"], torch.zeros_like(extra, dtype=torch.int32)], dim=1)
+            if "mm_token_type_ids" in kwargs:
+                kwargs["mm_token_type_ids"] = torch.cat([kwargs["mm_token_type_ids"], torch.zeros_like(extra, dtype=torch.int32)], dim=1)
             embeds = base.get_input_embeddings()(kwargs["input_ids"])
             embeds[:, -n_q:] = queries.to(device=device, dtype=embeds.dtype)
             kwargs["inputs_embeds"] = embeds
-        if not self._passes_token_types:
-            kwargs.pop("mm_token_type_ids", None)
         if hasattr(base, "rope_deltas"):
             base.rope_deltas = None  # stale deltas from a previous generate() would shift positions
         out = base(**kwargs, use_cache=False, return_dict=True)

@@ -57,7 +57,8 @@ def load_lora(transformer: torch.nn.Module, path: str | os.PathLike) -> str:
     from diffusers import FluxKontextPipeline
 
     try:
-        state = FluxKontextPipeline.lora_state_dict(str(p))  # converts kohya / BFL / XLabs layouts
+        # converts kohya / BFL / XLabs layouts; folder + weight_name, as older diffusers need offline
+        state = FluxKontextPipeline.lora_state_dict(str(p.parent), weight_name=p.name, local_files_only=True)
     except Exception as exc:  # diffusers raises many kinds on foreign files
         raise LoraError(f"{p} is not a FLUX LoRA file diffusers can read: {exc}") from None
     if isinstance(state, tuple):

@@ -239,7 +239,9 @@ class EditPipeline:
         reference = prepare_reference(images, reference_resize)
         from .lora import activated
 
-        with self.on_device(self.transformer, self.vae), activated(self.transformer, self.loras):
+        # only take charge of the adapters when this pipeline was given LoRAs
+        loras = activated(self.transformer, self.loras) if self.loras else contextlib.nullcontext()
+        with self.on_device(self.transformer, self.vae), loras:
             out = sample(
                 KontextModels(self.transformer, self.vae, self.scheduler),
                 positive,

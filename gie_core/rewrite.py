@@ -11,7 +11,6 @@ answer has no usable Edit field, the original instruction is kept and the result
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -328,8 +327,6 @@ def generate_rewrite(
     device = next(model.parameters()).device
     kwargs = {k: v.to(device) for k, v in enc.items() if torch.is_tensor(v)}
     kwargs["pixel_values"] = kwargs["pixel_values"].to(next(model.parameters()).dtype)
-    if "mm_token_type_ids" not in inspect.signature(model.forward).parameters:
-        kwargs.pop("mm_token_type_ids", None)  # older transformers find image tokens by id
     stop = _stop_token_ids(tokenizer)
     sample = temperature > 0
     config = GenerationConfig(

@@ -206,8 +206,9 @@ def test_generation_positions_match_a_full_recompute(encoder, image):
     ids = enc["input_ids"]
     with torch.no_grad():
         for _ in range(6):
-            step = dict(enc, input_ids=ids, attention_mask=torch.ones_like(ids),
-                        mm_token_type_ids=(ids == encoder.image_token_id).to(torch.int32))
+            step = dict(enc, input_ids=ids, attention_mask=torch.ones_like(ids))
+            if "mm_token_type_ids" in enc:  # transformers 5 takes the token types for positions
+                step["mm_token_type_ids"] = (ids == encoder.image_token_id).to(torch.int32)
             _reset_rope_deltas(encoder.model)
             nxt = encoder.model(**step, use_cache=False).logits[0, -1].argmax()
             ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
