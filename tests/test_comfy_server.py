@@ -1,0 +1,733 @@
+"""The pack inside the real ComfyUI server, over HTTP and in a real browser.
+
+Needs a ComfyUI source tree: ``COMFYUI_DIR=/path/to/ComfyUI``; skipped, with that reason, when
+it is unset. The server runs with ``COMFYUI_PYTHON`` (default ``$COMFYUI_DIR/../comfy-venv/bin/python``
+when it exists, else this interpreter) on the CPU, in a throwaway base directory where the pack is
+linked into ``custom_nodes/`` and the tiny models sit in ``models/`` as a user would place them.
+The browser tests also need Debian's ``chromium`` and Playwright for Python (never ``playwright
+install``); they skip with a reason when either is missing. Screenshots are saved under the
+session's temporary directory and, when ``GIE_SCREENSHOT_DIR`` is set, copied there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+if not COMFYUI_DIR:
+    pytest.skip(
+        "COMFYUI_DIR is not set: the real-server tests need a ComfyUI source tree "
+        "(COMFYUI_DIR=/path/to/ComfyUI, and COMFYUI_PYTHON for its venv's python)",
+        allow_module_level=True,
+    )
+if not (Path(COMFYUI_DIR) / "main.py").is_file():
+    pytest.skip(f"COMFYUI_DIR={COMFYUI_DIR} has no main.py: not a ComfyUI source tree", allow_module_level=True)
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import bfl_layout  # noqa: E402
+from gie_core.cli import comfy_run  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+UI_DIR = REPO / "example_workflows"
+API_DIR = UI_DIR / "api"
+WORKFLOWS = sorted(p.stem for p in API_DIR.glob("*.json"))
+PACK = "gpt_image_edit"  # the folder name under custom_nodes/ (also the /extensions/<name>/ prefix)
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+# The tiny models, under names other than the shipped workflows' so every run proves the
+# dropdown lists them and the rewrite reaches them. The Kontext folder is nested one level, as
+# people keep models/diffusers/<org>/<name>.
+TINY_GIE = "tiny-gpt-image-edit"
+TINY_KONTEXT = "tiny/FLUX.1-Kontext-dev"
+TINY_FILES = {
+    "diffusion_models": "tiny-flux1-kontext-dev.safetensors",
+    "vae": "tiny-ae.safetensors",
+    "clip": "tiny-clip_l.safetensors",
+    "t5": "tiny-t5xxl.safetensors",
+}
+INPUT_SIZE = (80, 48)  # 5:3: snaps to 3:2 -> 81x54, so Pad To Ratio pads both axes
+OUT_W, OUT_H = 64, 48  # the sampler's output size in the runs (multiples of 16)
+STEPS = 2
+# What a CPU run of the shipped workflows changes: model names, steps, output size, token budget.
+MODEL_INPUTS = {
+    "GIECheckpointLoader": {"checkpoint": TINY_GIE},
+    "GIEKontextDiffusersLoader": {"kontext": TINY_KONTEXT},
+    "GIEKontextModelLoader": {"model_name": TINY_FILES["diffusion_models"]},
+    "GIEVAELoader": {"vae_name": TINY_FILES["vae"]},
+    "GIETextEncodersLoader": {"clip_name": TINY_FILES["clip"], "t5_name": TINY_FILES["t5"], "tokenizers": TINY_KONTEXT},
+}
+SMALL_INPUTS = {
+    "GIEKontextSampler": {"steps": STEPS, "width": OUT_W, "height": OUT_H},
+    "GIERewriteInstruction": {"max_new_tokens": 16},
+}
+LOG_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The server
+# ---------------------------------------------------------------------------------------------
+
+
+def comfy_python() -> str:
+    if os.environ.get("COMFYUI_PYTHON"):
+        return os.environ["COMFYUI_PYTHON"]
+    venv = Path(COMFYUI_DIR).resolve().parent / "comfy-venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def place_models(tiny_set, models: Path) -> None:
+    """The tiny set where a user puts the real files: checkpoint and diffusers folders, single files."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    for kind in ("diffusion_models", "vae", "text_encoders"):
+        (models / kind).mkdir(parents=True, exist_ok=True)
+    shutil.copytree(tiny_set.gie_dir, models / "gpt_image_edit" / TINY_GIE)
+    shutil.copytree(tiny_set.kontext_dir, models / "diffusers" / TINY_KONTEXT)
+    k = tiny_set.kontext_dir
+    sd = FluxTransformer2DModel.from_pretrained(k / "transformer").state_dict()
+    bfl_layout.save(bfl_layout.flux_diffusers_to_bfl(sd), models / "diffusion_models" / TINY_FILES["diffusion_models"])
+    vae = AutoencoderKL.from_pretrained(k / "vae").state_dict()
+    bfl_layout.save(bfl_layout.vae_diffusers_to_ldm(vae), models / "vae" / TINY_FILES["vae"])
+    clip = load_file(next((k / "text_encoder").glob("*.safetensors")))
+    clip = {(n if n.startswith("text_model.") else "text_model." + n): v for n, v in clip.items()}
+    bfl_layout.save(clip, models / "text_encoders" / TINY_FILES["clip"])
+    bfl_layout.save(load_file(next((k / "text_encoder_2").glob("*.safetensors"))), models / "text_encoders" / TINY_FILES["t5"])
+
+
+def write_input_images(input_dir: Path) -> None:
+    """example.png (the name every shipped workflow loads), a portrait one, and one to upload."""
+    rng = np.random.default_rng(0)
+    w, h = INPUT_SIZE
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(input_dir / "example.png")
+    Image.fromarray(rng.integers(0, 255, (w, h, 3), dtype=np.uint8)).save(input_dir / "portrait.png")
+    Image.fromarray(rng.integers(0, 255, (40, 72, 3), dtype=np.uint8)).save(input_dir.parent / "upload_me.png")
+
+
+class ComfyServer:
+    """A ComfyUI server process on a free port with its own base directory."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = base / "server.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180.0) -> None:
+        cmd = [comfy_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--disable-auto-launch", "--disable-api-nodes", "--base-directory", str(self.base)]
+        env = {**os.environ, **LOG_ENV}
+        env.pop("COMFYUI_SERVER", None)
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=COMFYUI_DIR, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"ComfyUI exited with {self.proc.returncode} while starting:\n{self.log_tail()}")
+            try:
+                self.get("/system_stats")
+                return
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.5)
+        pytest.fail(f"ComfyUI did not answer /system_stats within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # our own session: the server and nothing else
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log().splitlines()[-n:])
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=60) as r:
+            body = r.read()
+        return json.loads(body) if body else None
+
+    def get_status(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=60) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    def post(self, path: str, payload) -> None:
+        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        urllib.request.urlopen(req, timeout=60).read()
+
+    def wait_history(self, prompt_id: str, timeout: float = 600.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry:
+                return entry
+            time.sleep(0.25)
+        pytest.fail(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n{self.log_tail()}")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, tiny_set):
+    base = tmp_path_factory.mktemp("comfyui_base")
+    for d in ("custom_nodes", "input", "output", "user"):
+        (base / d).mkdir()
+    (base / "custom_nodes" / PACK).symlink_to(REPO, target_is_directory=True)
+    place_models(tiny_set, base / "models")
+    write_input_images(base / "input")
+    srv = ComfyServer(base)
+    print(f"\nComfyUI {COMFYUI_DIR} with {comfy_python()} at {srv.url}, base {base}")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def object_info(server):
+    return server.get("/object_info")
+
+
+@pytest.fixture(scope="session")
+def pack_nodes():
+    import nodes
+
+    return nodes.NODE_CLASS_MAPPINGS, nodes.NODE_DISPLAY_NAME_MAPPINGS
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pack_loads_without_import_error_and_every_node_is_listed(server, object_info, pack_nodes):
+    classes, names = pack_nodes
+    log = server.log()
+    failed = [line for line in log.splitlines() if "IMPORT FAILED" in line]
+    assert not [line for line in failed if PACK in line], f"the pack failed to import:\n{server.log_tail(80)}"
+    assert f"custom_nodes/{PACK}" in log  # listed under "Import times for custom nodes"
+    missing = sorted(set(classes) - set(object_info))
+    assert not missing, f"nodes missing from /object_info: {missing}"
+    for name in classes:
+        info = object_info[name]
+        assert info["python_module"] == f"custom_nodes.{PACK}", name
+        assert info["display_name"] == names[name]
+        assert info["description"], f"{name} has no description"
+
+
+def test_extension_and_help_pages_are_served(server, pack_nodes):
+    """The frontend loads every listed .js; it fetches help from /extensions/<pack>/docs/<Node>.md."""
+    assert f"/extensions/{PACK}/gie.js" in server.get("/extensions")
+    for name in pack_nodes[0]:
+        assert server.get_status(f"/extensions/{PACK}/docs/{name}.md") == 200, f"no help page for {name}"
+
+
+def test_tiny_models_appear_in_the_loader_dropdowns(object_info):
+    for cls, inputs in MODEL_INPUTS.items():
+        required = object_info[cls]["input"]["required"]
+        for name, value in inputs.items():
+            choices = required[name][0]
+            assert value in choices, f"{cls}.{name}: {value!r} not among {choices}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the API workflows over HTTP (through gie-comfy-run's own --set machinery)
+# ---------------------------------------------------------------------------------------------
+
+
+def load_api(name: str) -> dict:
+    return json.loads((API_DIR / f"{name}.json").read_text())
+
+
+def padded_ratio(prompt: dict, node_id: str, input_size: tuple[int, int]) -> tuple[int, int] | None:
+    """The ratio a sampler's reference was padded to, when a Pad To Ratio feeds it."""
+    node = prompt[node_id]
+    if node["class_type"] == "GIEPadToRatio":
+        from gie_core.ratio import nearest_ratio
+
+        w, h = expected_size(prompt, node["inputs"]["image"][0], input_size)
+        return nearest_ratio(w, h, node["inputs"].get("custom_ratios") or node["inputs"]["ratios"])
+    src = node["inputs"].get("image")
+    return padded_ratio(prompt, src[0], input_size) if isinstance(src, list) else None
+
+
+def sampler_size(prompt: dict, node_id: str, input_size: tuple[int, int]) -> tuple[int, int]:
+    """A small output size; a padded reference's exact ratio, so Crop Padding accepts the result."""
+    ratio = padded_ratio(prompt, node_id, input_size)
+    return (OUT_W, OUT_H) if ratio is None else (16 * ratio[0], 16 * ratio[1])
+
+
+def small_run_values(prompt: dict, input_size: tuple[int, int]) -> dict[str, dict]:
+    """Per node, the inputs that point a shipped workflow at the tiny models with a small, quick run."""
+    out = {}
+    for node_id, node in prompt.items():
+        cls = node["class_type"]
+        values = {**MODEL_INPUTS.get(cls, {}), **SMALL_INPUTS.get(cls, {})}
+        if cls == "GIEKontextSampler":
+            values["width"], values["height"] = sampler_size(prompt, node_id, input_size)
+        values = {k: v for k, v in values.items() if k in node["inputs"]}
+        if values:
+            out[node_id] = values
+    return out
+
+
+def small_run_sets(prompt: dict, input_size: tuple[int, int] = INPUT_SIZE) -> list[str]:
+    """The same as gie-comfy-run --set arguments."""
+    return [f"{i}.{k}={json.dumps(v)}" for i, vals in small_run_values(prompt, input_size).items() for k, v in vals.items()]
+
+
+def expected_size(prompt: dict, node_id: str, input_size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of the IMAGE a node outputs in a small run."""
+    node = prompt[node_id]
+    cls, inputs = node["class_type"], node["inputs"]
+    if cls == "LoadImage":
+        return input_size
+    if cls == "GIEKontextSampler":
+        return sampler_size(prompt, node_id, input_size)
+    if cls == "GIECropPadding":  # back to the padded image's original size
+        pad = prompt[inputs["pad_record"][0]]
+        return expected_size(prompt, pad["inputs"]["image"][0], input_size)
+    if cls == "GIEPadToRatio":
+        from gie_core.ratio import pad_to_ratio
+
+        w, h = expected_size(prompt, inputs["image"][0], input_size)
+        _, record = pad_to_ratio(np.zeros((h, w, 3), np.uint8), inputs.get("custom_ratios") or inputs["ratios"])
+        return (record.padded_width, record.padded_height)
+    if "images" in inputs:
+        return expected_size(prompt, inputs["images"][0], input_size)
+    raise AssertionError(f"no size rule for {cls}")
+
+
+def check_outputs(prompt: dict, saved: list[Path], input_size: tuple[int, int]) -> None:
+    """Every SaveImage wrote batch_size images of the expected size (files named by its prefix)."""
+    saves = {i: n for i, n in prompt.items() if n["class_type"] == "SaveImage"}
+    assert saves, "the workflow saves nothing"
+    for node_id, node in saves.items():
+        prefix = node["inputs"]["filename_prefix"].split("/")[-1] + "_"
+        files = [p for p in saved if re.fullmatch(re.escape(prefix) + r"\d{5}_(-\d+)?\.png", p.name)]
+        src = prompt[node["inputs"]["images"][0]]
+        batch = src["inputs"].get("batch_size", 1) if src["class_type"] == "GIEKontextSampler" else 1
+        assert len(files) == batch, f"SaveImage {node_id} ({prefix}*): {[p.name for p in saved]}"
+        want = expected_size(prompt, node_id, input_size)
+        for f in files:
+            with Image.open(f) as im:
+                assert im.size == want, f"{f.name} is {im.size}, expected {want}"
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_api_workflow_runs_to_success_over_http(server, name, tmp_path, capsys):
+    prompt = load_api(name)
+    wf = tmp_path / f"{name}.json"
+    wf.write_text(json.dumps(prompt))
+    out = tmp_path / "out"
+    upload = server.base / "upload_me.png"
+    with Image.open(upload) as im:
+        size = im.size
+    args = [str(wf), "--server", server.url, "--quiet", "-o", str(out), "--timeout", "600", "--image", str(upload)]
+    for s in small_run_sets(prompt, size):
+        args += ["--set", s]
+    code = comfy_run.main(args)
+    captured = capsys.readouterr()
+    assert code == 0, f"{captured.err}\n--- server log ---\n{server.log_tail()}"
+    saved = [Path(line) for line in captured.out.splitlines() if line.strip()]
+    assert saved and all(p.is_file() for p in saved)
+    check_outputs(prompt, saved, size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Interrupt
+# ---------------------------------------------------------------------------------------------
+
+
+def test_interrupt_during_sampling_ends_that_prompt_and_the_next_one_runs(server):
+    import websocket
+
+    prompt = load_api("released_model_edit")
+    for s in small_run_sets(prompt):
+        comfy_run.apply_set(prompt, s)
+    sampler = next(i for i, n in prompt.items() if n["class_type"] == "GIEKontextSampler")
+    long_run = json.loads(json.dumps(prompt))
+    # the most steps the sampler allows, at a size where each takes a while: the interrupt lands mid-run
+    long_run[sampler]["inputs"].update(steps=200, width=1024, height=1024, seed=1234)
+
+    client = comfy_run.ComfyClient(server.url)
+    ws = websocket.create_connection(client.ws_url(), timeout=300)
+    try:
+        prompt_id = client.queue_prompt(long_run)
+        events = []
+        progress_at_interrupt = None
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            msg = ws.recv()
+            if not isinstance(msg, str):
+                continue
+            msg = json.loads(msg)
+            data = msg.get("data") or {}
+            if data.get("prompt_id") != prompt_id:
+                continue
+            events.append(msg["type"])
+            if msg["type"] == "progress" and data.get("node") == sampler:
+                progress_at_interrupt = data["value"]
+                if data["value"] >= 2 and "interrupt" not in events:
+                    assert data["max"] == 200
+                    server.post("/interrupt", {"prompt_id": prompt_id})
+                    events.append("interrupt")
+            if msg["type"] in ("execution_interrupted", "execution_error", "execution_success"):
+                break
+        assert events[-1] == "execution_interrupted", (events[-10:], server.log_tail())
+        status = server.wait_history(prompt_id, 60)["status"]
+        assert status["status_str"] == "error" and not status["completed"]
+        assert [m[0] for m in status["messages"]][-1] == "execution_interrupted"
+    finally:
+        ws.close()
+
+    # the next prompt runs to success
+    prompt[sampler]["inputs"]["seed"] = 4321
+    entry = server.wait_history(client.queue_prompt(prompt), 600)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert progress_at_interrupt < 200
+
+
+# ---------------------------------------------------------------------------------------------
+# gie-comfy-run, as a user runs it
+# ---------------------------------------------------------------------------------------------
+
+
+def comfy_run_command() -> list[str]:
+    """The installed console script next to the server's python, else the module from this checkout."""
+    script = Path(comfy_python()).parent / "gie-comfy-run"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "gie_core.cli.comfy_run"]
+
+
+def run_cli(server, *args, timeout=600):
+    return subprocess.run([*comfy_run_command(), *map(str, args), "--server", server.url],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_gie_comfy_run_completes_against_the_server(server, tmp_path):
+    prompt = load_api("pad_edit_crop")
+    upload = server.base / "upload_me.png"
+    with Image.open(upload) as im:
+        size = im.size
+    sets = [a for s in small_run_sets(prompt, size) for a in ("--set", s)]
+    # node refs by title work too; this value would be a string without JSON parsing
+    sets += ["--set", "Kontext Sampler.seed=7", "--set", "Instruction.value=make it winter"]
+    res = run_cli(server, API_DIR / "pad_edit_crop.json", "--image", f"Load Image={upload}", *sets, "-o", tmp_path / "out")
+    assert res.returncode == 0, f"{res.stderr}\n--- server log ---\n{server.log_tail()}"
+    assert "queued prompt" in res.stderr and "uploaded" in res.stderr
+    assert "Kontext Sampler" in res.stderr and f"{STEPS}/{STEPS}" in res.stderr  # the progress bar
+    saved = [Path(p) for p in res.stdout.split()]
+    check_outputs(prompt, saved, size)
+
+
+def test_gie_comfy_run_prints_validation_errors_and_fails(server, tmp_path):
+    res = run_cli(server, API_DIR / "released_model_edit.json", "--quiet", "--set", "Kontext Sampler.steps=0",
+                  "--set", f"1.checkpoint={json.dumps('no-such-checkpoint')}", "-o", tmp_path)
+    assert res.returncode == 1, res.stderr
+    assert "the server rejected the workflow" in res.stderr
+    assert 'node 1 "GPT-Image-Edit Checkpoint Loader" (GIECheckpointLoader):' in res.stderr
+    assert "no-such-checkpoint" in res.stderr
+    assert 'node 8 "Kontext Sampler" (GIEKontextSampler):' in res.stderr and "steps" in res.stderr
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_gie_comfy_run_prints_the_failing_node_and_exception(server, tmp_path):
+    prompt = load_api("released_model_edit")
+    sets = [a for s in small_run_sets(prompt) for a in ("--set", s)]
+    # the tiny connector, like the released one, has no metaquery parameters: the node raises
+    res = run_cli(server, API_DIR / "released_model_edit.json", "--quiet", *sets, "--set", "Fusion Connector.mode=metaquery",
+                  "-o", tmp_path)
+    assert res.returncode == 1, res.stderr
+    assert 'node 7 "Fusion Connector" (GIEFusionConnector) failed:' in res.stderr
+    assert "metaquery" in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The frontend in headless Chromium
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def shots(tmp_path_factory):
+    """Where screenshots go: a session directory, copied to $GIE_SCREENSHOT_DIR when set."""
+    d = tmp_path_factory.mktemp("screenshots")
+    yield d
+    if os.environ.get("GIE_SCREENSHOT_DIR"):
+        dest = Path(os.environ["GIE_SCREENSHOT_DIR"])
+        dest.mkdir(parents=True, exist_ok=True)
+        for p in d.glob("*.png"):
+            shutil.copy2(p, dest / p.name)
+    print(f"\nscreenshots: {d}")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install playwright; never `playwright install`)")
+    pw = sync_playwright().start()
+    b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+    yield b
+    b.close()
+    pw.stop()
+
+
+@pytest.fixture(scope="session")
+def page(browser, server):
+    server.post("/settings/Comfy.TutorialCompleted", True)
+    ctx = browser.new_context(viewport={"width": 1600, "height": 1000})
+    loopback = ("http://127.0.0.1", "ws://127.0.0.1", "http://localhost", "data:", "blob:")
+    ctx.route("**/*", lambda route: route.continue_() if route.request.url.startswith(loopback) else route.abort())
+    pg = ctx.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(f"{e}\n{e.stack}"))
+    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" and PACK in str(m.location) else None)
+    pg.goto(server.url, wait_until="domcontentloaded")
+    pg.wait_for_function("window.app && window.app.graph && window.app.extensionManager", timeout=120_000)
+    pg.wait_for_function("app.extensions.some(e => e.name === 'gpt_image_edit.ui')", timeout=60_000)
+    print(f"\nfrontend errors while starting (not ours): {errors}" if errors else "")
+    errors.clear()  # from here on, every page error fails the browser tests
+    pg.gie_errors = errors
+    yield pg
+    ctx.close()
+
+
+def load_ui(page, name: str) -> None:
+    ui = json.loads((UI_DIR / f"{name}.json").read_text())
+    page.evaluate(
+        "async ([ui, name]) => { await app.loadGraphData(ui, true, true, name,"
+        " {showMissingNodesDialog: false, showMissingModelsDialog: false}); }",
+        [ui, name],
+    )
+    page.evaluate("() => app.canvas.setDirty(true, true)")
+    page.wait_for_timeout(300)
+
+
+def set_widgets(page, node_id: int, values: dict) -> None:
+    """As a user picking values: the widget's value, then its callback."""
+    page.evaluate(
+        """([id, values]) => {
+            const node = app.graph.getNodeById(id);
+            for (const [name, value] of Object.entries(values)) {
+                const w = node.widgets.find(w => w.name === name);
+                if (!w) throw new Error(`node ${id} has no widget ${name}`);
+                w.value = value;
+                w.callback?.(value, app.canvas, node);
+            }
+            app.canvas.setDirty(true, true);
+        }""",
+        [node_id, values],
+    )
+
+
+def focus(page, node_ids=()) -> None:
+    """Centre the view on ``node_ids`` (all nodes when empty)."""
+    page.evaluate(
+        """(ids) => {
+            const nodes = ids.length ? ids.map(i => app.graph.getNodeById(i)) : app.graph.nodes;
+            const x0 = Math.min(...nodes.map(n => n.pos[0])), y0 = Math.min(...nodes.map(n => n.pos[1] - 40));
+            const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0])), y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
+            const c = app.canvas, W = c.canvas.clientWidth, H = c.canvas.clientHeight;
+            const s = Math.min(1.5, 0.9 * Math.min(W / (x1 - x0), H / (y1 - y0)));
+            c.ds.scale = s;
+            c.ds.offset[0] = W / (2 * s) - (x0 + x1) / 2;
+            c.ds.offset[1] = H / (2 * s) - (y0 + y1) / 2;
+            c.setDirty(true, true);
+        }""",
+        list(node_ids),
+    )
+    page.wait_for_timeout(400)
+
+
+def screenshot(page, shots: Path, name: str, node_ids=()) -> Path:
+    """Centre the view on ``node_ids`` (all nodes when empty) and save a screenshot."""
+    focus(page, node_ids)
+    path = shots / f"{name}.png"
+    page.screenshot(path=str(path))
+    return path
+
+
+def ui_node_ids(page, cls: str) -> list[int]:
+    return page.evaluate("(cls) => app.graph.nodes.filter(n => n.comfyClass === cls).map(n => n.id)", cls)
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_ui_workflow_loads_matches_its_api_twin_and_queues(page, server, shots, name):
+    load_ui(page, name)
+    # the frontend's own conversion equals the shipped API twin (class_type and inputs)
+    output = page.evaluate("async () => (await app.graphToPrompt()).output")
+    api = load_api(name)
+    assert sorted(output, key=int) == sorted(api, key=int)
+    for node_id, node in api.items():
+        got = output[node_id]
+        assert got["class_type"] == node["class_type"], node_id
+        assert got["inputs"] == node["inputs"], f"node {node_id} ({node['class_type']})"
+
+    # queue it from the page, as the Queue button does, with tiny models and a small run
+    for node_id, values in small_run_values(api, INPUT_SIZE).items():
+        set_widgets(page, int(node_id), values)
+    res = page.evaluate("async () => await app.api.queuePrompt(0, await app.graphToPrompt())")
+    assert res.get("prompt_id") and not res.get("node_errors"), res
+    entry = server.wait_history(res["prompt_id"])
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    # the text Padding Check and Rewrite Instruction return is shown on the node
+    for cls, start in (("GIEPaddingCheck", "residual padding "), ("GIERewriteInstruction", "")):
+        for node_id in ui_node_ids(page, cls):
+            page.wait_for_function("([id, start]) => (app.graph.getNodeById(id).gieExecutedText ?? null) !== null"
+                                   " && app.graph.getNodeById(id).gieExecutedText.startsWith(start)",
+                                   arg=[node_id, start], timeout=30_000)
+    page.wait_for_timeout(500)  # the executed images reach the page
+    screenshot(page, shots, f"workflow_{name}")
+    assert not page.gie_errors, page.gie_errors
+
+
+def test_pad_to_ratio_shows_the_snap_live(page, shots):
+    load_ui(page, "pad_edit_crop")
+    (pad,) = ui_node_ids(page, "GIEPadToRatio")
+    text = lambda: page.evaluate("(id) => app.graph.getNodeById(id).gieSnapText", pad)  # noqa: E731
+    # the example image (80x48, 5:3) loads asynchronously; the line follows
+    page.wait_for_function("(id) => (app.graph.getNodeById(id).gieSnapText || '').startsWith('snaps to')", arg=pad,
+                           timeout=30_000)
+    assert text() == "snaps to 3:2 -> 81x54\nfrom 80x48: +pad right 1, top 3, bottom 3 px"
+    set_widgets(page, pad, {"placement": "top"})
+    page.wait_for_timeout(200)
+    assert text() == "snaps to 3:2 -> 81x54\nfrom 80x48: +pad right 1, bottom 6 px"
+    set_widgets(page, pad, {"ratios": "kontext"})
+    page.wait_for_timeout(200)
+    assert text().startswith("snaps to 83:50 -> 83x50")  # 1328x800 reduced: the nearest to 5:3 in log space
+    set_widgets(page, pad, {"custom_ratios": "16:9, 1:1"})
+    page.wait_for_timeout(200)
+    assert text().startswith("snaps to 16:9 -> 96x54")
+    set_widgets(page, pad, {"custom_ratios": "", "ratios": "default", "placement": "center"})
+    # another image picked in the Load Image node: the line follows once it has loaded
+    (load,) = ui_node_ids(page, "LoadImage")
+    set_widgets(page, load, {"image": "portrait.png"})
+    page.wait_for_function("(id) => app.graph.getNodeById(id).gieSnapText.startsWith('snaps to 2:3 -> 54x81')",
+                           arg=pad, timeout=30_000)
+    assert text() == "snaps to 2:3 -> 54x81\nfrom 48x80: +pad left 3, right 3, bottom 1 px"
+    set_widgets(page, load, {"image": "example.png"})
+    page.wait_for_function("(id) => app.graph.getNodeById(id).gieSnapText.startsWith('snaps to 3:2')", arg=pad,
+                           timeout=30_000)
+    path = screenshot(page, shots, "pad_to_ratio_preview", [pad])
+    assert path.stat().st_size > 10_000
+    # the preview line is not part of the prompt or the saved workflow
+    output = page.evaluate("async () => (await app.graphToPrompt()).output")
+    assert output[str(pad)]["inputs"] == load_api("pad_edit_crop")[str(pad)]["inputs"]
+
+
+def test_pad_to_ratio_maths_in_js_equals_gie_core(page):
+    """The extension's copy of the ratio maths against gie_core.ratio on many sizes and ratio sets."""
+    from gie_core.ratio import RATIO_SETS, nearest_ratio, pad_to_ratio, parse_ratios
+
+    rng = np.random.default_rng(0)
+    specs = ["default", "kontext", "16:9, 9:16, 1:1", "4:3;3:4", "1024x768, 7:5", "21:9"]
+    cases = [(int(w), int(h), specs[i % len(specs)], ("center", "top", "bottom", "left", "right")[i % 5])
+             for i, (w, h) in enumerate(rng.integers(16, 300, (300, 2)))]
+    cases += [(1, 1, "default", "center"), (300, 300, "3:2, 2:3", "center"), (1000, 667, "default", "right")]
+    js = page.evaluate(
+        """async ([pack, cases]) => {
+            const m = await import(`/extensions/${pack}/gie.js`);
+            return {
+                sets: m.RATIO_SETS,
+                records: cases.map(([w, h, spec, pl]) => m.padRecord(w, h, m.parseRatios(spec), pl)),
+                big: cases.map(([w, h, spec]) => m.nearestRatio(w * 13 + 1000, h * 11 + 7, m.parseRatios(spec))),
+                errors: ["", "3:0", "a:b", "1:1, x", "constructor"].map(s => { try { m.parseRatios(s); return null } catch (e) { return e.message } }),
+            };
+        }""",
+        [PACK, cases],
+    )
+    assert {k: [tuple(r) for r in v] for k, v in js["sets"].items()} == {k: list(v) for k, v in RATIO_SETS.items()}
+    for (w, h, spec, placement), got in zip(cases, js["records"]):
+        _, rec = pad_to_ratio(np.zeros((h, w, 3), np.uint8), spec, placement=placement)
+        want = {"ratio": list(rec.ratio), "width": rec.padded_width, "height": rec.padded_height,
+                "left": rec.left, "top": rec.top, "right": rec.right, "bottom": rec.bottom}
+        assert got == want, (w, h, spec, placement)
+    for (w, h, spec, _), got in zip(cases, js["big"]):
+        assert tuple(got) == nearest_ratio(w * 13 + 1000, h * 11 + 7, spec)
+    for spec, message in zip(["", "3:0", "a:b", "1:1, x", "constructor"], js["errors"]):
+        with pytest.raises(ValueError):
+            parse_ratios(spec)
+        assert message, f"JS accepted {spec!r}"
+
+
+def test_fusion_connector_shows_only_the_inputs_its_mode_uses(page, shots):
+    load_ui(page, "connector_modes_side_by_side")
+    state = lambda i: page.evaluate(  # noqa: E731
+        """(id) => { const n = app.graph.getNodeById(id);
+            return {inputs: n.inputs.map(s => [s.name, s.label ?? null, s.link != null]),
+                    hidden: n.gieHiddenInputs, unused: n.gieUnusedInputs}; }""", i)
+    by_mode = {page.evaluate("(id) => app.graph.getNodeById(id).widgets.find(w => w.name === 'mode').value", i): i
+               for i in ui_node_ids(page, "GIEFusionConnector")}
+    assert set(by_mode) == {"vlm", "vlm+t5", "t5"}
+
+    t5 = state(by_mode["t5"])  # the shipped workflow plugs Qwen features in everywhere: greyed, kept
+    assert t5["unused"] == ["qwen_features"] and t5["hidden"] == []
+    assert ["qwen_features", "qwen_features (unused in t5)", True] in t5["inputs"]
+    vlm = state(by_mode["vlm"])
+    assert ["text_features", "text_features (CLIP '' only)", True] in vlm["inputs"] and vlm["unused"] == []
+    both = state(by_mode["vlm+t5"])
+    assert both["unused"] == [] and [s for s in both["inputs"] if s[0].endswith("_features") and s[1]] == []
+    screenshot(page, shots, "fusion_connector_modes", list(by_mode.values()))
+
+    # unplugged in t5 mode, the input disappears; another mode brings it back
+    node = by_mode["t5"]
+    page.evaluate("(id) => { const n = app.graph.getNodeById(id); n.disconnectInput(n.findInputSlot('qwen_features')); }", node)
+    page.wait_for_timeout(200)
+    assert state(node)["hidden"] == ["qwen_features"]
+    assert "qwen_features" not in [s[0] for s in state(node)["inputs"]]
+    screenshot(page, shots, "fusion_connector_t5_hidden", [node])
+    set_widgets(page, node, {"mode": "vlm+t5"})
+    assert ["qwen_features", None, False] in state(node)["inputs"] and state(node)["hidden"] == []
+    set_widgets(page, node, {"mode": "t5"})
+    assert state(node)["hidden"] == ["qwen_features"]
+    # the prompt of the t5 node no longer names Qwen features; it still validates and matches the node
+    output = page.evaluate("async () => (await app.graphToPrompt()).output")
+    assert "qwen_features" not in output[str(node)]["inputs"] and output[str(node)]["inputs"]["mode"] == "t5"
+
+
+def test_node_help_page_opens_in_the_frontend(page, shots):
+    load_ui(page, "pad_edit_crop")
+    (pad,) = ui_node_ids(page, "GIEPadToRatio")
+    first_line = next(line.lstrip("# ").strip() for line in (REPO / "web/docs/GIEPadToRatio.md").read_text().splitlines()
+                      if line.strip())
+    focus(page, [pad])
+    page.evaluate("(id) => { app.canvas.deselectAll(); app.canvas.selectNode(app.graph.getNodeById(id)); app.canvas.setDirty(true, true); }", pad)
+    page.locator("[data-testid='info-button']").first.click(timeout=15_000)
+    page.get_by_text(first_line, exact=False).first.wait_for(timeout=15_000)
+    screenshot(page, shots, "help_pad_to_ratio", [pad])
