@@ -367,6 +367,37 @@ def test_api_workflow_runs_to_success_over_http(server, name, tmp_path, capsys):
     check_outputs(prompt, saved, size)
 
 
+def test_connector_conditioning_flows_through_native_flux_guidance(server, tmp_path, capsys):
+    """Our Fusion Connector's CONDITIONING is native: ComfyUI's own FluxGuidance accepts it, and
+    the guidance it sets reaches our sampler (two values, two different images)."""
+    base = load_api("released_model_edit")
+    sampler_id = next(i for i, n in base.items() if n["class_type"] == "GIEKontextSampler")
+    upload = server.base / "upload_me.png"
+    with Image.open(upload) as im:
+        size = im.size
+    pixels = {}
+    for guidance in (1.5, 6.0):
+        prompt = json.loads(json.dumps(base))
+        positive = prompt[sampler_id]["inputs"]["positive"]
+        prompt["900"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": positive, "guidance": guidance},
+                         "_meta": {"title": "Native FluxGuidance"}}
+        prompt[sampler_id]["inputs"]["positive"] = ["900", 0]
+        wf = tmp_path / f"guided_{guidance}.json"
+        wf.write_text(json.dumps(prompt))
+        out = tmp_path / f"out_{guidance}"
+        args = [str(wf), "--server", server.url, "--quiet", "-o", str(out), "--timeout", "600", "--image", str(upload)]
+        for s in small_run_sets(prompt, size):
+            args += ["--set", s]
+        code = comfy_run.main(args)
+        captured = capsys.readouterr()
+        assert code == 0, f"{captured.err}\n--- server log ---\n{server.log_tail()}"
+        saved = [Path(line) for line in captured.out.splitlines() if line.strip()]
+        check_outputs(prompt, saved, size)
+        with Image.open(saved[0]) as im:
+            pixels[guidance] = np.asarray(im.convert("RGB"), dtype=np.int16)
+    assert np.abs(pixels[1.5] - pixels[6.0]).max() > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Interrupt
 # ---------------------------------------------------------------------------------------------
