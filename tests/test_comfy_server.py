@@ -45,7 +45,7 @@ import bfl_layout  # noqa: E402
 from gie_core.cli import comfy_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-UI_DIR = REPO / "example_workflows"
+UI_DIR = REPO / "workflows"
 API_DIR = UI_DIR / "api"
 WORKFLOWS = sorted(p.stem for p in API_DIR.glob("*.json"))
 PACK = "gpt_image_edit"  # the folder name under custom_nodes/ (also the /extensions/<name>/ prefix)
@@ -253,6 +253,15 @@ def test_extension_and_help_pages_are_served(server, pack_nodes):
     assert f"/extensions/{PACK}/gie.js" in server.get("/extensions")
     for name in pack_nodes[0]:
         assert server.get_status(f"/extensions/{PACK}/docs/{name}.md") == 200, f"no help page for {name}"
+
+
+def test_workflows_appear_in_the_template_browser(server):
+    """The template browser lists the pack's UI workflows (not the API twins) and serves them."""
+    listed = server.get("/workflow_templates")
+    assert sorted(listed.get(PACK, [])) == sorted(WORKFLOWS)
+    for name in WORKFLOWS:
+        served = server.get(f"/api/workflow_templates/{PACK}/{name}.json")
+        assert served == json.loads((UI_DIR / f"{name}.json").read_text()), name
 
 
 def test_tiny_models_appear_in_the_loader_dropdowns(object_info):

@@ -21,7 +21,7 @@ from nodes import comfy  # noqa: E402
 from workflow_check import check_api, check_ui, node_specs, run_prompt, ui_to_api  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-TEMPLATES = REPO / "example_workflows"
+TEMPLATES = REPO / "workflows"
 API_DIR = TEMPLATES / "api"
 WORKFLOWS = (
     "released_model_edit",
@@ -53,8 +53,8 @@ def specs(tmp_path_factory):
 
 
 def test_layout_matches_what_the_template_browser_scans():
-    """UI workflows sit directly in example_workflows/ (listed as templates: the server globs
-    <pack>/<folder>/*.json, not deeper); API twins sit in example_workflows/api/ so they are not
+    """UI workflows sit directly in workflows/ (the project's fixed layout; the server scans it
+    for templates, globbing <pack>/<folder>/*.json, not deeper); API twins sit in workflows/api/ so they are not
     listed as (broken) templates. No second template folder: each one found is served at the same
     URL prefix and only the first would answer."""
     pack = REPO.parent
@@ -62,10 +62,11 @@ def test_layout_matches_what_the_template_browser_scans():
     for folder in TEMPLATE_FOLDERS:
         for f in glob.glob(os.path.join(str(pack), f"{REPO.name}/{folder}/*.json")):
             listed.add((folder, Path(f).stem))
-    assert listed == {("example_workflows", name) for name in WORKFLOWS}
+    assert listed == {("workflows", name) for name in WORKFLOWS}
     assert sorted(p.stem for p in API_DIR.glob("*.json")) == sorted(WORKFLOWS)
-    for folder in TEMPLATE_FOLDERS[1:]:
-        assert not (REPO / folder).is_dir() or not list((REPO / folder).glob("*.json")), folder
+    for folder in TEMPLATE_FOLDERS:
+        if folder != "workflows":
+            assert not (REPO / folder).is_dir() or not list((REPO / folder).glob("*.json")), folder
     for name in WORKFLOWS:
         assert {"nodes", "links", "version"} <= set(load(TEMPLATES / f"{name}.json"))
         assert all("class_type" in n for n in load(API_DIR / f"{name}.json").values())
