@@ -76,6 +76,13 @@ class QwenVLEncoder:
     def _base_model(self):
         return self.model.model if hasattr(self.model, "model") else self.model
 
+    def reset_positions(self) -> None:
+        """Forget the mRoPE position deltas that generation caches on the model (on the outer
+        model before transformers 4.52, on the inner one since); a stale value shifts positions."""
+        for m in (self.model, getattr(self.model, "model", None)):
+            if m is not None and hasattr(m, "rope_deltas"):
+                m.rope_deltas = None
+
     @property
     def hidden_size(self) -> int:
         cfg = self.model.config
@@ -158,8 +165,7 @@ class QwenVLEncoder:
             embeds = base.get_input_embeddings()(kwargs["input_ids"])
             embeds[:, -n_q:] = queries.to(device=device, dtype=embeds.dtype)
             kwargs["inputs_embeds"] = embeds
-        if hasattr(base, "rope_deltas"):
-            base.rope_deltas = None  # stale deltas from a previous generate() would shift positions
+        self.reset_positions()  # stale deltas from a previous generate() would shift positions
         out = base(**kwargs, use_cache=False, return_dict=True)
         return QwenFeatures(out.last_hidden_state, num_queries=n_q)
 

@@ -294,12 +294,6 @@ def _stop_token_ids(tokenizer) -> list[int]:
     return ids
 
 
-def _reset_rope_deltas(model) -> None:
-    for m in (model, getattr(model, "model", None)):  # the attribute moved to the inner model in 4.52
-        if m is not None and hasattr(m, "rope_deltas"):
-            m.rope_deltas = None
-
-
 @torch.no_grad()
 def generate_rewrite(
     encoder,
@@ -341,7 +335,7 @@ def generate_rewrite(
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0],
         use_cache=True,
     )
-    _reset_rope_deltas(model)  # deltas left by an earlier call would shift the mRoPE positions
+    encoder.reset_positions()  # deltas left by an earlier call would shift the mRoPE positions
     try:
         if sample:
             # A private RNG stream: the same seed gives the same text, and the caller's RNG is untouched.
@@ -352,7 +346,7 @@ def generate_rewrite(
         else:
             out = model.generate(**kwargs, generation_config=config)
     finally:
-        _reset_rope_deltas(model)  # and these would shift the next encode()
+        encoder.reset_positions()  # and these would shift the next encode()
     new = out[0, kwargs["input_ids"].shape[1]:]  # only the generated tokens
     finished = bool(new.numel()) and int(new[-1]) in stop
     truncated = not finished and new.numel() >= max_new_tokens

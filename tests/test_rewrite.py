@@ -198,10 +198,8 @@ def test_greedy_and_seeded_sampling_are_deterministic(encoder, image):
 
 def test_generation_positions_match_a_full_recompute(encoder, image):
     """Cached generation (mRoPE deltas) picks the same tokens as recomputing the whole sequence."""
-    from gie_core.rewrite import _reset_rope_deltas
-
     enc = encoder.inputs([image], INSTRUCTION, text=rewrite_chat(encoder, INSTRUCTION))
-    _reset_rope_deltas(encoder.model)
+    encoder.reset_positions()
     out = encoder.model.generate(**enc, max_new_tokens=6, do_sample=False)
     ids = enc["input_ids"]
     with torch.no_grad():
@@ -209,10 +207,10 @@ def test_generation_positions_match_a_full_recompute(encoder, image):
             step = dict(enc, input_ids=ids, attention_mask=torch.ones_like(ids))
             if "mm_token_type_ids" in enc:  # transformers 5 takes the token types for positions
                 step["mm_token_type_ids"] = (ids == encoder.image_token_id).to(torch.int32)
-            _reset_rope_deltas(encoder.model)
+            encoder.reset_positions()
             nxt = encoder.model(**step, use_cache=False).logits[0, -1].argmax()
             ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-    _reset_rope_deltas(encoder.model)
+    encoder.reset_positions()
     assert torch.equal(out[0, -6:], ids[0, -6:])
 
 
