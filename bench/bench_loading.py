@@ -126,7 +126,7 @@ def write_checkpoint(path: Path, gb: float) -> int:
 
 def child(kind: str, path: str) -> None:
     """Runs in a fresh process: import, note the baseline, load, report."""
-    import torch  # noqa: F401
+    import torch
     from diffusers import FluxTransformer2DModel  # noqa: F401  (lazy imports happen before the baseline)
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration  # noqa: F401
 
@@ -144,8 +144,6 @@ def child(kind: str, path: str) -> None:
         n = sum(p.numel() for p in m.parameters())
     # Touch every page of every weight (as moving to a GPU would): mmap-backed loaders only
     # read lazily, so without this their time and memory would not count the reading.
-    import torch
-
     models = (ck.encoder.model, ck.connector, ck.transformer) if kind == "ours" else (m,)
     with torch.no_grad():
         for mod in models:

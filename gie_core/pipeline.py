@@ -18,14 +18,15 @@ import torch
 from PIL import Image
 
 from .conditioning import Conditioning
-from .connector import Connector, TextFeatures, fuse
+from .connector import Connector, fuse
 from .components import Placement, default_scheduler, load_text_encoder_files
-from .constants import OFFLOAD_MODES, DEFAULT_FUSION_MODE, DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_TRUE_CFG
+from .constants import DEFAULT_FUSION_MODE, DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_TRUE_CFG
 from .encoders import QwenVLEncoder, TextEncoders, check_instruction
 from .images import ImageLike, auto_output_size, check_output_size, prepare_reference, to_pil, to_tensor
 from .loading import load_gie_checkpoint, load_kontext_dir, parse_dtype
 from .ratio import PadRecord, crop_padding, pad_to_ratio
 from .sampler import InterruptFn, KontextModels, ProgressFn, sample
+
 
 def default_device() -> torch.device:
     """CUDA when present, else MPS, else CPU."""

@@ -347,13 +347,6 @@ def assign_weights(
     return model
 
 
-def read_prefixed(reader: CheckpointReader, prefix: str, rename: Mapping[str, str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name without prefix, tensor)`` for every key under ``prefix``, one at a time."""
-    for key in reader.keys():
-        if key.startswith(prefix):
-            yield key[len(prefix):], reader.read(key)
-
-
 def save_safetensors_atomic(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> Path:

@@ -12,7 +12,6 @@ from safetensors import safe_open
 
 from gie_core.conditioning import Conditioning
 from gie_core.connector import Connector, QwenFeatures, TextFeatures, fuse
-from gie_core.encoders import QWEN_DEFAULT_SYSTEM
 from gie_core.loading import load_gie_checkpoint, load_kontext_dir
 from gie_core.pipeline import EditPipeline
 from gie_core.sampler import KontextModels, SamplingInterrupted, sample

@@ -645,7 +645,7 @@ class Trainer:
     def _export_main(self, out: Path) -> dict[str, Path]:
         from . import export as ex
 
-        cfg, acc = self.cfg, self.accelerator
+        cfg = self.cfg
         files: dict[str, Path] = {}
         out.mkdir(parents=True, exist_ok=True)
         unwrapped = self.unwrapped
