@@ -115,7 +115,7 @@ def write_checkpoint(path: Path, gb: float) -> int:
     import shutil
     import tempfile
 
-    from gie_core.tiny import build_tokenizers
+    from gie_core.testing.tiny import build_tokenizers
 
     with tempfile.TemporaryDirectory() as tmp:
         for f in build_tokenizers(Path(tmp)).qwen.iterdir():

@@ -153,7 +153,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from gie_core.tiny import build_tiny_model_set, default_tiny_root
+    from gie_core.testing.tiny import build_tiny_model_set, default_tiny_root
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

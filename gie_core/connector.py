@@ -4,13 +4,8 @@ The released connector ("denoise_projector") is ``Linear(3584 -> 12288) -> SiLU 
 (its config calls it ``mlp2x_gelu``, but it is SiLU). Its parameter names here match the
 checkpoint's (``denoise_projector.0.weight`` ...), so released weights load without renaming.
 
-Modes (the paper's Table 5):
-- ``vlm``: projected Qwen tokens only, pooled = CLIP("") (what training saw);
-- ``t5``: stock Kontext conditioning (T5 tokens, pooled = CLIP(instruction));
-- ``vlm+t5``: projected VLM tokens then T5 tokens, pooled = CLIP(instruction) (released model's benchmarks);
-- ``vlm+t5+type``: as vlm+t5 with a learned type embedding added per source (for new connectors);
-- ``metaquery``: N learned query tokens appended to the Qwen input; only their outputs are kept
-  and projected (for new connectors); pooled = CLIP("").
+The fusion modes (the paper's Table 5) and what each needs are the table in :mod:`gie_core.modes`;
+:func:`fuse` builds a mode's conditioning by reading its row.
 """
 
 from __future__ import annotations
@@ -21,14 +16,10 @@ import torch
 from torch import nn
 
 from .conditioning import Conditioning
-from .constants import FUSION_MODES, METAQUERY_TOKENS
+from .constants import METAQUERY_TOKENS
+from .modes import check_mode, fusion_mode, modes_with
 
-
-def check_mode(mode: str) -> str:
-    """Return ``mode`` if it is a known fusion mode, else raise naming the choices."""
-    if mode not in FUSION_MODES:
-        raise ValueError(f"fusion mode '{mode}' is unknown; expected one of {', '.join(FUSION_MODES)}")
-    return mode
+__all__ = ["Connector", "QwenFeatures", "TextFeatures", "fuse", "check_mode"]
 
 
 class Connector(nn.Module):
@@ -60,23 +51,18 @@ class Connector(nn.Module):
     @classmethod
     def for_mode(cls, mode: str, input_hidden_size: int, output_hidden_size: int, num_queries: int = METAQUERY_TOKENS) -> Connector:
         """A fresh connector with the extra parameters ``mode`` needs (for training new ones)."""
-        check_mode(mode)
+        spec = fusion_mode(mode)
         return cls(
             input_hidden_size,
             output_hidden_size,
-            type_embedding=mode == "vlm+t5+type",
-            num_queries=num_queries if mode == "metaquery" else 0,
+            type_embedding=spec.type_embedding,
+            num_queries=num_queries if spec.queries else 0,
         )
 
     @property
     def modes(self) -> tuple[str, ...]:
         """The fusion modes this connector's parameters support."""
-        modes = ["vlm", "t5", "vlm+t5"]
-        if self.type_embedding is not None:
-            modes.append("vlm+t5+type")
-        if self.queries is not None:
-            modes.append("metaquery")
-        return tuple(modes)
+        return modes_with(queries=self.queries is not None, type_embedding=self.type_embedding is not None)
 
     def forward(self, vlm_hidden: torch.Tensor) -> torch.Tensor:
         """[B, L, input_hidden] -> [B, L, output_hidden]."""
@@ -126,50 +112,53 @@ def fuse(
     vlm: QwenFeatures | None,
     text: TextFeatures | None,
 ) -> Conditioning:
-    """Build the Kontext conditioning of one fusion mode. Shapes: context [B, L_vlm (+ L_t5), D]."""
-    check_mode(mode)
-    if mode != "t5":
+    """Build the Kontext conditioning of one fusion mode, as its row in :mod:`gie_core.modes` says.
+
+    Shapes: context [B, L_vlm (+ L_t5), D] (VLM tokens first, T5 after), pooled [B, P].
+    """
+    spec = fusion_mode(mode)
+    if spec.needs_qwen:
         if connector is None or vlm is None:
             raise ValueError(f"fusion mode '{mode}' needs the connector and Qwen-VL features")
         if mode not in connector.modes:
             raise ValueError(
                 f"fusion mode '{mode}' needs parameters this connector does not have; it supports {', '.join(connector.modes)}"
             )
-    if mode != "vlm" and mode != "metaquery" and (text is None or text.t5 is None):
+    if spec.needs_t5 and (text is None or text.t5 is None):
         raise ValueError(f"fusion mode '{mode}' needs T5 features (connect the T5 encoding)")
     if text is None:
         raise ValueError(f"fusion mode '{mode}' needs the CLIP pooled vector (connect the T5/CLIP encoding)")
+    if spec.pooled_from == "empty" and text.pooled_empty is None:
+        raise ValueError(f"fusion mode '{mode}' needs CLIP(\"\") as the pooled vector; encode it with the text encoders")
+    pooled = text.pooled if spec.pooled_from == "instruction" else text.pooled_empty
 
-    if mode == "t5":
-        return Conditioning(text.t5, text.pooled)
-
-    hidden = vlm.hidden
-    if mode == "metaquery":
-        if vlm.num_queries <= 0:
-            raise ValueError("fusion mode 'metaquery' needs Qwen-VL features encoded with the connector's queries")
-        hidden = hidden[:, -vlm.num_queries:]  # [B, N, H]: only the query outputs are kept
-    projected = connector(hidden)  # [B, L_vlm, D]
-
-    if mode in ("vlm", "metaquery"):
-        if text.pooled_empty is None:
-            raise ValueError(f"fusion mode '{mode}' needs CLIP(\"\") as the pooled vector; encode it with the text encoders")
-        pooled = text.pooled_empty.expand(projected.shape[0], -1) if text.pooled_empty.shape[0] == 1 else text.pooled_empty
-        return Conditioning(projected, pooled.to(device=projected.device, dtype=projected.dtype))
-
-    t5 = text.t5.to(device=projected.device, dtype=projected.dtype)
-    if t5.shape[-1] != projected.shape[-1]:
-        raise ValueError(f"T5 features are {t5.shape[-1]}-wide but the connector outputs {projected.shape[-1]}")
-    if t5.shape[0] != projected.shape[0]:
-        if t5.shape[0] == 1:
-            t5 = t5.expand(projected.shape[0], -1, -1)
-        elif projected.shape[0] == 1:
-            projected = projected.expand(t5.shape[0], -1, -1)
-        else:
-            raise ValueError(f"Qwen-VL features have batch {projected.shape[0]} but T5 features have {t5.shape[0]}")
-    if mode == "vlm+t5+type":
-        te = connector.type_embedding.to(projected.dtype)
-        projected = projected + te[0]
-        t5 = t5 + te[1]
-    context = torch.cat([projected, t5], dim=1)  # [B, L_vlm + L_t5, D]: VLM first, T5 after
-    pooled = text.pooled.to(device=context.device, dtype=context.dtype)
-    return Conditioning(context, pooled)
+    parts = []  # [B_i, L_i, D] in order: VLM tokens first, T5 after
+    if spec.needs_qwen:
+        hidden = vlm.hidden
+        if spec.queries:
+            if vlm.num_queries <= 0:
+                raise ValueError(f"fusion mode '{mode}' needs Qwen-VL features encoded with the connector's queries")
+            hidden = hidden[:, -vlm.num_queries:]  # [B, N, H]: only the query outputs are kept
+        parts.append(connector(hidden))  # [B, L_vlm, D]
+    if spec.needs_t5:
+        t5 = text.t5
+        if parts:
+            t5 = t5.to(device=parts[0].device, dtype=parts[0].dtype)
+            if t5.shape[-1] != parts[0].shape[-1]:
+                raise ValueError(f"T5 features are {t5.shape[-1]}-wide but the connector outputs {parts[0].shape[-1]}")
+        parts.append(t5)
+    batch = max(p.shape[0] for p in parts)
+    for i, p in enumerate(parts):
+        if p.shape[0] != batch:
+            if p.shape[0] != 1:
+                raise ValueError(
+                    f"Qwen-VL features have batch {parts[0].shape[0]} but T5 features have {parts[-1].shape[0]}"
+                )
+            parts[i] = p.expand(batch, -1, -1)
+    if spec.type_embedding:
+        te = connector.type_embedding.to(parts[0].dtype)  # [2, D]: row 0 VLM, row 1 T5
+        parts = [p + te[i] for i, p in enumerate(parts)]
+    context = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    if pooled.shape[0] == 1 and batch > 1 and spec.pooled_from == "empty":
+        pooled = pooled.expand(batch, -1)
+    return Conditioning(context, pooled.to(device=context.device, dtype=context.dtype) if spec.needs_qwen else pooled)

@@ -40,15 +40,23 @@ QWEN_IMAGE_SIZE = 448  # fixed square resize -> grid 1x32x32 -> 256 tokens after
 T5_MAX_LENGTH = 256
 CLIP_MAX_LENGTH = 77
 
-# Published sampling defaults.
+# Published sampling defaults, and the range every face accepts (inclusive).
 DEFAULT_GUIDANCE = 3.5
 DEFAULT_STEPS = 28
 DEFAULT_SEED = 42
 DEFAULT_TRUE_CFG = 1.0  # 1.0 = off
+STEPS_RANGE = (1, 200)
+GUIDANCE_RANGE = (0.0, 100.0)
+TRUE_CFG_RANGE = (1.0, 30.0)
+SEED_RANGE = (0, 0xFFFFFFFFFFFFFFFF)  # ComfyUI's seed widget; torch generators take 64 bits
+BATCH_RANGE = (1, 64)
 
 # Output size when none is given: about one megapixel at the reference's aspect ratio.
 DEFAULT_TARGET_AREA = 1024 * 1024
 SIZE_MULTIPLE = 16
+# An output may differ from the aspect it should keep (a padded image's) by this much; see
+# gie_core.ratio.aspect_fits for the allowance of sizes in multiples of SIZE_MULTIPLE.
+ASPECT_TOLERANCE = 0.01
 
 # Inputs we accept as reference images.
 MIN_IMAGE_SIDE = 16
@@ -67,7 +75,15 @@ MAX_SHIFT = 1.15
 # Where models wait between uses (see gie_core.components.Placement).
 OFFLOAD_MODES: tuple[str, ...] = ("none", "model", "sequential")
 
-# Fusion modes (see gie_core.connector).
-FUSION_MODES: tuple[str, ...] = ("vlm", "t5", "vlm+t5", "vlm+t5+type", "metaquery")
-DEFAULT_FUSION_MODE = "vlm+t5"
+# Fusion modes: the table is gie_core.modes (FUSION_MODES, DEFAULT_FUSION_MODE live there).
 METAQUERY_TOKENS = 256
+
+# Reference images: how they are resized before VAE encoding. "lanczos" is ours (as diffusers'
+# pipeline resizes PIL images); "nearest" is what upstream's evaluation scripts did, to
+# reproduce the published numbers.
+REFERENCE_RESIZE_MODES: tuple[str, ...] = ("preferred", "keep")
+REFERENCE_RESAMPLE_MODES: tuple[str, ...] = ("lanczos", "nearest")
+DEFAULT_REFERENCE_RESAMPLE = "lanczos"
+
+# Images with transparency are composited on this colour (the pad colour when snapping).
+DEFAULT_BACKGROUND = "white"

@@ -20,21 +20,14 @@ from PIL import Image
 from .conditioning import Conditioning
 from .connector import Connector, fuse
 from .components import Placement, default_scheduler, load_text_encoder_files
-from .constants import DEFAULT_FUSION_MODE, DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_TRUE_CFG
+from .constants import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_TRUE_CFG
 from .encoders import QwenVLEncoder, TextEncoders, check_instruction
-from .images import ImageLike, auto_output_size, check_output_size, prepare_reference, to_pil, to_tensor
+from .images import ImageLike, prepare_reference, to_pil, to_rgb, to_tensor
 from .loading import load_gie_checkpoint, load_kontext_dir, parse_dtype
+from .modes import DEFAULT_FUSION_MODE, fusion_mode
 from .ratio import PadRecord, crop_padding, pad_to_ratio
+from .request import EditRequest, resolve_device, resolve_edit
 from .sampler import InterruptFn, KontextModels, ProgressFn, sample
-
-
-def default_device() -> torch.device:
-    """CUDA when present, else MPS, else CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 @dataclass
@@ -65,7 +58,7 @@ class EditPipeline:
         self.loras = tuple(loras)  # (adapter name, strength), activated for each sampling run
         self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
         self.text, self.qwen, self.connector = text, qwen, connector
-        self.placement = Placement(device if device is not None else default_device(), offload)
+        self.placement = Placement(resolve_device(device), offload)
         self.device, self.offload = self.placement.device, offload
         for m in self._modules():
             m.to(self.device if offload == "none" else "cpu")
@@ -112,13 +105,11 @@ class EditPipeline:
         LoRAs applied to the transformer for every edit.
         """
         from . import single_file as sf
-        from .connector import check_mode
 
-        check_mode(mode)
+        spec = fusion_mode(mode)
         dtype = parse_dtype(dtype)
         load_dev = "cpu"
-        needs_vlm = mode != "t5"
-        needs_t5 = mode in ("t5", "vlm+t5", "vlm+t5+type")
+        needs_vlm, needs_t5 = spec.needs_qwen, spec.needs_t5
         if needs_vlm and gie_dir is None:
             raise ValueError(f"fusion mode '{mode}' needs a GPT-Image-Edit checkpoint (--model); mode 't5' runs stock Kontext")
         qwen = connector = transformer = None
@@ -177,17 +168,18 @@ class EditPipeline:
     def conditioning(self, images: ImageLike, instruction: str, mode: str = DEFAULT_FUSION_MODE) -> Conditioning:
         """Encode and fuse (image, instruction) into Kontext conditioning for ``mode``."""
         check_instruction(instruction)
+        spec = fusion_mode(mode)
         vlm = None
-        if mode != "t5":
+        if spec.needs_qwen:
             if self.qwen is None or self.connector is None:
                 raise ValueError(f"fusion mode '{mode}' needs the Qwen-VL encoder and connector (load a GPT-Image-Edit checkpoint)")
-            queries = self.connector.queries if mode == "metaquery" else None
+            queries = self.connector.queries if spec.queries else None
             with self.on_device(self.qwen.model):
                 vlm = self.qwen.encode(images, instruction, queries=queries)
         if self.text is None:
             raise ValueError("no CLIP/T5 text encoders are loaded")
         with self.on_device(self.text.clip, self.text.t5):
-            text = self.text.encode(instruction, with_t5=mode not in ("vlm", "metaquery"))
+            text = self.text.encode(instruction, with_t5=spec.needs_t5)
         with self.on_device(self.connector):
             cond = fuse(mode, self.connector, vlm, text)  # fuse moves features to the connector's device
         return cond.to("cpu")
@@ -197,6 +189,7 @@ class EditPipeline:
         image: ImageLike,
         instruction: str,
         *,
+        request: EditRequest | None = None,
         mode: str = DEFAULT_FUSION_MODE,
         steps: int = DEFAULT_STEPS,
         guidance: float = DEFAULT_GUIDANCE,
@@ -208,36 +201,56 @@ class EditPipeline:
         negative_instruction: str | None = None,
         true_cfg: float = DEFAULT_TRUE_CFG,
         reference_resize: str = "preferred",
+        reference_resample: str = "lanczos",
         progress: ProgressFn | None = None,
         interrupt: InterruptFn | None = None,
     ) -> EditResult:
-        """Edit ``image`` by ``instruction``. ``snap`` (a ratio set, e.g. "default") pads the image
-        to the nearest ratio first and crops the padding from the result, back to the original size."""
+        """Edit ``image`` by ``instruction``.
+
+        Either pass a ``request`` from :func:`gie_core.request.resolve_edit` (as ``gie-edit`` does,
+        having checked everything before loading), or the options, which are resolved the same
+        way here. ``size`` is (width, height), a 0 side following the aspect; None = auto.
+        ``snap`` (a ratio set, e.g. "default") pads the image to the nearest ratio first and
+        crops the padding from the result, back to the original size.
+        """
         check_instruction(instruction)
-        checked = to_tensor(image, "input image")  # validates type, mode and size
+        checked = to_tensor(image, "input image")  # validates type, mode, size and values
         n_images = checked.shape[0]
-        # Keep PIL inputs as PIL: the reference is then resized exactly as diffusers does (LANCZOS).
-        images = image if isinstance(image, (Image.Image, list, tuple)) else checked
-        record = None
-        if snap:
-            images, record = pad_to_ratio(checked if isinstance(images, (list, tuple)) else images, snap, color=pad_color)
-        in_w, in_h = (record.padded_width, record.padded_height) if record else (checked.shape[2], checked.shape[1])
-        if size is None:
-            width, height = auto_output_size(in_w, in_h)
+        if request is None:
+            width, height = size if size is not None else (0, 0)
+            request = resolve_edit(
+                image_width=checked.shape[2], image_height=checked.shape[1], n_images=n_images, mode=mode,
+                steps=steps, guidance=guidance, seed=seed, width=width, height=height, batch_size=batch_size,
+                true_cfg=true_cfg, snap=snap, pad_color=pad_color, reference_resize=reference_resize,
+                reference_resample=reference_resample,
+            )
+        elif (request.input_width, request.input_height, request.n_images) != (checked.shape[2], checked.shape[1], n_images):
+            raise ValueError(
+                f"the request was resolved for {request.n_images} image(s) of {request.input_width}x{request.input_height} "
+                f"but the image is {n_images} of {checked.shape[2]}x{checked.shape[1]}"
+            )
+        # Keep PIL inputs as PIL (in RGB): the reference is then resized exactly as diffusers does.
+        background = request.pad_color if request.pad is not None and request.pad_color != "edge" else "white"
+        if isinstance(image, Image.Image):
+            images = to_rgb(image, background)
+        elif isinstance(image, (list, tuple)):
+            images = [to_rgb(im, background) for im in image]
         else:
-            width, height = int(size[0]), int(size[1])
-            check_output_size(width, height)
-            if record is not None and abs((width / height) / (in_w / in_h) - 1) > 0.01:
-                rw, rh = record.ratio
-                raise ValueError(
-                    f"output size {width}x{height} does not have the {rw}:{rh} aspect the image is padded to; "
-                    f"use an automatic size or a {rw}:{rh} size (e.g. {rw * 16 * 4}x{rh * 16 * 4})"
-                )
+            images = checked
+        record = None
+        if request.pad is not None:
+            images, record = pad_to_ratio(
+                images if isinstance(images, Image.Image) else to_tensor(images, "input image"), [request.pad.ratio],
+                color=request.pad_color,
+            )
+            if (record.padded_width, record.padded_height) != (request.pad.padded_width, request.pad.padded_height):
+                raise ValueError(f"the image pads to {record.padded_width}x{record.padded_height}, not as the request says")
+        mode = request.mode
         positive = self.conditioning(images, instruction, mode)
         negative = None
-        if true_cfg > 1.0:
+        if request.do_true_cfg:
             negative = self.conditioning(images, negative_instruction or " ", mode)
-        reference = prepare_reference(images, reference_resize)
+        reference = prepare_reference(images, request.reference_resize, resample=request.reference_resample)
         from .lora import activated
 
         # only take charge of the adapters when this pipeline was given LoRAs
@@ -247,21 +260,23 @@ class EditPipeline:
                 KontextModels(self.transformer, self.vae, self.scheduler),
                 positive,
                 reference,
-                width=width,
-                height=height,
-                steps=steps,
-                guidance=guidance,
-                seed=seed,
-                batch_size=batch_size if n_images == 1 else n_images,
-                true_cfg=true_cfg,
+                width=request.width,
+                height=request.height,
+                steps=request.steps,
+                guidance=request.guidance,
+                seed=request.seed,
+                batch_size=request.batch_size,
+                true_cfg=request.true_cfg,
                 negative=negative,
                 device=self.device,
                 progress=progress,
                 interrupt=interrupt,
+                checked=True,
             ).cpu()
         if record is not None:
             out = crop_padding(out, record)
-        return EditResult(to_pil(out), out, record, positive, {"width": width, "height": height, "mode": mode})
+        info = {"width": request.width, "height": request.height, "mode": mode, "request": request}
+        return EditResult(to_pil(out), out, record, positive, info)
 
 
 def _single_file_text(text, clip_file, t5_file, tokenizer_dir, kontext_dir, dtype) -> TextEncoders:

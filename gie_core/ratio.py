@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .constants import DEFAULT_RATIOS, PREFERRED_KONTEXT_RESOLUTIONS, RESIDUAL_PADDING_THRESHOLD
+from .constants import ASPECT_TOLERANCE, DEFAULT_RATIOS, PREFERRED_KONTEXT_RESOLUTIONS, RESIDUAL_PADDING_THRESHOLD, SIZE_MULTIPLE
 
 __all__ = [
     "RATIO_SETS",
@@ -35,10 +35,13 @@ __all__ = [
     "PLACEMENTS",
     "RESAMPLE_MODES",
     "ASPECT_TOLERANCE",
+    "aspect_fits",
+    "parse_color",
     "PadRecord",
     "parse_ratios",
     "nearest_ratio",
     "pad_to_ratio",
+    "plan_padding",
     "crop_padding",
     "padding_mask",
     "residual_padding_fraction",
@@ -71,9 +74,6 @@ RATIO_SETS: dict[str, tuple[Ratio, ...]] = {
 PAD_COLORS: tuple[str, ...] = ("white", "black", "edge")
 PLACEMENTS: tuple[str, ...] = ("center", "top", "bottom", "left", "right")
 RESAMPLE_MODES: tuple[str, ...] = ("lanczos", "bicubic", "bilinear", "nearest")
-
-# An edited image may differ from the padded aspect by this much (size snapping of the model).
-ASPECT_TOLERANCE = 0.01
 
 _NAMED_COLORS: dict[str, tuple[int, int, int]] = {"white": (255, 255, 255), "black": (0, 0, 0)}
 _PIL_RESAMPLE = {
@@ -302,7 +302,7 @@ def _from_batch(kind: str, arr: Any) -> ImageLike:
     return arr
 
 
-def _parse_color(color: Any, allow_edge: bool = True) -> Union[str, tuple[int, int, int]]:
+def parse_color(color: Any, allow_edge: bool = True) -> Union[str, tuple[int, int, int]]:
     expected = (
         "'white', 'black', " + ("'edge', " if allow_edge else "")
         + "'#rrggbb', 'r,g,b' or an (r, g, b) tuple of 0-255 integers"
@@ -353,6 +353,17 @@ def _offsets(placement: Any, dx: int, dy: int) -> tuple[int, int, int, int]:
 # ---------------------------------------------------------------------------------------------
 
 
+def plan_padding(width: int, height: int, ratios: Any = "default", placement: str = "center") -> PadRecord:
+    """The :class:`PadRecord` :func:`pad_to_ratio` makes for a ``width x height`` image, without
+    touching pixels (the request resolver sizes the output from it before anything loads)."""
+    _check_size(width, height)
+    rw, rh = nearest_ratio(width, height, ratios)
+    k = max(-(-width // rw), -(-height // rh))
+    PW, PH = rw * k, rh * k
+    left, top, right, bottom = _offsets(placement, PW - width, PH - height)
+    return PadRecord(width, height, PW, PH, left, top, right, bottom, (rw, rh))
+
+
 def pad_to_ratio(
     image: ImageLike, ratios: Any = "default", color: Any = "white", placement: str = "center"
 ) -> tuple[ImageLike, PadRecord]:
@@ -367,13 +378,10 @@ def pad_to_ratio(
     image, of the input's type, and the :class:`PadRecord` (one per batch).
     """
     kind, arr = _to_batch(image)
-    fill = _parse_color(color)
+    fill = parse_color(color)
     B, H, W, _ = arr.shape
-    rw, rh = nearest_ratio(W, H, ratios)
-    k = max(-(-W // rw), -(-H // rh))
-    PW, PH = rw * k, rh * k
-    left, top, right, bottom = _offsets(placement, PW - W, PH - H)
-    record = PadRecord(W, H, PW, PH, left, top, right, bottom, (rw, rh))
+    record = plan_padding(W, H, ratios, placement)
+    PW, PH, left, top = record.padded_width, record.padded_height, record.left, record.top
 
     is_tensor = isinstance(arr, torch.Tensor)
     if fill == "edge":
@@ -412,13 +420,34 @@ def _scaled_box(record: PadRecord, width: int, height: int) -> tuple[int, int, i
     return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
 
 
+def aspect_fits(width: int, height: int, target_width: int, target_height: int) -> bool:
+    """Whether ``width x height`` has the aspect of ``target_width x target_height``.
+
+    The one aspect rule of the project (output sizes with ``--snap``, Crop Padding): within
+    :data:`ASPECT_TOLERANCE`, or, for sizes in multiples of ``SIZE_MULTIPLE`` (every size the
+    model makes), one side is the other's exact-aspect length rounded to the nearest multiple
+    (off by at most half a multiple). That is what the size rules produce
+    (:func:`gie_core.request.resolve_output_size`) when the exact aspect has no size in
+    multiples of 16, e.g. a 512-wide 3:2 output is 512x336.
+    """
+    tw, th = int(target_width), int(target_height)
+    if abs((width * th) / (height * tw) - 1.0) <= ASPECT_TOLERANCE:
+        return True
+    if width % SIZE_MULTIPLE or height % SIZE_MULTIPLE:
+        return False
+    # |width - height*tw/th| <= m/2  or  |height - width*th/tw| <= m/2, in exact integers
+    off2 = 2 * abs(width * th - height * tw)
+    return off2 <= SIZE_MULTIPLE * th or off2 <= SIZE_MULTIPLE * tw
+
+
 def _check_aspect(record: PadRecord, width: int, height: int) -> None:
     PW, PH = record.padded_width, record.padded_height
-    if abs((width * PH) / (height * PW) - 1.0) > ASPECT_TOLERANCE:
+    if not aspect_fits(width, height, PW, PH):
         rw, rh = record.ratio
         raise ValueError(
             f"image is {width}x{height} but the pad record is for a {rw}:{rh} padded image "
-            f"({PW}x{PH}); expected that aspect within {ASPECT_TOLERANCE:.0%}"
+            f"({PW}x{PH}); expected that aspect within {ASPECT_TOLERANCE:.0%} (or the nearest sizes in "
+            f"multiples of {SIZE_MULTIPLE})"
         )
 
 
@@ -496,7 +525,7 @@ def residual_padding_fraction(image: ImageLike, color: Any = "white", tolerance:
     it is no fixed colour). Returns the union area of the four strips over the image area.
     For a batch tensor, returns the maximum over the batch.
     """
-    fill = _parse_color(color, allow_edge=False)
+    fill = parse_color(color, allow_edge=False)
     if not isinstance(tolerance, numbers.Real) or isinstance(tolerance, bool) or not 0 <= tolerance <= 255:
         raise ValueError(f"tolerance {tolerance!r} must be a number in 0..255")
     kind, arr = _to_batch(image)

@@ -5,6 +5,10 @@ precision) with the reference system's choices: reference images as Kontext toke
 *mode* latents, ids with first coordinate 1, appended after the target tokens), dynamic
 shift on the target tokens only, a guidance embedding, optional true CFG, and callbacks for
 progress and interruption instead of any UI import.
+
+A run is three parts: :func:`prepare` (noise, ids, reference tokens, the :class:`Schedule`),
+:func:`denoise` (the step loop) and :func:`decode`; :func:`sample` chains them. Inputs come
+checked by :func:`gie_core.request.resolve_edit` (or :func:`check_sampling` for direct callers).
 """
 
 from __future__ import annotations
@@ -12,21 +16,22 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .conditioning import Conditioning
 from .constants import (
-    BASE_IMAGE_SEQ_LEN,
-    BASE_SHIFT,
+    BATCH_RANGE,
     DEFAULT_GUIDANCE,
     DEFAULT_SEED,
     DEFAULT_STEPS,
     DEFAULT_TRUE_CFG,
-    MAX_IMAGE_SEQ_LEN,
-    MAX_SHIFT,
+    GUIDANCE_RANGE,
+    SEED_RANGE,
+    STEPS_RANGE,
+    TRUE_CFG_RANGE,
 )
-from .images import check_output_size
+from .request import check_float, check_int, check_output_size
+from .schedule import Schedule
 
 ProgressFn = Callable[[int, int], None]  # (steps done, total steps)
 InterruptFn = Callable[[], bool]  # True to stop (or raise its own exception)
@@ -36,19 +41,6 @@ REFERENCE_METHODS = ("index", "offset")
 
 class SamplingInterrupted(RuntimeError):
     """Raised when the interrupt callback asked sampling to stop."""
-
-
-def calculate_shift(
-    image_seq_len: int,
-    base_seq_len: int = BASE_IMAGE_SEQ_LEN,
-    max_seq_len: int = MAX_IMAGE_SEQ_LEN,
-    base_shift: float = BASE_SHIFT,
-    max_shift: float = MAX_SHIFT,
-) -> float:
-    """FLUX's resolution-dependent shift ``mu``, linear in the number of target tokens."""
-    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    b = base_shift - m * base_seq_len
-    return image_seq_len * m + b
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -193,7 +185,172 @@ def make_noise(batch_size: int, channels: int, latent_height: int, latent_width:
     return torch.randn((batch_size, channels, latent_height, latent_width), generator=generator, dtype=torch.float32)
 
 
+def check_sampling(*, width, height, steps, guidance, seed, batch_size, true_cfg, negative) -> None:
+    """The range checks of :func:`gie_core.request.resolve_edit`, for callers of :func:`sample`
+    that did not resolve a request (the rules are the same functions)."""
+    check_output_size(width, height)
+    check_int("steps", steps, *STEPS_RANGE)
+    check_float("guidance", guidance, *GUIDANCE_RANGE)
+    check_int("seed", seed, *SEED_RANGE)
+    check_int("batch size", batch_size, *BATCH_RANGE)
+    check_float("true CFG scale", true_cfg, *TRUE_CFG_RANGE)
+    if true_cfg > 1.0 and negative is None:
+        raise ValueError(f"true CFG scale {true_cfg} needs a negative conditioning")
+
+
+@dataclass
+class Prepared:
+    """Everything the step loop needs, on the device. Token shapes: latents [B, N_target, 64],
+    reference tokens [B, N_ref, 64], ids [N_target + N_ref, 3]."""
+
+    latents: torch.Tensor
+    ref_tokens: torch.Tensor | None
+    ids: torch.Tensor
+    txt_ids: torch.Tensor
+    neg_txt_ids: torch.Tensor | None
+    positive: Conditioning
+    negative: Conditioning | None
+    guidance: torch.Tensor | None  # [B] float32, None when the model has no guidance embedding
+    true_cfg: float
+    cfg_batch: bool
+    schedule: Schedule
+    latent_height: int
+    latent_width: int
+    batch_size: int
+
+    @property
+    def n_target(self) -> int:
+        return self.latents.shape[1]
+
+    @property
+    def do_cfg(self) -> bool:
+        return self.true_cfg > 1.0
+
+
 @torch.inference_mode()
+def prepare(
+    models: KontextModels,
+    positive: Conditioning,
+    references: torch.Tensor | Sequence[torch.Tensor] | None,
+    *,
+    width: int,
+    height: int,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    seed: int = DEFAULT_SEED,
+    batch_size: int = 1,
+    true_cfg: float = DEFAULT_TRUE_CFG,
+    negative: Conditioning | None = None,
+    reference_method: str = "index",
+    cfg_batch: bool = True,
+    device: torch.device | str | None = None,
+    noise: torch.Tensor | None = None,
+) -> Prepared:
+    """Noise, ids, reference tokens (VAE-encoded once) and the schedule of one run."""
+    transformer, vae = models.transformer, models.vae
+    device = torch.device(device) if device is not None else next(transformer.parameters()).device
+    dtype = next(transformer.parameters()).dtype
+    factor = _vae_factor(vae)
+    channels = transformer.config.in_channels // 4
+    lat_h, lat_w = 2 * (height // (factor * 2)), 2 * (width // (factor * 2))
+    do_cfg = true_cfg > 1.0
+
+    pos = positive.expand(batch_size).to(device, dtype)
+    neg = negative.expand(batch_size).to(device, dtype) if do_cfg else None
+    if positive.extra.get("guidance") is not None:
+        guidance = float(positive.extra["guidance"])  # ComfyUI's FluxGuidance sets it on the conditioning
+
+    ref_tokens = ref_ids = None
+    if references is not None:
+        ref_list = [references] if torch.is_tensor(references) else list(references)
+        latents_list = []
+        for i, ref in enumerate(ref_list):
+            if ref.ndim != 4 or ref.shape[1] != 3:
+                raise ValueError(f"reference {i} must be [batch, 3, H, W] in [-1, 1] but is {tuple(ref.shape)}")
+            lat = encode_reference(vae, ref, device).to(dtype)
+            if lat.shape[0] not in (1, batch_size):
+                raise ValueError(f"reference {i} has batch {lat.shape[0]} but {batch_size} images are being made")
+            latents_list.append(lat.expand(batch_size, -1, -1, -1) if lat.shape[0] == 1 else lat)
+        ref_tokens, ref_ids = reference_tokens(latents_list, reference_method)
+        ref_tokens, ref_ids = ref_tokens.to(device, dtype), ref_ids.to(device, dtype)
+
+    if noise is None:
+        noise = make_noise(batch_size, channels, lat_h, lat_w, seed)
+    latents = pack_latents(noise.to(device=device, dtype=dtype))  # [B, N_target, 64]
+    ids = latent_ids(lat_h // 2, lat_w // 2).to(device, dtype)
+    if ref_ids is not None:
+        ids = torch.cat([ids, ref_ids], dim=0)  # target first, references after
+    txt_ids = torch.zeros(pos.context.shape[1], 3, device=device, dtype=dtype)
+    neg_txt_ids = torch.zeros(neg.context.shape[1], 3, device=device, dtype=dtype) if do_cfg else None
+    schedule = Schedule.create(models.scheduler, steps, latents.shape[1], device)
+    guidance_vec = (
+        torch.full([batch_size], guidance, device=device, dtype=torch.float32)
+        if transformer.config.guidance_embeds
+        else None
+    )
+    return Prepared(latents, ref_tokens, ids, txt_ids, neg_txt_ids, pos, neg, guidance_vec, true_cfg, cfg_batch,
+                    schedule, lat_h, lat_w, batch_size)
+
+
+@torch.inference_mode()
+def denoise(
+    transformer,
+    run: Prepared,
+    *,
+    progress: ProgressFn | None = None,
+    interrupt: InterruptFn | None = None,
+) -> torch.Tensor:
+    """The step loop. Returns the normalised latents [B, 16, H/8, W/8]."""
+    pos, neg, n_target, dtype = run.positive, run.negative, run.n_target, run.latents.dtype
+    batch_size, latents = run.batch_size, run.latents
+
+    def predict(model_input, t, context, pooled, tids, guid):
+        out = transformer(
+            hidden_states=model_input,
+            timestep=t / 1000,
+            guidance=guid,
+            pooled_projections=pooled,
+            encoder_hidden_states=context,
+            txt_ids=tids,
+            img_ids=run.ids,
+            return_dict=False,
+        )[0]
+        return out[:, :n_target]  # slice the prediction back to the target tokens
+
+    joint_cfg = run.do_cfg and run.cfg_batch and neg.context.shape[1] == pos.context.shape[1]
+    if joint_cfg:
+        both_context = torch.cat([pos.context, neg.context])  # [2B, L, D]
+        both_pooled = torch.cat([pos.pooled, neg.pooled])
+        both_guidance = run.guidance.repeat(2) if run.guidance is not None else None
+
+    timesteps = run.schedule.timesteps
+    total = len(timesteps)
+    with _InterruptHooks(transformer, interrupt), _RopeCache(transformer):
+        for i, t in enumerate(timesteps):
+            if interrupt is not None and interrupt():
+                raise SamplingInterrupted("sampling was interrupted")
+            model_input = latents if run.ref_tokens is None else torch.cat([latents, run.ref_tokens], dim=1)
+            if joint_cfg:
+                tt = t.expand(2 * batch_size).to(dtype)
+                noise_pred, neg_pred = predict(
+                    model_input.repeat(2, 1, 1), tt, both_context, both_pooled, run.txt_ids, both_guidance
+                ).chunk(2)
+                noise_pred = neg_pred + run.true_cfg * (noise_pred - neg_pred)
+            else:
+                tt = t.expand(batch_size).to(dtype)
+                noise_pred = predict(model_input, tt, pos.context, pos.pooled, run.txt_ids, run.guidance)
+                if run.do_cfg:
+                    neg_pred = predict(model_input, tt, neg.context, neg.pooled, run.neg_txt_ids, run.guidance)
+                    noise_pred = neg_pred + run.true_cfg * (noise_pred - neg_pred)
+            latents = run.schedule.step(noise_pred, t, latents)
+            if progress is not None:
+                progress(i + 1, total)
+    return unpack_latents(latents, run.latent_height, run.latent_width)
+
+
+decode = decode_latents
+
+
 def sample(
     models: KontextModels,
     positive: Conditioning,
@@ -214,6 +371,7 @@ def sample(
     progress: ProgressFn | None = None,
     interrupt: InterruptFn | None = None,
     output: str = "image",
+    checked: bool = False,
 ) -> torch.Tensor:
     """Edit: denoise a ``width`` x ``height`` image conditioned on ``positive`` and the references.
 
@@ -222,116 +380,16 @@ def sample(
     (shared) or ``batch_size``. Returns images [B, H, W, 3] in 0..1 (``output="latent"``: the
     normalised latents [B, 16, H/8, W/8]). With true CFG and ``cfg_batch``, the positive and
     negative predictions run as one batch when their token counts match (turn it off to halve
-    activation memory on small cards).
+    activation memory on small cards). ``checked``: the values come from
+    :func:`gie_core.request.resolve_edit`, so they are not checked again.
     """
-    check_output_size(width, height)
-    if steps < 1:
-        raise ValueError(f"steps is {steps} but must be at least 1")
-    if batch_size < 1:
-        raise ValueError(f"batch size is {batch_size} but must be at least 1")
-    do_cfg = true_cfg > 1.0
-    if do_cfg and negative is None:
-        raise ValueError(f"true CFG scale {true_cfg} needs a negative conditioning")
-
-    transformer, vae = models.transformer, models.vae
-    device = torch.device(device) if device is not None else next(transformer.parameters()).device
-    dtype = next(transformer.parameters()).dtype
-    factor = _vae_factor(vae)
-    channels = transformer.config.in_channels // 4
-    lat_h, lat_w = 2 * (height // (factor * 2)), 2 * (width // (factor * 2))
-
-    pos = positive.expand(batch_size).to(device, dtype)
-    neg = negative.expand(batch_size).to(device, dtype) if do_cfg else None
-    if "guidance" in positive.extra and positive.extra["guidance"] is not None:
-        guidance = float(positive.extra["guidance"])  # ComfyUI's FluxGuidance sets it on the conditioning
-
-    # Reference tokens: encoded once, shared by every step.
-    ref_tokens = ref_ids = None
-    if references is not None:
-        ref_list = [references] if torch.is_tensor(references) else list(references)
-        latents_list = []
-        for i, ref in enumerate(ref_list):
-            if ref.ndim != 4 or ref.shape[1] != 3:
-                raise ValueError(f"reference {i} must be [batch, 3, H, W] in [-1, 1] but is {tuple(ref.shape)}")
-            lat = encode_reference(vae, ref, device).to(dtype)
-            if lat.shape[0] not in (1, batch_size):
-                raise ValueError(f"reference {i} has batch {lat.shape[0]} but {batch_size} images are being made")
-            latents_list.append(lat.expand(batch_size, -1, -1, -1) if lat.shape[0] == 1 else lat)
-        ref_tokens, ref_ids = reference_tokens(latents_list, reference_method)
-        ref_tokens, ref_ids = ref_tokens.to(device, dtype), ref_ids.to(device, dtype)
-
-    if noise is None:
-        noise = make_noise(batch_size, channels, lat_h, lat_w, seed)
-    latents = pack_latents(noise.to(device=device, dtype=dtype))  # [B, N_target, 64]
-    n_target = latents.shape[1]
-    ids = latent_ids(lat_h // 2, lat_w // 2).to(device, dtype)
-    if ref_ids is not None:
-        ids = torch.cat([ids, ref_ids], dim=0)  # target first, references after
-    txt_ids = torch.zeros(pos.context.shape[1], 3, device=device, dtype=dtype)
-    neg_txt_ids = torch.zeros(neg.context.shape[1], 3, device=device, dtype=dtype) if do_cfg else None
-
-    scheduler = type(models.scheduler).from_config(models.scheduler.config)
-    sigmas = np.linspace(1.0, 1 / steps, steps)
-    cfg = scheduler.config
-    mu = calculate_shift(
-        n_target,
-        cfg.get("base_image_seq_len", BASE_IMAGE_SEQ_LEN),
-        cfg.get("max_image_seq_len", MAX_IMAGE_SEQ_LEN),
-        cfg.get("base_shift", BASE_SHIFT),
-        cfg.get("max_shift", MAX_SHIFT),
-    )
-    scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
-    scheduler.set_begin_index(0)
-    timesteps = scheduler.timesteps
-
-    guidance_vec = (
-        torch.full([batch_size], guidance, device=device, dtype=torch.float32)
-        if transformer.config.guidance_embeds
-        else None
-    )
-
-    def predict(model_input, t, context, pooled, tids, guid):
-        out = transformer(
-            hidden_states=model_input,
-            timestep=t / 1000,
-            guidance=guid,
-            pooled_projections=pooled,
-            encoder_hidden_states=context,
-            txt_ids=tids,
-            img_ids=ids,
-            return_dict=False,
-        )[0]
-        return out[:, :n_target]  # slice the prediction back to the target tokens
-
-    joint_cfg = do_cfg and cfg_batch and neg.context.shape[1] == pos.context.shape[1]
-    if joint_cfg:
-        both_context = torch.cat([pos.context, neg.context])  # [2B, L, D]
-        both_pooled = torch.cat([pos.pooled, neg.pooled])
-        both_guidance = guidance_vec.repeat(2) if guidance_vec is not None else None
-
-    total = len(timesteps)
-    with _InterruptHooks(transformer, interrupt), _RopeCache(transformer):
-        for i, t in enumerate(timesteps):
-            if interrupt is not None and interrupt():
-                raise SamplingInterrupted("sampling was interrupted")
-            model_input = latents if ref_tokens is None else torch.cat([latents, ref_tokens], dim=1)
-            if joint_cfg:
-                tt = t.expand(2 * batch_size).to(dtype)
-                noise_pred, neg_pred = predict(
-                    model_input.repeat(2, 1, 1), tt, both_context, both_pooled, txt_ids, both_guidance
-                ).chunk(2)
-                noise_pred = neg_pred + true_cfg * (noise_pred - neg_pred)
-            else:
-                tt = t.expand(batch_size).to(dtype)
-                noise_pred = predict(model_input, tt, pos.context, pos.pooled, txt_ids, guidance_vec)
-                if do_cfg:
-                    neg_pred = predict(model_input, tt, neg.context, neg.pooled, neg_txt_ids, guidance_vec)
-                    noise_pred = neg_pred + true_cfg * (noise_pred - neg_pred)
-            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-            if progress is not None:
-                progress(i + 1, total)
-
-    latents = unpack_latents(latents, lat_h, lat_w)
-    if output == "latent":
-        return latents
-    return decode_latents(vae, latents)
+    if not checked:
+        check_sampling(width=width, height=height, steps=steps, guidance=guidance, seed=seed,
+                       batch_size=batch_size, true_cfg=true_cfg, negative=negative)
+    if output not in ("image", "latent"):
+        raise ValueError(f"output '{output}' is unknown; expected 'image' or 'latent'")
+    run = prepare(models, positive, references, width=width, height=height, steps=steps, guidance=guidance,
+                  seed=seed, batch_size=batch_size, true_cfg=true_cfg, negative=negative,
+                  reference_method=reference_method, cfg_batch=cfg_batch, device=device, noise=noise)
+    latents = denoise(models.transformer, run, progress=progress, interrupt=interrupt)
+    return latents if output == "latent" else decode(models.vae, latents)

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import struct
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Iterator, Mapping
@@ -353,18 +352,9 @@ def save_safetensors_atomic(
     """Write a safetensors file via a temporary file in the same folder and an atomic rename."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(contiguous, tmp, metadata=dict(metadata or {"format": "pt"}))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    from .files import atomic_write
+
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic_write(
+        path, lambda tmp: save_file(contiguous, tmp, metadata=dict(metadata or {"format": "pt"})), fsync=True
+    )

@@ -194,9 +194,9 @@ def torch_device() -> torch.device:
     mm = model_management()
     if mm is not None:
         return torch.device(mm.get_torch_device())
-    from gie_core.pipeline import default_device
+    from gie_core.request import resolve_device
 
-    return default_device()
+    return resolve_device(None)
 
 
 def make_room(nbytes: int, device: torch.device) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from gie_core.connector import QwenFeatures, TextFeatures, fuse
 from gie_core.conditioning import Conditioning
-from gie_core.constants import DEFAULT_FUSION_MODE, FUSION_MODES
 from gie_core.encoders import check_instruction
+from gie_core.modes import DEFAULT_FUSION_MODE, FUSION_MODES, fusion_mode, tooltip as modes_tooltip
 
 from .common import (
     CAT_CONDITIONING,
@@ -105,6 +105,11 @@ class GIET5Encode:
         return (feats, conditioning)
 
 
+def _modes(**needs) -> list[str]:
+    """The fusion modes whose table row has the given values (e.g. needs_t5=True)."""
+    return [m for m in FUSION_MODES if all(getattr(fusion_mode(m), k) == v for k, v in needs.items())]
+
+
 class GIEFusionConnector:
     DESCRIPTION = (
         "Fuses Qwen-VL features and T5 features into Kontext conditioning through the connector. vlm+t5 is the "
@@ -124,30 +129,30 @@ class GIEFusionConnector:
                 "text_features": (
                     TEXT_FEATURES,
                     {"tooltip": "From T5 Encode. Every mode needs its CLIP pooled vector; the T5 tokens are used by "
-                     "vlm+t5 and t5 (for vlm, text encoders loaded without T5 suffice)."},
+                     f"{', '.join(_modes(needs_t5=True))} (for {', '.join(_modes(needs_t5=False))}, text encoders "
+                     "loaded without T5 suffice)."},
                 ),
                 "mode": (
                     list(FUSION_MODES),
-                    {
-                        "default": DEFAULT_FUSION_MODE,
-                        "tooltip": "vlm+t5: projected Qwen tokens then T5 tokens, pooled CLIP(instruction) (released model). "
-                        "vlm: Qwen tokens only, pooled CLIP(''). t5: stock Kontext. vlm+t5+type and metaquery need "
-                        "connectors trained for them.",
-                    },
+                    {"default": DEFAULT_FUSION_MODE, "tooltip": modes_tooltip()},
                 ),
             },
             "optional": {
-                "qwen_features": (QWEN_FEATURES, {"tooltip": "From Qwen-VL Encode; needed by every mode except t5."}),
+                "qwen_features": (
+                    QWEN_FEATURES,
+                    {"tooltip": f"From Qwen-VL Encode; needed by {', '.join(_modes(needs_qwen=True))}."},
+                ),
             },
         }
 
     def fuse(self, connector, text_features, mode, qwen_features=None):
         conn = require(connector, "connector", "the GPT-Image-Edit Checkpoint Loader's connector output")
         require(text_features, "text_features", "T5 Encode's text_features output")
-        if mode != "t5" and qwen_features is None:
-            raise ValueError(f"fusion mode '{mode}' needs qwen_features: connect Qwen-VL Encode (or use mode 't5')")
+        spec = fusion_mode(mode)
+        if spec.needs_qwen and qwen_features is None:
+            raise ValueError(f"fusion mode '{mode}' needs qwen_features: connect Qwen-VL Encode (or use a mode without Qwen)")
         with conn.use():
-            cond = fuse(mode, conn.model, qwen_features if mode != "t5" else None, text_features)
+            cond = fuse(mode, conn.model, qwen_features if spec.needs_qwen else None, text_features)
         return (cond.to("cpu").to_comfy(),)
 
 

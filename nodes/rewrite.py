@@ -7,7 +7,7 @@ from gie_core.rewrite import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT, rewri
 
 from .common import CAT_CONDITIONING, QWEN_VL, check_image, require, ui_text
 from .encode import instruction_input
-from .sampling import MAX_SEED
+from gie_core.constants import SEED_RANGE
 
 
 class GIERewriteInstruction:
@@ -49,7 +49,7 @@ class GIERewriteInstruction:
                 ),
                 "seed": (
                     "INT",
-                    {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                    {"default": 0, "min": 0, "max": SEED_RANGE[1], "control_after_generate": True,
                      "tooltip": "Sampling seed, used only when temperature > 0."},
                 ),
             }

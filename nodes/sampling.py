@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 from gie_core.conditioning import Conditioning
-from gie_core.constants import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_TRUE_CFG, MAX_IMAGE_SIDE, SIZE_MULTIPLE
-from gie_core.images import auto_output_size, check_output_size, prepare_reference
+from gie_core.constants import (
+    BATCH_RANGE,
+    DEFAULT_GUIDANCE,
+    DEFAULT_REFERENCE_RESAMPLE,
+    DEFAULT_SEED,
+    DEFAULT_STEPS,
+    DEFAULT_TRUE_CFG,
+    GUIDANCE_RANGE,
+    MAX_IMAGE_SIDE,
+    REFERENCE_RESAMPLE_MODES,
+    REFERENCE_RESIZE_MODES,
+    SEED_RANGE,
+    SIZE_MULTIPLE,
+    STEPS_RANGE,
+    TRUE_CFG_RANGE,
+)
+from gie_core.images import prepare_reference
 from gie_core.lora import activated
+from gie_core.request import resolve_edit, resolve_output_size
 from gie_core.sampler import KontextModels, sample
 
 from . import comfy
 from .common import CAT_SAMPLING, KONTEXT, VAE, check_image, require
-
-MAX_SEED = 0xFFFFFFFFFFFFFFFF  # ComfyUI's seed range
-MAX_BATCH = 64
-REFERENCE_RESIZE = ("preferred", "keep")
 
 
 def read_conditioning(cond, name: str, transformer) -> Conditioning:
@@ -42,15 +54,9 @@ def read_conditioning(cond, name: str, transformer) -> Conditioning:
 
 
 def output_size(width: int, height: int, ref_width: int, ref_height: int) -> tuple[int, int]:
-    """0 = auto: both 0 -> ~1 MP at the reference's aspect; one 0 -> follow the aspect."""
-    if width == 0 and height == 0:
-        return auto_output_size(ref_width, ref_height)
-    if width == 0:
-        width = max(SIZE_MULTIPLE, round(height * ref_width / ref_height / SIZE_MULTIPLE) * SIZE_MULTIPLE)
-    elif height == 0:
-        height = max(SIZE_MULTIPLE, round(width * ref_height / ref_width / SIZE_MULTIPLE) * SIZE_MULTIPLE)
-    check_output_size(int(width), int(height))
-    return int(width), int(height)
+    """0 = auto: both 0 -> ~1 MP at the reference's aspect; one 0 -> follow the aspect
+    (:func:`gie_core.request.resolve_output_size`, the rule every face uses)."""
+    return resolve_output_size(width, height, ref_width, ref_height)
 
 
 class GIEKontextSampler:
@@ -78,13 +84,14 @@ class GIEKontextSampler:
                 "image": ("IMAGE", {"tooltip": "The reference image to edit; a batch edits each image."}),
                 "seed": (
                     "INT",
-                    {"default": DEFAULT_SEED, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                    {"default": DEFAULT_SEED, "min": SEED_RANGE[0], "max": SEED_RANGE[1], "control_after_generate": True,
                      "tooltip": "Noise seed; the same seed gives the same image on any device."},
                 ),
-                "steps": ("INT", {"default": DEFAULT_STEPS, "min": 1, "max": 200, "tooltip": "Denoising steps."}),
+                "steps": ("INT", {"default": DEFAULT_STEPS, "min": STEPS_RANGE[0], "max": STEPS_RANGE[1],
+                                  "tooltip": "Denoising steps."}),
                 "guidance": (
                     "FLOAT",
-                    {"default": DEFAULT_GUIDANCE, "min": 0.0, "max": 100.0, "step": 0.1,
+                    {"default": DEFAULT_GUIDANCE, "min": GUIDANCE_RANGE[0], "max": GUIDANCE_RANGE[1], "step": 0.1,
                      "tooltip": "FLUX guidance embedding (distilled guidance), 2.5 to 4 is typical."},
                 ),
                 "width": (
@@ -99,11 +106,11 @@ class GIEKontextSampler:
                 ),
                 "batch_size": (
                     "INT",
-                    {"default": 1, "min": 1, "max": MAX_BATCH,
+                    {"default": 1, "min": BATCH_RANGE[0], "max": BATCH_RANGE[1],
                      "tooltip": "Images per reference image (with a batch of references: 1 or the batch's size)."},
                 ),
                 "reference_resize": (
-                    list(REFERENCE_RESIZE),
+                    list(REFERENCE_RESIZE_MODES),
                     {"default": "preferred",
                      "tooltip": "preferred: resize the reference to the nearest of Kontext's 17 training resolutions "
                      "(as the released model was run); keep: its own size, floored to a multiple of 16."},
@@ -122,40 +129,39 @@ class GIEKontextSampler:
                 ),
                 "true_cfg": (
                     "FLOAT",
-                    {"default": DEFAULT_TRUE_CFG, "min": 1.0, "max": 30.0, "step": 0.1,
+                    {"default": DEFAULT_TRUE_CFG, "min": TRUE_CFG_RANGE[0], "max": TRUE_CFG_RANGE[1], "step": 0.1,
                      "tooltip": "True classifier-free guidance scale; 1 = off. Above 1 needs a negative and doubles the cost."},
+                ),
+                "reference_resample": (
+                    list(REFERENCE_RESAMPLE_MODES),
+                    {"default": DEFAULT_REFERENCE_RESAMPLE,
+                     "tooltip": "How the reference is resized: lanczos (ours, as diffusers) or nearest (what upstream's "
+                     "evaluation did, to reproduce the published numbers)."},
                 ),
             },
         }
 
     def sample(self, kontext_model, vae, positive, image, seed, steps, guidance, width, height, batch_size,
-               reference_resize, unload_after, negative=None, true_cfg=DEFAULT_TRUE_CFG):
+               reference_resize, unload_after, negative=None, true_cfg=DEFAULT_TRUE_CFG,
+               reference_resample=DEFAULT_REFERENCE_RESAMPLE):
         model = require(kontext_model, "kontext_model", "a Kontext model loader")
         vae = require(vae, "vae", "a Kontext loader's vae output")
         transformer = model.require_transformer()
         images = check_image(image)
+        request = resolve_edit(
+            image_width=images.shape[2], image_height=images.shape[1], n_images=images.shape[0], steps=steps,
+            guidance=guidance, seed=seed, width=width, height=height, batch_size=batch_size, true_cfg=true_cfg,
+            has_negative=negative is not None, reference_resize=reference_resize, reference_resample=reference_resample,
+        )
         pos = read_conditioning(positive, "positive", transformer)
-        neg = None
-        if true_cfg > 1.0:
-            if negative is None:
-                raise ValueError(f"true_cfg is {true_cfg} but no negative conditioning is connected (1 turns true CFG off)")
-            neg = read_conditioning(negative, "negative", transformer)
-
-        n_images = images.shape[0]
-        if n_images > 1 and batch_size not in (1, n_images):
-            raise ValueError(
-                f"image is a batch of {n_images} but batch_size is {batch_size}; with a batch of references use "
-                f"batch_size 1 (one edit per image) or {n_images}"
-            )
-        total = n_images if n_images > 1 else batch_size
+        neg = read_conditioning(negative, "negative", transformer) if request.do_true_cfg else None
         for name, c in (("positive", pos), ("negative", neg)):
-            if c is not None and c.batch_size not in (1, total):
+            if c is not None and c.batch_size not in (1, request.batch_size):
                 raise ValueError(
-                    f"{name} conditioning has batch {c.batch_size} but {total} images are being made "
-                    f"(image batch {n_images}, batch_size {batch_size}); encode with the same image batch"
+                    f"{name} conditioning has batch {c.batch_size} but {request.batch_size} images are being made "
+                    f"(image batch {request.n_images}, batch_size {batch_size}); encode with the same image batch"
                 )
-        out_w, out_h = output_size(width, height, images.shape[2], images.shape[1])
-        reference = prepare_reference(images, reference_resize)
+        reference = prepare_reference(images, request.reference_resize, resample=request.reference_resample)
 
         try:
             with model.placement.use(transformer) as device, vae.use(), activated(transformer, model.loras):
@@ -163,17 +169,18 @@ class GIEKontextSampler:
                     KontextModels(transformer, vae.model, model.scheduler),
                     pos,
                     reference,
-                    width=out_w,
-                    height=out_h,
-                    steps=steps,
-                    guidance=guidance,
-                    seed=seed,
-                    batch_size=total,
-                    true_cfg=true_cfg,
+                    width=request.width,
+                    height=request.height,
+                    steps=request.steps,
+                    guidance=request.guidance,
+                    seed=request.seed,
+                    batch_size=request.batch_size,
+                    true_cfg=request.true_cfg,
                     negative=neg,
                     device=device,
-                    progress=comfy.progress(steps),
+                    progress=comfy.progress(request.steps),
                     interrupt=comfy.interrupt_check(),
+                    checked=True,
                 )
         finally:
             if unload_after:

@@ -22,7 +22,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_set(tmp_path_factory):
     """The whole tiny random model set (Kontext dir, released-layout GIE dir, tokenizers)."""
-    from gie_core.tiny import build_tiny_model_set
+    from gie_core.testing.tiny import build_tiny_model_set
 
     return build_tiny_model_set(tmp_path_factory.mktemp("tiny") / "set")
 

@@ -28,7 +28,7 @@ def test_demo_runs_on_the_bundled_sample_and_says_so(tmp_path, monkeypatch, caps
     err = capsys.readouterr().err
     assert "DEMO" in err and "RANDOM" in err
     with Image.open(out) as im:
-        assert im.mode == "RGB" and im.size == (288, 208)  # ~256x256 area at the sample's 4:3
+        assert im.mode == "RGB" and im.size == (288, 224)  # ~256x256 area at the sample's 4:3
     assert (tmp_path / "cache" / "tiny-v1" / ".complete").exists()
 
 
@@ -96,8 +96,8 @@ def _bad_cases(photo, tmp_path, gie_dir, kontext_dir):
         ([str(tiny), "add a hat", *base], "at least 16 px"),
         ([str(photo), "add a hat", *base, "--size", "100x64"], "multiple of 16"),
         ([str(photo), "add a hat", *base, "--size", "big"], "WIDTHxHEIGHT"),
-        ([str(photo), "add a hat", *base, "--snap"], "does not have the 3:2 aspect"),
-        ([str(photo), "add a hat", "--model", str(gie_dir), *base, "--mode", "vlm", "--batch", "0"], "at least 1"),
+        ([str(photo), "add a hat", *base, "--snap", "--size", "64x64"], "does not have the 3:2 aspect"),
+        ([str(photo), "add a hat", "--model", str(gie_dir), *base, "--mode", "vlm", "--batch", "0"], "batch size is 0 but must be in 1..64"),
     ]
 
 
@@ -144,7 +144,7 @@ def test_connector_file_and_lora_change_the_edit(tmp_path, photo, gie_dir, konte
     """Artifacts from gie-train (a connector file, a LoRA) plug into gie-edit."""
     from gie_core.connector import Connector
     from gie_core.loading import load_gie_checkpoint
-    from gie_core.tiny import build_tiny_lora
+    from gie_core.testing.tiny import build_tiny_lora
     from gie_core.weights import save_safetensors_atomic
 
     stock = load_gie_checkpoint(gie_dir, dtype="fp32", parts=("connector",)).connector

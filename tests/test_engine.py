@@ -279,8 +279,10 @@ def test_snap_pads_and_crops_back_to_input_size(gie_pipeline):
 def test_bad_inputs_fail_clearly(gie_pipeline, tmp_path, gie_dir, kontext_dir):
     with pytest.raises(ValueError, match="instruction is empty"):
         gie_pipeline.edit(noise_image(64, 64), "   ", steps=1)
-    with pytest.raises(ValueError, match="mode L but an RGB image"):
-        gie_pipeline.edit(noise_image(64, 64).convert("L"), INSTRUCTION, steps=1)
+    with pytest.raises(ValueError, match="guidance is nan but must be a finite number"):
+        gie_pipeline.edit(noise_image(64, 64), INSTRUCTION, steps=1, guidance=float("nan"))
+    with pytest.raises(ValueError, match="holds NaN"):
+        gie_pipeline.edit(torch.full((1, 32, 32, 3), float("nan")), INSTRUCTION, steps=1)
     with pytest.raises(ValueError, match="at least 16 px"):
         gie_pipeline.edit(noise_image(8, 64), INSTRUCTION, steps=1)
     with pytest.raises(ValueError, match="at most 4096 px"):

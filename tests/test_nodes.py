@@ -41,7 +41,7 @@ _real_torch_device = comfy.torch_device  # module fixtures pin the device to the
 
 
 def _tiny_lora(kontext_dir: Path, out_dir: Path) -> Path:
-    from gie_core.tiny import build_tiny_lora
+    from gie_core.testing.tiny import build_tiny_lora
 
     return build_tiny_lora(kontext_dir, out_dir)
 
@@ -215,9 +215,9 @@ def test_fallbacks_without_comfyui(models_root, tmp_path):
         comfy.resolve_model_dir("diffusers", "../gpt_image_edit/gpt-image-edit")
     with pytest.raises(FileNotFoundError, match="not a file in models/loras"):
         comfy.resolve_model_file("loras", "missing.safetensors")
-    from gie_core.pipeline import default_device
+    from gie_core.request import resolve_device
 
-    assert _real_torch_device() == default_device()
+    assert _real_torch_device() == resolve_device(None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +342,7 @@ def test_validation_errors_name_the_input(loaded):
     (cond2,) = N["GIEFusionConnector"]().fuse(loaded.connector, tf, "vlm+t5", qf2)
     with pytest.raises(ValueError, match="positive conditioning has batch 2 but 3 images"):
         run_sampler(loaded.gie_kontext, loaded.vae, cond2, image(batch=3))
-    with pytest.raises(ValueError, match="batch of 2 but batch_size is 3"):
+    with pytest.raises(ValueError, match="batch of 2 but batch size is 3"):
         run_sampler(loaded.gie_kontext, loaded.vae, cond, image(batch=2), batch_size=3)
     # conditioning of another model family, missing pieces
     with pytest.raises(ValueError, match="4096-wide tokens"):
@@ -604,3 +604,40 @@ def test_with_comfyui_folders_progress_interrupt_and_tokenizers(fake_comfyui, lo
     _, ours = N["GIET5Encode"]().encode(text, INSTRUCTION)
     _, stock = N["GIET5Encode"]().encode(loaded.text, INSTRUCTION)
     assert torch.allclose(ours[0][0], stock[0][0], atol=1e-6)
+
+
+def test_awkward_images_through_the_nodes(loaded):
+    """The awkward-image set as ComfyUI hands it over (IMAGE tensors): a correct result or a
+    clear error naming the input, never a traceback from deep inside or a wrong size."""
+    pad, crop = N["GIEPadToRatio"](), N["GIECropPadding"]()
+    huge = torch.zeros(1, 1, 1, 3).expand(1, 8000, 8000, 3)  # no 768 MB allocated: refused from the shape
+    for bad, fragment in ((torch.rand(1, 1, 64, 3), "at least 16 px"), (torch.rand(1, 64, 1, 3), "at least 16 px"),
+                          (huge, "at most 4096 px"), (torch.full((1, 32, 32, 3), float("nan")), "NaN")):
+        with pytest.raises(ValueError, match=fragment) as exc:
+            pad.pad(bad, "default", "white", "center")
+        assert "image" in str(exc.value)
+        with pytest.raises(ValueError, match=fragment):
+            run_sampler(loaded.kontext, loaded.vae, [[torch.zeros(1, 8, 32), {"pooled_output": torch.zeros(1, 32)}]], bad)
+    with pytest.raises(ValueError, match="guidance is nan"):
+        run_sampler(loaded.kontext, loaded.vae, fused(loaded, image()), image(), guidance=float("nan"))
+    with pytest.raises(ValueError, match="true CFG scale is inf"):
+        run_sampler(loaded.kontext, loaded.vae, fused(loaded, image()), image(), true_cfg=float("inf"),
+                    negative=fused(loaded, image()))
+
+    # width set, height 0: the sampler follows the padded aspect, rounded to 16 (80x48 for 3:2, 11% off
+    # 3:2), and Crop Padding takes exactly that back to the original size
+    src = image(90, 50)
+    padded, record, _ = pad.pad(src, "default", "white", "center")
+    cond = fused(loaded, padded)
+    out = run_sampler(loaded.gie_kontext, loaded.vae, cond, padded, width=80, height=0, steps=1)
+    assert out.shape == (1, 48, 80, 3)
+    (back,) = crop.crop(out, record, "lanczos")
+    assert back.shape == (1, 50, 90, 3)
+
+    # a 4000x1000 panorama: padded to 3:2, edited at a small size, cropped back to 4000x1000
+    wide = image(4000, 1000)
+    padded, record, _ = pad.pad(wide, "default", "white", "center")
+    assert padded.shape == (1, 2668, 4002, 3) and record.ratio == (3, 2)
+    out = run_sampler(loaded.kontext, loaded.vae, cond, padded, width=64, height=0, steps=1, resize="preferred")
+    (back,) = crop.crop(out, record, "lanczos")
+    assert back.shape == (1, 1000, 4000, 3)

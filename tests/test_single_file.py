@@ -28,7 +28,7 @@ from gie_core.single_file import (  # noqa: E402
     load_config,
     load_t5_encoder,
 )
-from gie_core.tiny_configs import TINY_CLIP_TEXT, TINY_T5, TINY_TRANSFORMER, TINY_VAE  # noqa: E402
+from gie_core.testing.tiny_configs import TINY_CLIP_TEXT, TINY_T5, TINY_TRANSFORMER, TINY_VAE  # noqa: E402
 from gie_core.weights import CheckpointError  # noqa: E402
 
 torch.set_num_threads(1)

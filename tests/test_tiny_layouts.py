@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from gie_core import tiny
-from gie_core.tiny_configs import TINY_CONNECTOR, TINY_QWEN_TEXT, TINY_QWEN_VISION, TINY_TRANSFORMER
+from gie_core.testing import tiny
+from gie_core.testing.tiny_configs import TINY_CONNECTOR, TINY_QWEN_TEXT, TINY_QWEN_VISION, TINY_TRANSFORMER
 
 OLD_LAYOUT_PREFIXES = ("visual.", "model.", "lm_head.", "denoise_tower.denoise_projector.",
                        "denoise_tower.denoiser.")

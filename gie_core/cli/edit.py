@@ -2,24 +2,40 @@
 
 With no weights given it runs a demo: a tiny random model set in the real on-disk layouts is
 built once into the user's cache and the whole pipeline runs on a bundled sample image.
+
+Every input is checked (by :func:`gie_core.request.resolve_edit` and the shared CLI helpers)
+before any weight is read.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
-import tempfile
 from pathlib import Path
+
+from .common import device_and_dtype, load_input, output_paths, quiet_library_warnings, run_command, save_image
 
 DEMO_INSTRUCTION = "make the sky a warm sunset"
 DEMO_AREA = 256 * 256  # the tiny models prove the pipeline; a small output keeps the demo quick
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..constants import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, FUSION_MODES
-    from ..constants import OFFLOAD_MODES
+    from ..constants import (
+        DEFAULT_GUIDANCE,
+        DEFAULT_REFERENCE_RESAMPLE,
+        DEFAULT_SEED,
+        DEFAULT_STEPS,
+        DEFAULT_TRUE_CFG,
+        GUIDANCE_RANGE,
+        OFFLOAD_MODES,
+        REFERENCE_RESAMPLE_MODES,
+        REFERENCE_RESIZE_MODES,
+        SEED_RANGE,
+        STEPS_RANGE,
+        TRUE_CFG_RANGE,
+    )
+    from ..modes import FUSION_MODES
+    from ..rewrite import DEFAULT_MAX_NEW_TOKENS
 
     p = argparse.ArgumentParser(
         prog="gie-edit",
@@ -36,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
             "      --vae ae.safetensors --t5 t5xxl_fp16.safetensors --clip clip_l.safetensors --tokenizers FLUX.1-Kontext-dev\n"
             "  gie-edit -o demo.png            # demo on tiny random models\n"
         ),
+        allow_abbrev=False,
     )
     p.add_argument("input", nargs="?", help="image to edit (PNG/JPEG/WebP...); the demo uses a bundled sample")
     p.add_argument("instruction", nargs="?", help="the edit, e.g. 'replace the sky with a sunset'")
@@ -53,25 +70,38 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--tokenizers", help="folder with tokenizer/ (CLIP) and tokenizer_2/ (T5), for single-file text encoders")
     s = p.add_argument_group("editing")
     s.add_argument("--mode", choices=FUSION_MODES, help="conditioning: vlm+t5 (released model, default with --model), vlm, t5 (stock Kontext, default without --model), or the training modes")
-    s.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (default {DEFAULT_STEPS})")
-    s.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"FLUX guidance embedding (default {DEFAULT_GUIDANCE})")
-    s.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"noise seed; same seed, same image on any device (default {DEFAULT_SEED})")
-    s.add_argument("--size", default="auto", help="output WIDTHxHEIGHT, multiples of 16, or 'auto' (~1 MP at the input's aspect; default)")
+    s.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                   help=f"sampling steps, {STEPS_RANGE[0]}..{STEPS_RANGE[1]} (default {DEFAULT_STEPS})")
+    s.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                   help=f"FLUX guidance embedding, {GUIDANCE_RANGE[0]:g}..{GUIDANCE_RANGE[1]:g} (default {DEFAULT_GUIDANCE})")
+    s.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help=f"noise seed, {SEED_RANGE[0]}..{SEED_RANGE[1]}; same seed, same image on any device (default {DEFAULT_SEED})")
+    s.add_argument("--size", default="auto",
+                   help="output WIDTHxHEIGHT in multiples of 16 (one side 0 follows the input's aspect), or 'auto' "
+                        f"(default: ~1 MP at the input's aspect, or the padded aspect with --snap; "
+                        f"~{DEMO_AREA // 1000 / 1000:g} MP in the demo)")
     s.add_argument("--batch", type=int, default=1, help="number of images to make (default 1)")
     s.add_argument("--snap", nargs="?", const="default", default=None, metavar="RATIOS",
                    help="pad the input to the nearest ratio (default set 1:1,3:2,2:3; also 'kontext' or a list like '1:1,4:3') "
                         "before editing and crop the padding from the result, back to the input's size")
-    s.add_argument("--pad-color", default="white", help="padding colour for --snap: white (default), black, edge, or r,g,b")
+    s.add_argument("--pad-color", default="white",
+                   help="padding colour for --snap: white (default), black, edge, or r,g,b; transparent inputs are "
+                        "composited on it too (on white without --snap or with edge)")
     s.add_argument("--negative", default=None, help="negative instruction for true CFG (used with --true-cfg > 1)")
-    s.add_argument("--true-cfg", type=float, default=1.0, help="true classifier-free guidance scale; 1 = off (default)")
-    s.add_argument("--reference-size", choices=("preferred", "keep"), default=None,
+    s.add_argument("--true-cfg", type=float, default=DEFAULT_TRUE_CFG,
+                   help=f"true classifier-free guidance scale, {TRUE_CFG_RANGE[0]:g}..{TRUE_CFG_RANGE[1]:g}; 1 = off (default)")
+    s.add_argument("--reference-size", choices=REFERENCE_RESIZE_MODES, default=None,
                    help="resize the input to the nearest preferred Kontext resolution (default, as the reference) "
                         "or keep its size (the demo's default, to stay quick)")
+    s.add_argument("--reference-resample", choices=REFERENCE_RESAMPLE_MODES, default=DEFAULT_REFERENCE_RESAMPLE,
+                   help="how the input is resized for the reference: lanczos (default, as diffusers) or nearest "
+                        "(what upstream's evaluation did: use it to reproduce the published numbers)")
     w2 = p.add_argument_group("instruction rewriting")
     w2.add_argument("--rewrite", action="store_true",
                     help="first rewrite the instruction into an explicit one with the checkpoint's Qwen2.5-VL (as gie-rewrite; "
                          "needs --model and a mode using the VLM); the rewrite is printed on stderr")
-    w2.add_argument("--rewrite-max-tokens", type=int, default=256, help="bound on the rewriting answer's length (default 256)")
+    w2.add_argument("--rewrite-max-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                    help=f"bound on the rewriting answer's length (default {DEFAULT_MAX_NEW_TOKENS})")
     r = p.add_argument_group("runtime")
     r.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="weights dtype (default bf16 on GPU, fp32 on CPU)")
     r.add_argument("--offload", choices=OFFLOAD_MODES, default="none",
@@ -82,17 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_size(text: str) -> tuple[int, int] | None:
-    """'auto' -> None; 'WIDTHxHEIGHT' -> (w, h), each a positive multiple of 16."""
-    from ..images import check_output_size
-
-    if text == "auto":
-        return None
+def parse_size(text: str) -> tuple[int, int]:
+    """'auto' -> (0, 0); 'WIDTHxHEIGHT' -> (w, h), 0 for a side that follows the aspect.
+    The sides themselves are checked by the request resolver."""
+    if text.strip().lower() == "auto":
+        return 0, 0
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise ValueError(f"--size '{text}' must be WIDTHxHEIGHT (e.g. 1024x768) or 'auto'") from None
-    check_output_size(w, h)
+    if w < 0 or h < 0:
+        raise ValueError(f"--size '{text}': sides must be positive multiples of 16 (or 0 to follow the aspect)")
     return w, h
 
 
@@ -107,52 +137,9 @@ def parse_lora(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-def output_paths(output: str, batch: int) -> list[Path]:
-    out = Path(output)
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-        raise ValueError(f"output '{output}' must end in .png, .jpg or .webp")
-    if batch == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(batch)]
-
-
-def save_atomic(image, path: Path) -> None:
-    """Write via a temporary file and rename, so a failed save never leaves a partial image."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def load_input(path: str):
-    from PIL import Image, UnidentifiedImageError
-
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"input image {p} does not exist")
-    try:
-        with Image.open(p) as im:
-            im.load()
-            if im.mode not in ("RGB",):
-                if im.mode in ("RGBA", "LA", "P", "L", "I;16", "CMYK", "YCbCr"):
-                    im = im.convert("RGB")  # files are converted; in-memory non-RGB inputs are rejected by the engine
-                else:
-                    raise ValueError(f"input image {p} has unsupported mode {im.mode}")
-            return im.copy()
-    except UnidentifiedImageError:
-        raise ValueError(f"input image {p} is not an image file PIL can read") from None
-
-
 def rewrite_for_edit(pipe, image, instruction: str, max_new_tokens: int) -> str:
     """The rewritten instruction (greedy) from the pipeline's loaded Qwen2.5-VL, reported on stderr."""
     from ..rewrite import rewrite_instruction
-    from .rewrite import quiet_library_warnings
 
     quiet_library_warnings()
     with pipe.on_device(pipe.qwen.model):
@@ -166,32 +153,63 @@ def rewrite_for_edit(pipe, image, instruction: str, max_new_tokens: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, TypeError) as exc:
-        print(f"gie-edit: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("gie-edit: interrupted; no output written", file=sys.stderr)
-        return 130
+    return run_command("gie-edit", lambda: run(args))
 
 
 def run(args) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
-    import torch
-
-    from ..pipeline import EditPipeline, default_device
+    from ..constants import DEFAULT_TARGET_AREA
+    from ..encoders import check_instruction
+    from ..request import resolve_edit
 
     demo = not any((args.model, args.kontext, args.transformer, args.vae, args.t5, args.clip))
-    if args.batch < 1:
-        raise ValueError(f"--batch is {args.batch} but must be at least 1")
-    size = parse_size(args.size)
-    outs = output_paths(args.output, args.batch)
-    device = torch.device(args.device) if args.device else default_device()
-    dtype = args.dtype or ("fp32" if device.type == "cpu" else "bf16")
+    if demo:
+        input_path = args.input or str(Path(__file__).resolve().parent.parent / "assets" / "sample.png")
+        if args.instruction is None:
+            instruction = DEMO_INSTRUCTION
+            print(f"gie-edit: demo: no instruction given, using '{DEMO_INSTRUCTION}'", file=sys.stderr)
+        else:
+            instruction = args.instruction  # an empty one is refused below, never replaced
+        reference_resize = args.reference_size or "keep"
+        gie_dir = kontext_dir = None
+    else:
+        if not args.input or args.instruction is None:
+            raise ValueError("give the INPUT image and the INSTRUCTION")
+        input_path, instruction = args.input, args.instruction
+        reference_resize = args.reference_size or "preferred"
+        gie_dir, kontext_dir = args.model, args.kontext
+    check_instruction(instruction)
+    from ..modes import DEFAULT_FUSION_MODE, STOCK_FUSION_MODE
+
+    mode = args.mode or (DEFAULT_FUSION_MODE if (gie_dir or demo) else STOCK_FUSION_MODE)
+
+    # --- every input is checked here, before any weight is read --------------------------
+    device, dtype = device_and_dtype(args.device, args.dtype)
+    width, height = parse_size(args.size)
+    loras = tuple(parse_lora(v) for v in args.lora)
+    background = args.pad_color if args.snap and args.pad_color != "edge" else "white"
+    image = load_input(input_path, background=background)
+    request = resolve_edit(
+        image_width=image.width, image_height=image.height, mode=mode, steps=args.steps, guidance=args.guidance,
+        seed=args.seed, width=width, height=height, area=DEMO_AREA if demo else DEFAULT_TARGET_AREA,
+        batch_size=args.batch, true_cfg=args.true_cfg, snap=args.snap, pad_color=args.pad_color,
+        reference_resize=reference_resize, reference_resample=args.reference_resample,
+    )
+    outs = output_paths(args.output, request.batch_size)
+    if args.rewrite:
+        from ..modes import fusion_mode
+        from ..rewrite import check_rewrite_options
+
+        if (not demo and not gie_dir) or not fusion_mode(mode).needs_qwen:
+            raise ValueError(
+                "--rewrite needs the Qwen2.5-VL of a GPT-Image-Edit checkpoint: give --model and a mode that uses the VLM (not 't5')"
+            )
+        check_rewrite_options(args.rewrite_max_tokens, 0.0, 0, 1.0)
+
+    # --- load and run ------------------------------------------------------------------
+    from ..pipeline import EditPipeline
 
     if demo:
-        from ..tiny import build_tiny_model_set, default_tiny_root
+        from ..testing.tiny import build_tiny_model_set, default_tiny_root
 
         print(
             "gie-edit: no weights given: running the DEMO on tiny RANDOM models (built once in "
@@ -201,39 +219,10 @@ def run(args) -> int:
         )
         tiny = build_tiny_model_set(default_tiny_root())
         gie_dir, kontext_dir = tiny.gie_dir, tiny.kontext_dir
-        input_path = args.input or str(Path(__file__).resolve().parent.parent / "assets" / "sample.png")
-        instruction = args.instruction or DEMO_INSTRUCTION
-        if size is None:
-            from ..images import auto_output_size
-
-            im = load_input(input_path)
-            size = auto_output_size(im.width, im.height, DEMO_AREA)
-        reference_size = args.reference_size or "keep"
-    else:
-        gie_dir, kontext_dir = args.model, args.kontext
-        if not args.input or not args.instruction:
-            raise ValueError("give the INPUT image and the INSTRUCTION")
-        input_path, instruction = args.input, args.instruction
-        reference_size = args.reference_size or "preferred"
-    from ..encoders import check_instruction
-
-    check_instruction(instruction)
-    image = load_input(input_path)
-    mode = args.mode or ("vlm+t5" if gie_dir else "t5")
-    if args.rewrite:
-        from ..rewrite import check_rewrite_options
-
-        if not gie_dir or mode == "t5":
-            raise ValueError(
-                "--rewrite needs the Qwen2.5-VL of a GPT-Image-Edit checkpoint: give --model and a mode that uses the VLM (not 't5')"
-            )
-        check_rewrite_options(args.rewrite_max_tokens, 0.0, 0, 1.0)
-
     pipe = EditPipeline.from_paths(
         gie_dir=gie_dir, kontext_dir=kontext_dir, transformer_file=args.transformer, vae_file=args.vae,
         t5_file=args.t5, clip_file=args.clip, tokenizer_dir=args.tokenizers, connector_file=args.connector,
-        lora_files=tuple(parse_lora(v) for v in args.lora), mode=mode, dtype=dtype,
-        device=device, offload=args.offload,
+        lora_files=loras, mode=mode, dtype=dtype, device=device, offload=args.offload,
     )
     if args.rewrite:
         instruction = rewrite_for_edit(pipe, image, instruction, args.rewrite_max_tokens)
@@ -241,7 +230,7 @@ def run(args) -> int:
     if not args.quiet:
         from tqdm import tqdm
 
-        bar = tqdm(total=args.steps, desc="sampling", unit="step", file=sys.stderr)
+        bar = tqdm(total=request.steps, desc="sampling", unit="step", file=sys.stderr)
 
     def progress(done, total):
         if bar is not None:
@@ -250,16 +239,12 @@ def run(args) -> int:
             bar.refresh()
 
     try:
-        result = pipe.edit(
-            image, instruction, mode=mode, steps=args.steps, guidance=args.guidance, seed=args.seed, size=size,
-            batch_size=args.batch, snap=args.snap, pad_color=args.pad_color, negative_instruction=args.negative,
-            true_cfg=args.true_cfg, reference_resize=reference_size, progress=progress,
-        )
+        result = pipe.edit(image, instruction, request=request, negative_instruction=args.negative, progress=progress)
     finally:
         if bar is not None:
             bar.close()
     for im, path in zip(result.images, outs):
-        save_atomic(im, path)
+        save_image(im, path)
         print(path)
     return 0
 

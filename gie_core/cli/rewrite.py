@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
-import sys
+
+from .common import device_and_dtype, load_input, quiet_library_warnings, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  gie-rewrite photo.jpg 'make it winter' --model ckpt --json\n"
             "  gie-edit photo.jpg 'make it winter' -o out.png --model ckpt --kontext FLUX.1-Kontext-dev --rewrite\n"
         ),
+        allow_abbrev=False,
     )
     p.add_argument("image", help="the image to edit (PNG/JPEG/WebP...)")
     p.add_argument("instruction", help="the edit instruction to rewrite")
@@ -47,42 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def quiet_library_warnings() -> None:
-    """The command says why it fell back itself; keep the library's log record from printing it twice
-    (Python prints warnings of unconfigured logging to stderr)."""
-    log = logging.getLogger("gie_core.rewrite")
-    if not logging.getLogger().handlers and not any(isinstance(h, logging.NullHandler) for h in log.handlers):
-        log.addHandler(logging.NullHandler())
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, TypeError) as exc:  # CheckpointError is a ValueError
-        print(f"gie-rewrite: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("gie-rewrite: interrupted", file=sys.stderr)
-        return 130
+    return run_command("gie-rewrite", lambda: run(args))
 
 
 def run(args) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
-    import torch
+    import sys
 
     from ..encoders import check_instruction
     from ..loading import load_gie_checkpoint
-    from ..pipeline import default_device
     from ..rewrite import check_rewrite_options, rewrite_instruction
-    from .edit import load_input
 
     quiet_library_warnings()
     check_instruction(args.instruction)
     check_rewrite_options(args.max_new_tokens, args.temperature, args.seed, args.top_p)
     image = load_input(args.image)
-    device = torch.device(args.device) if args.device else default_device()
-    dtype = args.dtype or ("fp32" if device.type == "cpu" else "bf16")
+    device, dtype = device_and_dtype(args.device, args.dtype)
     encoder = load_gie_checkpoint(args.model, dtype=dtype, device="cpu", parts=("encoder",)).encoder
     encoder.model.to(device)
     result = rewrite_instruction(

@@ -3,7 +3,8 @@
 For target latents ``x0`` (VAE ``sample()``, normalised), noise ``eps`` and ``sigma``:
 
 - ``sigma = sigmoid(N(mean, std))`` (logit-normal), then the resolution shift
-  ``s * sigma / (1 + (s - 1) * sigma)`` with ``s = exp(mu)`` and ``mu = calculate_shift(target tokens)``;
+  ``s * sigma / (1 + (s - 1) * sigma)`` with ``s = exp(mu)`` and ``mu = shift_mu(target tokens)``
+  (:mod:`gie_core.schedule`, the same code the sampler's schedule uses);
 - ``x_t = (1 - sigma) x0 + sigma eps``; the target is ``v = eps - x0``;
 - the transformer sees the packed ``x_t`` tokens followed by the reference latents' tokens (ids
   ``(1, row, col)``), ``timestep = sigma``, guidance 1.0 and the conditioning; its prediction is
@@ -11,36 +12,18 @@ For target latents ``x0`` (VAE ``sample()``, normalised), noise ``eps`` and ``si
 - loss = mean over every latent element of ``weight * (prediction - v)^2`` (weight 1, or the
   region weight map broadcast over channels).
 
-The packing, ids and shift come from :mod:`gie_core.sampler`, as sampling uses them.
+The packing and ids come from :mod:`gie_core.sampler`, the shift from :mod:`gie_core.schedule`,
+as sampling uses them.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from ..constants import BASE_IMAGE_SEQ_LEN, BASE_SHIFT, MAX_IMAGE_SEQ_LEN, MAX_SHIFT
-from ..sampler import calculate_shift, latent_ids, pack_latents, reference_tokens, unpack_latents
-
-
-def scheduler_shift_mu(image_seq_len: int, scheduler_config: dict | None = None) -> float:
-    """``mu`` of the dynamic shift for ``image_seq_len`` target tokens, with the scheduler's constants."""
-    cfg = scheduler_config or {}
-    return calculate_shift(
-        image_seq_len,
-        cfg.get("base_image_seq_len", BASE_IMAGE_SEQ_LEN),
-        cfg.get("max_image_seq_len", MAX_IMAGE_SEQ_LEN),
-        cfg.get("base_shift", BASE_SHIFT),
-        cfg.get("max_shift", MAX_SHIFT),
-    )
-
-
-def shift_sigmas(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
-    """FLUX's resolution shift: ``s * sigma / (1 + (s - 1) * sigma)``, ``s = exp(mu)``."""
-    s = math.exp(mu)
-    return (sigmas * s) / (1 + (s - 1) * sigmas)
+from ..sampler import latent_ids, pack_latents, reference_tokens, unpack_latents
+from ..schedule import shift_mu, shift_sigmas
 
 
 def sample_sigmas(
@@ -55,7 +38,7 @@ def sample_sigmas(
     """Logit-normal sigmas [B] with the resolution shift of ``image_seq_len`` target tokens."""
     u = torch.randn((batch_size,), generator=generator, dtype=torch.float32)
     sigmas = torch.sigmoid(logit_mean + logit_std * u)
-    return shift_sigmas(sigmas, scheduler_shift_mu(image_seq_len, scheduler_config))
+    return shift_sigmas(sigmas, shift_mu(image_seq_len, scheduler_config))
 
 
 def normalize_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Tests and the ``gie-edit`` demo mode need every model this project loads (the FLUX.1 Kontext
 [dev] diffusers directory and the released GPT-Image-Edit checkpoint) without downloading
 anything. This module trains tiny tokenizers offline, builds the architectures of
-``gie_core.tiny_configs`` with random weights and saves them exactly as the real files are laid
+``gie_core.testing.tiny_configs`` with random weights and saves them exactly as the real files are laid
 out, so the real loading code runs against them.
 
 Nothing here downloads: only ``tokenizers``, ``sentencepiece``, ``transformers``, ``diffusers``
@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from gie_core.tiny_configs import (
+from gie_core.testing.tiny_configs import (
     TINY_CLIP_TEXT,
     TINY_CONNECTOR,
     TINY_QWEN_TEXT,

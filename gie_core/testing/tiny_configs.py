@@ -2,7 +2,7 @@
 
 Same classes and on-disk layouts as the real models, only small. Real sizes are noted beside
 each value. Tokenizer-dependent ids (CLIP eos, Qwen special tokens) are filled in by
-``gie_core.tiny`` from the tokenizers it builds.
+``gie_core.testing.tiny`` from the tokenizers it builds.
 """
 
 from __future__ import annotations

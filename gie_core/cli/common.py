@@ -1,0 +1,79 @@
+"""What the ``gie-*`` commands share: the error contract, input images, outputs, device and dtype.
+
+Exit codes: 0 done; 2 bad input (a message naming the input, nothing written); 1 a failure
+while running (e.g. the output folder became unwritable); 130 interrupted (nothing written).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def run_command(prog: str, run: Callable[[], int]) -> int:
+    """Run a command body with the shared error contract (see the module docstring)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
+    try:
+        return run()
+    except (ValueError, TypeError) as exc:  # CheckpointError, DataError, ConfigError are ValueErrors
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; no output written", file=sys.stderr)
+        return 130
+    except OSError as exc:  # disk full, folder removed or made read-only while running
+        where = f" '{exc.filename}'" if getattr(exc, "filename", None) else ""
+        print(f"{prog}: error: {exc.strerror or exc}{where}; no partial output was left", file=sys.stderr)
+        return 1
+
+
+def load_input(path: str, what: str = "input image", background="white"):
+    """An input image file as RGB (EXIF orientation, 16-bit and alpha handled; see
+    :func:`gie_core.images.load_image`)."""
+    from ..images import load_image
+
+    return load_image(path, what, background=background)
+
+
+def output_paths(output: str, count: int) -> list[Path]:
+    """The files one run writes: ``output`` itself, or ``stem_0.png`` ... for several images.
+    Every one is checked writable now, before anything loads."""
+    from ..files import check_output_path
+
+    out = Path(output)
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ValueError(f"output '{output}' must end in {', '.join(OUTPUT_SUFFIXES)}")
+    paths = [out] if count == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(count)]
+    for p in paths:
+        check_output_path(p, "output")
+    return paths
+
+
+def save_image(image, path: Path) -> None:
+    """Write an image atomically (a failed save never leaves a partial file or replaces a good one)."""
+    from ..files import atomic_write
+
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}[path.suffix.lower()]
+    atomic_write(path, lambda tmp: image.save(tmp, format=fmt))
+
+
+def device_and_dtype(device: str | None, dtype: str | None):
+    """The checked device (a missing CUDA is refused here, before loading) and the dtype:
+    bf16 on GPUs, fp32 on the CPU unless given."""
+    from ..request import resolve_device
+
+    dev = resolve_device(device)
+    return dev, dtype or ("fp32" if dev.type == "cpu" else "bf16")
+
+
+def quiet_library_warnings() -> None:
+    """The commands say why the rewriter fell back themselves; keep the library's log record from
+    printing it twice (Python prints warnings of unconfigured logging to stderr)."""
+    log = logging.getLogger("gie_core.rewrite")
+    if not logging.getLogger().handlers and not any(isinstance(h, logging.NullHandler) for h in log.handlers):
+        log.addHandler(logging.NullHandler())
