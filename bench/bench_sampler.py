@@ -1,9 +1,12 @@
 """Our Kontext sampler vs diffusers' FluxKontextPipeline on the same small random model.
 
-Prints the wall-time ratio (ours / diffusers; goal <= 1.0) and the max output difference,
-both measured in this one run. CPU by default; ``--device cuda`` on a GPU machine.
+Both sides are measured the same way: ``--warmup`` untimed runs each, then ``--repeats`` timed
+runs each, alternating (ours, diffusers, ours, diffusers, ...) so drift in machine load falls on
+both; each side reports its median and min. Prints the wall-time ratio of the medians (ours /
+diffusers; goal <= 1.0), the ratio of the mins, and the max output difference, all measured in
+this one run. CPU by default; ``--device cuda`` on a GPU machine.
 
-    python bench/bench_sampler.py [--size 256] [--steps 8] [--repeats 5] [--device cpu]
+    python bench/bench_sampler.py [--size 256] [--steps 8] [--repeats 3] [--warmup 1] [--device cpu]
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from PIL import Image  # noqa: E402
 def build(device):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
-    from gie_core.tiny_configs import TINY_SCHEDULER, TINY_VAE
+    from gie_core.testing.tiny_configs import TINY_SCHEDULER, TINY_VAE
 
     torch.manual_seed(0)
     # Bigger than the test models so the transformer, not Python overhead, dominates.
@@ -43,10 +46,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per side (default 3)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs per side first (default 1)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     args = ap.parse_args()
+    if args.repeats < 1 or args.warmup < 0:
+        ap.error("--repeats must be >= 1 and --warmup >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -80,29 +86,38 @@ def main():
                    max_area=h * w, _auto_resize=False, output_type="pt").images
         return out.permute(0, 2, 3, 1)
 
-    def timed(fn):
-        times, out = [], None
-        for _ in range(args.repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            out = fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times), out
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
-    ours(); theirs()  # warm-up
-    # interleave to share any drift in machine load
-    t_ours, out_ours = timed(ours)
-    t_ref, out_ref = timed(theirs)
-    t_ours2, _ = timed(ours)
-    t_ours = min(t_ours, t_ours2)
-    diff = (out_ours.float().cpu() - out_ref.float().cpu()).abs().max().item()
-    print(f"device {device}, {w}x{h}, {args.steps} steps, median of {args.repeats}")
-    print(f"  ours      {t_ours * 1000:8.1f} ms")
-    print(f"  diffusers {t_ref * 1000:8.1f} ms")
-    print(f"  time ratio ours/diffusers = {t_ours / t_ref:.3f}  (goal <= 1.0)")
+    def once(fn):
+        sync()
+        t = time.perf_counter()
+        out = fn()
+        sync()
+        return time.perf_counter() - t, out
+
+    sides = {"ours": ours, "diffusers": theirs}
+    for _ in range(args.warmup):  # the same untimed warm-up on both sides, in the same alternation
+        for fn in sides.values():
+            fn()
+    times = {name: [] for name in sides}
+    outs = {}
+    for _ in range(args.repeats):  # alternate so drift in machine load falls on both sides alike
+        for name, fn in sides.items():
+            t, outs[name] = once(fn)
+            times[name].append(t)
+
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    low = {name: min(ts) for name, ts in times.items()}
+    diff = (outs["ours"].float().cpu() - outs["diffusers"].float().cpu()).abs().max().item()
+    print(f"device {device}, {w}x{h}, {args.steps} steps, {args.warmup} warm-up + {args.repeats} timed runs "
+          "per side, alternating")
+    for name in sides:
+        runs = ", ".join(f"{t * 1000:.1f}" for t in times[name])
+        print(f"  {name:<9} median {med[name] * 1000:8.1f} ms   min {low[name] * 1000:8.1f} ms   (runs: {runs})")
+    print(f"  time ratio ours/diffusers = {med['ours'] / med['diffusers']:.3f} median, "
+          f"{low['ours'] / low['diffusers']:.3f} min  (goal <= 1.0)")
     print(f"  max |ours - diffusers| = {diff:.2e}")
 
 

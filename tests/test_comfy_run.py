@@ -8,10 +8,13 @@ exit status. The real server is exercised in ``test_comfy_server.py``.
 from __future__ import annotations
 
 import base64
+import glob
 import hashlib
 import json
 import queue
+import re
 import select
+import shlex
 import subprocess
 import sys
 import threading
@@ -355,3 +358,62 @@ def test_images_fill_loaders_in_id_order_unless_named(tmp_path):
 def test_client_imports_neither_torch_nor_comfy():
     code = "import sys, gie_core.cli.comfy_run; bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'comfy')]; assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# What --help and the hints name exists in the repo
+# ---------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def help_examples() -> list[list[str]]:
+    """The example command lines of ``--help`` (backslash continuations joined), as argv lists."""
+    text = comfy_run.build_parser().format_help()
+    joined = text.replace("\\\n", " ")
+    return [shlex.split(line)[1:] for line in joined.splitlines() if line.strip().startswith("gie-comfy-run ")]
+
+
+def test_help_examples_name_real_workflows_nodes_and_inputs():
+    examples = help_examples()
+    assert len(examples) >= 2
+    for argv in examples:
+        args = comfy_run.build_parser().parse_args(argv)
+        path = REPO / args.workflow
+        assert path.is_file(), f"--help names {args.workflow}, which is not in the repo"
+        prompt = comfy_run.load_api_workflow(path)  # the API format, not a UI one
+        for spec in args.sets:
+            apply_set(json.loads(json.dumps(prompt)), spec)  # node and input exist (no server to declare more)
+        for spec in args.image:
+            ref, _ = comfy_run.parse_image_arg(spec)
+            if ref is not None:
+                assert "image" in prompt[find_node(prompt, ref)]["inputs"], spec
+        if not any(comfy_run.parse_image_arg(s)[0] for s in args.image):
+            loaders = [n for n in prompt.values() if n["class_type"] in comfy_run.IMAGE_LOADER_CLASSES]
+            assert len(loaders) >= len(args.image), argv
+
+
+def test_every_workflow_path_in_help_exists():
+    text = comfy_run.build_parser().format_help()
+    named = set(re.findall(r"workflows/[\w/*.<>-]+\.json", text))
+    assert named
+    for name in named:
+        assert glob.glob(str(REPO / name)), f"--help names {name}, which matches nothing in the repo"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "workflows").glob("*.json")))
+def test_ui_format_hint_names_the_shipped_api_twin(name, monkeypatch):
+    monkeypatch.chdir(REPO)
+    twin = Path("workflows/api") / name
+    assert twin.is_file()
+    with pytest.raises(RunError) as e:
+        comfy_run.load_api_workflow(Path("workflows") / name)
+    assert f"run its API-format twin '{twin}'" in str(e.value)
+    comfy_run.load_api_workflow(twin)  # and the twin is accepted
+
+
+def test_ui_format_hint_without_a_twin_says_where_shipped_twins_live(tmp_path):
+    wf = tmp_path / "ui.json"
+    wf.write_text(json.dumps(UI_WORKFLOW))
+    with pytest.raises(RunError, match=r"Export \(API\).*workflows/api/<name>\.json"):
+        comfy_run.load_api_workflow(wf)

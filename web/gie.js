@@ -1,9 +1,10 @@
 // GPT-Image-Edit frontend extension.
 //
 // * Pad To Ratio shows, live, the ratio the connected image will snap to and the padded size.
-// * Fusion Connector shows only the inputs its mode uses: qwen_features is hidden in "t5" mode
-//   (or greyed and marked unused while a link is still plugged in), and text_features says when
-//   only its CLIP("") pooled vector is read ("vlm", "metaquery").
+// * Fusion Connector shows only the inputs its mode uses, read from FUSION_MODE_TABLE (a copy of
+//   gie_core/modes.py): qwen_features is hidden in a mode that does not need Qwen (or greyed and
+//   marked unused while a link is still plugged in), and text_features says when only its CLIP("")
+//   pooled vector is read (pooled from the empty prompt, no T5 tokens).
 // * Padding Check and Rewrite Instruction show the text they return (the frontend shows no
 //   `ui.text` of its own).
 //
@@ -192,9 +193,30 @@ function showExecutedText(node) {
 // --- Fusion Connector: show only the inputs the mode uses ----------------------------------------
 
 const QWEN = "qwen_features", TEXT = "text_features", QWEN_TYPE = "GIE_QWEN_FEATURES";
-// What each mode reads (gie_core.connector.fuse): t5 ignores Qwen; vlm/metaquery read only CLIP("").
-const USES_QWEN = { "vlm+t5": true, "vlm": true, "t5": false, "vlm+t5+type": true, "metaquery": true };
-const TEXT_LABEL = { vlm: "text_features (CLIP '' only)", metaquery: "text_features (CLIP '' only)" };
+
+// What each mode reads, as gie_core.connector.fuse does; no mode is named in the logic below.
+// BEGIN FUSION_MODE_TABLE (copy of gie_core.modes.table_for_web(); tests/test_web_modes.py keeps them equal)
+export const FUSION_MODE_TABLE = {
+  "vlm": {"needs_qwen": true, "needs_t5": false, "pooled_from": "empty", "queries": false, "type_embedding": false, "trainable": true},
+  "t5": {"needs_qwen": false, "needs_t5": true, "pooled_from": "instruction", "queries": false, "type_embedding": false, "trainable": false},
+  "vlm+t5": {"needs_qwen": true, "needs_t5": true, "pooled_from": "instruction", "queries": false, "type_embedding": false, "trainable": true},
+  "vlm+t5+type": {"needs_qwen": true, "needs_t5": true, "pooled_from": "instruction", "queries": false, "type_embedding": true, "trainable": true},
+  "metaquery": {"needs_qwen": true, "needs_t5": false, "pooled_from": "empty", "queries": true, "type_embedding": false, "trainable": true}
+};
+// END FUSION_MODE_TABLE
+
+/**
+ * How a Fusion Connector in `mode` shows its feature inputs: whether qwen_features is read
+ * (needs_qwen) and the label of text_features (only CLIP("") pooled is read when the mode
+ * pools from the empty prompt and has no T5 tokens). An unknown mode shows everything, unlabelled.
+ */
+export function fusionInputLook(mode, table = FUSION_MODE_TABLE) {
+  const row = Object.hasOwn(table, mode) ? table[mode] : null;
+  if (!row) return { usesQwen: true, textLabel: null };
+  const clipEmptyOnly = row.pooled_from === "empty" && !row.needs_t5;
+  return { usesQwen: row.needs_qwen, textLabel: clipEmptyOnly ? `${TEXT} (CLIP '' only)` : null };
+}
+
 const UNUSED_COLOR = "#555";
 
 /** Label and colour of a slot; null removes them, so nothing stale is saved with the workflow. */
@@ -205,7 +227,7 @@ function setLook(slot, label, color) {
 
 function applyFusionMode(node) {
   const mode = widgetValue(node, "mode");
-  const usesQwen = USES_QWEN[mode] ?? true;
+  const { usesQwen, textLabel } = fusionInputLook(mode);
   let qi = node.findInputSlot(QWEN);
   if (!usesQwen && qi >= 0 && node.inputs[qi].link == null) {
     node.removeInput(qi); // hidden: nothing plugged in and the mode does not read it
@@ -222,7 +244,7 @@ function applyFusionMode(node) {
     if (link) link.color = usesQwen ? undefined : UNUSED_COLOR;
   }
   const ti = node.findInputSlot(TEXT);
-  if (ti >= 0) setLook(node.inputs[ti], TEXT_LABEL[mode] ?? null, null);
+  if (ti >= 0) setLook(node.inputs[ti], textLabel, null);
   node.gieHiddenInputs = usesQwen || qi >= 0 ? [] : [QWEN]; // read by the browser test
   node.gieUnusedInputs = !usesQwen && qi >= 0 ? [QWEN] : [];
   node.setDirtyCanvas(true, true);

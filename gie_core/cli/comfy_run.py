@@ -17,7 +17,6 @@ import json
 import mimetypes
 import os
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -66,10 +65,7 @@ def load_api_workflow(path: str | os.PathLike) -> dict[str, dict]:
     if isinstance(data, dict) and isinstance(data.get("prompt"), dict) and "nodes" not in data:
         data = data["prompt"]  # {"prompt": {...}} as posted to /prompt
     if isinstance(data, dict) and isinstance(data.get("nodes"), list) and "links" in data:
-        raise RunError(
-            f"workflow {str(p)!r} is in the UI format (nodes + links); the server only runs the API "
-            "format: in ComfyUI use Workflow > Export (API), or the shipped *_api.json twin"
-        )
+        raise RunError(ui_format_message(p))
     if not isinstance(data, dict) or not data or not all(
         isinstance(n, dict) and "class_type" in n and isinstance(n.get("inputs", {}), dict)
         for n in data.values()
@@ -79,6 +75,25 @@ def load_api_workflow(path: str | os.PathLike) -> dict[str, dict]:
             '{"<id>": {"class_type": ..., "inputs": {...}}, ...}'
         )
     return data
+
+
+def api_twin(path: str | os.PathLike) -> Path:
+    """Where the API-format twin of a UI-format workflow lives: ``<dir>/api/<same name>``.
+
+    The shipped workflows follow this layout (``workflows/X.json`` -> ``workflows/api/X.json``).
+    """
+    p = Path(path)
+    return p.parent / "api" / p.name
+
+
+def ui_format_message(path: str | os.PathLike) -> str:
+    """The refusal of a UI-format workflow, naming its API twin when there is one."""
+    p, twin = Path(path), api_twin(path)
+    head = f"workflow {str(p)!r} is in the UI format (nodes + links); the server only runs the API format: "
+    if twin.is_file():
+        return head + f"run its API-format twin {str(twin)!r}, or in ComfyUI use Workflow > Export (API)"
+    return head + ("in ComfyUI use Workflow > Export (API) (the shipped workflows/<name>.json have "
+                   "API-format twins at workflows/api/<name>.json)")
 
 
 def _id_order(node_id: str) -> tuple:
@@ -502,14 +517,9 @@ def output_images(entry: dict) -> list[dict]:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from ..files import atomic_write_bytes
+
+    atomic_write_bytes(path, data)
 
 
 def download_outputs(client: ComfyClient, entry: dict, outdir: Path) -> list[Path]:
@@ -540,9 +550,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
             "examples:\n"
-            "  gie-comfy-run workflows/gie_edit_api.json --image photo.png \\\n"
-            "      --set 'Instruction.text=make it winter' --set KSampler.steps=28 -o out/\n"
-            "  gie-comfy-run flow_api.json --image 12=left.png --image 13=right.png --server http://gpu-box:8188\n"
+            "  gie-comfy-run workflows/api/released_model_edit.json --image photo.png \\\n"
+            "      --set 'Instruction.value=make it winter' --set GIEKontextSampler.steps=28 -o out/\n"
+            "  gie-comfy-run workflows/api/three_turn_edit_chain.json --image 3=photo.png \\\n"
+            "      --set 'Turn 3 instruction.value=make it a pencil sketch' --set 20.seed=7 \\\n"
+            "      --server http://gpu-box:8188\n"
+            "\n"
+            "The shipped API-format workflows are workflows/api/*.json (their UI-format twins, for\n"
+            "the ComfyUI editor, are workflows/*.json of the same name).\n"
             "\n"
             "NODE is a node id, its title (_meta.title) or its class_type when unique; VALUE is JSON\n"
             "when it parses (28, 3.5, true, \"text\") and a plain string otherwise.\n"
