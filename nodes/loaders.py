@@ -7,9 +7,11 @@ inputs change.
 
 from __future__ import annotations
 
+from gie_core.constants import LORA_STRENGTH_RANGE
 from gie_core.components import KontextModel, PlacedModel, default_scheduler, load_text_encoder_files
 from gie_core.loading import load_gie_checkpoint, load_kontext_dir, parse_dtype
 from gie_core.lora import load_lora
+from gie_core.request import check_float
 from gie_core.single_file import load_bfl_transformer, load_bfl_vae
 
 from . import comfy
@@ -278,8 +280,8 @@ class GIELoraLoader:
                     "FLOAT",
                     {
                         "default": 1.0,
-                        "min": -10.0,
-                        "max": 10.0,
+                        "min": LORA_STRENGTH_RANGE[0],
+                        "max": LORA_STRENGTH_RANGE[1],
                         "step": 0.01,
                         "tooltip": "LoRA strength; 0 gives the base model exactly, negative values push away from it.",
                     },
@@ -289,6 +291,7 @@ class GIELoraLoader:
 
     def apply(self, kontext_model, lora_name, strength):
         model = require(kontext_model, "kontext_model", "a Kontext model loader")
+        strength = check_float("strength", strength, *LORA_STRENGTH_RANGE)
         transformer = model.require_transformer()
         name = load_lora(transformer, comfy.resolve_model_file("loras", lora_name))
         return (model.with_lora(name, strength),)

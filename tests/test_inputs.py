@@ -344,6 +344,7 @@ def test_bad_inputs_are_refused_before_any_weight_is_read(tmp_path, kontext_dir,
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "device 'cuda"),
         (["--batch", "0"], "batch size is 0"),
         (["--snap", "1:0"], "ratio '1:0'"),
+        (["--lora", "style.safetensors:nan"], "strength is nan but must be a finite number"),
         (["--snap", "--size", "64x64"], "does not have the 3:2 aspect"),
     ]
     for extra, fragment in cases:

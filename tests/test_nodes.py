@@ -620,6 +620,8 @@ def test_awkward_images_through_the_nodes(loaded):
             run_sampler(loaded.kontext, loaded.vae, [[torch.zeros(1, 8, 32), {"pooled_output": torch.zeros(1, 32)}]], bad)
     with pytest.raises(ValueError, match="guidance is nan"):
         run_sampler(loaded.kontext, loaded.vae, fused(loaded, image()), image(), guidance=float("nan"))
+    with pytest.raises(ValueError, match="strength is inf but must be a finite number"):
+        N["GIELoraLoader"]().apply(loaded.kontext, "missing.safetensors", float("inf"))
     with pytest.raises(ValueError, match="true CFG scale is inf"):
         run_sampler(loaded.kontext, loaded.vae, fused(loaded, image()), image(), true_cfg=float("inf"),
                     negative=fused(loaded, image()))

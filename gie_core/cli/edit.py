@@ -127,13 +127,17 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def parse_lora(text: str) -> tuple[str, float]:
-    """'file.safetensors' or 'file.safetensors:0.8' -> (path, strength)."""
+    """'file.safetensors' or 'file.safetensors:0.8' -> (path, strength), the strength finite and in range."""
+    from ..constants import LORA_STRENGTH_RANGE
+    from ..request import check_float
+
     path, sep, strength = text.rpartition(":")
     if sep and path.endswith(".safetensors"):
         try:
-            return path, float(strength)
+            value = float(strength)
         except ValueError:
             raise ValueError(f"--lora '{text}': strength '{strength}' is not a number") from None
+        return path, check_float(f"--lora '{text}': strength", value, *LORA_STRENGTH_RANGE)
     return text, 1.0
 
 
