@@ -27,7 +27,7 @@ from .loading import load_gie_checkpoint, load_kontext_dir, parse_dtype
 from .modes import DEFAULT_FUSION_MODE, fusion_mode
 from .ratio import PadRecord, crop_padding, pad_to_ratio
 from .request import EditRequest, resolve_device, resolve_edit
-from .sampler import InterruptFn, KontextModels, ProgressFn, sample
+from .sampler import InterruptFn, KontextModels, ProgressFn, sample_request
 
 
 @dataclass
@@ -256,22 +256,9 @@ class EditPipeline:
         # only take charge of the adapters when this pipeline was given LoRAs
         loras = activated(self.transformer, self.loras) if self.loras else contextlib.nullcontext()
         with self.on_device(self.transformer, self.vae), loras:
-            out = sample(
-                KontextModels(self.transformer, self.vae, self.scheduler),
-                positive,
-                reference,
-                width=request.width,
-                height=request.height,
-                steps=request.steps,
-                guidance=request.guidance,
-                seed=request.seed,
-                batch_size=request.batch_size,
-                true_cfg=request.true_cfg,
-                negative=negative,
-                device=self.device,
-                progress=progress,
-                interrupt=interrupt,
-                checked=True,
+            out = sample_request(
+                KontextModels(self.transformer, self.vae, self.scheduler), request, positive, reference,
+                negative=negative, device=self.device, progress=progress, interrupt=interrupt,
             ).cpu()
         if record is not None:
             out = crop_padding(out, record)

@@ -393,3 +393,23 @@ def sample(
                   reference_method=reference_method, cfg_batch=cfg_batch, device=device, noise=noise)
     latents = denoise(models.transformer, run, progress=progress, interrupt=interrupt)
     return latents if output == "latent" else decode(models.vae, latents)
+
+
+def sample_request(
+    models: KontextModels,
+    request,
+    positive: Conditioning,
+    references: torch.Tensor | Sequence[torch.Tensor] | None,
+    *,
+    negative: Conditioning | None = None,
+    device: torch.device | str | None = None,
+    progress: ProgressFn | None = None,
+    interrupt: InterruptFn | None = None,
+) -> torch.Tensor:
+    """:func:`sample` with the values of a resolved :class:`gie_core.request.EditRequest` (checked
+    once, at the edge; not again here). Returns images [B, H, W, 3] in 0..1."""
+    return sample(
+        models, positive, references, width=request.width, height=request.height, steps=request.steps,
+        guidance=request.guidance, seed=request.seed, batch_size=request.batch_size, true_cfg=request.true_cfg,
+        negative=negative, device=device, progress=progress, interrupt=interrupt, checked=True,
+    )

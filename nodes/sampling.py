@@ -22,7 +22,7 @@ from gie_core.constants import (
 from gie_core.images import prepare_reference
 from gie_core.lora import activated
 from gie_core.request import resolve_edit, resolve_output_size
-from gie_core.sampler import KontextModels, sample
+from gie_core.sampler import KontextModels, sample_request
 
 from . import comfy
 from .common import CAT_SAMPLING, KONTEXT, VAE, check_image, require
@@ -165,22 +165,9 @@ class GIEKontextSampler:
 
         try:
             with model.placement.use(transformer) as device, vae.use(), activated(transformer, model.loras):
-                out = sample(
-                    KontextModels(transformer, vae.model, model.scheduler),
-                    pos,
-                    reference,
-                    width=request.width,
-                    height=request.height,
-                    steps=request.steps,
-                    guidance=request.guidance,
-                    seed=request.seed,
-                    batch_size=request.batch_size,
-                    true_cfg=request.true_cfg,
-                    negative=neg,
-                    device=device,
-                    progress=comfy.progress(request.steps),
-                    interrupt=comfy.interrupt_check(),
-                    checked=True,
+                out = sample_request(
+                    KontextModels(transformer, vae.model, model.scheduler), request, pos, reference, negative=neg,
+                    device=device, progress=comfy.progress(request.steps), interrupt=comfy.interrupt_check(),
                 )
         finally:
             if unload_after:
