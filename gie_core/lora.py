@@ -54,11 +54,14 @@ def load_lora(transformer: torch.nn.Module, path: str | os.PathLike) -> str:
     if name in loaded_adapters(transformer):
         return name
 
-    from diffusers import FluxKontextPipeline
+    # The FLUX LoRA mixin (what FluxKontextPipeline.lora_state_dict is), imported on its own:
+    # importing the pipelines makes transformers probe torchvision for image processors no LoRA
+    # needs, printing warnings on every run.
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
 
     try:
         # converts kohya / BFL / XLabs layouts; folder + weight_name, as older diffusers need offline
-        state = FluxKontextPipeline.lora_state_dict(str(p.parent), weight_name=p.name, local_files_only=True)
+        state = FluxLoraLoaderMixin.lora_state_dict(str(p.parent), weight_name=p.name, local_files_only=True)
     except Exception as exc:  # diffusers raises many kinds on foreign files
         raise LoraError(f"{p} is not a FLUX LoRA file diffusers can read: {exc}") from None
     if isinstance(state, tuple):

@@ -82,15 +82,45 @@ def test_command_line_overrides_file_and_names_unknown_flags(tmp_path, capsys):
     from gie_core.cli.train import build_parser
     from gie_core.train.config import config_from_args
 
-    args = build_parser("train").parse_args(["--config", str(f), "--lr", "2e-4", "--set", "train.max_steps=9",
-                                             "--data.bucketing", "square", "--layers", "0,2"])
+    args = build_parser("train").parse_args(["--config", str(f), "--optim.lr", "2e-4", "--set", "train.max_steps=9",
+                                             "--data.bucketing", "square", "--train.layers", "0,2",
+                                             "--validation.steps", "3", "--export.dtype", "fp16"])
     cfg = config_from_args(args, for_training=False)
     assert (cfg.optim.lr, cfg.train.max_steps, cfg.data.bucketing, cfg.train.layers) == (2e-4, 9, "square", [0, 2])
+    assert (cfg.validation.steps, cfg.export.dtype) == (3, "fp16")
+    args = build_parser("train").parse_args(["--train.max-steps", "5", "--output-dir", "runs/x"])  # dashes too
+    cfg = config_from_args(args, for_training=False)
+    assert (cfg.train.max_steps, cfg.output_dir) == (5, "runs/x")
 
     with pytest.raises(SystemExit) as exc:
-        main(["--config", str(f), "--max-step", "3"])
+        main(["--config", str(f), "--train.max_step", "3"])  # a prefix is never taken for the option
     assert exc.value.code == 2
-    assert "--max-step" in capsys.readouterr().err
+    assert "--train.max_step" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, meant", [
+    ("--steps", ["--validation.steps", "--train.max_steps"]),
+    ("--dtype", ["--export.dtype", "--data.cache_dtype"]),
+    ("--transformer", ["--export.transformer", "--model.init_transformer"]),
+    ("--lr", ["--optim.lr"]),
+    ("--validation.step", ["--validation.steps"]),
+])
+def test_short_or_partial_flags_are_refused_naming_the_real_options(flag, meant, tmp_path, capsys):
+    """``--steps 3`` used to set validation.steps silently (a unique last part got a short flag)."""
+    from gie_core.cli.train import build_parser, main
+
+    for argv in ([flag, "3"], [f"{flag}=3"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert f"unknown option '{flag}'" in err and "full dotted name" in err, err
+        assert all(m in err for m in meant), err
+    parser = build_parser("train")
+    assert parser.allow_abbrev is False
+    flags = {s for a in parser._actions for s in a.option_strings}
+    assert {"--steps", "--dtype", "--transformer", "--lr", "--max-steps"}.isdisjoint(flags)
+    assert {"--validation.steps", "--train.max_steps", "--train.max-steps", "--export.dtype"} <= flags
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -129,7 +159,7 @@ def test_both_annotation_schemas_and_data_txt(tmp_path):
     assert [r.region_weighting for r in recs] == [False, True]
     assert [r.region_weighting for r in read_dataset(tmp_path / "data.txt", problems, "off")] == [False, False]
     (tmp_path / "bad.txt").write_text("a,a/ann.json,maybe\n")
-    with pytest.raises(DataError, match="line 1: region_weighting is 'maybe'"):
+    with pytest.raises(DataError, match="bad.txt:1: region_weighting is 'maybe'"):
         read_data_txt(tmp_path / "bad.txt")
     (tmp_path / "bad.txt").write_text("a,missing.json,true\n")
     with pytest.raises(DataError, match="missing.json does not exist"):
@@ -260,3 +290,135 @@ def test_defaults_resolve_per_stage():
     assert (s2.trainable_set, s2.learning_rate, s2.use_gradient_checkpointing) == ("image_attention", 1e-6, True)
     s2.set("optim.optimizer", "prodigy")
     assert s2.learning_rate == 1.0
+
+
+# --- images as every face reads them; data quirks ---------------------------------------------
+
+
+def _save_exif_rotated(shown: Image.Image, path: Path) -> None:
+    """Save ``shown`` stored sideways with EXIF orientation 6 (as a phone does): viewers show ``shown``."""
+    from PIL import ImageOps
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to show
+    shown.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif)
+    with Image.open(path) as im:
+        assert im.size == (shown.height, shown.width)  # stored sideways
+        assert np.array_equal(np.asarray(ImageOps.exif_transpose(im)), np.asarray(shown))
+
+
+def test_training_images_load_as_shown_exif_16bit_and_alpha(tmp_path):
+    """EXIF orientation, 16-bit greyscale and transparency: as gie_core.images.load_image reads them."""
+    from gie_core.train.data import load_rgb
+
+    root = tmp_path / "img"
+    root.mkdir()
+    # a portrait photo stored landscape with an orientation tag
+    shown = noise_image(64, 96, 3)
+    _save_exif_rotated(shown, root / "s0.png")
+    tgt = np.asarray(shown).copy()
+    tgt[:10] = 0
+    _save_exif_rotated(Image.fromarray(tgt), root / "t0.png")
+    # 16-bit greyscale: 0..65535, must not be clipped at 255
+    ramp = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    assert Image.fromarray(ramp).mode == "I;16"
+    Image.fromarray(ramp).save(root / "s1.png")
+    Image.fromarray(ramp).save(root / "t1.png")
+    # transparency hiding red: composited on white
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[..., 0] = 255  # red everywhere, fully transparent on the left half
+    rgba[:, 32:, 3] = 255
+    Image.fromarray(rgba).save(root / "s2.png")
+    Image.fromarray(rgba).save(root / "t2.png")
+    recs = [{"image": [f"img/s{i}.png", f"img/t{i}.png"], "conversations": [{"from": "human", "value": "x"}]} for i in range(3)]
+    (tmp_path / "ann.json").write_text(json.dumps(recs))
+    (tmp_path / "data.txt").write_text(f"{tmp_path},{tmp_path}/ann.json,false\n")
+
+    assert np.array_equal(np.asarray(load_rgb(root / "s0.png")), np.asarray(shown))
+    grey = np.asarray(load_rgb(root / "s1.png"))
+    assert grey.shape == (64, 64, 3) and grey[0, 0, 0] == 0 and grey[-1, -1, 0] == 255
+    assert abs(int(grey[32, 0, 0]) - round(ramp[32, 0] / 257)) <= 1  # scaled by the 16-bit range
+    alpha = np.asarray(load_rgb(root / "s2.png"))
+    assert (alpha[:, :32] == 255).all() and (alpha[:, 32:] == (255, 0, 0)).all()
+
+    problems = ProblemLog()
+    records = read_dataset(tmp_path / "data.txt", problems)
+    sizes = scan_sizes(records, problems, tmp_path / "index")
+    assert sizes[0] == (64, 96) and problems.total == problems.total_warnings == 0  # the size as shown
+    assert bucket_for(*sizes[0], "ratio", 64) == (64, 96)  # the portrait (2:3) bucket, not 3:2
+    ds = EditDataset(records, [(64, 96), (64, 64), (64, 64)], bucketing="ratio")
+    item = ds[0]
+    assert item["bad"] == [] and item["source"].shape == (3, 96, 64)
+    assert torch.equal(item["source"], torch.from_numpy(np.asarray(shown, np.float32) / 255).permute(2, 0, 1) * 2 - 1)
+
+
+def test_a_tiny_image_is_reported_as_too_small_not_unreadable(tmp_path):
+    write_pairs(tmp_path, [(64, 64), (64, 64)])
+    noise_image(8, 8).save(tmp_path / "img/t1.png")
+    (tmp_path / "data.txt").write_text(f"{tmp_path},{tmp_path}/ann.json,false\n")
+    problems = ProblemLog()
+    records = read_dataset(tmp_path / "data.txt", problems)
+    assert scan_sizes(records, problems) == [(64, 64), None]
+    assert dict(problems.counts) == {"image too small": 1}
+    ((kind, where),) = problems.seen
+    assert where == str(tmp_path / "img/t1.png")
+    ds = EditDataset(records, [(64, 64)] * 2, bucketing="square")
+    item = ds[1]  # replaced by the next pair of the bucket, the problem reported with the item
+    assert item["index"] == 0
+    assert item["bad"] == [("image too small", str(tmp_path / "img/t1.png"), "8x8 is smaller than 16 px a side")]
+
+
+def test_a_pair_of_different_sizes_trains_with_one_warning_naming_both_sizes(tmp_path, caplog):
+    write_pairs(tmp_path, [(64, 64), (64, 64)])
+    noise_image(96, 64).save(tmp_path / "img/s1.png")  # source 96x64, target 64x64
+    (tmp_path / "data.txt").write_text(f"{tmp_path},{tmp_path}/ann.json,true\n")
+    problems = ProblemLog()
+    records = read_dataset(tmp_path / "data.txt", problems)
+    with caplog.at_level("WARNING", logger="gie_core.train"):
+        sizes = scan_sizes(records, problems, tmp_path / "index")
+        scan_sizes(records, problems, tmp_path / "index")  # replayed from the index: still once
+    assert sizes == [(64, 64), (64, 64)]  # kept: trained at the target's bucket
+    assert problems.total == 0 and dict(problems.warnings) == {"size mismatch": 1}
+    warned = [r.getMessage() for r in caplog.records if "size mismatch" in r.getMessage()]
+    assert len(warned) == 1 and "source is 96x64 but target is 64x64" in warned[0], warned
+    assert "trained 1 pairs with warnings: 1 size mismatch" in problems.summary()
+    again = ProblemLog()
+    scan_sizes(records, again, tmp_path / "index")
+    assert dict(again.warnings) == {"size mismatch": 1}
+    item = EditDataset(records, sizes, bucketing="ratio")[1]
+    assert item["bad"] == [] and item["source"].shape == item["target"].shape == (3, 64, 64)
+
+
+def test_data_txt_lines_need_all_three_fields(tmp_path):
+    write_pairs(tmp_path / "a", [(64, 64)])
+    data = tmp_path / "data.txt"
+    data.write_text("# two sources\na,a/ann.json,false\na,a/ann.json\n")
+    with pytest.raises(DataError) as exc:
+        read_data_txt(data)
+    msg = str(exc.value)
+    assert msg.startswith(f"{data}:3: expected 3 comma-separated fields 'image_root,annotation_json,region_weighting'")
+    assert "found 2: 'a,a/ann.json'" in msg
+    data.write_text("a,a/ann.json,false,extra\n")
+    with pytest.raises(DataError, match=r"data\.txt:1: expected 3 .* found 4"):
+        read_data_txt(data)
+    data.write_text(",a/ann.json,false\n")
+    with pytest.raises(DataError, match=r"data\.txt:1: image_root is empty"):
+        read_data_txt(data)
+
+
+def test_trainer_defaults_come_from_the_shared_constants():
+    """Patch the constants before the trainer is imported: its defaults must follow (a subprocess,
+    so this process's modules are left alone)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import gie_core.constants as c\n"
+        "c.DEFAULT_STEPS, c.DEFAULT_GUIDANCE, c.DEFAULT_SEED, c.METAQUERY_TOKENS = 13, 2.25, 7, 5\n"
+        "from gie_core.train.config import TrainConfig\n"
+        "t = TrainConfig()\n"
+        "print(t.validation.steps, t.validation.guidance, t.validation.seed, t.model.num_queries)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["13", "2.25", "7", "5"]

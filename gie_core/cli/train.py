@@ -1,14 +1,15 @@
 """``gie-train``: the two-stage GPT-Image-Edit trainer, without ComfyUI.
 
     gie-train --config training/stage1.yaml                       # train (the default command)
-    gie-train --config training/stage1.yaml --max-steps 100 --set optim.lr=5e-4
+    gie-train --config training/stage1.yaml --train.max_steps 100 --set optim.lr=5e-4
     gie-train cache --config training/stage1.yaml                 # precompute features and latents
     gie-train export --config training/stage2.yaml --checkpoint latest --out exported/
     accelerate launch --config_file training/accelerate_deepspeed_zero2.yaml -m gie_core.cli.train --config training/stage2.yaml
 
-Every option of the config file can be given on the command line (``--optim.lr 1e-4``, its
-short form ``--lr 1e-4`` when unique, or ``--set optim.lr=1e-4``); ``gie-train --help`` lists
-them with their defaults.
+Every option of the config file can be given on the command line by its full dotted name
+(``--optim.lr 1e-4``, ``--train.max_steps 100`` or ``--train.max-steps 100``, or
+``--set optim.lr=1e-4``); ``gie-train --help`` lists them with their defaults. There are no short
+or abbreviated flags: ``--steps`` or ``--lr`` is refused, naming the options it may mean.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         }[command],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
-        allow_abbrev=False,  # '--max-step' must be an error, not silently '--max-steps'
+        allow_abbrev=False,  # '--validation.step' must be an error, not silently '--validation.steps'
     )
     if command == "export":
         p.add_argument("--checkpoint", default="latest", help="'latest' (in output_dir) or a checkpoint directory (default latest)")
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("exported %s: %s", kind, path)
         return 0
     except KeyboardInterrupt:
-        log.error("interrupted; resume with --resume latest")
+        log.error("interrupted; resume with --checkpoint.resume latest")
         return 130
     except (ValueError, FileNotFoundError, OSError) as exc:
         log.error("%s", exc)

@@ -2,9 +2,11 @@
 
 One safetensors file per pair and bucket size, ``<cache_dir>/<key[:2]>/<key>-<W>x<H>.safetensors``:
 
-- ``qwen`` [L, H]: Qwen2.5-VL last hidden states of (source, instruction); for metaquery, whose
-  learned queries change during training, ``qwen_pixels`` [448, 448, 3] uint8 (the Qwen input) instead;
-- ``t5`` [256, D] and ``pooled`` [P]: T5 tokens and CLIP(instruction) (modes vlm+t5, vlm+t5+type);
+- ``qwen`` [L, H]: Qwen2.5-VL last hidden states of (source, instruction); for a mode with
+  learned queries (metaquery), which change during training, ``qwen_pixels`` [448, 448, 3] uint8
+  (the Qwen input) instead;
+- ``t5`` [256, D]: T5 tokens, when the mode needs T5 (its row in :mod:`gie_core.modes`);
+- ``pooled`` [P]: CLIP(instruction), when the mode's pooled vector is the instruction's;
 - ``target_moments`` [2C, h, w]: the VAE posterior (mean, logvar) of the target, so each step
   still draws its own ``sample()`` as the reference does;
 - ``reference`` [C, h, w]: normalised VAE mode latents of the source;
@@ -26,8 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import atomic_write_text
 from ..loading import parse_dtype
-from ..weights import CheckpointError, CheckpointReader, save_safetensors_atomic
+from ..modes import fusion_mode
+from ..weights import CheckpointError, CheckpointReader
+from .checkpoint import save_safetensors
 from .data import EditRecord
 
 logger = logging.getLogger("gie_core.train")
@@ -36,13 +41,16 @@ CACHE_VERSION = 1
 
 
 def cached_contents(mode: str, region_weighting: bool = True) -> tuple[str, ...]:
-    """The tensors a cache for ``mode`` holds per pair."""
-    from .models import T5_MODES
-
+    """The tensors a cache for ``mode`` holds per pair, as its row in :mod:`gie_core.modes` needs:
+    Qwen features (or, for learned queries, the Qwen input pixels), T5 tokens, CLIP(instruction)."""
+    spec = fusion_mode(mode)
     names = ["target_moments", "reference"]
-    names.append("qwen" if mode != "metaquery" else "qwen_pixels")
-    if mode in T5_MODES:
-        names += ["t5", "pooled"]
+    if spec.needs_qwen:
+        names.append("qwen_pixels" if spec.queries else "qwen")
+    if spec.needs_t5:
+        names.append("t5")
+    if spec.pooled_from == "instruction":
+        names.append("pooled")
     return tuple(names)
 
 
@@ -66,7 +74,7 @@ class FeatureCache:
 
     def write(self, record: EditRecord, size: tuple[int, int], tensors: dict[str, torch.Tensor]) -> Path:
         data = {k: v.detach().to("cpu", self.dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in tensors.items()}
-        return save_safetensors_atomic(data, self.path(record, size), metadata={"format": "pt", "instruction": record.instruction[:500]})
+        return save_safetensors(data, self.path(record, size), metadata={"format": "pt", "instruction": record.instruction[:500]})
 
     def read(self, record: EditRecord, size: tuple[int, int]) -> dict[str, torch.Tensor]:
         """The pair's tensors (float32); KeyError when the pair is not cached."""
@@ -81,10 +89,7 @@ class FeatureCache:
 
     # -- run-level files ---------------------------------------------------------------
     def write_info(self, info: dict) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.info_path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"version": CACHE_VERSION, **info}, indent=2), encoding="utf-8")
-        os.replace(tmp, self.info_path)
+        atomic_write_text(self.info_path, json.dumps({"version": CACHE_VERSION, **info}, indent=2))
 
     def read_info(self) -> dict:
         if not self.info_path.is_file():
@@ -92,7 +97,7 @@ class FeatureCache:
         return json.loads(self.info_path.read_text(encoding="utf-8"))
 
     def write_empty_pooled(self, pooled: torch.Tensor) -> None:
-        save_safetensors_atomic({"pooled_empty": pooled.detach().float().cpu()}, self.root / "empty_pooled.safetensors")
+        save_safetensors({"pooled_empty": pooled.detach().float().cpu()}, self.root / "empty_pooled.safetensors")
 
     def read_empty_pooled(self) -> torch.Tensor:
         with CheckpointReader.open(self.root / "empty_pooled.safetensors") as reader:
@@ -133,8 +138,8 @@ def build_cache(cfg, *, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     from ..sampler import encode_reference
-    from .data import EditDataset, ProblemLog, bucket_for, collate, read_dataset, scan_sizes
-    from .models import T5_MODES, load_components
+    from .data import EditDataset, ProblemLog, collate, read_dataset, usable_pairs
+    from .models import load_components
 
     if not cfg.data.cache_dir:
         raise ValueError("data.cache_dir is not set")
@@ -147,18 +152,14 @@ def build_cache(cfg, *, progress: bool = True) -> dict:
     problems = ProblemLog()
     records = read_dataset(cfg.data.data_txt, problems, cfg.data.region_weighting)
     with state.main_process_first():
-        if cfg.data.bucketing == "square":
-            sizes = [(cfg.data.resolution, cfg.data.resolution)] * len(records)
-        else:
-            sizes = scan_sizes(records, problems, Path(cfg.data.cache_dir) / "data_index")
-    keep = [i for i, s in enumerate(sizes) if s is not None]
-    buckets = [bucket_for(*sizes[i], cfg.data.bucketing, cfg.data.resolution, cfg.data.ratios) for i in keep]
-    records = [records[i] for i in keep]
+        records, buckets = usable_pairs(records, problems, cfg.data.bucketing, cfg.data.resolution, cfg.data.ratios,
+                                        Path(cfg.data.cache_dir) / "data_index")
 
     mode = cfg.model.mode
+    spec = fusion_mode(mode)
     contents = cached_contents(mode)
-    comps = load_components(cfg, weight_dtype=weight_dtype, need_qwen=mode != "metaquery", need_clip=True,
-                            need_t5=mode in T5_MODES, need_vae=True)
+    comps = load_components(cfg, weight_dtype=weight_dtype, need_qwen="qwen" in contents, need_clip=True,
+                            need_t5=spec.needs_t5, need_vae=True)
     vae = comps.vae.to(device)
     text = comps.text
     text.clip.to(device)
@@ -200,10 +201,11 @@ def build_cache(cfg, *, progress: bool = True) -> dict:
             }
             if "qwen" in contents:
                 tensors["qwen"] = qwen.encode(batch["qwen_image"], instruction).hidden[0]
-            else:  # metaquery: the Qwen input itself (its learned queries change while training)
+            elif "qwen_pixels" in contents:  # learned queries: the Qwen input itself (the queries change while training)
                 tensors["qwen_pixels"] = torch.from_numpy(np.asarray(batch["qwen_image"][0], dtype=np.uint8).copy())
             if "t5" in contents:
                 tensors["t5"] = text.t5_tokens([instruction])[0]
+            if "pooled" in contents:
                 tensors["pooled"] = text.clip_pooled([instruction])[0]
             if batch["region_weight"] is not None:
                 tensors["region_weight"] = batch["region_weight"][0]

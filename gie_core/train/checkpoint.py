@@ -4,6 +4,11 @@ A checkpoint is written into ``checkpoint-<step>.tmp`` and renamed to ``checkpoi
 once complete (``trainer_state.json`` is its last file), so a crash or kill mid-save leaves the
 previous checkpoints untouched; a leftover ``.tmp`` is never resumed from and is removed by the
 next save. Older checkpoints are pruned only after a newer one is committed.
+
+Every file the trainer writes (checkpoint files, exports, the feature cache, validation images,
+json records) goes through :func:`gie_core.files.atomic_write` (:func:`save_safetensors` here for
+tensors), so it appears complete or not at all, with the user's normal permissions (0o666 and
+folders 0o777, less the umask), never ``mkstemp``'s 0600.
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+
+from ..files import atomic_write, atomic_write_text
 
 STATE_FILE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -23,6 +31,24 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 class CheckpointNotFound(FileNotFoundError):
     """``checkpoint.resume`` names nothing resumable."""
+
+
+def save_safetensors(
+    tensors: Mapping, path: str | os.PathLike, metadata: Mapping[str, str] | None = None, *, fsync: bool = True
+) -> Path:
+    """Write a safetensors file atomically with normal permissions (:func:`gie_core.files.atomic_write`),
+    flushed to disk before the rename unless ``fsync`` is false."""
+    from safetensors.torch import save_file
+
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = dict(metadata or {"format": "pt"})
+
+    def write(tmp: Path) -> None:
+        mode = os.stat(tmp).st_mode & 0o777  # atomic_write made it 0o666 less the umask
+        save_file(contiguous, str(tmp), metadata=meta)
+        os.chmod(tmp, mode)  # safetensors >= 0.8 writes its files 0600 whatever the umask
+
+    return atomic_write(path, write, fsync=fsync)
 
 
 def checkpoint_name(step: int) -> str:
@@ -121,9 +147,7 @@ def begin(root: str | os.PathLike, step: int) -> Path:
 
 def write_state(tmp: Path, state: dict) -> None:
     """Write ``trainer_state.json`` (the completion marker: write it last)."""
-    part = tmp / (STATE_FILE + ".part")
-    part.write_text(json.dumps(state, indent=2, default=str), encoding="utf-8")
-    os.replace(part, tmp / STATE_FILE)
+    atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2, default=str))
 
 
 def commit(tmp: Path) -> Path:

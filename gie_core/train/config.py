@@ -2,8 +2,9 @@
 
 A run is configured by defaults, then a config file (``training/stage1.yaml``; YAML or TOML),
 then the command line, later winning. Every option has a dotted name (``optim.lr``) usable as
-``--optim.lr 1e-4`` or ``--set optim.lr=1e-4``; options whose last part is unique also get a
-short flag (``--lr 1e-4``, ``--max-steps 100``). An unknown key, in a file or on the command
+``--optim.lr 1e-4`` (or ``--train.max-steps`` with dashes) or ``--set optim.lr=1e-4``. There
+are no short or abbreviated flags: ``--steps`` could mean ``validation.steps`` or
+``train.max_steps``, so it is refused, naming both. An unknown key, in a file or on the command
 line, fails at start with its name and the nearest known ones.
 
 ``auto`` values are resolved per stage by :meth:`TrainConfig.resolve` (stage 1: connector only,
@@ -21,7 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from ..constants import FUSION_MODES
+from ..constants import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_SEED,
+    DEFAULT_STEPS,
+    GUIDANCE_RANGE,
+    METAQUERY_TOKENS,
+    SEED_RANGE,
+    SIZE_MULTIPLE,
+    STEPS_RANGE,
+)
+from ..modes import FUSION_MODE_TABLE, TRAINABLE_MODES, fusion_mode
 
 
 class ConfigError(ValueError):
@@ -52,8 +63,8 @@ class ModelOptions:
     qwen: str | None = _opt(None, "Qwen2.5-VL(-7B-Instruct) transformers directory, when no GPT-Image-Edit directory gives the encoder")
     init_transformer: str = _opt("auto", "transformer to start from: auto (gie if given, else kontext), kontext, gie, or a .safetensors file (BFL or diffusers layout)")
     init_connector: str = _opt("auto", "connector to start from: auto (gie's if given, else fresh), fresh, or a connector .safetensors / GPT-Image-Edit directory")
-    mode: str = _opt("vlm", f"conditioning the connector is trained for: {', '.join(m for m in FUSION_MODES if m != 't5')} (vlm = the reference's training)")
-    num_queries: int = _opt(256, "learned query tokens of a fresh metaquery connector")
+    mode: str = _opt("vlm", f"conditioning the connector is trained for: {', '.join(TRAINABLE_MODES)} (vlm = the reference's training)")
+    num_queries: int = _opt(METAQUERY_TOKENS, "learned query tokens of a fresh connector for a mode with queries (metaquery)")
 
 
 @dataclass
@@ -67,7 +78,7 @@ class DataOptions:
     shuffle: bool = _opt(True, "shuffle pairs (deterministically from train.seed and the epoch)")
     region_weighting: str = _opt("auto", "weight the changed region in the loss: auto (per data.txt line), on, off")
     cache_dir: str | None = _opt(None, "folder of precomputed features and latents (gie-train cache writes it)")
-    use_cache: bool = _opt(False, "train from data.cache_dir: no encoder is loaded (Qwen still is for metaquery)")
+    use_cache: bool = _opt(False, "train from data.cache_dir: no encoder is loaded (Qwen still is for modes with learned queries: metaquery)")
     cache_dtype: str = _opt("bf16", "dtype features are cached in: bf16, fp16, fp32")
 
 
@@ -121,9 +132,9 @@ class CheckpointOptions:
 class ValidationOptions:
     every: int = _opt(0, "edit the validation pairs every N steps (0 = off)")
     pairs: list[dict] = _opt([], "list of {image: PATH, instruction: TEXT}")
-    steps: int = _opt(28, "sampling steps of validation edits")
-    guidance: float = _opt(3.5, "guidance of validation edits")
-    seed: int = _opt(42, "noise seed of validation edits")
+    steps: int = _opt(DEFAULT_STEPS, "sampling steps of validation edits")
+    guidance: float = _opt(DEFAULT_GUIDANCE, "guidance of validation edits")
+    seed: int = _opt(DEFAULT_SEED, "noise seed of validation edits")
 
 
 @dataclass
@@ -213,7 +224,15 @@ class TrainConfig:
                 raise ConfigError(f"{key} is '{v}'; expected one of {', '.join(map(str, choices))}")
 
         choice("train.stage", STAGES)
-        choice("model.mode", tuple(m for m in FUSION_MODES if m != "t5"))
+        trainable_modes = [n for n, m in FUSION_MODE_TABLE.items() if m.trainable]  # the table, as it is now
+        if self.model.mode not in trainable_modes:
+            if self.model.mode not in FUSION_MODE_TABLE:
+                raise ConfigError(f"model.mode is '{self.model.mode}'; expected one of {', '.join(trainable_modes)}")
+            raise ConfigError(
+                f"model.mode is '{self.model.mode}' but that mode has no connector to train; "
+                f"expected one of {', '.join(trainable_modes)}"
+            )
+        spec = fusion_mode(self.model.mode)
         choice("train.trainable", ("auto",) + TRAINABLE_SETS)
         choice("optim.optimizer", OPTIMIZERS)
         choice("train.mixed_precision", MIXED_PRECISION)
@@ -233,30 +252,42 @@ class TrainConfig:
         for key in ("data.batch_size", "train.max_steps", "train.gradient_accumulation", "data.resolution", "lora.rank"):
             if self.get(key) < 1:
                 raise ConfigError(f"{key} is {self.get(key)} but must be at least 1")
-        for key in ("data.num_workers", "checkpoint.every", "checkpoint.keep_last", "validation.every", "train.overfit_batches", "optim.warmup_steps"):
+        for key in ("data.num_workers", "checkpoint.every", "checkpoint.keep_last", "validation.every", "train.overfit_batches",
+                    "optim.warmup_steps", "log.every"):
             if self.get(key) < 0:
                 raise ConfigError(f"{key} is {self.get(key)} but must be 0 or more")
-        if self.data.resolution % 16:
-            raise ConfigError(f"data.resolution is {self.data.resolution} but must be a multiple of 16")
+        for key, (lo, hi) in (("validation.steps", STEPS_RANGE), ("validation.guidance", GUIDANCE_RANGE),
+                              ("validation.seed", SEED_RANGE)):
+            if not lo <= self.get(key) <= hi:
+                raise ConfigError(f"{key} is {self.get(key)} but must be in {lo}..{hi}")
+        if self.data.resolution % SIZE_MULTIPLE:
+            raise ConfigError(f"data.resolution is {self.data.resolution} but must be a multiple of {SIZE_MULTIPLE}")
         if len(self.optim.betas) != 2:
             raise ConfigError(f"optim.betas must be two numbers, not {self.optim.betas}")
         if not 0.0 <= self.optim.ema_decay < 1.0:
             raise ConfigError(f"optim.ema_decay is {self.optim.ema_decay} but must be in [0, 1)")
+        if not 0.0 <= self.lora.dropout < 1.0:
+            raise ConfigError(f"lora.dropout is {self.lora.dropout} but must be in [0, 1)")
         if self.learning_rate <= 0:
             raise ConfigError(f"optim.lr is {self.learning_rate} but must be positive")
         if self.model.init_transformer == "gie" and not self.model.gie:
             raise ConfigError("model.init_transformer is 'gie' but model.gie (a GPT-Image-Edit directory) is not set")
-        if self.model.mode == "metaquery" and self.model.num_queries < 1:
-            raise ConfigError("model.num_queries must be at least 1 for mode 'metaquery'")
+        if spec.queries and self.model.num_queries < 1:
+            raise ConfigError(f"model.num_queries must be at least 1 for mode '{self.model.mode}' (it learns query tokens)")
         for i, pair in enumerate(self.validation.pairs):
             if not isinstance(pair, dict) or set(pair) != {"image", "instruction"}:
                 raise ConfigError(f"validation.pairs[{i}] must be {{image: PATH, instruction: TEXT}}, not {pair!r}")
+            if not isinstance(pair["image"], str) or not pair["image"].strip():
+                raise ConfigError(f"validation.pairs[{i}].image must be a path, not {pair['image']!r}")
+            if not isinstance(pair["instruction"], str) or not pair["instruction"].strip():
+                raise ConfigError(f"validation.pairs[{i}].instruction must be a non-empty text, not {pair['instruction']!r}")
         if for_training:
             if not self.data.data_txt:
                 raise ConfigError("data.data_txt is not set (the data.txt listing image roots and annotation files)")
             if not self.model.kontext:
                 raise ConfigError("model.kontext is not set (a FLUX.1-Kontext-dev diffusers directory: VAE, CLIP, T5, scheduler)")
-            needs_qwen = not self.data.use_cache or self.model.mode == "metaquery" or self.validation.every > 0
+            # Qwen runs when features are encoded on the fly, when learned queries read it, and for validation
+            needs_qwen = not self.data.use_cache or spec.queries or self.validation.every > 0
             if needs_qwen and not (self.model.gie or self.model.qwen):
                 raise ConfigError("the Qwen2.5-VL encoder is needed: set model.gie (GPT-Image-Edit directory) or model.qwen")
             if self.data.use_cache and not self.data.cache_dir:
@@ -318,12 +349,7 @@ def option_names() -> list[str]:
 
 
 def _unknown(key: str, source: str) -> str:
-    near = difflib.get_close_matches(key, option_names(), n=3, cutoff=0.5)
-    if not near:  # match on the last part too (``lr`` -> ``optim.lr``)
-        leaf = key.rsplit(".", 1)[-1]
-        near = [k for k in option_names() if k.rsplit(".", 1)[-1] == leaf] or difflib.get_close_matches(
-            leaf, option_names(), n=3, cutoff=0.5
-        )
+    near = suggest_options(key, n=3)
     hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
     return f"unknown option '{key}' in {source}{hint}"
 
@@ -462,39 +488,56 @@ def read_config_file(path: str | Path) -> dict:
     raise ConfigError(f"config file {p} must end in .yaml, .yml or .toml")
 
 
-def _short_flags() -> dict[str, str]:
-    """``--max-steps`` -> ``train.max_steps`` for option names whose last part is unique."""
-    leaves: dict[str, list[str]] = {}
-    for key in option_names():
-        leaves.setdefault(key.rsplit(".", 1)[-1], []).append(key)
-    reserved = {"config", "set", "help", "dir"}
-    return {
-        "--" + leaf.replace("_", "-"): keys[0]
-        for leaf, keys in leaves.items()
-        if len(keys) == 1 and leaf not in reserved and "." in keys[0]
-    }
+def option_flags(key: str) -> list[str]:
+    """The command-line flags of one option: its full dotted name, as written and with dashes
+    (``--train.max_steps``, ``--train.max-steps``; ``--output_dir``, ``--output-dir``). There
+    are no short forms: ``--steps`` could mean ``validation.steps`` or ``train.max_steps``, so
+    every flag names its section."""
+    flags = [f"--{key}"]
+    dashed = f"--{key.replace('_', '-')}"
+    if dashed != flags[0]:
+        flags.append(dashed)
+    return flags
+
+
+def _flag_key(flag: str) -> str:
+    """``--train.max-steps`` -> ``train.max_steps`` (not checked)."""
+    return flag.lstrip("-").replace("-", "_")
+
+
+def suggest_options(name: str, n: int = 4) -> list[str]:
+    """Dotted option names a misspelt or short ``name`` (``steps``, ``optim.lrr``) may mean:
+    same last part first, then last parts containing it, then close spellings."""
+    name = _flag_key(name)
+    names = option_names()
+    leaf = name.rsplit(".", 1)[-1]
+    found = [k for k in names if k.rsplit(".", 1)[-1] == leaf and k != name]
+    if len(leaf) >= 3:
+        found += [k for k in names if leaf in k.rsplit(".", 1)[-1] and k not in found and k != name]
+    found += [k for k in difflib.get_close_matches(name, names, n=n, cutoff=0.6) if k not in found]
+    if not found:
+        found = difflib.get_close_matches(leaf, names, n=n, cutoff=0.5)
+    return found[:n]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--config``, ``--set`` and one flag per option (``--section.name`` and, when unique, ``--name``)."""
+    """Add ``--config``, ``--set`` and one flag per option, its full dotted name (``--optim.lr``).
+
+    The parser must be built with ``allow_abbrev=False`` so a prefix is never taken for an option.
+    """
+    if getattr(parser, "allow_abbrev", False):
+        raise ValueError("the gie-train parser must set allow_abbrev=False (a prefix must never pick an option)")
     parser.add_argument("--config", "-c", action="append", default=[], metavar="FILE",
                         help="YAML or TOML config file (several: later ones override earlier ones)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_options",
                         help="override any option, e.g. --set optim.lr=1e-4 (repeatable)")
-    short = {v: k for k, v in _short_flags().items()}
     groups: dict[str, argparse._ArgumentGroup] = {}
     for key, spec in _option_specs().items():
         section = key.split(".", 1)[0] if "." in key else "run"
         group = groups.get(section) or parser.add_argument_group(f"{section} options")
         groups[section] = group
-        flags = [f"--{key}"]
-        if "." not in key:
-            flags = [f"--{key.replace('_', '-')}"]
-        if key in short:
-            flags.append(short[key])
-        default = spec.default
-        group.add_argument(*flags, dest=f"opt:{key}", default=argparse.SUPPRESS, metavar="V",
-                           help=f"{spec.help} (default: {default})")
+        group.add_argument(*option_flags(key), dest=f"opt:{key}", default=argparse.SUPPRESS, metavar="V",
+                           help=f"{spec.help} (default: {spec.default})")
 
 
 def config_from_args(args: argparse.Namespace, for_training: bool = True) -> TrainConfig:
@@ -514,17 +557,17 @@ def config_from_args(args: argparse.Namespace, for_training: bool = True) -> Tra
 
 
 def reject_unknown_arguments(extras: list[str]) -> None:
-    """Name the first unknown command-line flag, with the nearest known ones."""
+    """Refuse the first unknown command-line flag, naming the options it may have meant (a short
+    or partial name such as ``--steps`` is never guessed)."""
     for item in extras:
-        if item.startswith("--"):
+        if item.startswith("-") and len(item) > 1 and not item[1:2].isdigit():
             flag = item.split("=", 1)[0]
-            key = flag[2:]
-            if key.replace("-", "_") in option_names():
-                continue
-            known = [f"--{k}" for k in option_names()] + list(_short_flags())
-            near = difflib.get_close_matches(flag, known, n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(near)}?" if near else ""
-            raise ConfigError(f"unknown option '{flag}' on the command line{hint}")
+            near = suggest_options(flag)
+            hint = f"; did you mean {', '.join('--' + k for k in near)}?" if near else ""
+            raise ConfigError(
+                f"unknown option '{flag}' on the command line{hint} "
+                "(options are given by their full dotted name, e.g. --train.max_steps 100; gie-train --help lists them)"
+            )
     if extras:
         raise ConfigError(f"unexpected command-line arguments: {' '.join(extras)}")
 

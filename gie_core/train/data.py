@@ -1,16 +1,26 @@
 """Training data: ``data.txt``, annotation files, aspect buckets, region weights, the dataset.
 
 ``data.txt`` lists one source per line, ``image_root,annotation_json,region_weighting``
-(``true``/``false``; relative paths are taken from the data.txt folder, else the working
-directory). An annotation file holds edit records in either schema:
+(all three fields; ``true``/``false``; relative paths are taken from the data.txt folder, else
+the working directory). A line with another number of fields is refused, naming ``file:line``. An annotation file holds edit records in either schema:
 
 - GPT-Image-Edit's: ``{"image": [source, target], "conversations": [{"from": "human",
   "value": "<image>\\n{instruction}"}, {"from": "gpt", "value": "<gen_image>"}]}``;
 - the dataset card's metadata: ``{"input": source, "output": target, "instruction": ...}``,
 
 as a JSON list or as JSON lines (one record per line). Image paths are relative to the image
-root. Malformed records, missing files and unreadable images are reported and skipped, with
-a count at the end; a run never stops for one bad sample.
+root. Malformed records, missing files, unreadable images and images too small or too large
+(``MIN_IMAGE_SIDE``..``MAX_IMAGE_SIDE``) are reported and skipped, with a count at the end; a
+run never stops for one bad sample.
+
+Images are read by :func:`gie_core.images.load_image`, as every other face reads them: EXIF
+orientation applied (sizes and buckets are those of the image as shown), 16-bit greyscale
+scaled by its range, transparency composited on white.
+
+A pair whose source and target differ in size (as shown) is *trained*, not skipped: both are
+fitted to the bucket of the target (``ratio``: cover and centre-crop; ``square``: squashed), and
+the pair is reported once as a warning (kind ``size mismatch``, naming both sizes), counted
+apart from the skipped samples.
 
 Buckets: the data was generated at 1:1, 3:2 and 2:3, so by default each pair is resized (cover
 and centre-crop, no distortion) to the bucket of its ratio at about ``resolution^2`` pixels;
@@ -38,7 +48,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageChops, UnidentifiedImageError
 
-from ..constants import MIN_IMAGE_SIDE, QWEN_IMAGE_SIZE, SIZE_MULTIPLE
+from ..constants import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, QWEN_IMAGE_SIZE, SIZE_MULTIPLE
+from ..files import atomic_write_text
+from ..images import load_image
 from ..ratio import nearest_ratio, parse_ratios
 
 logger = logging.getLogger("gie_core.train")
@@ -56,27 +68,43 @@ class DataError(ValueError):
 
 
 class ProblemLog:
-    """Bad samples seen during a run: each is logged (the first ``max_logged``) and counted."""
+    """Bad samples seen during a run: each is logged (the first ``max_logged``) and counted.
+
+    Problems are skipped samples (:meth:`report`); warnings (:meth:`warn`) are pairs that train
+    but look wrong (a source and target of different sizes). Each (kind, where) counts once.
+    """
 
     def __init__(self, max_logged: int = 20):
         self.max_logged = max_logged
         self.counts: Counter[str] = Counter()
+        self.warnings: Counter[str] = Counter()
         self.seen: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
-    def report(self, kind: str, where: str, reason: str) -> None:
-        """Record one problem (``kind``: missing image, unreadable image, malformed record, ...);
-        the same (kind, where) is counted once."""
+    def _add(self, counter: Counter, kind: str, where: str) -> int | None:
         with self._lock:
             if (kind, where) in self.seen:
-                return
+                return None
             self.seen.add((kind, where))
-            self.counts[kind] += 1
-            n = sum(self.counts.values())
+            counter[kind] += 1
+            return sum(self.counts.values()) + sum(self.warnings.values())
+
+    def _log(self, n: int | None, text: str, *args) -> None:
+        if n is None:
+            return
         if n <= self.max_logged:
-            logger.warning("skipping %s: %s (%s)", kind, where, reason)
+            logger.warning(text, *args)
         elif n == self.max_logged + 1:
-            logger.warning("more bad samples are being skipped; the count is reported at the end")
+            logger.warning("more data problems are being reported; the counts are given at the end")
+
+    def report(self, kind: str, where: str, reason: str) -> None:
+        """Record one skipped sample (``kind``: missing image, unreadable image, image too small,
+        malformed record, ...); the same (kind, where) is counted once."""
+        self._log(self._add(self.counts, kind, where), "skipping %s: %s (%s)", kind, where, reason)
+
+    def warn(self, kind: str, where: str, reason: str) -> None:
+        """Record one pair that is trained but looks wrong; counted once per (kind, where)."""
+        self._log(self._add(self.warnings, kind, where), "warning, %s: %s (%s)", kind, where, reason)
 
     def extend(self, items: Iterable[tuple[str, str, str]]) -> None:
         for kind, where, reason in items:
@@ -84,19 +112,31 @@ class ProblemLog:
 
     @property
     def total(self) -> int:
+        """Skipped samples (warnings are not counted here)."""
         return sum(self.counts.values())
 
+    @property
+    def total_warnings(self) -> int:
+        return sum(self.warnings.values())
+
     def summary(self) -> str:
-        if not self.counts:
-            return "no bad samples"
-        parts = ", ".join(f"{n} {kind}" for kind, n in sorted(self.counts.items()))
-        return f"skipped {self.total} bad samples: {parts}"
+        parts = []
+        if self.counts:
+            kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.counts.items()))
+            parts.append(f"skipped {self.total} bad samples: {kinds}")
+        else:
+            parts.append("no bad samples")
+        if self.warnings:
+            kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.warnings.items()))
+            parts.append(f"trained {self.total_warnings} pairs with warnings: {kinds}")
+        return "; ".join(parts)
 
     def to_dict(self) -> dict:
-        return {"counts": dict(self.counts), "seen": sorted(list(s) for s in self.seen)}
+        return {"counts": dict(self.counts), "warnings": dict(self.warnings), "seen": sorted(list(s) for s in self.seen)}
 
     def load_dict(self, d: dict) -> None:
         self.counts = Counter(d.get("counts", {}))
+        self.warnings = Counter(d.get("warnings", {}))
         self.seen = {tuple(s) for s in d.get("seen", [])}
 
 
@@ -123,9 +163,13 @@ def _resolve(path: str, base: Path) -> Path:
     return beside if beside.exists() or not p.exists() else p
 
 
+DATA_TXT_FORMAT = "image_root,annotation_json,region_weighting"
+
+
 def read_data_txt(path: str | os.PathLike) -> list[DataSource]:
-    """Parse data.txt (``image_root,annotation_json,region_weighting`` per line; ``#`` comments
-    and blank lines ignored; the third field may be left out for ``false``)."""
+    """Parse data.txt: ``image_root,annotation_json,region_weighting`` per line (``#`` comments and
+    blank lines ignored). Any other line is refused with ``file:line``, what it holds and what is
+    expected: a run must not silently train without the region weighting a line was meant to set."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data.txt {p} does not exist")
@@ -134,22 +178,27 @@ def read_data_txt(path: str | os.PathLike) -> list[DataSource]:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
+        where = f"{p}:{n}"
         fields = [f.strip() for f in line.split(",")]
-        if len(fields) == 2:
-            fields.append("false")
-        if len(fields) != 3 or not fields[0] or not fields[1]:
-            raise DataError(f"{p} line {n} must be 'image_root,annotation_json,region_weighting' but is {raw!r}")
+        if len(fields) != 3:
+            raise DataError(
+                f"{where}: expected 3 comma-separated fields '{DATA_TXT_FORMAT}' (e.g. 'images,edits.json,false') "
+                f"but found {len(fields)}: {raw.strip()!r}"
+            )
+        if not fields[0] or not fields[1]:
+            missing = "image_root" if not fields[0] else "annotation_json"
+            raise DataError(f"{where}: {missing} is empty; expected '{DATA_TXT_FORMAT}' but found {raw.strip()!r}")
         flag = fields[2].lower()
         if flag not in ("true", "false"):
-            raise DataError(f"{p} line {n}: region_weighting is {fields[2]!r} but must be true or false")
+            raise DataError(f"{where}: region_weighting is {fields[2]!r} but must be true or false ('{DATA_TXT_FORMAT}')")
         root, ann = _resolve(fields[0], p.parent), _resolve(fields[1], p.parent)
         if not ann.is_file():
-            raise DataError(f"{p} line {n}: annotation file {ann} does not exist")
+            raise DataError(f"{where}: annotation file {ann} does not exist")
         if not root.is_dir():
-            raise DataError(f"{p} line {n}: image root {root} is not a directory")
+            raise DataError(f"{where}: image root {root} is not a directory")
         sources.append(DataSource(root, ann, flag == "true", n))
     if not sources:
-        raise DataError(f"{p} lists no data sources")
+        raise DataError(f"{p} lists no data sources (expected '{DATA_TXT_FORMAT}' lines)")
     return sources
 
 
@@ -314,30 +363,69 @@ def fit_to_bucket(image: Image.Image, width: int, height: int, bucketing: str) -
     return resized.crop((left, top, left + width, top + height))
 
 
+# EXIF orientations that swap width and height (transpose, 90 degrees, transverse, 270 degrees)
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+INDEX_VERSION = 2  # bump when scan_sizes' results change meaning (v2: sizes as shown, size warnings)
+
+
 def _image_size(path: Path) -> tuple[int, int]:
-    with Image.open(path) as im:  # reads the header only
-        return im.size
+    """(width, height) of the image *as shown* (EXIF orientation applied), from the header only."""
+    with Image.open(path) as im:
+        w, h = im.size
+        try:
+            orientation = im.getexif().get(0x0112)
+        except Exception:  # noqa: BLE001 - a broken EXIF block: the pixels decide at load time
+            orientation = None
+    return (h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)
+
+
+class ImageProblem(ValueError):
+    """A training image that cannot be used; ``kind`` is its problem-log kind."""
+
+    def __init__(self, kind: str, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.kind, self.path, self.reason = kind, path, reason
 
 
 def _check_image(path: Path) -> tuple[str, str] | None:
-    """(kind, reason) when the image cannot be used, else None."""
+    """(kind, reason) when the image cannot be used, from its header only; else None.
+
+    Kinds: ``missing image`` (no file), ``unreadable image`` (a folder, not an image, a damaged
+    header), ``image too small`` / ``image too large`` (outside MIN_IMAGE_SIDE..MAX_IMAGE_SIDE).
+    """
+    if path.is_dir():
+        return "unreadable image", "a directory, not an image file"
     if not path.is_file():
         return "missing image", "no such file"
     try:
         w, h = _image_size(path)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except UnidentifiedImageError:
+        return "unreadable image", "not an image file PIL can read"
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
         return "unreadable image", f"{type(exc).__name__}: {exc}"
     if min(w, h) < MIN_IMAGE_SIDE:
-        return "unreadable image", f"{w}x{h} is smaller than {MIN_IMAGE_SIDE} px a side"
+        return "image too small", f"{w}x{h} is smaller than {MIN_IMAGE_SIDE} px a side"
+    if max(w, h) > MAX_IMAGE_SIDE:
+        return "image too large", f"{w}x{h} is larger than {MAX_IMAGE_SIDE} px a side"
     return None
+
+
+def size_mismatch(source_size: tuple[int, int], target_size: tuple[int, int]) -> str | None:
+    """The warning for a pair whose source and target differ in size (as shown), else None."""
+    if tuple(source_size) == tuple(target_size):
+        return None
+    (sw, sh), (tw, th) = source_size, target_size
+    return f"source is {sw}x{sh} but target is {tw}x{th}; both are fitted to the target's bucket"
 
 
 def scan_sizes(
     records: Sequence[EditRecord], problems: ProblemLog, index_dir: str | os.PathLike | None = None, threads: int = 16
 ) -> list[tuple[int, int] | None]:
-    """Target sizes of every record (None for a pair with a missing or unreadable image, which is
-    reported). Image headers are read once; the result is kept in ``index_dir`` for later runs."""
-    digest = hashlib.sha1()
+    """Target sizes (as shown) of every record: None for a pair with a missing, unreadable, too
+    small or too large image (reported as skipped); a pair whose source and target sizes differ
+    is kept and warned about once. Image headers are read once; the result is kept in
+    ``index_dir`` for later runs (and its problems and warnings replayed from there)."""
+    digest = hashlib.sha1(f"v{INDEX_VERSION}\n".encode())
     for r in records:
         digest.update(f"{r.source}\0{r.target}\n".encode("utf-8"))
     cache_file = Path(index_dir) / f"sizes-{digest.hexdigest()[:20]}.json" if index_dir else None
@@ -347,31 +435,48 @@ def scan_sizes(
             if len(saved["sizes"]) == len(records):
                 for kind, where, reason in saved.get("problems", []):
                     problems.report(kind, where, reason)
+                for kind, where, reason in saved.get("warnings", []):
+                    problems.warn(kind, where, reason)
                 return [tuple(s) if s else None for s in saved["sizes"]]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             pass
 
     def one(rec: EditRecord):
         for path in (rec.source, rec.target):
             bad = _check_image(path)
             if bad:
-                return None, (bad[0], str(path), bad[1])
-        return _image_size(rec.target), None
+                return None, (bad[0], str(path), bad[1]), None
+        src, tgt = _image_size(rec.source), _image_size(rec.target)
+        mismatch = size_mismatch(src, tgt)
+        warning = ("size mismatch", f"{rec.source} -> {rec.target}", mismatch) if mismatch else None
+        return tgt, None, warning
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         results = list(pool.map(one, records))
-    sizes, found = [], []
-    for size, problem in results:
+    sizes, found, warned = [], [], []
+    for size, problem, warning in results:
         sizes.append(size)
         if problem:
             found.append(problem)
             problems.report(*problem)
+        if warning:
+            warned.append(warning)
+            problems.warn(*warning)
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"sizes": [list(s) if s else None for s in sizes], "problems": found}), encoding="utf-8")
-        os.replace(tmp, cache_file)
+        data = {"sizes": [list(s) if s else None for s in sizes], "problems": found, "warnings": warned}
+        atomic_write_text(cache_file, json.dumps(data))
     return sizes
+
+
+def usable_pairs(
+    records: Sequence[EditRecord], problems: ProblemLog, bucketing: str, resolution: int, ratios="default",
+    index_dir: str | os.PathLike | None = None,
+) -> tuple[list[EditRecord], list[tuple[int, int]]]:
+    """The records whose images pass the header checks (:func:`scan_sizes`, for every bucketing,
+    so bad files and size mismatches are reported before training starts) and their buckets."""
+    sizes = scan_sizes(records, problems, index_dir)
+    keep = [i for i, s in enumerate(sizes) if s is not None]
+    return [records[i] for i in keep], [bucket_for(*sizes[i], bucketing, resolution, ratios) for i in keep]
 
 
 # ------------------------------------------------------------------------------------------
@@ -473,14 +578,18 @@ def region_weight_map(
 # ------------------------------------------------------------------------------------------
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Open an image fully as RGB (raises for missing or corrupt files)."""
-    with Image.open(path) as im:
-        im.load()
-        rgb = im.convert("RGB")
-    if min(rgb.size) < MIN_IMAGE_SIDE:
-        raise ValueError(f"{rgb.size[0]}x{rgb.size[1]} is smaller than {MIN_IMAGE_SIDE} px a side")
-    return rgb
+def load_rgb(path: Path, what: str = "training image") -> Image.Image:
+    """Open a training image as RGB through :func:`gie_core.images.load_image` (EXIF orientation,
+    16-bit, transparency on white, as every face loads images). Raises :class:`ImageProblem` with
+    the problem-log kind for a missing, unreadable, too small or too large file."""
+    path = Path(path)
+    bad = _check_image(path)  # the kind, from the header (cheap), as the scan reports it
+    if bad:
+        raise ImageProblem(bad[0], path, bad[1])
+    try:
+        return load_image(path, what=what)
+    except ValueError as exc:  # damaged pixel data behind a readable header
+        raise ImageProblem("unreadable image", path, str(exc)) from None
 
 
 def pil_to_unit_range(image: Image.Image) -> torch.Tensor:
@@ -526,6 +635,7 @@ class EditDataset(torch.utils.data.Dataset):
         if self.cache is not None:
             return {"index": index, "key": rec.key, "instruction": rec.instruction, "cached": self.cache.read(rec, (width, height))}
         src, tgt = load_rgb(rec.source), load_rgb(rec.target)
+        # a source of another size than its target (warned about by scan_sizes) is fitted to the same bucket
         src_fit = fit_to_bucket(src, width, height, self.bucketing)
         tgt_fit = fit_to_bucket(tgt, width, height, self.bucketing)
         weight = region_weight_map(src_fit, tgt_fit, self.weight_scheme) if rec.region_weighting else None
@@ -550,6 +660,8 @@ class EditDataset(torch.utils.data.Dataset):
             rec = self.records[i]
             try:
                 item = self.load(i)
+            except ImageProblem as exc:
+                bad.append((exc.kind, str(exc.path), exc.reason))
             except FileNotFoundError as exc:
                 bad.append(("missing image", str(getattr(exc, "filename", None) or rec.source), "no such file"))
             except RegionTooSmall as exc:

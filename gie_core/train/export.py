@@ -13,7 +13,9 @@
   (``denoise_tower.denoise_projector.*``, ``denoise_tower.denoiser.*``, Qwen in the pre-4.52
   names), read by :func:`gie_core.loading.load_gie_checkpoint` and ``gie-edit --model``.
 
-Every file is written through a temporary file and an atomic rename.
+Every file is written through :func:`gie_core.files.atomic_write` (a temporary file beside the
+target, renamed when complete, normal permissions); the released-layout directory is built in a
+sibling folder (made with ``mkdir``, so normal permissions too) and renamed into place.
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from ..files import atomic_write, atomic_write_text, temporary_path
 from ..loading import GIE_DENOISER_PREFIX, GIE_PROJECTOR_PREFIX, gie_config, parse_dtype, released_qwen_key
-from ..weights import CheckpointReader, save_safetensors_atomic
+from ..weights import CheckpointReader
+from .checkpoint import save_safetensors
 
 CONNECTOR_FILE = "connector.safetensors"
 TRANSFORMER_FILE = "transformer.safetensors"
@@ -56,7 +59,7 @@ def export_connector(connector, path: str | os.PathLike, *, dtype="bf16", mode: 
         meta["gie_fusion_mode"] = mode
     if step is not None:
         meta["gie_train_step"] = str(step)
-    return save_safetensors_atomic(_cast(connector.state_dict(), parse_dtype(dtype)), path, metadata=meta)
+    return save_safetensors(_cast(connector.state_dict(), parse_dtype(dtype)), path, metadata=meta)
 
 
 @contextlib.contextmanager
@@ -92,7 +95,7 @@ def export_transformer(transformer, path: str | os.PathLike, *, dtype="bf16", st
         meta["gie_train_step"] = str(step)
     with merged_lora(transformer):
         state = _cast(transformer_state_dict(transformer), parse_dtype(dtype))
-    return save_safetensors_atomic(state, path, metadata=meta)
+    return save_safetensors(state, path, metadata=meta)
 
 
 def _transformer_config(transformer) -> dict:
@@ -105,21 +108,24 @@ def export_lora(transformer, path: str | os.PathLike, *, dtype="bf16", adapter_n
     """Write the LoRA as diffusers' ``save_lora_weights`` does (``transformer.`` keys, adapter metadata)."""
     import inspect
 
-    from diffusers import FluxKontextPipeline
+    # the LoRA mixin itself, not FluxKontextPipeline: importing the pipelines makes transformers
+    # probe torchvision for image processors the trainer never uses, printing warnings
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
     from peft.utils import get_peft_model_state_dict
 
     path = Path(path)
     layers = _cast(get_peft_model_state_dict(transformer, adapter_name=adapter_name), parse_dtype(dtype))
     kwargs = {}
-    if "transformer_lora_adapter_metadata" in inspect.signature(FluxKontextPipeline.save_lora_weights).parameters:
+    if "transformer_lora_adapter_metadata" in inspect.signature(FluxLoraLoaderMixin.save_lora_weights).parameters:
         kwargs["transformer_lora_adapter_metadata"] = transformer.peft_config[adapter_name].to_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    staging = temporary_path(path, ".dir")  # diffusers writes into a folder; mkdir: normal permissions
+    staging.mkdir()
     try:
-        FluxKontextPipeline.save_lora_weights(tmp, transformer_lora_layers=layers, weight_name=path.name, **kwargs)
-        os.replace(tmp / path.name, path)
+        FluxLoraLoaderMixin.save_lora_weights(staging, transformer_lora_layers=layers, weight_name=path.name, **kwargs)
+        atomic_write(path, lambda tmp: shutil.copyfile(staging / path.name, tmp))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
@@ -155,7 +161,7 @@ class _ShardWriter:
 
     def _flush(self) -> None:
         i = len(self.shards)
-        save_safetensors_atomic(self.pending, self.dir / f"shard-{i:05d}.partial", metadata={"format": "pt"})
+        save_safetensors(self.pending, self.dir / f"shard-{i:05d}.partial", metadata={"format": "pt"})
         self.shards.append(list(self.pending))
         self.pending, self.size = {}, 0
 
@@ -169,7 +175,7 @@ class _ShardWriter:
             os.replace(self.dir / f"shard-{i:05d}.partial", self.dir / name)
             weight_map.update({k: name for k in keys})
         index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
-        (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+        atomic_write_text(self.dir / "model.safetensors.index.json", json.dumps(index, indent=2))
 
 
 def export_released_dir(
@@ -232,7 +238,7 @@ def export_released_dir(
                 "denoiser_config": _transformer_config(transformer),
             },
         }
-        (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        atomic_write_text(tmp / "config.json", json.dumps(config, indent=2))
         src = Path(processor_dir or gie_dir) if (processor_dir or gie_dir) else None
         if src is not None:
             for name in _PROCESSOR_FILES:

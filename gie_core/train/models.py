@@ -9,8 +9,11 @@ Sources (local paths only):
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,13 +23,38 @@ from torch import nn
 from ..connector import Connector, QwenFeatures, TextFeatures, fuse
 from ..encoders import QwenVLEncoder, TextEncoders
 from ..loading import load_connector, load_gie_checkpoint, load_kontext_dir, load_qwen_processing
-from .config import TrainConfig
+from ..modes import fusion_mode
+from .config import ConfigError, TrainConfig
 from .loss import flow_matching_loss
 
 logger = logging.getLogger("gie_core.train")
 
-# Modes whose conditioning carries T5 tokens and the CLIP pooled vector of the instruction.
-T5_MODES = ("vlm+t5", "vlm+t5+type")
+
+def derived_seed(*parts) -> int:
+    """A 63-bit seed from ``parts`` (the run's seed and what it is for): the same in every process
+    and every run, independent of Python's hash randomisation."""
+    text = ":".join(str(p) for p in parts)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+@contextlib.contextmanager
+def seeded(*parts, device: torch.device | str | None = None) -> Iterator[None]:
+    """Run a block with the CPU random generator (and ``device``'s, when a CUDA device is given)
+    seeded from ``derived_seed(*parts)``; the caller's generator states are restored afterwards.
+
+    Every random initialisation of a run (a fresh connector, new connector parameters, LoRA
+    weights) and every step's module randomness (LoRA dropout) runs under one, so the same
+    seed gives the same weights, whatever ran before in the process.
+    """
+    seed = derived_seed(*parts)
+    dev = torch.device(device) if device is not None else None
+    cuda = dev is not None and dev.type == "cuda"
+    with torch.random.fork_rng(devices=[dev] if cuda else []):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(dev):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 def load_qwen_dir(path: str | Path, *, dtype: torch.dtype, device="cpu") -> QwenVLEncoder:
@@ -69,6 +97,29 @@ class TrainingComponents:
     sources: dict = field(default_factory=dict)
 
 
+def check_model_paths(cfg: TrainConfig) -> None:
+    """Fail, naming the option, when a configured model path does not exist (before any weight is read)."""
+    def need_dir(key: str, what: str) -> None:
+        value = cfg.get(key)
+        if value and not Path(value).expanduser().is_dir():
+            raise ConfigError(f"{key} '{value}' is not a directory ({what})")
+
+    need_dir("model.kontext", "a FLUX.1-Kontext-dev diffusers folder")
+    need_dir("model.gie", "a GPT-Image-Edit checkpoint folder")
+    need_dir("model.qwen", "a Qwen2.5-VL transformers folder")
+    t_src = cfg.model.init_transformer
+    if t_src not in ("auto", "kontext", "gie") and not Path(t_src).expanduser().is_file():
+        raise ConfigError(f"model.init_transformer '{t_src}' is not a file; expected auto, kontext, gie or a .safetensors file")
+    c_src = cfg.model.init_connector
+    if c_src not in ("auto", "fresh", "gie") and not Path(c_src).expanduser().exists():
+        raise ConfigError(
+            f"model.init_connector '{c_src}' does not exist; expected auto, fresh, gie, a connector .safetensors "
+            "or a GPT-Image-Edit folder"
+        )
+    if c_src == "gie" and not cfg.model.gie:
+        raise ConfigError("model.init_connector is 'gie' but model.gie is not set")
+
+
 def _transformer_source(cfg: TrainConfig) -> str:
     src = cfg.model.init_transformer
     if src == "auto":
@@ -88,7 +139,8 @@ def _fit_connector_to_mode(conn: Connector, cfg: TrainConfig, where: str) -> Con
     mode = cfg.model.mode
     if mode in conn.modes:
         return conn
-    fresh = Connector.for_mode(mode, conn.input_hidden_size, conn.output_hidden_size, cfg.model.num_queries)
+    with seeded(cfg.train.seed, "connector-extra", mode):  # the new parameters: the same in every run
+        fresh = Connector.for_mode(mode, conn.input_hidden_size, conn.output_hidden_size, cfg.model.num_queries)
     missing = fresh.load_state_dict(conn.state_dict(), strict=False).missing_keys
     logger.info("connector from %s has no %s; starting them fresh for mode '%s'", where, ", ".join(missing), mode)
     return fresh
@@ -154,8 +206,8 @@ def load_components(
     if c_src == "fresh":
         if hidden is None:
             raise ValueError("cannot size a fresh connector: no Qwen encoder, cache info or model.gie/model.qwen config")
-        torch.manual_seed(cfg.train.seed)  # a fresh connector is the same on every process and every run
-        connector = Connector.for_mode(cfg.model.mode, hidden, joint_dim, cfg.model.num_queries)
+        with seeded(cfg.train.seed, "connector"):  # the same on every process and every run of the seed
+            connector = Connector.for_mode(cfg.model.mode, hidden, joint_dim, cfg.model.num_queries)
         sources["connector"] = "fresh"
     else:
         where = cfg.model.gie if c_src == "gie" else c_src
@@ -185,6 +237,7 @@ class EditModel(nn.Module):
         self.connector = connector
         self.transformer = transformer
         self.mode = mode
+        self.spec = fusion_mode(mode)
         self.guidance = guidance
 
     def conditioning(self, vlm_hidden, num_queries, t5, pooled, pooled_empty):
@@ -197,7 +250,8 @@ class EditModel(nn.Module):
                 pooled_empty=None, reference=None, region_weight=None) -> dict:
         cond = self.conditioning(vlm_hidden, num_queries, t5, pooled, pooled_empty)
         context_mask = None
-        if vlm_mask is not None and not bool(vlm_mask.all()) and self.mode != "metaquery":
+        # learned queries keep only their own outputs (never padded); otherwise the VLM tokens lead
+        if vlm_mask is not None and not bool(vlm_mask.all()) and not self.spec.queries:
             extra = cond.context.shape[1] - vlm_mask.shape[1]  # T5 tokens are never padded
             context_mask = torch.cat([vlm_mask, vlm_mask.new_ones(vlm_mask.shape[0], extra)], 1) if extra else vlm_mask
         out = flow_matching_loss(

@@ -5,12 +5,20 @@ Runs as one process on a CPU or GPU, or under ``accelerate launch`` on several G
 every batch draws its VAE sample, timestep and noise from a generator seeded by (seed, process,
 epoch, batch), and the checkpoint holds the trained weights, optimizer, schedule, EMA and the
 position in the epoch.
+
+Reproducible: every random initialisation (a fresh connector, new connector parameters, LoRA
+weights) and every step's module randomness (LoRA dropout) runs under a generator seeded from
+``train.seed`` (:func:`.models.seeded`), never from the process's global random state, which
+is left as the caller had it. Two runs of one config give bit-identical weights.
+
+Before any weight is read, :meth:`Trainer.setup` checks the whole config, the model paths, the
+checkpoint to resume, the validation images and the data list (every image header), so a
+mistake fails in seconds, not after loading 30 GB.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -25,15 +33,17 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from ..connector import QwenFeatures, TextFeatures, fuse
-from ..images import prepare_reference, to_pil
+from ..files import atomic_write, atomic_write_text
+from ..images import load_image, prepare_reference, to_pil
+from ..modes import fusion_mode
 from ..sampler import KontextModels, encode_reference, sample
-from ..weights import CheckpointReader, save_safetensors_atomic
+from ..weights import CheckpointReader
 from . import checkpoint as ckpt
 from .cache import FeatureCache, cache_info_for, cached_contents
 from .config import TrainConfig
-from .data import BucketBatches, EditDataset, ProblemLog, bucket_for, collate, load_rgb, read_dataset, scan_sizes
+from .data import BucketBatches, EditDataset, ProblemLog, bucket_for, collate, read_dataset, usable_pairs
 from .loss import normalize_latents, sample_sigmas
-from .models import T5_MODES, EditModel, encode_qwen_with_grad, load_components
+from .models import EditModel, check_model_paths, derived_seed, encode_qwen_with_grad, load_components, seeded
 from .trainable import add_lora, select_trainable, upcast_trainable
 
 logger = logging.getLogger("gie_core.train")
@@ -114,6 +124,8 @@ class Trainer:
         """Load data, models, optimizer; resume if asked. ``data=False`` prepares only what
         exporting a checkpoint needs (no dataset, no encoders)."""
         cfg = self.cfg
+        cfg.check(for_training=data)  # a config built by hand is checked as a file's is
+        check_model_paths(cfg)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         acc = self.accelerator = make_accelerator(cfg, self.output_dir)
         self.device = acc.device
@@ -121,10 +133,19 @@ class Trainer:
         warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
         self.weight_dtype = _weight_dtype(acc.mixed_precision if acc.mixed_precision in ("no", "bf16", "fp16") else "no")
         mode = self.mode = cfg.model.mode
+        spec = self.spec = fusion_mode(mode)
         self.trainable_set = cfg.trainable_set
         self._deepspeed = acc.distributed_type.name == "DEEPSPEED"
         if acc.is_main_process:
             ckpt.recover(self.checkpoint_dir)
+        # Everything below up to the models is checked before any weight is read.
+        resume = ckpt.resolve_resume(cfg.checkpoint.resume, self.checkpoint_dir)
+        validating = data and cfg.validation.every > 0 and bool(cfg.validation.pairs)
+        if validating and self._fsdp:
+            logger.warning("validation edits are off under FSDP (the transformer is sharded); export and run gie-edit instead")
+            validating = False
+        on_main = validating and acc.is_main_process
+        validation_images = self._load_validation_images() if on_main else []
 
         # Data
         self.cache = None
@@ -138,24 +159,21 @@ class Trainer:
 
         # Models: encoders only where features are not cached (and for validation, on the main process)
         use_cache = self.cache is not None
-        validating = data and cfg.validation.every > 0 and bool(cfg.validation.pairs)
-        if validating and self._fsdp:
-            logger.warning("validation edits are off under FSDP (the transformer is sharded); export and run gie-edit instead")
-            validating = False
-        on_main = validating and acc.is_main_process
         encode = data and not use_cache
-        comps = self.components = load_components(
-            cfg,
-            weight_dtype=self.weight_dtype,
-            need_qwen=encode or (data and mode == "metaquery") or on_main,
-            need_clip=encode or on_main,
-            need_t5=mode in T5_MODES and (encode or on_main),
-            need_vae=encode or on_main,
-            qwen_hidden=cache_info.get("qwen_hidden"),
-        )
+        with seeded(cfg.train.seed, "models"):  # any random init while loading: seeded, the caller's RNG untouched
+            comps = self.components = load_components(
+                cfg,
+                weight_dtype=self.weight_dtype,
+                need_qwen=spec.needs_qwen and (encode or (data and spec.queries) or on_main),
+                need_clip=encode or on_main,
+                need_t5=spec.needs_t5 and (encode or on_main),
+                need_vae=encode or on_main,
+                qwen_hidden=cache_info.get("qwen_hidden"),
+            )
         transformer, connector = comps.transformer, comps.connector
         if self.trainable_set == "lora":
-            add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout)
+            with seeded(cfg.train.seed, "lora"):  # LoRA A weights: the same in every run of the seed
+                add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout)
         self.trainable_names = select_trainable(connector, transformer, self.trainable_set,
                                                 train_connector=cfg.trains_connector, layers=cfg.train.layers)
         upcast_trainable(connector)
@@ -209,13 +227,12 @@ class Trainer:
             self.pooled_empty = self.cache.read_empty_pooled().to(self.device)
         elif data:
             self.pooled_empty = comps.text.clip_pooled([""]).float().to(self.device)  # [1, P]: CLIP("")
-        self.validation_inputs = self._prepare_validation() if on_main else []
+        self.validation_inputs = self._prepare_validation(validation_images) if on_main else []
         if use_cache:  # the encoders were loaded only to encode the validation pairs
             comps.text = None
-            if mode != "metaquery":
+            if not spec.queries:  # learned queries read Qwen at every step
                 comps.qwen = None
 
-        resume = ckpt.resolve_resume(cfg.checkpoint.resume, self.checkpoint_dir)
         if resume is not None:
             self.load_checkpoint(resume)
         elif cfg.checkpoint.resume == "latest" and acc.is_main_process:
@@ -225,19 +242,19 @@ class Trainer:
         self.ready = True
         return self
 
+    def _load_validation_images(self) -> list:
+        """The validation images, loaded (and so checked) before any weight; an error names the pair."""
+        return [load_image(Path(pair["image"]).expanduser(), what=f"validation.pairs[{i}].image")
+                for i, pair in enumerate(self.cfg.validation.pairs)]
+
     def _setup_data(self) -> None:
         cfg, acc = self.cfg, self.accelerator
         records = read_dataset(cfg.data.data_txt, self.problems, cfg.data.region_weighting)
         with acc.main_process_first():
-            if cfg.data.bucketing == "square":
-                sizes = [(cfg.data.resolution, cfg.data.resolution)] * len(records)
-            else:
-                sizes = scan_sizes(records, self.problems, Path(cfg.data.cache_dir or self.output_dir) / "data_index")
-        keep = [i for i, s in enumerate(sizes) if s is not None]
-        self.records = [records[i] for i in keep]
+            self.records, buckets = usable_pairs(records, self.problems, cfg.data.bucketing, cfg.data.resolution,
+                                                 cfg.data.ratios, Path(cfg.data.cache_dir or self.output_dir) / "data_index")
         if not self.records:
             raise ValueError(f"no usable pairs in {cfg.data.data_txt} ({self.problems.summary()})")
-        buckets = [bucket_for(*sizes[i], cfg.data.bucketing, cfg.data.resolution, cfg.data.ratios) for i in keep]
         self.dataset = EditDataset(self.records, buckets, bucketing=cfg.data.bucketing,
                                    weight_scheme=cfg.train.weight_scheme, cache=self.cache)
         self.batcher = BucketBatches(buckets, cfg.data.batch_size, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
@@ -260,8 +277,7 @@ class Trainer:
     def batch_generator(self, epoch: int, batch_index: int) -> torch.Generator:
         """The generator of one batch's randomness (VAE sample, timestep, noise): a function of
         (seed, process, epoch, batch) only, so a resumed run draws exactly what it would have."""
-        text = f"{self.cfg.train.seed}:{self.accelerator.process_index}:{epoch}:{batch_index}"
-        seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & ((1 << 63) - 1)
+        seed = derived_seed(self.cfg.train.seed, self.accelerator.process_index, epoch, batch_index)
         return torch.Generator("cpu").manual_seed(seed)
 
     def encode_batch(self, batch: dict, generator: torch.Generator) -> dict:
@@ -270,9 +286,9 @@ class Trainer:
         From ``generator`` it draws the target's VAE ``sample()`` noise (the same draw with and
         without a cache); :meth:`compute_loss` then draws the timesteps and the flow noise.
         """
-        comps, dev, mode = self.components, self.device, self.mode
+        comps, dev, spec = self.components, self.device, self.spec
         unwrapped = self.unwrapped
-        queries = unwrapped.connector.queries if mode == "metaquery" else None
+        queries = unwrapped.connector.queries if spec.queries else None
         n = len(batch["instruction"])
         out: dict = {"pooled_empty": self.pooled_empty, "num_queries": 0}
         if "cached" in batch:
@@ -283,8 +299,9 @@ class Trainer:
             latents = DiagonalGaussianDistribution(moments).sample(generator=generator)
             out["reference"] = torch.stack([it["reference"] for it in items]).to(dev)
             hidden = [it["qwen"] for it in items] if "qwen" in items[0] else None
-            if mode in T5_MODES:
+            if spec.needs_t5:
                 out["t5"] = torch.stack([it["t5"] for it in items]).to(dev)
+            if spec.pooled_from == "instruction":
                 out["pooled"] = torch.stack([it["pooled"] for it in items]).to(dev)
             weights = [it.get("region_weight") for it in items]
             if any(w is not None for w in weights):
@@ -299,15 +316,16 @@ class Trainer:
                 latents = vae.encode(target).latent_dist.sample(generator=generator)
                 out["reference"] = encode_reference(vae, batch["source"], dev)
             hidden = None
-            if mode != "metaquery":
+            if spec.needs_qwen and not spec.queries:
                 hidden = [comps.qwen.encode([img], text).hidden[0] for img, text in zip(batch["qwen_image"], batch["instruction"])]
-            if mode in T5_MODES:
+            if spec.needs_t5:
                 out["t5"] = comps.text.t5_tokens(batch["instruction"]).to(dev)
+            if spec.pooled_from == "instruction":
                 out["pooled"] = comps.text.clip_pooled(batch["instruction"]).to(dev)
             if batch["region_weight"] is not None:
                 out["region_weight"] = batch["region_weight"].to(dev)
             vae_config = vae.config
-        if mode == "metaquery":
+        if spec.queries:  # learned queries join the Qwen input: encoded here, with gradients to them
             if "cached" in batch:  # the 448x448 Qwen input, cached as uint8 pixels
                 images = [Image.fromarray(it["qwen_pixels"].round().clamp(0, 255).to(torch.uint8).numpy()) for it in batch["cached"]]
             else:
@@ -337,7 +355,9 @@ class Trainer:
 
     def training_step(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         acc = self.accelerator
-        with acc.accumulate(self.model):
+        # module randomness (LoRA dropout) from the batch's seed: reproducible, resumable, and the
+        # process's global generators are left as they were
+        with seeded(generator.initial_seed(), "modules", device=self.device), acc.accumulate(self.model):
             inputs = self.encode_batch(batch, generator)
             out = self.compute_loss(inputs, generator=generator)
             loss = out["loss"]
@@ -378,8 +398,11 @@ class Trainer:
             if self.batches_done >= len(batches):
                 self.epoch, self.batches_done = self.epoch + 1, 0
                 continue
+            # its own generator: a DataLoader otherwise draws its worker seed from the global one
+            loader_gen = torch.Generator().manual_seed(derived_seed(cfg.train.seed, "loader", self.epoch, self.batches_done))
             loader = DataLoader(self.dataset, batch_sampler=batches[self.batches_done:], collate_fn=collate,
-                                num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+                                num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+                                generator=loader_gen)
             for batch in loader:
                 gen_epoch = 0 if cfg.train.overfit_batches else self.epoch
                 self.problems.extend(batch["bad"])
@@ -457,7 +480,7 @@ class Trainer:
     def _save_hook(self, models, weights, output_dir):
         with self.full_parameters():
             if self.accelerator.is_main_process:
-                save_safetensors_atomic(self.trainable_state(), Path(output_dir) / ckpt.TRAINABLE_FILE)
+                ckpt.save_safetensors(self.trainable_state(), Path(output_dir) / ckpt.TRAINABLE_FILE)
         while weights:  # the frozen weights are not saved: the trained ones are in trainable.safetensors
             weights.pop()
 
@@ -495,8 +518,8 @@ class Trainer:
         if acc.is_main_process:
             if self.ema is not None:
                 shadow = {n: t for n, t in zip(self.param_names, self.ema.shadow_params)}
-                save_safetensors_atomic(shadow, tmp / ckpt.EMA_FILE,
-                                        metadata={"format": "pt", "optimization_step": str(self.ema.optimization_step)})
+                ckpt.save_safetensors(shadow, tmp / ckpt.EMA_FILE,
+                                      metadata={"format": "pt", "optimization_step": str(self.ema.optimization_step)})
             delay = _save_delay(self.step)
             if delay:
                 (tmp / "SAVING").write_text("in progress")
@@ -560,18 +583,18 @@ class Trainer:
     # ------------------------------------------------------------------------------------
     # Validation
     # ------------------------------------------------------------------------------------
-    def _prepare_validation(self) -> list[dict]:
-        """Encode the validation pairs once (the encoders are frozen)."""
-        cfg, comps = self.cfg, self.components
+    def _prepare_validation(self, images: list) -> list[dict]:
+        """Encode the validation pairs once (the encoders are frozen); ``images`` are the loaded
+        pair images (:meth:`_load_validation_images`)."""
+        cfg, comps, spec = self.cfg, self.components, self.spec
         items = []
-        for i, pair in enumerate(cfg.validation.pairs):
-            image = load_rgb(Path(pair["image"]))
+        for pair, image in zip(cfg.validation.pairs, images):
             width, height = bucket_for(image.size[0], image.size[1], cfg.data.bucketing, cfg.data.resolution, cfg.data.ratios)
             vlm = None
-            if self.mode != "metaquery":
+            if spec.needs_qwen and not spec.queries:  # learned queries: encoded at each validation
                 vlm = comps.qwen.encode([image], pair["instruction"])
                 vlm = QwenFeatures(vlm.hidden.cpu())
-            text = comps.text.encode(pair["instruction"], with_t5=self.mode in T5_MODES)
+            text = comps.text.encode(pair["instruction"], with_t5=spec.needs_t5)
             text = TextFeatures(t5=text.t5.cpu() if text.t5 is not None else None, pooled=text.pooled.cpu(),
                                 pooled_empty=text.pooled_empty.cpu())
             items.append({"image": image, "instruction": pair["instruction"], "vlm": vlm, "text": text,
@@ -606,7 +629,7 @@ class Trainer:
                                      guidance=cfg.validation.guidance, seed=cfg.validation.seed, device=self.device)
                         pil = to_pil(out.float().cpu())[0]
                         path = folder / f"{i}.png"
-                        pil.save(path)
+                        atomic_write(path, lambda tmp, image=pil: image.save(tmp, format="PNG"))
                         written.append(path)
                         images.append(pil)
                 for tracker in acc.trackers:
@@ -679,9 +702,7 @@ class Trainer:
                 self.ema.restore(self.params)
         info = {"step": self.step, "stage": cfg.train.stage, "mode": self.mode, "trainable": self.trainable_set,
                 "ema": use_ema, "files": {k: str(v.name) for k, v in files.items()}, "sources": self.components.sources}
-        tmp = out / (ex.INFO_FILE + ".part")
-        tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")
-        os.replace(tmp, out / ex.INFO_FILE)
+        atomic_write_text(out / ex.INFO_FILE, json.dumps(info, indent=2))
         return files
 
 
