@@ -29,6 +29,25 @@ def _create(tmp: Path) -> None:
     os.close(fd)
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux /proc)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def normal_file_mode() -> int:
+    """What ``open()`` gives a new file: 0o666 less the umask."""
+    return 0o666 & ~current_umask()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, fsync: bool = False) -> Path:
     """Call ``write(tmp)`` to fill a temporary file beside ``path``, then rename it to ``path``.
 
@@ -43,6 +62,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, fsyn
     try:
         _create(tmp)
         write(tmp)
+        # writers that replace the file (safetensors' save_file creates it 0600) get the normal mode back
+        os.chmod(tmp, normal_file_mode())
         if fsync:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())

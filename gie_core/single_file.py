@@ -19,6 +19,7 @@ import os
 import re
 from collections.abc import Iterator
 from importlib import resources
+from pathlib import Path
 
 import torch
 
@@ -30,9 +31,11 @@ VAE_CONFIG = "flux-ae"
 T5_CONFIG = "t5-v1_1-xxl-encoder"
 CLIP_CONFIG = "clip-vit-large-patch14-text"
 SCHEDULER_CONFIG = "flow-match-scheduler"
-CONFIG_NAMES = (TRANSFORMER_CONFIG, VAE_CONFIG, T5_CONFIG, CLIP_CONFIG, SCHEDULER_CONFIG)
+QWEN_CONFIG = "qwen2.5-vl-7b-instruct"
+QWEN_PREPROCESSOR = "qwen2.5-vl-preprocessor"
+CONFIG_NAMES = (TRANSFORMER_CONFIG, VAE_CONFIG, T5_CONFIG, CLIP_CONFIG, SCHEDULER_CONFIG, QWEN_CONFIG, QWEN_PREPROCESSOR)
 
-KINDS = ("bfl_transformer", "diffusers_transformer", "vae", "t5", "clip")
+KINDS = ("bfl_transformer", "diffusers_transformer", "vae", "t5", "clip", "qwen2.5-vl", "connector")
 
 _KIND_WORDS = {
     "bfl_transformer": "a FLUX transformer",
@@ -40,6 +43,8 @@ _KIND_WORDS = {
     "vae": "a VAE",
     "t5": "a T5 text encoder",
     "clip": "a CLIP text encoder",
+    "qwen2.5-vl": "a Qwen2.5-VL text encoder",
+    "connector": "a GPT-Image-Edit connector",
 }
 
 # Tensors that identify each kind, relative to a common prefix (the first one is searched for).
@@ -49,6 +54,8 @@ _KIND_MARKERS = {
     "vae": ("decoder.conv_in.weight", "encoder.conv_in.weight"),
     "t5": ("encoder.block.0.layer.0.SelfAttention.q.weight",),
     "clip": ("encoder.layers.0.self_attn.q_proj.weight", "embeddings.token_embedding.weight"),
+    "qwen2.5-vl": ("model.layers.0.self_attn.k_proj.bias", "visual.merger.mlp.0.weight"),
+    "connector": ("denoise_projector.0.weight", "denoise_projector.2.weight"),
 }
 
 # Side tensors of ComfyUI's fp8 formats: the old "scaled fp8" (a ``scaled_fp8`` marker and
@@ -120,13 +127,15 @@ def _detect(reader: CheckpointReader, path) -> tuple[str, str]:
         if kind in found:
             return kind, found[kind]
     raise CheckpointError(
-        f"{path} is not a FLUX transformer, VAE, T5 or CLIP text encoder checkpoint ({_describe_keys(reader)})"
+        f"{path} is not a FLUX transformer, VAE, T5, CLIP or Qwen2.5-VL text encoder or a connector "
+        f"({_describe_keys(reader)})"
     )
 
 
 def detect_single_file_kind(path: str | os.PathLike) -> str:
     """What a weights file holds: ``"bfl_transformer"``, ``"diffusers_transformer"``, ``"vae"``,
-    ``"t5"`` or ``"clip"`` (for an all-in-one checkpoint, the first of these it holds).
+    ``"t5"``, ``"clip"``, ``"qwen2.5-vl"`` or ``"connector"`` (for an all-in-one checkpoint, the
+    first of these it holds).
 
     Raises :class:`CheckpointError` for a missing, corrupt or unrecognised file.
     """
@@ -705,3 +714,132 @@ __all__ = [
     "model_kwargs",
     "read_upcast",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# Qwen2.5-VL text encoder (ComfyUI's layout, or gie-convert's) and the connector
+# --------------------------------------------------------------------------------------------
+
+
+def qwen_file_config(reader: CheckpointReader, path, config_dir=None) -> dict:
+    """The flat (pre-4.52) Qwen2.5-VL config of a single file: the one ``gie-convert`` stored in
+    its metadata, else ``config_dir/config.json``, else the shipped 7B-Instruct config when the
+    shapes are the 7B's (ComfyUI's ``qwen_2.5_vl_7b*.safetensors``)."""
+    meta = reader.metadata.get("gie_qwen_config")
+    if meta:
+        try:
+            return json.loads(meta)
+        except json.JSONDecodeError:
+            raise CheckpointError(f"{path}: its gie_qwen_config metadata is not valid JSON") from None
+    if config_dir is not None:
+        cfg_path = Path(config_dir) / "config.json"
+        if not cfg_path.is_file():
+            raise CheckpointError(f"{config_dir} has no config.json for the Qwen2.5-VL in {path}")
+        cfg = json.loads(cfg_path.read_text())
+        return {k: v for k, v in cfg.items() if k != "denoise_tower"}
+    cfg = load_config(QWEN_CONFIG)
+    width = _shape(reader, "model.layers.0.self_attn.k_proj.bias", path)[0]
+    layers = _count_blocks(reader.keys(), "model.layers.")
+    want = cfg["num_key_value_heads"] * cfg["hidden_size"] // cfg["num_attention_heads"]
+    if width != want or layers != cfg["num_hidden_layers"]:
+        raise CheckpointError(
+            f"{path} is a Qwen2.5-VL of another size ({layers} layers, k_proj {width} wide; the 7B has "
+            f"{cfg['num_hidden_layers']} and {want}) and carries no config; give the folder with its config.json"
+        )
+    return model_kwargs(cfg)
+
+
+def qwen_processing(tokenizer_dir, preprocessor_dir=None):
+    """(tokenizer, image processor, None) for a Qwen2.5-VL: the tokenizer from ``tokenizer_dir``
+    (a Qwen2.5-VL folder, or ComfyUI's bundled ``comfy/text_encoders/qwen25_tokenizer``), the image
+    processor from ``preprocessor_dir``'s (or the tokenizer folder's) preprocessor_config.json,
+    else Qwen2.5-VL-Instruct's shipped one."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    from .loading import quiet_transformers
+
+    tok_dir = Path(tokenizer_dir)
+    if not (tok_dir / "tokenizer.json").exists() and not (tok_dir / "vocab.json").exists():
+        raise CheckpointError(f"{tok_dir} has no Qwen tokenizer files (tokenizer.json or vocab.json + merges.txt)")
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise CheckpointError(f"{tok_dir}: the Qwen tokenizer has no chat template (tokenizer_config.json)")
+    cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+    for d in (preprocessor_dir, tok_dir):
+        if d is not None and (Path(d) / "preprocessor_config.json").is_file():
+            from .encoders import load_qwen_image_processor
+
+            return tokenizer, load_qwen_image_processor(d), None
+    conf = model_kwargs(load_config(QWEN_PREPROCESSOR))
+    conf.pop("image_processor_type", None)
+    conf.pop("processor_class", None)
+    return tokenizer, cls(**conf), None
+
+
+def load_qwen_file(
+    path: str | os.PathLike,
+    *,
+    tokenizer_dir: str | os.PathLike,
+    preprocessor_dir: str | os.PathLike | None = None,
+    config_dir: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    lm_head: bool | None = None,
+):
+    """A :class:`gie_core.encoders.QwenVLEncoder` from one Qwen2.5-VL file in ComfyUI's layout
+    (``model.*``, ``visual.*``, optional ``lm_head.*``): bf16/fp16/fp32, plain fp8 or ComfyUI's
+    scaled fp8 (upcast to ``dtype``).
+
+    ``lm_head``: None = load it when the file has it; False = leave it out (encoding needs no
+    LM head: the model is then the bare ``Qwen2_5_VLModel`` and cannot rewrite); True = required.
+    """
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
+
+    from .encoders import QwenVLEncoder
+    from .loading import map_qwen_key, qwen_config_from_gie
+
+    tokenizer, image_processor, processor = qwen_processing(tokenizer_dir, preprocessor_dir)
+    with CheckpointReader.open(path) as reader:
+        _require_kind(reader, path, ("qwen2.5-vl",))
+        _check_quant_formats(reader, path)
+        has_head = "lm_head.weight" in reader
+        if lm_head and not has_head:
+            raise CheckpointError(
+                f"{path} has no lm_head (instruction rewriting needs it): convert with gie-convert --lm-head"
+            )
+        want_head = has_head if lm_head is None else bool(lm_head)
+        config = qwen_config_from_gie(qwen_file_config(reader, path, config_dir))
+        with empty_weights():
+            model = Qwen2_5_VLForConditionalGeneration(config) if want_head else Qwen2_5_VLModel(config)
+        model_keys = set(model.state_dict())
+
+        def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+            for key in reader.keys():
+                if _is_quant_side_tensor(key) or (key.startswith("lm_head.") and not want_head):
+                    continue
+                name = map_qwen_key(key, model_keys)
+                if name is None and not want_head:  # a bare model has no "model." level
+                    name = map_qwen_key(key, {"model." + k for k in model_keys})
+                    name = name[len("model."):] if name else None
+                if name is None:
+                    raise CheckpointError(f"{path}: tensor '{key}' does not belong to a Qwen2.5-VL model")
+                yield name, read_upcast(reader, key)
+
+        assign_weights(model, tensors(), dtype=dtype, device=device, what=f"{path} (Qwen2.5-VL)")
+    return QwenVLEncoder(model.eval().requires_grad_(False), tokenizer, image_processor, processor)
+
+
+def load_connector_file(path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16, device="cpu"):
+    """A connector from one file (``gie-convert``'s, ``gie-train``'s export, or any file with the
+    ``denoise_projector.*`` keys); its metadata's fusion mode, if any, is kept as ``.default_mode``."""
+    from .connector import Connector
+
+    with CheckpointReader.open(path) as reader:
+        _require_kind(reader, path, ("connector",))
+        state = {k: reader.read(k) for k in reader.keys()}
+        mode = reader.metadata.get("gie_fusion_mode")
+    conn = Connector.from_state_dict(state).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    conn.default_mode = mode
+    return conn

@@ -15,6 +15,8 @@ for _module in (loaders, encode, rewrite, sampling, ratio):
     _NODES.update(_module.NODES)
 
 NODE_CLASS_MAPPINGS = {name: cls for name, (cls, _) in _NODES.items()}
-NODE_DISPLAY_NAME_MAPPINGS = {name: title for name, (_, title) in _NODES.items()}
+# The pack's prefix on every display name, so search never mistakes ours for core nodes.
+DISPLAY_PREFIX = "GIE "
+NODE_DISPLAY_NAME_MAPPINGS = {name: DISPLAY_PREFIX + title for name, (_, title) in _NODES.items()}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
-# Our model folder: one sub-directory per GPT-Image-Edit checkpoint (the released layout).
+# Our model folders: one sub-directory per GPT-Image-Edit checkpoint (the released layout), and
+# single connector files (gie-convert's gie_connectors/; remappable in extra_model_paths.yaml).
 GIE_FOLDER = "gpt_image_edit"
+CONNECTOR_FOLDER = "gie_connectors"
 
 # What marks a usable sub-directory in each folder kind.
 DIR_MARKERS = {GIE_FOLDER: "config.json", "diffusers": "model_index.json"}
@@ -67,17 +69,19 @@ def have_comfy() -> bool:
 
 
 def register_model_folder() -> None:
-    """Register ``models/gpt_image_edit`` (checkpoint directories) with ComfyUI's folder list.
+    """Register ``models/gpt_image_edit`` (checkpoint directories) and ``models/gie_connectors``
+    (connector files) with ComfyUI's folder list.
 
-    Paths users add for ``gpt_image_edit`` in ``extra_model_paths.yaml`` stay; ours goes first.
+    Paths users add for these names in ``extra_model_paths.yaml`` stay; ours go first.
     """
     fp = folder_paths()
     if fp is None:
         return
-    path = os.path.join(fp.models_dir, GIE_FOLDER)
-    with contextlib.suppress(OSError):  # a read-only install still lists the other folders
-        os.makedirs(path, exist_ok=True)
-    fp.add_model_folder_path(GIE_FOLDER, path, is_default=True)
+    for name in (GIE_FOLDER, CONNECTOR_FOLDER):
+        path = os.path.join(fp.models_dir, name)
+        with contextlib.suppress(OSError):  # a read-only install still lists the other folders
+            os.makedirs(path, exist_ok=True)
+        fp.add_model_folder_path(name, path, is_default=True)
 
 
 def set_model_roots(roots: dict[str, list[str | os.PathLike]]) -> None:
@@ -170,6 +174,15 @@ def resolve_model_file(kind: str, name: str) -> Path:
     raise FileNotFoundError(
         f"'{name}' is not a file in models/{kind} (folders: {', '.join(model_folders(kind)) or 'none'})"
     )
+
+
+def bundled_qwen_tokenizer_dir() -> Path | None:
+    """ComfyUI's own Qwen2.5 tokenizer folder (what its Qwen-Image text encoder uses), if present."""
+    comfy = _optional("comfy")
+    if comfy is None or not getattr(comfy, "__path__", None):
+        return None
+    path = Path(list(comfy.__path__)[0]) / "text_encoders" / "qwen25_tokenizer"
+    return path if path.is_dir() else None
 
 
 def bundled_tokenizer_dirs() -> tuple[Path, Path] | None:

@@ -12,7 +12,7 @@ from gie_core.components import KontextModel, PlacedModel, default_scheduler, lo
 from gie_core.loading import load_gie_checkpoint, load_kontext_dir, parse_dtype
 from gie_core.lora import load_lora
 from gie_core.request import check_float
-from gie_core.single_file import load_bfl_transformer, load_bfl_vae
+from gie_core.single_file import load_bfl_transformer, load_bfl_vae, load_connector_file, load_qwen_file
 
 from . import comfy
 from .common import (
@@ -29,6 +29,7 @@ from .common import (
 )
 
 COMFY_TOKENIZERS = "comfyui (bundled)"
+QWEN_LM_HEAD = ("if present", "never", "required")
 NO_T5 = "none"
 
 
@@ -297,11 +298,97 @@ class GIELoraLoader:
         return (model.with_lora(name, strength),)
 
 
+class GIEQwenVLLoader:
+    DESCRIPTION = (
+        "Loads a Qwen2.5-VL text encoder from one file in models/text_encoders: the one gie-convert writes from a "
+        "GPT-Image-Edit checkpoint, or the stock qwen_2.5_vl_7b file Qwen-Image users already have (the released "
+        "model's Qwen is the stock one: gie-convert --compare-qwen checks). bf16, fp8 and scaled fp8 files."
+    )
+    CATEGORY = CAT_LOADERS
+    FUNCTION = "load"
+    RETURN_TYPES = (QWEN_VL,)
+    RETURN_NAMES = ("qwen_vl",)
+    OUTPUT_TOOLTIPS = ("The Qwen2.5-VL encoder (image + instruction features; rewriting when it has its lm_head).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "qwen_name": _choices(
+                    comfy.list_model_files("text_encoders"),
+                    "A Qwen2.5-VL file in models/text_encoders (e.g. gpt-image-edit-qwen2.5-vl-bf16.safetensors or "
+                    "qwen_2.5_vl_7b_fp8_scaled.safetensors).",
+                ),
+                "tokenizer": (
+                    [COMFY_TOKENIZERS] + comfy.list_model_dirs(comfy.GIE_FOLDER),
+                    {"default": COMFY_TOKENIZERS,
+                     "tooltip": "Where the Qwen tokenizer comes from: ComfyUI's bundled Qwen2.5 tokenizer, or a "
+                     "GPT-Image-Edit checkpoint folder in models/gpt_image_edit."},
+                ),
+                "lm_head": (
+                    list(QWEN_LM_HEAD),
+                    {"default": QWEN_LM_HEAD[0],
+                     "tooltip": "The LM head (1 GB) is only needed by Rewrite Instruction. 'if present' loads it when "
+                     "the file has it; 'never' saves the memory; 'required' fails early for a file without it."},
+                ),
+                "dtype": DTYPE_INPUT,
+                "offload": OFFLOAD_INPUT,
+            }
+        }
+
+    def load(self, qwen_name, tokenizer, lm_head, dtype, offload):
+        path = comfy.resolve_model_file("text_encoders", qwen_name)
+        if tokenizer == COMFY_TOKENIZERS:
+            tok_dir = comfy.bundled_qwen_tokenizer_dir()
+            if tok_dir is None:
+                raise ValueError(
+                    "tokenizer: ComfyUI's bundled Qwen2.5 tokenizer (comfy/text_encoders/qwen25_tokenizer) was not "
+                    "found; choose a GPT-Image-Edit checkpoint folder instead"
+                )
+        else:
+            tok_dir = comfy.resolve_model_dir(comfy.GIE_FOLDER, tokenizer)
+        head = {"if present": None, "never": False, "required": True}[lm_head]
+        encoder = load_qwen_file(path, tokenizer_dir=tok_dir, dtype=parse_dtype(dtype), device="cpu", lm_head=head)
+        return (PlacedModel(encoder, placement(offload), f"text_encoders/{qwen_name}"),)
+
+
+class GIEConnectorLoader:
+    DESCRIPTION = (
+        "Loads a fusion connector file from models/gie_connectors (gie-convert's, or one trained with gie-train), "
+        "for the Fusion Connector node."
+    )
+    CATEGORY = CAT_LOADERS
+    FUNCTION = "load"
+    RETURN_TYPES = (CONNECTOR,)
+    RETURN_NAMES = ("connector",)
+    OUTPUT_TOOLTIPS = ("The connector projecting Qwen-VL features into Kontext context tokens.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "connector_name": _choices(
+                    comfy.list_model_files(comfy.CONNECTOR_FOLDER),
+                    "A connector file in models/gie_connectors (remappable in extra_model_paths.yaml).",
+                ),
+                "dtype": DTYPE_INPUT,
+                "offload": OFFLOAD_INPUT,
+            }
+        }
+
+    def load(self, connector_name, dtype, offload):
+        path = comfy.resolve_model_file(comfy.CONNECTOR_FOLDER, connector_name)
+        conn = load_connector_file(path, dtype=parse_dtype(dtype), device="cpu")
+        return (PlacedModel(conn, placement(offload), f"{comfy.CONNECTOR_FOLDER}/{connector_name}"),)
+
+
 NODES = {
-    "GIECheckpointLoader": (GIECheckpointLoader, "GPT-Image-Edit Checkpoint Loader"),
+    "GIECheckpointLoader": (GIECheckpointLoader, "Checkpoint Loader (GPT-Image-Edit folder)"),
     "GIEKontextDiffusersLoader": (GIEKontextDiffusersLoader, "Kontext Loader (diffusers folder)"),
     "GIEKontextModelLoader": (GIEKontextModelLoader, "Kontext Model Loader (single file)"),
     "GIEVAELoader": (GIEVAELoader, "Kontext VAE Loader (single file)"),
     "GIETextEncodersLoader": (GIETextEncodersLoader, "T5 + CLIP Loader (single files)"),
     "GIELoraLoader": (GIELoraLoader, "Kontext LoRA Loader"),
+    "GIEQwenVLLoader": (GIEQwenVLLoader, "Qwen2.5-VL Loader (single file)"),
+    "GIEConnectorLoader": (GIEConnectorLoader, "Connector Loader (single file)"),
 }

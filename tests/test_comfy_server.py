@@ -498,9 +498,9 @@ def test_gie_comfy_run_prints_validation_errors_and_fails(server, tmp_path):
                   "--set", f"1.checkpoint={json.dumps('no-such-checkpoint')}", "-o", tmp_path)
     assert res.returncode == 1, res.stderr
     assert "the server rejected the workflow" in res.stderr
-    assert 'node 1 "GPT-Image-Edit Checkpoint Loader" (GIECheckpointLoader):' in res.stderr
+    assert 'node 1 "GIE Checkpoint Loader (GPT-Image-Edit folder)" (GIECheckpointLoader):' in res.stderr
     assert "no-such-checkpoint" in res.stderr
-    assert 'node 8 "Kontext Sampler" (GIEKontextSampler):' in res.stderr and "steps" in res.stderr
+    assert 'node 8 "GIE Kontext Sampler" (GIEKontextSampler):' in res.stderr and "steps" in res.stderr
     assert not list(tmp_path.glob("*.png"))
 
 

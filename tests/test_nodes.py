@@ -65,13 +65,17 @@ def _single_files(kontext_dir: Path, root: Path) -> None:
 @pytest.fixture(scope="module")
 def models_root(tiny_set, tmp_path_factory):
     root = tmp_path_factory.mktemp("comfy") / "models"
-    kinds = ("gpt_image_edit", "diffusers", "loras", "diffusion_models", "vae", "text_encoders")
+    kinds = ("gpt_image_edit", "diffusers", "loras", "diffusion_models", "vae", "text_encoders", "gie_connectors")
     for k in kinds:
         (root / k).mkdir(parents=True)
     (root / "gpt_image_edit" / "gpt-image-edit").symlink_to(tiny_set.gie_dir)
     (root / "diffusers" / "FLUX.1-Kontext-dev").symlink_to(tiny_set.kontext_dir)
     _tiny_lora(tiny_set.kontext_dir, root / "loras")
     _single_files(tiny_set.kontext_dir, root)
+    from gie_core.convert import convert
+
+    # gie-convert's files, as a user converting the released checkpoint would place them
+    convert(tiny_set.gie_dir, root, parts=("qwen", "connector"), qwen_format="fp32", lm_head=True, name="gie-tiny")
     comfy.set_model_roots({k: [root / k] for k in kinds})
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(comfy, "torch_device", lambda: torch.device("cpu"))  # results compared with CPU runs
@@ -175,7 +179,7 @@ def test_pack_entry_point_exports_the_nodes_and_web_directory():
         sys.modules.pop(spec.name, None)
     assert pack.WEB_DIRECTORY == "./web" and (REPO / "web").is_dir()
     assert set(pack.NODE_CLASS_MAPPINGS) == set(N) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
-    assert len(N) == 14
+    assert len(N) == 16
 
 
 def test_only_nodes_comfy_imports_comfyui():
@@ -643,3 +647,31 @@ def test_awkward_images_through_the_nodes(loaded):
     out = run_sampler(loaded.kontext, loaded.vae, cond, padded, width=64, height=0, steps=1, resize="preferred")
     (back,) = crop.crop(out, record, "lanczos")
     assert back.shape == (1, 1000, 4000, 3)
+
+
+def test_split_file_loaders_match_the_checkpoint_folder(loaded, models_root):
+    """Qwen2.5-VL and the connector from gie-convert's single files (models/text_encoders,
+    models/gie_connectors) encode and fuse exactly as the checkpoint folder's parts do."""
+    qwen_files = [n for n in N["GIEQwenVLLoader"].INPUT_TYPES()["required"]["qwen_name"][0] if "qwen2.5-vl" in n]
+    (qwen,) = N["GIEQwenVLLoader"]().load(qwen_files[0], "gpt-image-edit", "if present", "fp32", "none")
+    conn_name = N["GIEConnectorLoader"].INPUT_TYPES()["required"]["connector_name"][0][0]
+    (connector,) = N["GIEConnectorLoader"]().load(conn_name, "fp32", "none")
+    img = image()
+    (qf_split,) = N["GIEQwenVLEncode"]().encode(qwen, img, INSTRUCTION)
+    (qf_folder,) = N["GIEQwenVLEncode"]().encode(loaded.qwen, img, INSTRUCTION)
+    assert torch.equal(qf_split.hidden, qf_folder.hidden)
+    tf, _ = N["GIET5Encode"]().encode(loaded.text, INSTRUCTION)
+    (a,) = N["GIEFusionConnector"]().fuse(connector, tf, "vlm+t5", qf_split)
+    (b,) = N["GIEFusionConnector"]().fuse(loaded.connector, tf, "vlm+t5", qf_folder)
+    assert torch.equal(a[0][0], b[0][0]) and torch.equal(a[0][1]["pooled_output"], b[0][1]["pooled_output"])
+    from gie_core.single_file import load_qwen_file
+
+    with pytest.raises(FileNotFoundError, match="not a file in models/text_encoders"):
+        N["GIEQwenVLLoader"]().load("missing.safetensors", "gpt-image-edit", "never", "fp32", "none")
+    tok = models_root / "gpt_image_edit" / "gpt-image-edit"
+    with pytest.raises(ValueError, match="looks like a FLUX transformer, not a Qwen2.5-VL"):
+        load_qwen_file(models_root / "diffusion_models" / "kontext_tiny.safetensors", tokenizer_dir=tok)
+    no_head = [n for n in qwen_files if "lm_head" not in n]
+    if no_head:
+        with pytest.raises(ValueError, match="no lm_head"):
+            N["GIEQwenVLLoader"]().load(no_head[0], "gpt-image-edit", "required", "fp32", "none")
