@@ -55,18 +55,35 @@ class Conditioning:
 
     @classmethod
     def from_comfy(cls, cond: list) -> Conditioning:
-        """Accept ComfyUI's CONDITIONING; several entries are concatenated along tokens
-        (all must share the pooled vector's batch)."""
+        """Accept ComfyUI's CONDITIONING with one entry (what FluxGuidance, ReferenceLatent and
+        ConditioningConcat give). Several entries (ConditioningCombine, area/mask conditioning)
+        mean "run each and blend the predictions" to native samplers; this sampler does not
+        blend, so they are refused rather than given another meaning."""
         if not isinstance(cond, (list, tuple)) or not cond:
             raise ValueError("conditioning must be a non-empty list of [tensor, dict] pairs (ComfyUI CONDITIONING)")
-        contexts, pooled, extra = [], None, {}
         for i, entry in enumerate(cond):
             if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and torch.is_tensor(entry[0]) and isinstance(entry[1], dict)):
                 raise ValueError(f"conditioning entry {i} must be [tensor, dict]")
-            contexts.append(entry[0])
-            if pooled is None:
-                pooled = entry[1].get("pooled_output")
-            extra.update({k: v for k, v in entry[1].items() if k != "pooled_output"})
+        if len(cond) > 1:
+            raise ValueError(
+                f"conditioning has {len(cond)} entries (ConditioningCombine or area conditioning): native samplers run "
+                "each entry and blend their predictions, which this sampler does not do. Join the prompts with "
+                "Conditioning (Concat) instead, or sample with native KSampler"
+            )
+        context, info = cond[0]
+        pooled = info.get("pooled_output")
         if pooled is None:
             raise ValueError("conditioning has no 'pooled_output' (a FLUX model needs the CLIP pooled vector)")
-        return cls(torch.cat(contexts, dim=1) if len(contexts) > 1 else contexts[0], pooled, extra)
+        unsupported = sorted(k for k in ("area", "mask", "strength", "start_percent", "end_percent", "control")
+                             if k in info and not _default_setting(k, info[k]))
+        if unsupported:
+            raise ValueError(
+                f"conditioning sets {', '.join(unsupported)}, which this sampler does not apply; remove the node that "
+                "sets it, or sample with native KSampler"
+            )
+        return cls(context, pooled, {k: v for k, v in info.items() if k != "pooled_output"})
+
+
+def _default_setting(key: str, value) -> bool:
+    """Whether a ComfyUI conditioning setting has its no-op value (then ignoring it changes nothing)."""
+    return {"strength": value == 1.0, "start_percent": value == 0.0, "end_percent": value == 1.0}.get(key, value is None)

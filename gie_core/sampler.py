@@ -245,8 +245,12 @@ def prepare(
     cfg_batch: bool = True,
     device: torch.device | str | None = None,
     noise: torch.Tensor | None = None,
+    reference_latents: Sequence[torch.Tensor] | None = None,
 ) -> Prepared:
-    """Noise, ids, reference tokens (VAE-encoded once) and the schedule of one run."""
+    """Noise, ids, reference tokens (VAE-encoded once) and the schedule of one run.
+
+    ``reference_latents``: references already encoded (normalised latents [B, 16, h, w], e.g.
+    from ComfyUI's ReferenceLatent), placed after the ``references`` images'."""
     transformer, vae = models.transformer, models.vae
     device = torch.device(device) if device is not None else next(transformer.parameters()).device
     dtype = next(transformer.parameters()).dtype
@@ -261,16 +265,24 @@ def prepare(
         guidance = float(positive.extra["guidance"])  # ComfyUI's FluxGuidance sets it on the conditioning
 
     ref_tokens = ref_ids = None
-    if references is not None:
-        ref_list = [references] if torch.is_tensor(references) else list(references)
-        latents_list = []
-        for i, ref in enumerate(ref_list):
-            if ref.ndim != 4 or ref.shape[1] != 3:
-                raise ValueError(f"reference {i} must be [batch, 3, H, W] in [-1, 1] but is {tuple(ref.shape)}")
-            lat = encode_reference(vae, ref, device).to(dtype)
-            if lat.shape[0] not in (1, batch_size):
-                raise ValueError(f"reference {i} has batch {lat.shape[0]} but {batch_size} images are being made")
-            latents_list.append(lat.expand(batch_size, -1, -1, -1) if lat.shape[0] == 1 else lat)
+    ref_list = [] if references is None else [references] if torch.is_tensor(references) else list(references)
+    latents_list = []
+    for i, ref in enumerate(ref_list):
+        if ref.ndim != 4 or ref.shape[1] != 3:
+            raise ValueError(f"reference {i} must be [batch, 3, H, W] in [-1, 1] but is {tuple(ref.shape)}")
+        latents_list.append(encode_reference(vae, ref, device).to(dtype))
+    for i, lat in enumerate(reference_latents or (), start=len(ref_list)):
+        if lat.ndim != 4 or lat.shape[1] != channels or lat.shape[2] % 2 or lat.shape[3] % 2:
+            raise ValueError(
+                f"reference latent {i - len(ref_list)} must be [batch, {channels}, h, w] with even h, w "
+                f"but is {tuple(lat.shape)}"
+            )
+        latents_list.append(lat.to(device=device, dtype=dtype))
+    for i, lat in enumerate(latents_list):
+        if lat.shape[0] not in (1, batch_size):
+            raise ValueError(f"reference {i} has batch {lat.shape[0]} but {batch_size} images are being made")
+        latents_list[i] = lat.expand(batch_size, -1, -1, -1) if lat.shape[0] == 1 else lat
+    if latents_list:
         ref_tokens, ref_ids = reference_tokens(latents_list, reference_method)
         ref_tokens, ref_ids = ref_tokens.to(device, dtype), ref_ids.to(device, dtype)
 
@@ -372,6 +384,7 @@ def sample(
     interrupt: InterruptFn | None = None,
     output: str = "image",
     checked: bool = False,
+    reference_latents: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Edit: denoise a ``width`` x ``height`` image conditioned on ``positive`` and the references.
 
@@ -390,7 +403,8 @@ def sample(
         raise ValueError(f"output '{output}' is unknown; expected 'image' or 'latent'")
     run = prepare(models, positive, references, width=width, height=height, steps=steps, guidance=guidance,
                   seed=seed, batch_size=batch_size, true_cfg=true_cfg, negative=negative,
-                  reference_method=reference_method, cfg_batch=cfg_batch, device=device, noise=noise)
+                  reference_method=reference_method, cfg_batch=cfg_batch, device=device, noise=noise,
+                  reference_latents=reference_latents)
     latents = denoise(models.transformer, run, progress=progress, interrupt=interrupt)
     return latents if output == "latent" else decode(models.vae, latents)
 
@@ -405,6 +419,8 @@ def sample_request(
     device: torch.device | str | None = None,
     progress: ProgressFn | None = None,
     interrupt: InterruptFn | None = None,
+    reference_latents: Sequence[torch.Tensor] | None = None,
+    reference_method: str = "index",
 ) -> torch.Tensor:
     """:func:`sample` with the values of a resolved :class:`gie_core.request.EditRequest` (checked
     once, at the edge; not again here). Returns images [B, H, W, 3] in 0..1."""
@@ -412,4 +428,5 @@ def sample_request(
         models, positive, references, width=request.width, height=request.height, steps=request.steps,
         guidance=request.guidance, seed=request.seed, batch_size=request.batch_size, true_cfg=request.true_cfg,
         negative=negative, device=device, progress=progress, interrupt=interrupt, checked=True,
+        reference_latents=reference_latents, reference_method=reference_method,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from gie_core.conditioning import Conditioning
+from gie_core.constants import FLUX_VAE_SCALING, FLUX_VAE_SHIFT
 from gie_core.constants import (
     BATCH_RANGE,
     DEFAULT_GUIDANCE,
@@ -53,6 +54,33 @@ def read_conditioning(cond, name: str, transformer) -> Conditioning:
     return c
 
 
+REFERENCE_METHODS = {"offset": "offset", "index": "index"}  # ComfyUI's names -> ours ("uxo" has no twin)
+
+
+def native_reference_latents(cond: Conditioning) -> tuple[list | None, str]:
+    """``reference_latents`` set by native ReferenceLatent, as Kontext references after ``image``.
+
+    They are ComfyUI LATENTs (raw VAE latents), normalised here as native Flux does
+    (``process_latent_in``: (z - shift) * scale), and placed by the method
+    FluxKontextMultiReferenceLatentMethod set (``offset`` by default, as native Flux). With none,
+    the image alone is the reference, at first id coordinate 1 (the GPT-Image-Edit reference)."""
+    latents = cond.extra.get("reference_latents")
+    method = cond.extra.get("reference_latents_method")
+    if not latents:
+        return None, "index"
+    if method is not None and method not in REFERENCE_METHODS:
+        raise ValueError(
+            f"positive: reference_latents_method '{method}' (from FluxKontextMultiReferenceLatentMethod) is not supported "
+            f"by this sampler; use {' or '.join(REFERENCE_METHODS)}"
+        )
+    out = []
+    for i, lat in enumerate(latents):
+        if lat.ndim == 5:  # video-shaped [B, C, 1, h, w] latents
+            lat = lat[:, :, 0]
+        out.append((lat.float() - FLUX_VAE_SHIFT) * FLUX_VAE_SCALING)
+    return out, REFERENCE_METHODS[method or "offset"]
+
+
 def output_size(width: int, height: int, ref_width: int, ref_height: int) -> tuple[int, int]:
     """0 = auto: both 0 -> ~1 MP at the reference's aspect; one 0 -> follow the aspect
     (:func:`gie_core.request.resolve_output_size`, the rule every face uses)."""
@@ -79,7 +107,10 @@ class GIEKontextSampler:
                 "positive": (
                     "CONDITIONING",
                     {"tooltip": "What to do: Fusion Connector, T5 Encode, or native Flux conditioning. A guidance "
-                     "value set by FluxGuidance overrides the guidance input."},
+                     "value set by FluxGuidance overrides the guidance input. Latents added by native ReferenceLatent "
+                     "are used as further Kontext references after `image` (placed side by side, or as "
+                     "FluxKontextMultiReferenceLatentMethod says), as native Flux uses them. ConditioningCombine "
+                     "(several entries) is refused: native samplers blend entries, this one does not."},
                 ),
                 "image": ("IMAGE", {"tooltip": "The reference image to edit; a batch edits each image."}),
                 "seed": (
@@ -162,12 +193,14 @@ class GIEKontextSampler:
                     f"(image batch {request.n_images}, batch_size {batch_size}); encode with the same image batch"
                 )
         reference = prepare_reference(images, request.reference_resize, resample=request.reference_resample)
+        ref_latents, ref_method = native_reference_latents(pos)
 
         try:
             with model.placement.use(transformer) as device, vae.use(), activated(transformer, model.loras):
                 out = sample_request(
                     KontextModels(transformer, vae.model, model.scheduler), request, pos, reference, negative=neg,
                     device=device, progress=comfy.progress(request.steps), interrupt=comfy.interrupt_check(),
+                    reference_latents=ref_latents, reference_method=ref_method,
                 )
         finally:
             if unload_after:

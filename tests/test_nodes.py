@@ -675,3 +675,35 @@ def test_split_file_loaders_match_the_checkpoint_folder(loaded, models_root):
     if no_head:
         with pytest.raises(ValueError, match="no lm_head"):
             N["GIEQwenVLLoader"]().load(no_head[0], "gpt-image-edit", "required", "fp32", "none")
+
+
+def test_native_reference_latents_are_kontext_references_and_combine_is_refused(loaded):
+    """ReferenceLatent (native) on our conditioning: its latent becomes a second Kontext reference,
+    exactly as if the engine were given both images (placed side by side, native's default)."""
+    from gie_core.images import prepare_reference
+    from gie_core.sampler import KontextModels, sample
+
+    img, other = image(64, 48, seed=1), image(64, 48, seed=2)
+    cond = fused(loaded, img)
+    vae = loaded.vae.model
+    with torch.no_grad():  # what native VAEEncode + ReferenceLatent put on the conditioning: raw latents
+        raw = vae.encode(prepare_reference(other, "keep")).latent_dist.mode()
+    with_ref = [[cond[0][0], {**cond[0][1], "reference_latents": [raw]}]]
+    plain = run_sampler(loaded.gie_kontext, loaded.vae, cond, img, steps=2)
+    both = run_sampler(loaded.gie_kontext, loaded.vae, with_ref, img, steps=2)
+    assert not torch.equal(plain, both)  # the reference latent is used, never silently dropped
+    from gie_core.conditioning import Conditioning
+
+    engine = sample(KontextModels(loaded.gie_kontext.transformer, vae, loaded.gie_kontext.scheduler),
+                    Conditioning.from_comfy(cond), [prepare_reference(img, "keep"), prepare_reference(other, "keep")],
+                    width=64, height=48, steps=2, seed=3, reference_method="offset")
+    assert torch.allclose(both, engine, atol=1e-5)
+    combined = [cond[0], [cond[0][0] * 0.5, dict(cond[0][1])]]
+    with pytest.raises(ValueError, match="2 entries \\(ConditioningCombine"):
+        run_sampler(loaded.gie_kontext, loaded.vae, combined, img)
+    uxo = [[cond[0][0], {**cond[0][1], "reference_latents": [raw], "reference_latents_method": "uxo"}]]
+    with pytest.raises(ValueError, match="reference_latents_method 'uxo'"):
+        run_sampler(loaded.gie_kontext, loaded.vae, uxo, img)
+    masked = [[cond[0][0], {**cond[0][1], "mask": torch.ones(1, 8, 8)}]]
+    with pytest.raises(ValueError, match="sets mask, which this sampler does not apply"):
+        run_sampler(loaded.gie_kontext, loaded.vae, masked, img)
