@@ -23,6 +23,9 @@ CONNECTOR = "GIE_CONNECTOR"  # components.PlacedModel(connector.Connector)
 KONTEXT = "GIE_KONTEXT"  # components.KontextModel (transformer + scheduler + placement + LoRAs)
 VAE = "GIE_VAE"  # components.PlacedModel(diffusers AutoencoderKL)
 TEXT_ENCODERS = "GIE_TEXT_ENCODERS"  # components.PlacedModel(encoders.TextEncoders: CLIP-L, T5-XXL)
+# Inputs that also take ComfyUI's own objects (a union type, as ComfyUI's validation allows):
+ANY_VAE = f"{VAE},VAE"  # ours, or native Load VAE on ae.safetensors
+ANY_TEXT_ENCODERS = f"{TEXT_ENCODERS},CLIP"  # ours, or native DualCLIPLoader (type flux: clip_l + t5xxl)
 QWEN_FEATURES = "GIE_QWEN_FEATURES"  # connector.QwenFeatures
 TEXT_FEATURES = "GIE_TEXT_FEATURES"  # connector.TextFeatures
 PAD_RECORD = "GIE_PAD_RECORD"  # ratio.PadRecord
@@ -76,3 +79,86 @@ def require(value, name: str, what: str):
 def ui_text(text: str, result: tuple) -> dict:
     """A node result that also shows ``text`` on the node (the executed message's ``text``)."""
     return {"ui": {"text": [text]}, "result": result}
+
+
+class NativeVAE:
+    """ComfyUI's own VAE (``comfy.sd.VAE`` from Load VAE) as the sampler's latent codec.
+
+    ComfyUI's VAE takes images [B, H, W, C] in 0..1 and gives raw latents (the mode of the
+    posterior, as ours); FLUX's latent normalisation ((z - shift) * scale, what native Flux's
+    ``process_latent_in`` applies) is done here. ComfyUI manages its device and memory itself.
+    """
+
+    downscale_factor = 8
+
+    def __init__(self, vae):
+        self.vae = vae
+
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        from gie_core.constants import FLUX_VAE_SCALING, FLUX_VAE_SHIFT
+
+        pixels = ((images.float() + 1.0) / 2.0).clamp(0, 1).permute(0, 2, 3, 1).cpu()  # [B, H, W, 3]
+        raw = self.vae.encode(pixels)
+        if raw.ndim == 5:  # video-shaped latents of newer ComfyUI builds: [B, C, 1, h, w]
+            raw = raw[:, :, 0]
+        return (raw.float() - FLUX_VAE_SHIFT) * FLUX_VAE_SCALING
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        from gie_core.constants import FLUX_VAE_SCALING, FLUX_VAE_SHIFT
+
+        images = self.vae.decode(latents.float().cpu() / FLUX_VAE_SCALING + FLUX_VAE_SHIFT)
+        if images.ndim == 5:
+            images = images[:, 0]
+        return images.float().clamp(0, 1)
+
+
+def is_native_clip(obj) -> bool:
+    return callable(getattr(obj, "tokenize", None)) and callable(getattr(obj, "encode_from_tokens", None))
+
+
+def vae_input(vae):
+    """(latent codec, context manager, unload function) for a ``vae`` input: ours (a placed
+    diffusers VAE) or ComfyUI's own."""
+    import contextlib
+
+    from gie_core.components import PlacedModel
+
+    if isinstance(vae, PlacedModel):
+        return vae.model, vae.use(), vae.unload
+    if callable(getattr(vae, "encode", None)) and callable(getattr(vae, "decode", None)) and hasattr(vae, "first_stage_model"):
+        return NativeVAE(vae), contextlib.nullcontext(), lambda: None
+    raise TypeError(f"vae must come from a GIE VAE loader or ComfyUI's Load VAE, not a {type(vae).__name__}")
+
+
+def native_clip_features(clip, instruction: str):
+    """:class:`gie_core.connector.TextFeatures` from ComfyUI's own CLIP object (DualCLIPLoader,
+    type flux: clip_l + t5xxl): T5 tokens and CLIP-L pooled of the instruction, and CLIP-L
+    pooled of "" (what the vlm and metaquery modes use).
+
+    ComfyUI pads T5 to at least 256 tokens with no attention mask, as the reference does; it
+    does not truncate, so an instruction over 256 T5 tokens gives more tokens than the
+    reference's 256 (which cuts it)."""
+    from gie_core.connector import TextFeatures
+
+    def encode(text: str):
+        cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+        return cond, pooled
+
+    t5, pooled = encode(instruction)
+    _, pooled_empty = encode("")
+    return TextFeatures(t5.float().cpu(), pooled.float().cpu(), pooled_empty.float().cpu())
+
+
+def features_from_conditioning(cond, empty=None, name: str = "text_conditioning"):
+    """TextFeatures from native CONDITIONING (e.g. CLIPTextEncode with a flux CLIP): its tokens
+    are the T5 part and its ``pooled_output`` CLIP(instruction); ``empty`` (the same encoder's
+    conditioning of "") gives CLIP("") for the vlm and metaquery modes."""
+    from gie_core.conditioning import Conditioning
+    from gie_core.connector import TextFeatures
+
+    try:
+        c = Conditioning.from_comfy(cond)
+        e = Conditioning.from_comfy(empty) if empty is not None else None
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    return TextFeatures(c.context, c.pooled, e.pooled if e is not None else None)

@@ -17,8 +17,11 @@ from .common import (
     CONNECTOR,
     QWEN_FEATURES,
     QWEN_VL,
-    TEXT_ENCODERS,
+    ANY_TEXT_ENCODERS,
     TEXT_FEATURES,
+    features_from_conditioning,
+    is_native_clip,
+    native_clip_features,
     check_image,
     require,
 )
@@ -86,14 +89,21 @@ class GIET5Encode:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "text_encoders": (TEXT_ENCODERS, {"tooltip": "CLIP-L and T5-XXL from a Kontext or T5 + CLIP loader."}),
+                "text_encoders": (
+                    ANY_TEXT_ENCODERS,
+                    {"tooltip": "CLIP-L and T5-XXL: from a GIE Kontext or T5 + CLIP loader, or ComfyUI's own "
+                     "DualCLIPLoader (type flux, clip_l + t5xxl)."},
+                ),
                 "instruction": instruction_input("The edit instruction (the same text as for Qwen-VL Encode)."),
             }
         }
 
     def encode(self, text_encoders, instruction):
-        text = require(text_encoders, "text_encoders", "a Kontext loader's text_encoders output")
+        text = require(text_encoders, "text_encoders", "a Kontext loader's text_encoders output or DualCLIPLoader")
         check_instruction(instruction)
+        if is_native_clip(text):
+            feats = native_clip_features(text, instruction)
+            return (feats, Conditioning(feats.t5, feats.pooled).to_comfy())
         with text.use():
             feats = text.model.encode(instruction, with_t5=text.model.t5 is not None)
         feats = TextFeatures(
@@ -126,29 +136,53 @@ class GIEFusionConnector:
         return {
             "required": {
                 "connector": (CONNECTOR, {"tooltip": "The fusion connector from the GPT-Image-Edit Checkpoint Loader."}),
-                "text_features": (
-                    TEXT_FEATURES,
-                    {"tooltip": "From T5 Encode. Every mode needs its CLIP pooled vector; the T5 tokens are used by "
-                     f"{', '.join(_modes(needs_t5=True))} (for {', '.join(_modes(needs_t5=False))}, text encoders "
-                     "loaded without T5 suffice)."},
-                ),
                 "mode": (
                     list(FUSION_MODES),
                     {"default": DEFAULT_FUSION_MODE, "tooltip": modes_tooltip()},
                 ),
             },
             "optional": {
+                "text_features": (
+                    TEXT_FEATURES,
+                    {"tooltip": "From T5 Encode. Every mode needs its CLIP pooled vector; the T5 tokens are used by "
+                     f"{', '.join(_modes(needs_t5=True))} (for {', '.join(_modes(needs_t5=False))}, text encoders "
+                     "loaded without T5 suffice)."},
+                ),
                 "qwen_features": (
                     QWEN_FEATURES,
                     {"tooltip": f"From Qwen-VL Encode; needed by {', '.join(_modes(needs_qwen=True))}."},
                 ),
+                "text_conditioning": (
+                    "CONDITIONING",
+                    {"tooltip": "Instead of text_features: native Flux text conditioning (CLIPTextEncode with a flux "
+                     "DualCLIPLoader) of the instruction; its tokens are the T5 part, its pooled_output CLIP(instruction)."},
+                ),
+                "empty_conditioning": (
+                    "CONDITIONING",
+                    {"tooltip": "With text_conditioning: the same encoder's conditioning of an empty prompt; its pooled "
+                     f"output is CLIP(''), which {', '.join(_modes(pooled_from='empty'))} need."},
+                ),
             },
         }
 
-    def fuse(self, connector, text_features, mode, qwen_features=None):
+    def fuse(self, connector, text_features=None, mode=DEFAULT_FUSION_MODE, qwen_features=None, text_conditioning=None,
+             empty_conditioning=None):
         conn = require(connector, "connector", "the GPT-Image-Edit Checkpoint Loader's connector output")
-        require(text_features, "text_features", "T5 Encode's text_features output")
         spec = fusion_mode(mode)
+        if text_features is not None and text_conditioning is not None:
+            raise ValueError("connect text_features or text_conditioning, not both")
+        if text_features is None:
+            if text_conditioning is None:
+                raise ValueError(
+                    "text_features is not connected; connect T5 Encode's text_features, or native text conditioning "
+                    "(CLIPTextEncode with a flux CLIP) to text_conditioning"
+                )
+            if spec.pooled_from == "empty" and empty_conditioning is None:
+                raise ValueError(
+                    f"fusion mode '{mode}' uses CLIP('') as its pooled vector: connect empty_conditioning (CLIPTextEncode "
+                    "of an empty prompt with the same CLIP)"
+                )
+            text_features = features_from_conditioning(text_conditioning, empty_conditioning)
         if spec.needs_qwen and qwen_features is None:
             raise ValueError(f"fusion mode '{mode}' needs qwen_features: connect Qwen-VL Encode (or use a mode without Qwen)")
         with conn.use():

@@ -26,7 +26,7 @@ from gie_core.request import resolve_edit, resolve_output_size
 from gie_core.sampler import KontextModels, sample_request
 
 from . import comfy
-from .common import CAT_SAMPLING, KONTEXT, VAE, check_image, require
+from .common import ANY_VAE, CAT_SAMPLING, KONTEXT, check_image, require, vae_input
 
 
 def read_conditioning(cond, name: str, transformer) -> Conditioning:
@@ -103,7 +103,11 @@ class GIEKontextSampler:
         return {
             "required": {
                 "kontext_model": (KONTEXT, {"tooltip": "The Kontext model (fine-tuned from the checkpoint loader, or stock)."}),
-                "vae": (VAE, {"tooltip": "The FLUX VAE (encodes the reference, decodes the result)."}),
+                "vae": (
+                    ANY_VAE,
+                    {"tooltip": "The FLUX VAE (encodes the reference, decodes the result): from a GIE loader, or "
+                     "ComfyUI's own Load VAE on ae.safetensors."},
+                ),
                 "positive": (
                     "CONDITIONING",
                     {"tooltip": "What to do: Fusion Connector, T5 Encode, or native Flux conditioning. A guidance "
@@ -176,7 +180,7 @@ class GIEKontextSampler:
                reference_resize, unload_after, negative=None, true_cfg=DEFAULT_TRUE_CFG,
                reference_resample=DEFAULT_REFERENCE_RESAMPLE):
         model = require(kontext_model, "kontext_model", "a Kontext model loader")
-        vae = require(vae, "vae", "a Kontext loader's vae output")
+        codec, vae_ctx, vae_unload = vae_input(require(vae, "vae", "a Kontext loader's vae output or native Load VAE"))
         transformer = model.require_transformer()
         images = check_image(image)
         request = resolve_edit(
@@ -196,16 +200,16 @@ class GIEKontextSampler:
         ref_latents, ref_method = native_reference_latents(pos)
 
         try:
-            with model.placement.use(transformer) as device, vae.use(), activated(transformer, model.loras):
+            with model.placement.use(transformer) as device, vae_ctx, activated(transformer, model.loras):
                 out = sample_request(
-                    KontextModels(transformer, vae.model, model.scheduler), request, pos, reference, negative=neg,
+                    KontextModels(transformer, codec, model.scheduler), request, pos, reference, negative=neg,
                     device=device, progress=comfy.progress(request.steps), interrupt=comfy.interrupt_check(),
                     reference_latents=ref_latents, reference_method=ref_method,
                 )
         finally:
             if unload_after:
                 model.placement.unload(transformer)
-                vae.unload()
+                vae_unload()
         return (out.float().cpu(),)
 
 

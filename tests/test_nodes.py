@@ -32,6 +32,7 @@ INSTRUCTION = "make the sky a warm sunset"
 CUSTOM_TYPES = {"GIE_QWEN_VL", "GIE_CONNECTOR", "GIE_KONTEXT", "GIE_VAE", "GIE_TEXT_ENCODERS", "GIE_QWEN_FEATURES",
                 "GIE_TEXT_FEATURES", "GIE_PAD_RECORD"}
 COMFY_TYPES = {"IMAGE", "MASK", "CONDITIONING", "LATENT"}
+NATIVE_OBJECTS = {"VAE", "CLIP"}  # ComfyUI's own loaders' outputs, taken where ours are
 _real_torch_device = comfy.torch_device  # module fixtures pin the device to the CPU
 
 
@@ -145,8 +146,8 @@ def test_node_contract(name, models_root):
                 assert isinstance(opts.get("default"), bool), where
             elif kind == "STRING":
                 assert isinstance(opts.get("default"), str), where
-            else:
-                assert kind in CUSTOM_TYPES | COMFY_TYPES, f"{where}: unexpected type {kind}"
+            else:  # a union ("GIE_VAE,VAE") takes ours or ComfyUI's own object
+                assert set(kind.split(",")) <= CUSTOM_TYPES | COMFY_TYPES | NATIVE_OBJECTS, f"{where}: unexpected type {kind}"
             if inp == "seed":
                 assert kind == "INT" and opts["max"] == 2**64 - 1 and opts.get("control_after_generate") is True
     assert isinstance(cls.RETURN_TYPES, tuple) and cls.RETURN_TYPES
@@ -706,3 +707,63 @@ def test_native_reference_latents_are_kontext_references_and_combine_is_refused(
     masked = [[cond[0][0], {**cond[0][1], "mask": torch.ones(1, 8, 8)}]]
     with pytest.raises(ValueError, match="sets mask, which this sampler does not apply"):
         run_sampler(loaded.gie_kontext, loaded.vae, masked, img)
+
+
+class ComfyLikeVAE:
+    """ComfyUI's VAE contract (comfy.sd.VAE): encode takes IMAGE [B, H, W, C] in 0..1 and gives the
+    raw latent (the posterior's mode); decode takes a raw latent and gives IMAGE. Built on the same
+    diffusers weights; the real object is exercised by tests/test_comfy_server.py."""
+
+    def __init__(self, vae):
+        self.first_stage_model = vae
+
+    def encode(self, pixels):
+        with torch.no_grad():
+            return self.first_stage_model.encode(pixels.movedim(-1, 1) * 2 - 1).latent_dist.mode()
+
+    def decode(self, latent):
+        with torch.no_grad():
+            return (self.first_stage_model.decode(latent, return_dict=False)[0] / 2 + 0.5).clamp(0, 1).movedim(1, -1)
+
+
+class ComfyLikeClip:
+    """ComfyUI's CLIP contract (DualCLIPLoader, type flux): tokenize(text) then
+    encode_from_tokens(tokens, return_pooled=True) -> (T5 tokens [1, 256, D], CLIP-L pooled [1, P])."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def tokenize(self, text):
+        return {"text": text}
+
+    def encode_from_tokens(self, tokens, return_pooled=False):
+        t = tokens["text"]
+        t5, pooled = self.text.t5_tokens([t]), self.text.clip_pooled([t])
+        return (t5, pooled) if return_pooled else t5
+
+
+def test_native_vae_and_text_encoders_serve_our_nodes(loaded):
+    """Users' own Load VAE and DualCLIPLoader outputs plug into the sampler, T5 Encode and the
+    Fusion Connector (text_conditioning / empty_conditioning), with the same results as ours."""
+    img = image()
+    cond = fused(loaded, img)
+    ours = run_sampler(loaded.gie_kontext, loaded.vae, cond, img, steps=2)
+    native = run_sampler(loaded.gie_kontext, ComfyLikeVAE(loaded.vae.model), cond, img, steps=2)
+    assert torch.allclose(ours, native, atol=1e-4)
+    clip = ComfyLikeClip(loaded.text.model)
+    tf_native, c_native = N["GIET5Encode"]().encode(clip, INSTRUCTION)
+    tf, c = N["GIET5Encode"]().encode(loaded.text, INSTRUCTION)
+    assert torch.allclose(tf_native.t5, tf.t5, atol=1e-6) and torch.allclose(tf_native.pooled_empty, tf.pooled_empty)
+    (qf,) = N["GIEQwenVLEncode"]().encode(loaded.qwen, img, INSTRUCTION)
+    t5_empty, pooled_empty = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
+    empty = [[t5_empty, {"pooled_output": pooled_empty}]]  # native CLIPTextEncode of "" (its pooled output is read)
+    for mode in ("vlm+t5", "vlm", "t5"):
+        (a,) = N["GIEFusionConnector"]().fuse(loaded.connector, None, mode, qf, text_conditioning=c, empty_conditioning=empty)
+        (b,) = N["GIEFusionConnector"]().fuse(loaded.connector, tf, mode, qf)
+        assert torch.allclose(a[0][0], b[0][0], atol=1e-6) and torch.allclose(a[0][1]["pooled_output"], b[0][1]["pooled_output"])
+    with pytest.raises(ValueError, match="connect empty_conditioning"):
+        N["GIEFusionConnector"]().fuse(loaded.connector, None, "vlm", qf, text_conditioning=c)
+    with pytest.raises(ValueError, match="not both"):
+        N["GIEFusionConnector"]().fuse(loaded.connector, tf, "vlm+t5", qf, text_conditioning=c)
+    with pytest.raises(TypeError, match="vae must come from a GIE VAE loader or ComfyUI's Load VAE"):
+        run_sampler(loaded.gie_kontext, object(), cond, img)

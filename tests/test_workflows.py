@@ -157,9 +157,9 @@ def test_checker_finds_broken_workflows(specs):
 
     def retype(w):
         link = next(l for l in w["links"] if l[5] == "GIE_VAE")
-        link[5] = "VAE"
+        link[5] = "LATENT"
 
-    assert "carries VAE" in ui_errors(retype)
+    assert "carries LATENT" in ui_errors(retype)
 
     def miswire(w):  # the Qwen encoder's output into the sampler's vae input
         link = next(l for l in w["links"] if l[5] == "GIE_VAE")

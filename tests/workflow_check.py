@@ -2,7 +2,8 @@
 
 - every node type exists: ours from ``NODE_CLASS_MAPPINGS``, native ones from :data:`NATIVE_NODES`
   (a small table of the ComfyUI core nodes our workflows use, copied from ComfyUI's definitions);
-- every link type-checks: the source output's type equals the destination input's (``*`` accepts any);
+- every link type-checks: the source output's type equals the destination input's (``*`` accepts any;
+  a union such as ``GIE_VAE,VAE`` accepts each of its types, as ComfyUI's validation does);
 - every widget value is in its range or among its choices, every required input is given;
 - a UI workflow (litegraph, version 0.4) converts to its API twin exactly as the frontend's
   ``app.graphToPrompt()`` does: widget values in widget order (a seed's ``control_after_generate``
@@ -157,7 +158,10 @@ def check_value(spec: InputSpec, value) -> str | None:
 
 
 def _types_match(src: str, dst: str) -> bool:
-    return src == dst or "*" in (src, dst)
+    """As ComfyUI's validate_node_input: equal, ``*``, or overlapping unions ("GIE_VAE,VAE")."""
+    if src == dst or "*" in (src, dst):
+        return True
+    return bool({t.strip() for t in src.split(",")} & {t.strip() for t in dst.split(",")})
 
 
 # ---------------------------------------------------------------------------------------------
