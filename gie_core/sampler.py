@@ -76,12 +76,21 @@ class KontextModels:
 
 
 def _vae_factor(vae) -> int:
+    if hasattr(vae, "encode_latents"):  # a latent codec (e.g. ComfyUI's own VAE, adapted by the nodes)
+        return int(vae.downscale_factor)
     return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+# A VAE is a diffusers AutoencoderKL, or any "latent codec": an object with ``downscale_factor``,
+# ``encode_latents([B, 3, H, W] in [-1, 1]) -> normalised latents`` and
+# ``decode_latents(normalised latents) -> [B, H, W, 3] in 0..1`` (the nodes adapt ComfyUI's VAE so).
 
 
 @torch.no_grad()
 def encode_reference(vae, image: torch.Tensor, device: torch.device) -> torch.Tensor:
     """[B, 3, H, W] in [-1, 1] -> normalised VAE mode latents [B, 16, H/8, W/8]."""
+    if hasattr(vae, "encode_latents"):
+        return vae.encode_latents(image).to(device)
     vae_dtype = next(vae.parameters()).dtype
     latents = vae.encode(image.to(device=device, dtype=vae_dtype)).latent_dist.mode()
     return (latents - vae.config.shift_factor) * vae.config.scaling_factor
@@ -90,6 +99,8 @@ def encode_reference(vae, image: torch.Tensor, device: torch.device) -> torch.Te
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Normalised latents [B, 16, h, w] -> images [B, H, W, 3] in 0..1."""
+    if hasattr(vae, "decode_latents"):
+        return vae.decode_latents(latents).float()
     vae_dtype = next(vae.parameters()).dtype
     latents = latents / vae.config.scaling_factor + vae.config.shift_factor
     image = vae.decode(latents.to(vae_dtype), return_dict=False)[0]
