@@ -34,6 +34,7 @@ from .request import check_float, check_int, check_output_size
 from .schedule import Schedule
 
 ProgressFn = Callable[[int, int], None]  # (steps done, total steps)
+PreviewFn = Callable[[int, int, torch.Tensor], None]  # (steps done, total, predicted clean latents [B, 16, h, w])
 InterruptFn = Callable[[], bool]  # True to stop (or raise its own exception)
 
 REFERENCE_METHODS = ("index", "offset")
@@ -322,8 +323,12 @@ def denoise(
     *,
     progress: ProgressFn | None = None,
     interrupt: InterruptFn | None = None,
+    preview: PreviewFn | None = None,
 ) -> torch.Tensor:
-    """The step loop. Returns the normalised latents [B, 16, H/8, W/8]."""
+    """The step loop. Returns the normalised latents [B, 16, H/8, W/8].
+
+    ``preview`` gets, after each step, the clean latents the step predicts
+    (``x0 = x_t - sigma * velocity``, normalised, as ComfyUI's previewers take them)."""
     pos, neg, n_target, dtype = run.positive, run.negative, run.n_target, run.latents.dtype
     batch_size, latents = run.batch_size, run.latents
 
@@ -365,6 +370,9 @@ def denoise(
                 if run.do_cfg:
                     neg_pred = predict(model_input, tt, neg.context, neg.pooled, run.neg_txt_ids, run.guidance)
                     noise_pred = neg_pred + run.true_cfg * (noise_pred - neg_pred)
+            if preview is not None:  # x_t = (1 - s) x0 + s eps and v = eps - x0, so x0 = x_t - s v
+                x0 = latents.float() - (t.float() / 1000) * noise_pred.float()
+                preview(i + 1, total, unpack_latents(x0, run.latent_height, run.latent_width))
             latents = run.schedule.step(noise_pred, t, latents)
             if progress is not None:
                 progress(i + 1, total)
@@ -396,6 +404,7 @@ def sample(
     output: str = "image",
     checked: bool = False,
     reference_latents: Sequence[torch.Tensor] | None = None,
+    preview: PreviewFn | None = None,
 ) -> torch.Tensor:
     """Edit: denoise a ``width`` x ``height`` image conditioned on ``positive`` and the references.
 
@@ -416,7 +425,7 @@ def sample(
                   seed=seed, batch_size=batch_size, true_cfg=true_cfg, negative=negative,
                   reference_method=reference_method, cfg_batch=cfg_batch, device=device, noise=noise,
                   reference_latents=reference_latents)
-    latents = denoise(models.transformer, run, progress=progress, interrupt=interrupt)
+    latents = denoise(models.transformer, run, progress=progress, interrupt=interrupt, preview=preview)
     return latents if output == "latent" else decode(models.vae, latents)
 
 
@@ -432,6 +441,7 @@ def sample_request(
     interrupt: InterruptFn | None = None,
     reference_latents: Sequence[torch.Tensor] | None = None,
     reference_method: str = "index",
+    preview: PreviewFn | None = None,
 ) -> torch.Tensor:
     """:func:`sample` with the values of a resolved :class:`gie_core.request.EditRequest` (checked
     once, at the edge; not again here). Returns images [B, H, W, 3] in 0..1."""
@@ -439,5 +449,5 @@ def sample_request(
         models, positive, references, width=request.width, height=request.height, steps=request.steps,
         guidance=request.guidance, seed=request.seed, batch_size=request.batch_size, true_cfg=request.true_cfg,
         negative=negative, device=device, progress=progress, interrupt=interrupt, checked=True,
-        reference_latents=reference_latents, reference_method=reference_method,
+        reference_latents=reference_latents, reference_method=reference_method, preview=preview,
     )

@@ -228,13 +228,28 @@ def empty_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def progress(total: int) -> Callable[[int, int], None]:
-    """A ``(done, total)`` callback driving ComfyUI's progress bar (a no-op without ComfyUI)."""
-    utils = comfy_utils()
+def step_callbacks(total: int):
+    """``(progress, preview)`` for the sampler: ComfyUI's progress bar, with latent previews from
+    ComfyUI's own previewer (``--preview-method``: Latent2RGB or TAESD for FLUX) when it is on.
+    Without ComfyUI: no-ops."""
+    utils, lp, formats = comfy_utils(), _optional("latent_preview"), _optional("comfy.latent_formats")
     if utils is None:
-        return lambda done, total_: None
+        return (lambda done, total_: None), None
     bar = utils.ProgressBar(total)
-    return lambda done, total_: bar.update_absolute(done, total_)
+    previewer = None
+    if lp is not None and formats is not None:
+        with contextlib.suppress(Exception):  # a preview is a nicety: never fail a run for it
+            previewer = lp.get_previewer(torch_device(), formats.Flux())
+    if previewer is None:
+        return (lambda done, total_: bar.update_absolute(done, total_)), None
+
+    def preview(done: int, total_: int, x0: torch.Tensor) -> None:
+        image = None
+        with contextlib.suppress(Exception):
+            image = previewer.decode_latent_to_preview_image("JPEG", x0)
+        bar.update_absolute(done, total_, image)
+
+    return None, preview
 
 
 def request_interrupt() -> None:

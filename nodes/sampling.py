@@ -198,12 +198,13 @@ class GIEKontextSampler:
                 )
         reference = prepare_reference(images, request.reference_resize, resample=request.reference_resample)
         ref_latents, ref_method = native_reference_latents(pos)
+        progress, preview = comfy.step_callbacks(request.steps)
 
         try:
             with model.placement.use(transformer) as device, vae_ctx, activated(transformer, model.loras):
                 out = sample_request(
                     KontextModels(transformer, codec, model.scheduler), request, pos, reference, negative=neg,
-                    device=device, progress=comfy.progress(request.steps), interrupt=comfy.interrupt_check(),
+                    device=device, progress=progress, interrupt=comfy.interrupt_check(), preview=preview,
                     reference_latents=ref_latents, reference_method=ref_method,
                 )
         finally:

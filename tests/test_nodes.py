@@ -565,12 +565,24 @@ def fake_comfyui(tmp_path, tiny_set, models_root, monkeypatch):
             self.updates.append((value, total))
 
     utils.ProgressBar = ProgressBar
+    previews = types.ModuleType("latent_preview")  # ComfyUI's previewer: records what it was given
+
+    class Previewer:
+        def decode_latent_to_preview_image(self, fmt, x0):
+            state.previews.append(tuple(x0.shape))
+            return (fmt, None, 512)
+
+    previews.get_previewer = lambda device, latent_format: Previewer() if latent_format == "flux" else None
+    formats = types.ModuleType("comfy.latent_formats")
+    formats.Flux = lambda: "flux"
+    state.previews = []
     pkg = types.ModuleType("comfy")
     pkg.__path__ = [str(tmp_path / "comfy")]
     shutil.copytree(tiny_set.kontext_dir / "tokenizer", tmp_path / "comfy" / "sd1_tokenizer")
     shutil.copytree(tiny_set.kontext_dir / "tokenizer_2", tmp_path / "comfy" / "text_encoders" / "t5_tokenizer")
     pkg.model_management, pkg.utils = mm, utils
-    for name, module in (("folder_paths", fp), ("comfy", pkg), ("comfy.model_management", mm), ("comfy.utils", utils)):
+    for name, module in (("folder_paths", fp), ("comfy", pkg), ("comfy.model_management", mm), ("comfy.utils", utils),
+                         ("latent_preview", previews), ("comfy.latent_formats", formats)):
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(comfy, "torch_device", _real_torch_device)
     comfy.reset()
@@ -592,6 +604,7 @@ def test_with_comfyui_folders_progress_interrupt_and_tokenizers(fake_comfyui, lo
     cond = fused(loaded, img)
     reference = run_sampler(loaded.gie_kontext, loaded.vae, cond, img, steps=3)
     assert st.bars[-1].total == 3 and st.bars[-1].updates == [(1, 3), (2, 3), (3, 3)]
+    assert st.previews == [(1, 16, 6, 8)] * 3  # a latent preview per step, through ComfyUI's previewer
     # the check runs before each step and before every transformer block (1 double + 1 single here):
     # the 3rd check is inside step 1, before its single block
     st.checks, st.raise_at = 0, 3

@@ -195,3 +195,16 @@ def test_edit_and_rewrite_commands_do_not_import_each_other():
         absolute = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
         assert other not in siblings and f"gie_core.cli.{other}" not in absolute, name
         assert "common" in siblings, name
+
+
+def test_previews_get_the_predicted_clean_latents(kontext):
+    """Each step hands ComfyUI's previewer x0 = x_t - sigma * v; after the last step that is the result."""
+    from gie_core.conditioning import Conditioning
+
+    cfg = kontext.transformer.config
+    cond = Conditioning(torch.randn(1, 4, cfg.joint_attention_dim), torch.randn(1, cfg.pooled_projection_dim))
+    seen = []
+    latents = sample(kontext, cond, None, width=32, height=32, steps=3, output="latent",
+                     preview=lambda done, total, x0: seen.append((done, total, x0)))
+    assert [(d, t) for d, t, _ in seen] == [(1, 3), (2, 3), (3, 3)]
+    assert seen[-1][2].shape == latents.shape and torch.allclose(seen[-1][2], latents.float(), atol=1e-5)
