@@ -30,7 +30,18 @@ WORKFLOWS = (
     "three_turn_edit_chain",
     "connector_modes_side_by_side",
     "released_model_edit_with_rewriting",
+    "released_model_native_sampler",
+    "released_model_from_single_files",
 )
+# ComfyUI's own loaders and KSampler run only in the real server (tests/test_comfy_server.py)
+NATIVE_ONLY = ("released_model_native_sampler",)
+# The single files of the README's "Models as ComfyUI users keep them", by folder
+SINGLE_FILES = {
+    "diffusion_models": "gpt-image-edit-kontext-bf16.safetensors",
+    "vae": "ae.safetensors",
+    "text_encoders": ("clip_l.safetensors", "t5xxl_fp16.safetensors", "gpt-image-edit-qwen2.5-vl-bf16.safetensors"),
+    "gie_connectors": "gpt-image-edit-connector.safetensors",
+}
 # The folder names ComfyUI's server scans for a pack's templates (app/custom_node_manager.py).
 TEMPLATE_FOLDERS = ("example_workflows", "example", "examples", "workflow", "workflows")
 
@@ -47,7 +58,11 @@ def specs(tmp_path_factory):
     (root / "gpt_image_edit" / "gpt-image-edit" / "config.json").write_text("{}")
     (root / "diffusers" / "FLUX.1-Kontext-dev").mkdir(parents=True)
     (root / "diffusers" / "FLUX.1-Kontext-dev" / "model_index.json").write_text("{}")
-    comfy.set_model_roots({"gpt_image_edit": [root / "gpt_image_edit"], "diffusers": [root / "diffusers"]})
+    for folder, names in SINGLE_FILES.items():
+        (root / folder).mkdir()
+        for name in (names,) if isinstance(names, str) else names:
+            (root / folder / name).write_bytes(b"")
+    comfy.set_model_roots({k: [root / k] for k in ("gpt_image_edit", "diffusers", *SINGLE_FILES)})
     yield node_specs(nodes.NODE_CLASS_MAPPINGS, nodes.NODE_DISPLAY_NAME_MAPPINGS)
     comfy.set_model_roots({})
 
@@ -114,6 +129,15 @@ def test_workflows_do_what_their_names_say():
     rid = next(nid for nid, n in rw.items() if n["class_type"] == "GIERewriteInstruction")
     encoders = [n for n in rw.values() if n["class_type"] in ("GIEQwenVLEncode", "GIET5Encode")]
     assert len(encoders) == 2 and all(n["inputs"]["instruction"] == [rid, 0] for n in encoders)
+    native = api["released_model_native_sampler"]  # converted files, native loaders and KSampler
+    assert {"UNETLoader", "VAELoader", "ModelSamplingFlux", "ReferenceLatent", "FluxGuidance", "KSampler",
+            "GIEFusionConnector", "GIEQwenVLLoader", "GIEConnectorLoader"} <= set(_types(native))
+    ks = next(n for n in native.values() if n["class_type"] == "KSampler")["inputs"]
+    assert (ks["sampler_name"], ks["scheduler"], ks["cfg"], ks["steps"]) == ("euler", "simple", 1.0, 28)
+    singles = api["released_model_from_single_files"]  # our sampler, every model from ComfyUI's folders
+    assert {"GIEKontextModelLoader", "GIEVAELoader", "GIETextEncodersLoader", "GIEQwenVLLoader", "GIEConnectorLoader",
+            "GIEKontextSampler"} <= set(_types(singles))
+    assert not {"GIECheckpointLoader", "GIEKontextDiffusersLoader"} & set(_types(singles))
     for a in api.values():  # the names a user has, per the README
         for n in a.values():
             if n["class_type"] == "GIECheckpointLoader":
@@ -122,6 +146,10 @@ def test_workflows_do_what_their_names_say():
                 assert n["inputs"]["kontext"] == "FLUX.1-Kontext-dev"
             if n["class_type"] == "LoadImage":
                 assert n["inputs"]["image"] == "example.png"
+            for key in ("model_name", "unet_name", "vae_name", "qwen_name", "connector_name", "clip_name", "t5_name"):
+                if key in n["inputs"]:
+                    name = n["inputs"][key]
+                    assert any(name == f or name in f for f in SINGLE_FILES.values()), (key, name)
 
 
 def test_seed_widgets_carry_control_after_generate(specs):
@@ -204,11 +232,37 @@ def runnable(tiny_set, tmp_path_factory):
     (root / "diffusers").mkdir(parents=True)
     (root / "gpt_image_edit" / "gpt-image-edit").symlink_to(tiny_set.gie_dir)
     (root / "diffusers" / "FLUX.1-Kontext-dev").symlink_to(tiny_set.kontext_dir)
-    comfy.set_model_roots({"gpt_image_edit": [root / "gpt_image_edit"], "diffusers": [root / "diffusers"]})
+    _single_files(tiny_set, root)
+    comfy.set_model_roots({k: [root / k] for k in ("gpt_image_edit", "diffusers", *SINGLE_FILES)})
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(comfy, "torch_device", lambda: torch.device("cpu"))
         yield {}
     comfy.set_model_roots({})
+
+
+def _single_files(tiny_set, root: Path) -> None:
+    """The tiny models under the single-file names the workflows use: gie-convert's files and the
+    Kontext VAE / CLIP / T5 in their ComfyUI layouts."""
+    import bfl_layout
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from gie_core.convert import convert
+
+    written = convert(tiny_set.gie_dir, root / "converted")
+    for part, folder in (("transformer", "diffusion_models"), ("qwen", "text_encoders"), ("connector", "gie_connectors")):
+        (root / folder).mkdir(exist_ok=True)
+        names = SINGLE_FILES[folder]
+        name = names if isinstance(names, str) else next(n for n in names if "qwen" in n)
+        written[part].rename(root / folder / name)
+    (root / "vae").mkdir(exist_ok=True)
+    vae = AutoencoderKL.from_pretrained(tiny_set.kontext_dir / "vae").state_dict()
+    bfl_layout.save(bfl_layout.vae_diffusers_to_ldm(vae), root / "vae" / SINGLE_FILES["vae"])
+    clip = CLIPTextModel.from_pretrained(tiny_set.kontext_dir / "text_encoder").state_dict()
+    clip = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in clip.items()}
+    bfl_layout.save(clip, root / "text_encoders" / "clip_l.safetensors")
+    bfl_layout.save(T5EncoderModel.from_pretrained(tiny_set.kontext_dir / "text_encoder_2").state_dict(),
+                    root / "text_encoders" / "t5xxl_fp16.safetensors")
 
 
 NATIVES = {
@@ -220,12 +274,17 @@ NATIVES = {
 QUICK = {
     "GIECheckpointLoader": {"dtype": "fp32"},
     "GIEKontextDiffusersLoader": {"dtype": "fp32"},
+    "GIEKontextModelLoader": {"dtype": "fp32"},
+    "GIEVAELoader": {"dtype": "fp32"},
+    "GIETextEncodersLoader": {"dtype": "fp32", "tokenizers": "FLUX.1-Kontext-dev"},  # no ComfyUI: no bundled copy
+    "GIEQwenVLLoader": {"dtype": "fp32", "tokenizer": "gpt-image-edit"},
+    "GIEConnectorLoader": {"dtype": "fp32"},
     "GIEKontextSampler": {"steps": 1, "width": 48, "height": 0, "reference_resize": "keep"},
     "GIERewriteInstruction": {"max_new_tokens": 16},
 }
 
 
-@pytest.mark.parametrize("name", WORKFLOWS)
+@pytest.mark.parametrize("name", [w for w in WORKFLOWS if w not in NATIVE_ONLY])
 def test_workflow_runs_in_process(name, runnable):
     api = load(API_DIR / f"{name}.json")
     out = run_prompt(api, nodes.NODE_CLASS_MAPPINGS, NATIVES, overrides=QUICK, cache=runnable)
