@@ -1,0 +1,367 @@
+"""``gie-eval``: reproduce the benchmark tables on your own models, offline.
+
+    gie-eval generate BENCHMARK DATA -o OUT [model options]   edits in the benchmark's own layout
+    gie-eval score OUT --judge QWEN_VL_DIR [--similarity]     a local judge; scores per category
+    gie-eval compare OUT_A OUT_B ... -o CMP                   tables side by side and a picture grid
+
+Many GPUs or nodes: ``accelerate launch gie-eval generate ...`` (or ``accelerate launch -m
+gie_core.cli.eval generate ...``) splits the samples between the processes; ``score`` shards the
+same way. Every input is checked before any weight is read; exit codes as every ``gie-*`` command
+(0 done, 2 bad input, 1 failure while running, 130 interrupted). Samples that fail are recorded
+and skipped; the run still ends with 0 and says how many failed and where they are listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .common import device_and_dtype, run_command
+
+PROG = "gie-eval"
+
+
+def _selection_args(p: argparse.ArgumentParser) -> None:
+    from ..eval.benchmarks import COMPLEX_EDIT_IMAGE_TYPES
+
+    g = p.add_argument_group("which samples")
+    g.add_argument("--images", help="folder the instruction set's relative image paths are under "
+                                     "(default: the set's own folder; ImgEdit: its Benchmark/singleturn folder)")
+    g.add_argument("--language", default=None, choices=("en", "cn", "all"),
+                   help="GEdit-Bench instruction language (default en: the paper reports GEdit-EN)")
+    g.add_argument("--complexity", type=int, default=None, help="Complex-Edit level 1-8 (default 8, the paper's)")
+    g.add_argument("--image-type", default=None, choices=COMPLEX_EDIT_IMAGE_TYPES,
+                   help="Complex-Edit split when DATA is the dataset folder (default real)")
+    g.add_argument("--task-types", default=None,
+                   help="comma-separated categories to keep (OmniContext default: single_character,single_object; 'all' keeps every one)")
+    g.add_argument("--limit", type=int, default=None, help="only the first N samples (after the filters)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..constants import (
+        DEFAULT_GUIDANCE,
+        DEFAULT_SEED,
+        DEFAULT_STEPS,
+        OFFLOAD_MODES,
+        REFERENCE_RESAMPLE_MODES,
+        REFERENCE_RESIZE_MODES,
+    )
+    from ..eval.benchmarks import BENCHMARKS
+    from ..eval.generate import GEOMETRIES
+    from ..eval.judge import DEFAULT_JUDGE_MAX_NEW_TOKENS, DEFAULT_JUDGE_MAX_PIXELS, RUBRICS
+    from ..modes import FUSION_MODES
+    from ..rewrite import DEFAULT_MAX_NEW_TOKENS
+
+    layouts = "\n".join(f"  {b.name:<13} {b.title}: outputs {b.layout}" for b in BENCHMARKS.values())
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="benchmarks:\n" + layouts,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="{generate,score,compare}")
+
+    # --- generate -------------------------------------------------------------------------
+    g = sub.add_parser(
+        "generate", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="edit every sample of a benchmark into the layout its scorer reads",
+        description="Edit every sample of a benchmark (resumable, one seed per sample, failures recorded and skipped). "
+                    "Under `accelerate launch` the samples are split between the processes.",
+        epilog="benchmarks:\n" + layouts,
+    )
+    g.add_argument("benchmark", choices=tuple(BENCHMARKS), help="which instruction set format DATA is in")
+    g.add_argument("data", help="the instruction set: ImgEdit's singleturn JSON, GEdit/Complex-Edit/OmniContext parquet "
+                                "(a file or the dataset folder) or JSON/JSONL rows, or your JSONL")
+    g.add_argument("-o", "--out", required=True, help="run folder: outputs in the benchmark's layout, plus _gie_eval/ records")
+    _selection_args(g)
+    w = g.add_argument_group("weights (local paths only; as gie-edit)")
+    w.add_argument("--model", help="GPT-Image-Edit checkpoint directory (the released final_checkpoint layout)")
+    w.add_argument("--kontext", help="FLUX.1-Kontext-dev diffusers directory")
+    w.add_argument("--transformer", help="single-file Kontext transformer")
+    w.add_argument("--vae", help="single-file FLUX VAE")
+    w.add_argument("--t5", help="single-file T5-XXL encoder")
+    w.add_argument("--clip", help="single-file CLIP-L text encoder")
+    w.add_argument("--connector", help="connector safetensors (e.g. from gie-train) replacing the checkpoint's")
+    w.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help="a LoRA; repeatable")
+    w.add_argument("--tokenizers", help="folder with tokenizer/ and tokenizer_2/, for single-file text encoders")
+    e = g.add_argument_group("editing")
+    e.add_argument("--mode", choices=FUSION_MODES, help="fusion mode (default vlm+t5 with --model, else t5)")
+    e.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (default {DEFAULT_STEPS})")
+    e.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"guidance (default {DEFAULT_GUIDANCE})")
+    e.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help=f"base seed; each sample's seed is a hash of (seed, key) (default {DEFAULT_SEED})")
+    e.add_argument("--size", default="auto", help="output WIDTHxHEIGHT (one side 0 follows the aspect) or auto (by --geometry)")
+    e.add_argument("--geometry", choices=GEOMETRIES, default="ours",
+                   help="ours: ~1 MP at the input's aspect, reference resized with lanczos; paper: the evaluation geometry "
+                        "of the published numbers (output from the nearest Kontext ratio scaled to 1024x1024, reference "
+                        "resized with nearest)")
+    e.add_argument("--reference-size", choices=REFERENCE_RESIZE_MODES, default=None,
+                   help="resize the input to the nearest preferred Kontext resolution (default) or keep its size")
+    e.add_argument("--reference-resample", choices=REFERENCE_RESAMPLE_MODES, default=None,
+                   help="how the reference is resized (default lanczos; nearest with --geometry paper)")
+    e.add_argument("--rewrite", action="store_true", help="rewrite each instruction with the checkpoint's Qwen2.5-VL first "
+                                                          "(the paper's 'rewritten' scores; the rewrite is logged)")
+    e.add_argument("--rewrite-max-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="bound on a rewrite's length")
+    r = g.add_argument_group("runtime")
+    r.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="weights dtype (default bf16 on GPU, fp32 on CPU)")
+    r.add_argument("--offload", choices=OFFLOAD_MODES, default="none", help="as gie-edit")
+    r.add_argument("--device", default=None, help="torch device (default: the process's GPU under accelerate, else cuda/mps/cpu)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    # --- score ----------------------------------------------------------------------------
+    s = sub.add_parser(
+        "score", allow_abbrev=False,
+        help="judge a run folder with a local Qwen2.5-VL; scores per category as JSON, CSV and markdown",
+        description="Judge a run folder offline: a Qwen2.5-VL chosen by path (a GPT-Image-Edit checkpoint's own 7B, or a "
+                    "stock Qwen2.5-VL folder), and/or reference-free similarity outside the edited region.",
+    )
+    s.add_argument("run", help="a run folder made by gie-eval generate (or any folder in the benchmark's layout, with --benchmark and --data)")
+    s.add_argument("--judge", help="Qwen2.5-VL folder: a GPT-Image-Edit checkpoint or a stock Qwen2.5-VL model")
+    s.add_argument("--rubric", choices=tuple(RUBRICS), help="judging rubric (default: the benchmark's)")
+    s.add_argument("--similarity", action="store_true",
+                   help="also measure PSNR / SSIM to the source outside the edited region (no model needed)")
+    s.add_argument("--similarity-model", help="a vision model folder (DINOv2, CLIP...) for embedding similarity outside the edited region")
+    s.add_argument("--benchmark", choices=tuple(BENCHMARKS), help="for folders without _gie_eval/run.json")
+    s.add_argument("--data", help="the instruction set, for folders without _gie_eval/run.json")
+    _selection_args(s)
+    s.add_argument("--judge-max-new-tokens", type=int, default=DEFAULT_JUDGE_MAX_NEW_TOKENS,
+                   help=f"bound on each judge answer (default {DEFAULT_JUDGE_MAX_NEW_TOKENS})")
+    s.add_argument("--judge-max-pixels", type=int, default=DEFAULT_JUDGE_MAX_PIXELS,
+                   help=f"images are scaled down to at most this many pixels for the judge (default {DEFAULT_JUDGE_MAX_PIXELS})")
+    s.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="judge dtype (default bf16 on GPU, fp32 on CPU)")
+    s.add_argument("--device", default=None, help="torch device (default: the process's GPU under accelerate, else cuda/mps/cpu)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar, no table on stdout")
+
+    # --- compare --------------------------------------------------------------------------
+    c = sub.add_parser(
+        "compare", allow_abbrev=False, help="scored runs side by side (a table per metric) and a picture grid",
+        description="Tables of several scored runs side by side (a row per category, a column per run), and a PNG grid "
+                    "of chosen samples: the source, then each run's output, the instruction as caption.",
+    )
+    c.add_argument("runs", nargs="+", help="two or more scored run folders")
+    c.add_argument("-o", "--out", required=True, help="folder for compare.md, compare.csv, compare.json and grid.png")
+    c.add_argument("--names", help="comma-separated column names (default: the folders' names)")
+    c.add_argument("--grid", type=int, default=4, help="samples in the grid: the first N every run has (default 4; 0 = no grid)")
+    c.add_argument("--grid-keys", help="comma-separated sample keys for the grid (instead of the first N)")
+    c.add_argument("--cell", type=int, default=256, help="picture size in the grid, px (default 256)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    body = {"generate": generate, "score": score, "compare": compare}[args.command]
+    return run_command(PROG, lambda: body(args))
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _split(text: str | None) -> tuple[str, ...]:
+    return tuple(t.strip() for t in (text or "").split(",") if t.strip())
+
+
+def _selection(args, recorded: dict | None = None):
+    """The sample selection: options given now win over the recorded run's, then the defaults."""
+    from ..eval.benchmarks import SelectOptions
+    from ..request import check_int
+
+    base = SelectOptions.from_dict(recorded or {})
+    limit = base.limit if args.limit is None else check_int("--limit", args.limit, 0, None)
+    images = args.images if args.images is not None else base.images
+    return SelectOptions(
+        images=str(Path(images).resolve()) if images else None,
+        language=args.language or base.language, complexity=args.complexity or base.complexity,
+        image_type=args.image_type or base.image_type,
+        task_types=_split(args.task_types) if args.task_types is not None else base.task_types, limit=limit,
+    )
+
+
+def _device(args, state, shard):
+    """The device: given, else this process's accelerator under a launcher, else the usual default."""
+    if args.device is None and shard.num_processes > 1:
+        return device_and_dtype(str(state.device), args.dtype)
+    return device_and_dtype(args.device, args.dtype)
+
+
+def _check_writable(folder) -> None:
+    from ..files import check_output_path
+
+    check_output_path(folder.run_file, "run folder")
+
+
+def generate(args) -> int:
+    from ..constants import DEFAULT_REFERENCE_RESAMPLE
+    from ..eval.benchmarks import benchmark, load_samples
+    from ..eval.generate import GenerateSettings, run_generate
+    from ..eval.runs import RUN_VERSION, RunFolder, current_shard, settings_mismatch
+    from ..modes import DEFAULT_FUSION_MODE, STOCK_FUSION_MODE
+    from .edit import parse_lora, parse_size
+
+    # --- every input is checked here, before any weight is read --------------------------
+    shard, state = current_shard()
+    bench = benchmark(args.benchmark)
+    folder = RunFolder(args.out)
+    sel = _selection(args)
+    samples = load_samples(bench.name, args.data, sel)
+    if not any((args.model, args.kontext, args.transformer, args.vae, args.t5, args.clip)):
+        raise ValueError("give the weights to evaluate: --model and/or --kontext (or single files, as gie-edit takes them)")
+    device, dtype = _device(args, state, shard)
+    width, height = parse_size(args.size)
+    loras = tuple(parse_lora(v) for v in args.lora)
+    mode = args.mode or (DEFAULT_FUSION_MODE if args.model else STOCK_FUSION_MODE)
+    paper = args.geometry == "paper"
+    weights = {k: (str(Path(v).resolve()) if v else None) for k, v in (
+        ("model", args.model), ("kontext", args.kontext), ("transformer", args.transformer), ("vae", args.vae),
+        ("t5", args.t5), ("clip", args.clip), ("connector", args.connector), ("tokenizers", args.tokenizers))}
+    weights["loras"] = [[str(Path(f).resolve()), s] for f, s in loras]
+    settings = GenerateSettings(
+        mode=mode, steps=args.steps, guidance=args.guidance, seed=args.seed, width=width, height=height,
+        geometry=args.geometry, reference_resize=args.reference_size or "preferred",
+        reference_resample=args.reference_resample or ("nearest" if paper else DEFAULT_REFERENCE_RESAMPLE),
+        rewrite=args.rewrite, rewrite_max_tokens=args.rewrite_max_tokens, dtype=dtype, weights=weights,
+    )
+    settings.check()
+    _check_writable(folder)
+    run = {"version": RUN_VERSION, "benchmark": bench.name, "data": str(Path(args.data).resolve()),
+           "select": sel.to_dict(), "settings": settings.to_dict(), "samples": len(samples)}
+    recorded = folder.read_run()
+    if recorded is not None:
+        old = {"benchmark": recorded.get("benchmark"), "data": recorded.get("data"), "select": recorded.get("select"),
+               **recorded.get("settings", {})}
+        new = {"benchmark": run["benchmark"], "data": run["data"], "select": run["select"], **run["settings"]}
+        diff = settings_mismatch(old, new)
+        if diff:
+            raise ValueError(
+                f"'{folder.root}' holds a run with other settings ({'; '.join(diff)}); resume it with the same "
+                "options, or give another --out folder"
+            )
+    elif shard.is_main:
+        folder.write_run(run)
+
+    # --- load (only if anything is left) and run ------------------------------------------
+    def load_pipeline():
+        from ..pipeline import EditPipeline
+
+        return EditPipeline.from_paths(
+            gie_dir=args.model, kontext_dir=args.kontext, transformer_file=args.transformer, vae_file=args.vae,
+            t5_file=args.t5, clip_file=args.clip, tokenizer_dir=args.tokenizers, connector_file=args.connector,
+            lora_files=loras, mode=mode, dtype=dtype, device=device, offload=args.offload,
+        )
+
+    summary = run_generate(samples, bench, folder, settings, load_pipeline, shard=shard, progress=not args.quiet)
+    where = f" (process {shard.process_index + 1} of {shard.num_processes})" if shard.num_processes > 1 else ""
+    print(f"{PROG} generate{where}: {summary.made} made, {summary.done_before} already done, "
+          f"{len(summary.failed)} failed, of {summary.total} samples", file=sys.stderr)
+    for rec in summary.failed[:5]:
+        print(f"{PROG}: sample '{rec['key']}' failed: {rec['reason']}", file=sys.stderr)
+    if summary.failed:
+        print(f"{PROG}: failures are listed in {folder.logs} (they are tried again on the next run)", file=sys.stderr)
+    state.wait_for_everyone()
+    if shard.is_main:
+        print(folder.root)
+    return 0
+
+
+def score(args) -> int:
+    from ..eval.benchmarks import benchmark, load_samples
+    from ..eval.judge import rubric
+    from ..eval.runs import RunFolder, current_shard, settings_mismatch
+    from ..eval.score import EMBED_METRIC, SIMILARITY_METRICS, aggregate, report_markdown, run_score, write_report
+    from ..files import atomic_write_text
+
+    # --- checks before any weight is read --------------------------------------------------
+    shard, state = current_shard()
+    folder = RunFolder(args.run)
+    if not folder.root.is_dir():
+        raise ValueError(f"run folder '{folder.root}' does not exist")
+    recorded = folder.read_run() or {}
+    name = args.benchmark or recorded.get("benchmark")
+    data = args.data or recorded.get("data")
+    if not name or not data:
+        raise ValueError(f"'{folder.root}' has no _gie_eval/run.json: give --benchmark and --data for outputs made elsewhere")
+    bench = benchmark(name)
+    samples = load_samples(bench.name, data, _selection(args, recorded.get("select")))
+    if not (args.judge or args.similarity or args.similarity_model):
+        raise ValueError("nothing to score with: give --judge (a Qwen2.5-VL folder) and/or --similarity / --similarity-model")
+    rub = rubric(args.rubric or bench.rubric) if args.judge else None
+    for opt, path in (("--judge", args.judge), ("--similarity-model", args.similarity_model)):
+        if path and not Path(path).is_dir():
+            raise ValueError(f"{opt} '{path}' is not a folder")
+    device, dtype = _device(args, state, shard)
+    config = {
+        "benchmark": bench.name, "data": str(Path(data).resolve()),
+        "judge": str(Path(args.judge).resolve()) if args.judge else None, "rubric": rub.name if rub else None,
+        "judge_max_new_tokens": args.judge_max_new_tokens if args.judge else None,
+        "judge_max_pixels": args.judge_max_pixels if args.judge else None, "similarity": bool(args.similarity),
+        "similarity_model": str(Path(args.similarity_model).resolve()) if args.similarity_model else None,
+    }
+    config_file = folder.scores / "config.json"
+    if config_file.is_file():
+        diff = settings_mismatch(json.loads(config_file.read_text()), config)
+        if diff:
+            raise ValueError(f"'{folder.scores}' holds scores made otherwise ({'; '.join(diff)}); "
+                             "score with the same options, or remove that folder to judge afresh")
+    else:
+        from ..files import check_output_path
+
+        check_output_path(config_file, "scores folder")
+        if shard.is_main:
+            atomic_write_text(config_file, json.dumps(config, indent=2) + "\n")
+
+    # --- load and judge ---------------------------------------------------------------------
+    judge = embedder = None
+    if args.judge:
+        from ..eval.judge import load_judge
+
+        judge = load_judge(args.judge, dtype=dtype, device=device, max_new_tokens=args.judge_max_new_tokens,
+                           max_pixels=args.judge_max_pixels)
+    if args.similarity_model:
+        from ..eval.metrics import EmbeddingSimilarity
+
+        embedder = EmbeddingSimilarity.from_path(args.similarity_model, device=device)
+    summary = run_score(samples, bench, folder, judge=judge, rub=rub, similarity=args.similarity, embedder=embedder,
+                        shard=shard, progress=not args.quiet)
+    where = f" (process {shard.process_index + 1} of {shard.num_processes})" if shard.num_processes > 1 else ""
+    print(f"{PROG} score{where}: {summary.judged} judged, {summary.done_before} already judged, {summary.missing} "
+          f"without an output, {len(summary.failed)} failed, of {summary.total} samples", file=sys.stderr)
+    for rec in summary.failed[:5]:
+        print(f"{PROG}: sample '{rec['key']}' could not be judged: {rec['reason']}", file=sys.stderr)
+    state.wait_for_everyone()
+    if not shard.is_main:
+        return 0
+    metrics = list(rub.metrics if rub else ())
+    if args.similarity or embedder is not None:
+        metrics += list(SIMILARITY_METRICS)
+    if embedder is not None:
+        metrics.append(EMBED_METRIC)
+    report = aggregate(samples, folder.read_records("judgements"), metrics, {
+        "title": f"{bench.title}: {folder.root.resolve().name}", "benchmark": bench.name, "run": str(folder.root.resolve()),
+        "judge": config["judge"], "rubric": config["rubric"], "similarity_model": config["similarity_model"],
+    })
+    paths = write_report(folder, report)
+    if not args.quiet:
+        print(report_markdown(report))
+    for p in paths:
+        print(p)
+    return 0
+
+
+def compare(args) -> int:
+    from ..eval.compare import write_comparison
+    from ..request import check_int
+
+    if len(args.runs) < 2:
+        raise ValueError("give two or more run folders to compare")
+    check_int("--grid", args.grid, 0, 64)
+    check_int("--cell", args.cell, 32, 2048)
+    names = list(_split(args.names)) or None
+    result = write_comparison(args.runs, args.out, names, grid_keys=list(_split(args.grid_keys)) or None,
+                              grid_count=args.grid, cell=args.cell)
+    print(result["markdown"])
+    for p in result["paths"].values():
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""``gie-eval generate``: one edit per benchmark sample, in the layout the benchmark's scorer reads.
+
+- Seeds are deterministic per sample (:func:`gie_core.eval.runs.sample_seed`), so a sample gets
+  the same image whichever process makes it and however often the run is resumed.
+- Resumable: a sample whose output exists and has an ``ok`` record is skipped; nothing is loaded
+  when nothing is left to do.
+- A sample that fails (unreadable image, a size out of range, an error while sampling) is
+  recorded with its reason and skipped; the next run tries it again.
+- Sharded: every process takes every N-th sample of the whole set by position (``accelerate
+  launch`` gives the rank and count), so the shards never overlap and together cover the set.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from PIL import Image
+
+from ..constants import DEFAULT_TARGET_AREA, SIZE_MULTIPLE
+from .benchmarks import Benchmark, Sample, load_sample_image
+from .runs import RunFolder, Shard, sample_seed
+
+GEOMETRIES = ("ours", "paper")
+
+
+def paper_output_size(width: int, height: int, area: int = DEFAULT_TARGET_AREA) -> tuple[int, int]:
+    """The output size upstream's evaluation scripts used: the reduced ratio of the preferred Kontext
+    resolution nearest in aspect, scaled to ``area`` (1024x1024) and floored to multiples of 16.
+    (Ours, ``--geometry ours``, is ~1 MP at the input's own aspect.)"""
+    from ..images import preferred_kontext_size
+
+    pw, ph = preferred_kontext_size(width, height)
+    g = math.gcd(pw, ph)
+    base_w, base_h = pw // g * SIZE_MULTIPLE, ph // g * SIZE_MULTIPLE
+    scale = math.sqrt(area / (base_w * base_h))
+    m = SIZE_MULTIPLE
+    return max(m, int(base_w * scale)) // m * m, max(m, int(base_h * scale)) // m * m
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """Everything that decides a sample's image (recorded in run.json; a resume must match it)."""
+
+    mode: str
+    steps: int
+    guidance: float
+    seed: int  # the base seed; each sample's seed is sample_seed(seed, key)
+    width: int = 0  # 0 x 0 = by the geometry
+    height: int = 0
+    geometry: str = "ours"
+    reference_resize: str = "preferred"
+    reference_resample: str = "lanczos"
+    rewrite: bool = False
+    rewrite_max_tokens: int = 256
+    dtype: str = "bf16"
+    weights: dict = field(default_factory=dict)  # the model paths, connector, LoRAs (as given)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def request(self, image: Image.Image, key: str):
+        """The resolved edit request of one sample (checked like every edit request)."""
+        from ..request import resolve_edit
+
+        width, height = self.width, self.height
+        if self.geometry == "paper" and not (width or height):
+            width, height = paper_output_size(image.width, image.height)
+        return resolve_edit(
+            image_width=image.width, image_height=image.height, mode=self.mode, steps=self.steps,
+            guidance=self.guidance, seed=sample_seed(self.seed, key), width=width, height=height,
+            reference_resize=self.reference_resize, reference_resample=self.reference_resample,
+        )
+
+    def check(self) -> None:
+        """Check every setting before any weight loads (a 1024x1024 stand-in image for the sizes)."""
+        from ..request import check_choice
+
+        check_choice("geometry", self.geometry, GEOMETRIES)
+        self.request(Image.new("RGB", (1024, 1024)), "check")
+        if self.rewrite:
+            from ..modes import fusion_mode
+            from ..rewrite import check_rewrite_options
+
+            if not fusion_mode(self.mode).needs_qwen or not self.weights.get("model"):
+                raise ValueError(
+                    "--rewrite needs the Qwen2.5-VL of a GPT-Image-Edit checkpoint: give --model and a mode that uses the VLM (not 't5')"
+                )
+            check_rewrite_options(self.rewrite_max_tokens, 0.0, 0, 1.0)
+
+
+@dataclass
+class GenerateSummary:
+    total: int  # samples in this process's shard
+    done_before: int  # already finished by an earlier run
+    made: int = 0
+    failed: list[dict] = field(default_factory=list)  # this run's failure records
+
+
+def done_keys(folder: RunFolder, bench: Benchmark, samples: list[Sample]) -> set[str]:
+    """Keys finished by any process of any earlier run: an ``ok`` record and the output on disk."""
+    by_key = {s.key: s for s in samples}
+    ok = {r["key"] for r in folder.read_records("generate") if r.get("status") == "ok"}
+    return {k for k in ok if k in by_key and (folder.root / bench.output_path(by_key[k])).is_file()}
+
+
+def run_generate(
+    samples: list[Sample],
+    bench: Benchmark,
+    folder: RunFolder,
+    settings: GenerateSettings,
+    load_pipeline: Callable[[], object],
+    *,
+    shard: Shard = Shard(),
+    progress: bool = True,
+) -> GenerateSummary:
+    """Edit this process's shard of ``samples`` into ``folder``; see the module docstring.
+
+    ``load_pipeline()`` is called once, and only when there is something left to make.
+    """
+    from ..files import atomic_write
+
+    mine = shard.take(samples)  # split the whole set first: the split never depends on progress
+    done = done_keys(folder, bench, mine)
+    todo = [s for s in mine if s.key not in done]
+    summary = GenerateSummary(total=len(mine), done_before=len(mine) - len(todo))
+    if not todo:
+        return summary
+    pipe = load_pipeline()
+    bar = None
+    if progress and shard.is_main:
+        from tqdm import tqdm
+
+        desc = f"{bench.name}" + (f" (process 1 of {shard.num_processes})" if shard.num_processes > 1 else "")
+        bar = tqdm(total=len(todo), desc=desc, unit="edit", file=sys.stderr)
+    try:
+        for sample in todo:
+            rel = bench.output_path(sample)
+            record = {
+                "key": sample.key, "index": sample.index, "category": sample.category, "output": rel,
+                "instruction": sample.instruction, "seed": sample_seed(settings.seed, sample.key),
+                "rank": shard.process_index,
+            }
+            started = time.monotonic()
+            try:
+                n_inputs = sample.extra.get("n_input_images", 1)
+                if n_inputs > 1:
+                    raise ValueError(f"the sample has {n_inputs} input images; GPT-Image-Edit edits one reference image")
+                image = load_sample_image(sample.image, f"sample '{sample.key}' image")
+                if settings.geometry == "paper" and bench.paper_input_size and image.size != bench.paper_input_size:
+                    image = image.resize(bench.paper_input_size, Image.LANCZOS)  # upstream's Complex-Edit squashed its inputs
+                request = settings.request(image, sample.key)
+                instruction = sample.instruction
+                if settings.rewrite:
+                    from ..rewrite import rewrite_instruction
+
+                    with pipe.on_device(pipe.qwen.model):
+                        rw = rewrite_instruction(pipe.qwen, image, instruction, max_new_tokens=settings.rewrite_max_tokens)
+                    instruction = rw.instruction
+                    record.update(rewritten=rw.instruction, rewrite_fell_back=rw.fell_back, rewrite_reason=rw.reason)
+                result = pipe.edit(image, instruction, request=request)
+                out = result.images[0]
+                atomic_write(folder.root / rel, lambda tmp: out.save(tmp, format="PNG"))
+                record.update(status="ok", width=request.width, height=request.height)
+                summary.made += 1
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # one bad sample never stops the run: record it and go on
+                record.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
+                summary.failed.append(record)
+            record["seconds"] = round(time.monotonic() - started, 3)
+            folder.append_record("generate", shard.process_index, record)
+            if bar is not None:
+                bar.update(1)
+                if summary.failed:
+                    bar.set_postfix(failed=len(summary.failed))
+    finally:
+        if bar is not None:
+            bar.close()
+    return summary

@@ -1,0 +1,217 @@
+"""``gie-eval score``: judge a run folder offline and report scores per category and overall.
+
+Each sample's judgement (the raw answers, the parsed scores, their status, the similarity
+metrics) is appended to ``_gie_eval/scores/judgements.rank<N>.jsonl``; a rerun skips judged
+samples. The report (``scores.json``, ``scores.csv``, ``scores.md``) holds, per category, the
+mean of each metric over the samples that have it, and ``overall``: the mean of the category
+means (as GEdit-Bench and ImgEdit-Bench report theirs), plus the plain mean over all samples.
+Unparseable answers are counted, never scored as 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from ..files import atomic_write_text
+from .benchmarks import Benchmark, Sample, load_sample_image
+from .runs import RunFolder, Shard
+
+SIMILARITY_METRICS = ("psnr_outside", "ssim_outside", "edited_fraction")
+EMBED_METRIC = "embed_cosine_outside"
+REPORT_NAMES = ("scores.json", "scores.csv", "scores.md")
+# a judged sample is done; a failed one (an error while judging) or a missing output is tried again
+DONE_STATUSES = ("ok", "partial", "unparseable", "similarity")
+
+
+@dataclass
+class ScoreSummary:
+    total: int
+    done_before: int
+    judged: int = 0
+    failed: list[dict] = field(default_factory=list)
+    missing: int = 0
+
+
+def _open_output(path) -> Image.Image:
+    with Image.open(path) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+def run_score(
+    samples: list[Sample],
+    bench: Benchmark,
+    folder: RunFolder,
+    *,
+    judge=None,
+    rub=None,
+    similarity: bool = False,
+    embedder=None,
+    shard: Shard = Shard(),
+    progress: bool = True,
+) -> ScoreSummary:
+    """Judge this process's shard of ``samples`` (see the module docstring); ``judge`` is anything
+    with ``answer(images, prompt) -> str`` and ``rub`` its :class:`gie_core.eval.judge.Rubric`."""
+    from .judge import judge_sample
+    from .metrics import similarity_outside
+
+    mine = shard.take(samples)
+    done = {r["key"] for r in folder.read_records("judgements") if r.get("status") in DONE_STATUSES}
+    todo = [s for s in mine if s.key not in done]
+    summary = ScoreSummary(total=len(mine), done_before=len(mine) - len(todo))
+    bar = None
+    if progress and shard.is_main and todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc=f"judging {bench.name}", unit="sample", file=sys.stderr)
+    try:
+        for sample in todo:
+            rel = bench.output_path(sample)
+            record = {"key": sample.key, "index": sample.index, "category": sample.category, "output": rel,
+                      "instruction": sample.instruction, "rank": shard.process_index}
+            started = time.monotonic()
+            path = folder.root / rel
+            if not path.is_file():
+                record.update(status="missing_output", reason=f"no output at {rel}")
+                summary.missing += 1
+            else:
+                try:
+                    output = _open_output(path)
+                    source = load_sample_image(sample.judge_source, f"sample '{sample.key}' source image")
+                    record["status"] = "similarity"
+                    if judge is not None:
+                        record.update(judge_sample(judge, rub, sample, source, output))
+                    if similarity or embedder is not None:
+                        sim, keep = similarity_outside(source, output, sample.mask)
+                        if embedder is not None:
+                            sim[EMBED_METRIC] = embedder.cosine_outside(source, output, keep)
+                        record["similarity"] = sim
+                    summary.judged += 1
+                except KeyboardInterrupt:
+                    raise
+                except Exception as exc:  # a bad sample is recorded, the rest go on
+                    record.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
+                    summary.failed.append(record)
+            record["seconds"] = round(time.monotonic() - started, 3)
+            folder.append_record("judgements", shard.process_index, record)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def aggregate(samples: list[Sample], records: list[dict], metric_names: list[str], info: dict | None = None) -> dict:
+    """Scores per category and overall from the judgement records (the newest record of a key wins)."""
+    latest: dict[str, dict] = {}
+    for r in records:
+        latest[r["key"]] = r
+    categories: list[str] = []
+    for s in samples:
+        if s.category not in categories:
+            categories.append(s.category)
+    per_cat: dict[str, dict] = {}
+    counts = {"samples": len(samples), "judged": 0, "ok": 0, "partial": 0, "unparseable": 0, "failed": 0,
+              "missing_output": 0, "not_scored": 0}
+    all_values: dict[str, list] = {m: [] for m in metric_names}
+    for cat in categories:
+        values: dict[str, list] = {m: [] for m in metric_names}
+        n = 0
+        for s in samples:
+            if s.category != cat:
+                continue
+            r = latest.get(s.key)
+            if r is None:
+                counts["not_scored"] += 1
+                continue
+            status = r.get("status")
+            if status in counts and status != "judged":
+                counts[status] += 1
+            if status in ("failed", "missing_output"):
+                continue
+            n += 1
+            counts["judged"] += 1
+            merged = {**(r.get("metrics") or {}), **(r.get("similarity") or {})}
+            for m in metric_names:
+                values[m].append(merged.get(m))
+                all_values[m].append(merged.get(m))
+        row = {"n": n}
+        for m in metric_names:
+            row[m] = _mean(values[m])
+            row[f"{m}_n"] = sum(v is not None for v in values[m])
+        per_cat[cat] = row
+    overall = {m: _mean([per_cat[c][m] for c in categories]) for m in metric_names}
+    return {
+        **(info or {}),
+        "metrics": list(metric_names),
+        "categories": per_cat,
+        "overall": overall,
+        "sample_mean": {m: _mean(all_values[m]) for m in metric_names},
+        "counts": counts,
+    }
+
+
+def _fmt(v, digits: int = 3) -> str:
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def report_csv(report: dict) -> str:
+    metrics = report["metrics"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["category", "n", *metrics])
+    for cat, row in report["categories"].items():
+        w.writerow([cat, row["n"], *(_fmt(row[m], 4) for m in metrics)])
+    w.writerow(["overall", report["counts"]["judged"], *(_fmt(report["overall"][m], 4) for m in metrics)])
+    return buf.getvalue()
+
+
+def report_markdown(report: dict) -> str:
+    metrics = report["metrics"]
+    lines = [f"# {report.get('title', 'scores')}", ""]
+    if report.get("judge"):
+        lines.append(f"Judge: `{report['judge']}` (rubric `{report.get('rubric')}`)")
+    c = report["counts"]
+    lines += [
+        f"Samples: {c['samples']}; judged {c['judged']} (ok {c['ok']}, partial {c['partial']}, "
+        f"unparseable {c['unparseable']}); failed {c['failed']}; missing output {c['missing_output']}; "
+        f"not scored yet {c['not_scored']}",
+        "",
+        "| category | n | " + " | ".join(metrics) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in metrics) + " |",
+    ]
+    for cat, row in report["categories"].items():
+        lines.append(f"| {cat} | {row['n']} | " + " | ".join(_fmt(row[m]) for m in metrics) + " |")
+    lines.append(f"| **overall** (mean of categories) | {c['judged']} | "
+                 + " | ".join(f"**{_fmt(report['overall'][m])}**" if report["overall"][m] is not None else ""
+                              for m in metrics) + " |")
+    lines.append(f"| all samples | {c['judged']} | " + " | ".join(_fmt(report["sample_mean"][m]) for m in metrics) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(folder: RunFolder, report: dict) -> list:
+    """scores.json, scores.csv and scores.md in the scores folder (each written atomically)."""
+    out = folder.scores
+    paths = [out / n for n in REPORT_NAMES]
+    atomic_write_text(paths[0], json.dumps(report, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(paths[1], report_csv(report))
+    atomic_write_text(paths[2], report_markdown(report))
+    return paths
