@@ -482,13 +482,13 @@ def build_kontext_dir(path: Path, seed: int = 0) -> Path:
     ``FluxKontextPipeline.from_pretrained(path, local_files_only=True)``.
     """
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        FluxKontextPipeline,
-        FluxTransformer2DModel,
-    )
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from ..loading import quiet_transformers
+
+    with quiet_transformers():  # diffusers' pipelines import image processors that ask for torchvision
+        from diffusers import FluxKontextPipeline
 
     path = Path(path)
     clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer()
@@ -852,7 +852,8 @@ def build_tiny_lora(kontext_dir: Path, out_dir: Path, name: str = "tiny_lora.saf
     """A rank-4 LoRA on the tiny Kontext transformer's attention, made with peft and saved as
     diffusers' ``FluxKontextPipeline.save_lora_weights`` writes it (non-zero, so it changes outputs)."""
     import torch
-    from diffusers import FluxKontextPipeline, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders import FluxLoraLoaderMixin
     from peft import LoraConfig, get_peft_model_state_dict
 
     t = FluxTransformer2DModel.from_pretrained(Path(kontext_dir) / "transformer", local_files_only=True)
@@ -862,7 +863,7 @@ def build_tiny_lora(kontext_dir: Path, out_dir: Path, name: str = "tiny_lora.saf
         for pname, p in t.named_parameters():
             if "lora_B" in pname:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    FluxKontextPipeline.save_lora_weights(out_dir, transformer_lora_layers=get_peft_model_state_dict(t), weight_name=name)
+    FluxLoraLoaderMixin.save_lora_weights(out_dir, transformer_lora_layers=get_peft_model_state_dict(t), weight_name=name)
     return Path(out_dir) / name
 
 
