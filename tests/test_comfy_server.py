@@ -893,8 +893,10 @@ def test_ui_workflow_loads_matches_its_api_twin_and_queues(page, server, shots, 
         assert got["inputs"] == node["inputs"], f"node {node_id} ({node['class_type']})"
 
     # queue it from the page, as the Queue button does, with tiny models and a small run
-    for node_id, values in small_run_values(api, INPUT_SIZE).items():
+    for node_id, values in small_run_values(api, INPUT_SIZE, name).items():
         set_widgets(page, int(node_id), values)
+    for node_id in ui_node_ids(page, "FluxKontextImageScale"):  # bypassed (mode 4), as bypass_kontext_scale does
+        page.evaluate("(id) => { app.graph.getNodeById(id).mode = 4; }", node_id)
     res = page.evaluate("async () => await app.api.queuePrompt(0, await app.graphToPrompt())")
     assert res.get("prompt_id") and not res.get("node_errors"), res
     entry = server.wait_history(res["prompt_id"])
