@@ -420,7 +420,7 @@ def test_wrong_kind_is_named(tmp_path, tiny_t5, tiny_vae):
     with pytest.raises(CheckpointError, match="looks like a T5 text encoder, not a VAE"):
         load_bfl_vae(t5)
     other = bfl_layout.save({"foo.weight": torch.zeros(2)}, tmp_path / "lora.safetensors")
-    with pytest.raises(CheckpointError, match="lora.safetensors is not a FLUX transformer, VAE, T5 or CLIP"):
+    with pytest.raises(CheckpointError, match="lora.safetensors is not a FLUX transformer, VAE, T5, CLIP or Qwen2.5-VL text encoder or a connector"):
         detect_single_file_kind(other)
 
 

@@ -222,9 +222,17 @@ def test_bucket_batches_are_deterministic_single_bucket_and_split_across_process
     assert e0 == BucketBatches(buckets, 2, seed=1).epoch(0) and e0 != b.epoch(1)
     assert sorted(i for batch in e0 for i in batch) == list(range(8))
     assert all(len({buckets[i] for i in batch}) == 1 for batch in e0)
-    r0 = BucketBatches(buckets, 2, seed=1, num_replicas=2, rank=0).epoch(0)
-    r1 = BucketBatches(buckets, 2, seed=1, num_replicas=2, rank=1).epoch(0)
-    assert len(r0) == len(r1) == 2 and not {i for x in r0 for i in x} & {i for x in r1 for i in x}
+    # two processes with batch 1 train exactly the global batches of one process with batch 2,
+    # each a contiguous part; a batch of one pair reaches one process, the other loads a stand-in
+    # that counts zero, so every process steps and the averaged gradient is the batch's
+    r0, r1 = (BucketBatches(buckets, 1, seed=1, num_replicas=2, rank=k).shards(0) for k in (0, 1))
+    assert len(r0) == len(r1) == len(e0) == 5
+    assert [a.indices[:a.real] + b.indices[:b.real] for a, b in zip(r0, r1)] == e0
+    assert all(a.offset == 0 and (b.offset == a.real or b.real == 0) for a, b in zip(r0, r1))
+    singles = [(a, b) for a, b in zip(r0, r1) if a.total == 1]
+    assert singles and all(b.real == 0 and b.indices == a.indices and b.loss_scale == 0 for a, b in singles)
+    assert all(a.loss_scale + b.loss_scale == 2 for a, b in zip(r0, r1))
+    assert not {i for x in r0 for i in x.indices[:x.real]} & {i for x in r1 for i in x.indices[:x.real]}
 
 
 # --- region weights --------------------------------------------------------------------------

@@ -4,6 +4,7 @@
     gie-train --config training/stage1.yaml --train.max_steps 100 --set optim.lr=5e-4
     gie-train cache --config training/stage1.yaml                 # precompute features and latents
     gie-train export --config training/stage2.yaml --checkpoint latest --out exported/
+    gie-train plan training/stage2.yaml --budget 24GB             # peak GPU memory, and what to change to fit
     accelerate launch --config_file training/accelerate_deepspeed_zero2.yaml -m gie_core.cli.train --config training/stage2.yaml
 
 Every option of the config file can be given on the command line by its full dotted name
@@ -19,7 +20,8 @@ import logging
 import os
 import sys
 
-COMMANDS = ("train", "cache", "export")
+COMMANDS = ("train", "cache", "export", "plan")
+EXIT_DOES_NOT_FIT = 3  # gie-train plan --budget: the run does not fit
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
@@ -27,8 +29,10 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog=f"gie-train {command}" if command != "train" else "gie-train",
-        usage=f"gie-train{'' if command == 'train' else ' ' + command} [--config FILE] [--OPTION VALUE ...] [--set KEY=VALUE ...]"
-              + (" [--checkpoint latest|DIR] [--out DIR]" if command == "export" else ""),
+        usage=f"gie-train{'' if command == 'train' else ' ' + command}{' [CONFIG ...]' if command == 'plan' else ''} "
+              "[--config FILE] [--OPTION VALUE ...] [--set KEY=VALUE ...]"
+              + (" [--checkpoint latest|DIR] [--out DIR]" if command == "export" else "")
+              + (" [--budget SIZE] [--device cuda|cpu] [--processes N] [--sharding none|zero2|zero3]" if command == "plan" else ""),
         description={
             "train": "Train the GPT-Image-Edit connector (stage 1) or connector + Kontext transformer (stage 2). "
                      "Other commands: 'gie-train cache' precomputes features, 'gie-train export' writes weights from a checkpoint.",
@@ -36,6 +40,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                      "so training needs no encoder (then set data.use_cache true).",
             "export": "Write connector / transformer / LoRA safetensors (and optionally a released-layout directory) "
                       "from a checkpoint of a run.",
+            "plan": "Print the peak GPU memory a run will need (weights per dtype, gradients, optimizer state, "
+                    "activations, inputs), computed from the real module shapes on the meta device before any weight "
+                    "is read, and with --budget what to change to fit. Exit status 3 when it does not fit the budget.",
         }[command],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
@@ -44,6 +51,16 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     if command == "export":
         p.add_argument("--checkpoint", default="latest", help="'latest' (in output_dir) or a checkpoint directory (default latest)")
         p.add_argument("--out", default=None, help="output folder (default: export.dir, else output_dir/export)")
+    if command == "plan":
+        from ..train.plan import SHARDINGS
+
+        p.add_argument("config_files", nargs="*", metavar="CONFIG", help="config files (as --config; later ones win)")
+        p.add_argument("--budget", default=None, metavar="SIZE",
+                       help="GPU memory to fit, e.g. 24GB, 80GiB, 16000MB (GB = GiB: a '24 GB' card holds 24 GiB)")
+        p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="the device the run trains on (default cuda)")
+        p.add_argument("--processes", type=int, default=1, metavar="N", help="processes (GPUs) of the run (default 1)")
+        p.add_argument("--sharding", default="none", choices=SHARDINGS,
+                       help="none (one GPU or DDP), zero2 (DeepSpeed ZeRO-2 / FSDP SHARD_GRAD_OP), zero3 (ZeRO-3 / FSDP FULL_SHARD)")
     add_config_arguments(p)
     return p
 
@@ -64,14 +81,21 @@ def main(argv: list[str] | None = None) -> int:
     from ..train.config import ConfigError, config_from_args, reject_unknown_arguments
 
     args, extras = parser.parse_known_args(argv)
+    if command == "plan":
+        args.config = list(args.config_files) + list(args.config)
     try:
         reject_unknown_arguments(extras)
-        cfg = config_from_args(args, for_training=command != "export")
+        cfg = config_from_args(args, for_training=command not in ("export", "plan"))
     except ConfigError as exc:
         parser.error(str(exc))
+    if command == "plan":
+        return _plan(parser, args, cfg)
     _setup_logging()
     log = logging.getLogger("gie_core.train")
     try:
+        from ..train.engine import check_requested_engine
+
+        check_requested_engine()  # before the heavy imports: a DeepSpeed/FSDP launch on a machine without GPUs
         if command == "cache":
             from ..train.cache import build_cache
 
@@ -106,6 +130,31 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as exc:
         log.error("%s", exc)
         return 2
+
+
+def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> int:
+    """``gie-train plan``: print the memory plan (and the changes that fit --budget)."""
+    import warnings
+
+    from ..train.plan import fit_budget, format_plan, parse_budget, plan_memory
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("diffusers", "transformers", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
+    try:
+        budget = parse_budget(args.budget) if args.budget else None
+        if args.processes < 1:
+            raise ValueError(f"--processes is {args.processes} but must be at least 1")
+        plan = plan_memory(cfg, device=args.device, processes=args.processes, sharding=args.sharding)
+        changes = fit_budget(cfg, budget, device=args.device, processes=args.processes, sharding=args.sharding,
+                             plan=plan) if budget else None
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(format_plan(plan, budget, changes, " ".join(args.config)))
+    if budget is not None and not plan.fits(budget):  # as configured: `plan ... && gie-train ...` never starts a run that does not fit
+        return EXIT_DOES_NOT_FIT
+    return 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ Modules:
 - :mod:`.loss`: the flow-matching loss of the reference, as pure functions;
 - :mod:`.trainable`: which parameters train (image-branch attention, full, LoRA);
 - :mod:`.models`: loading the parts a run needs, the trained module;
+- :mod:`.memory`: frozen weights in fp8 (layerwise casting), block swap (group offloading);
+- :mod:`.plan`: ``gie-train plan``, the GPU memory a run needs, before anything loads;
+- :mod:`.engine`: what DDP / DeepSpeed / FSDP can do here, resuming on another number of processes;
 - :mod:`.checkpoint`: atomic checkpoints, keep-last-K, resume;
 - :mod:`.export`: files the engine's loaders and the ComfyUI nodes read;
 - :mod:`.trainer`: the training loop.

@@ -7,8 +7,12 @@ are no short or abbreviated flags: ``--steps`` could mean ``validation.steps`` o
 ``train.max_steps``, so it is refused, naming both. An unknown key, in a file or on the command
 line, fails at start with its name and the nearest known ones.
 
-``auto`` values are resolved per stage by :meth:`TrainConfig.resolve` (stage 1: connector only,
-AdamW lr 1e-3; stage 2: image-branch attention + connector, lr 1e-6, gradient checkpointing).
+``auto`` values are resolved per stage (stage 1: connector only, AdamW lr 1e-3; stage 2:
+image-branch attention + connector, lr 1e-6, gradient checkpointing).
+
+The names an option may take live in one table each, read by the trainer, the command line and
+``gie-train plan``: :data:`OPTIMIZER_TABLE` (optimizers: package, default learning rates, state
+size, how to build one) and :data:`STORAGE_DTYPE_TABLE` (how frozen weights are stored).
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ import argparse
 import dataclasses
 import difflib
 import json
+import importlib.util
+import math
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -47,7 +54,6 @@ def _opt(default, help: str, **kw):
 
 STAGES = (1, 2)
 TRAINABLE_SETS = ("connector", "image_attention", "full", "lora")
-OPTIMIZERS = ("adamw", "prodigy")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 BUCKETING = ("ratio", "square")
 REGION_WEIGHTING = ("auto", "on", "off")
@@ -56,12 +62,141 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
 
 
+# ------------------------------------------------------------------------------------------
+# Optimizers: one row each (the trainer builds them from here; gie-train plan sizes their state)
+# ------------------------------------------------------------------------------------------
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape) if shape else 1
+
+
+def _adamw_state(shape: tuple[int, ...]) -> int:
+    return 2 * 4 * _numel(shape)  # exp_avg, exp_avg_sq in fp32
+
+
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit state for smaller tensors (its min_8bit_size)
+BNB_BLOCKSIZE = 256  # bitsandbytes' blockwise quantisation: one fp32 absmax per block, per state
+
+
+def _adamw8bit_state(shape: tuple[int, ...]) -> int:
+    n = _numel(shape)
+    if n < BNB_MIN_8BIT_SIZE:
+        return _adamw_state(shape)
+    return 2 * (n + 4 * math.ceil(n / BNB_BLOCKSIZE)) + 2 * 256 * 4  # two uint8 states + absmax + two qmaps
+
+
+def _adafactor_state(shape: tuple[int, ...]) -> int:
+    if len(shape) >= 2:  # factored second moment: a row and a column vector
+        return 4 * (_numel(shape[:-1]) + _numel(shape[:-2] + shape[-1:])) + 4
+    return 4 * _numel(shape) + 4  # exp_avg_sq (no first moment: beta1 None) + RMS
+
+
+def _prodigy_state(shape: tuple[int, ...]) -> int:
+    return 4 * 4 * _numel(shape)  # exp_avg, exp_avg_sq, s, p0 in fp32
+
+
+def _build_adamw(params, cfg: TrainConfig, **_):
+    import torch
+
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                             weight_decay=cfg.optim.weight_decay)
+
+
+def _build_adamw8bit(params, cfg: TrainConfig, **_):
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                               weight_decay=cfg.optim.weight_decay, min_8bit_size=BNB_MIN_8BIT_SIZE)
+
+
+def _build_adafactor(params, cfg: TrainConfig, **_):
+    from transformers.optimization import Adafactor
+
+    # a fixed learning rate (the schedule is optim.lr_scheduler's), no first moment (the memory saving)
+    return Adafactor(params, lr=cfg.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False,
+                     beta1=None, weight_decay=cfg.optim.weight_decay)
+
+
+def _build_prodigy(params, cfg: TrainConfig, sharded: bool = False, **_):
+    from prodigyopt import Prodigy
+
+    return Prodigy(params, lr=cfg.learning_rate, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+                   eps=cfg.optim.eps, fsdp_in_use=sharded)
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One optimizer ``optim.optimizer`` may name."""
+
+    name: str
+    package: str | None  # the module that must be importable (None: torch itself)
+    install: str  # how to get it, for the error when it is missing
+    lr: tuple[float, float]  # default learning rate in stage 1, stage 2
+    state_bytes: Callable[[tuple[int, ...]], int]  # optimizer state of one trained tensor of this shape
+    step_bytes_per_param: int  # transient bytes per trained parameter during step() (torch's foreach AdamW: a sqrt copy)
+    build: Callable  # (params, cfg, sharded=False) -> torch.optim.Optimizer
+    help: str
+
+
+OPTIMIZER_TABLE: dict[str, OptimizerSpec] = {
+    o.name: o
+    for o in (
+        OptimizerSpec("adamw", None, "", (1e-3, 1e-6), _adamw_state, 4, _build_adamw,
+                      "torch AdamW, fp32 state (8 bytes per trained parameter): the released config"),
+        OptimizerSpec("adamw8bit", "bitsandbytes", "pip install 'gpt-image-edit-nodes[bnb]' (bitsandbytes)", (1e-3, 1e-6),
+                      _adamw8bit_state, 0, _build_adamw8bit,
+                      "bitsandbytes AdamW8bit, blockwise 8-bit state (about 2 bytes per trained parameter)"),
+        OptimizerSpec("adafactor", "transformers", "pip install transformers", (1e-3, 1e-6), _adafactor_state, 0,
+                      _build_adafactor,
+                      "transformers Adafactor with a fixed learning rate and no first moment (factored state, a few bytes per row)"),
+        OptimizerSpec("prodigy", "prodigyopt", "pip install prodigyopt", (1.0, 1.0), _prodigy_state, 4, _build_prodigy,
+                      "prodigyopt Prodigy, learning rate found on the fly (lr 1.0; 16 bytes per trained parameter): the paper's stage 1"),
+    )
+}
+OPTIMIZERS = tuple(OPTIMIZER_TABLE)
+
+
+def optimizer_spec(name: str) -> OptimizerSpec:
+    if name not in OPTIMIZER_TABLE:
+        raise ConfigError(f"optim.optimizer is '{name}'; expected one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZER_TABLE[name]
+
+
+# ------------------------------------------------------------------------------------------
+# How frozen weights are stored
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StorageDtype:
+    """A storage format of frozen weights (``memory.*_dtype``)."""
+
+    name: str
+    quantization: str | None  # the row of gie_core.quantize.QUANTIZATION_TABLE it uses (None: the compute dtype)
+    bytes_per_element: int | None  # None: those of the compute dtype
+    help: str
+
+
+STORAGE_DTYPE_TABLE: dict[str, StorageDtype] = {
+    s.name: s
+    for s in (
+        StorageDtype("auto", None, None, "the compute dtype of train.mixed_precision (the VAE: fp32); for the transformer, "
+                     "an fp8 or GGUF model.init_transformer file stays as stored"),
+        StorageDtype("fp8", "fp8", 1, "float8 e4m3fn, each layer upcast to the compute dtype while it runs (diffusers "
+                     "layerwise casting; the layers gie_core.quantize.FP8_KEEP names stay in the compute dtype)"),
+    )
+}
+STORAGE_DTYPES = tuple(STORAGE_DTYPE_TABLE)
+
+
 @dataclass
 class ModelOptions:
     kontext: str | None = _opt(None, "FLUX.1-Kontext-dev diffusers directory (VAE, CLIP, T5, tokenizers, scheduler, stock transformer)")
     gie: str | None = _opt(None, "GPT-Image-Edit checkpoint directory in the released layout (Qwen2.5-VL, connector, fine-tuned transformer)")
     qwen: str | None = _opt(None, "Qwen2.5-VL(-7B-Instruct) transformers directory, when no GPT-Image-Edit directory gives the encoder")
-    init_transformer: str = _opt("auto", "transformer to start from: auto (gie if given, else kontext), kontext, gie, or a .safetensors file (BFL or diffusers layout)")
+    init_transformer: str = _opt("auto", "transformer to start from: auto (gie if given, else kontext), kontext, gie, a .safetensors file (BFL or diffusers layout; "
+                                 "an fp8 one stays fp8) or a .gguf file (stays quantised; stage 1 and LoRA)")
     init_connector: str = _opt("auto", "connector to start from: auto (gie's if given, else fresh), fresh, or a connector .safetensors / GPT-Image-Edit directory")
     mode: str = _opt("vlm", f"conditioning the connector is trained for: {', '.join(TRAINABLE_MODES)} (vlm = the reference's training)")
     num_queries: int = _opt(METAQUERY_TOKENS, "learned query tokens of a fresh connector for a mode with queries (metaquery)")
@@ -91,7 +226,8 @@ class TrainOptions:
     train_connector: bool = _opt(True, "stage 2: train the connector along with the transformer")
     layers: list[int] | None = _opt(None, "image_attention: block indices to train (double blocks first, then single; default all)")
     mixed_precision: str = _opt("bf16", "no, bf16 or fp16 (trainable weights stay fp32, frozen ones are stored in this dtype)")
-    gradient_checkpointing: bool | None = _opt(None, "recompute transformer activations in backward (default: on in stage 2)")
+    gradient_checkpointing: bool | None = _opt(None, "recompute transformer activations in backward (default: on in stage 2, "
+                                                  "with an fp8 transformer and with block swap)")
     gradient_accumulation: int = _opt(1, "micro-batches per optimizer step")
     guidance: float = _opt(1.0, "guidance embedding value during training (reference: 1.0)")
     logit_mean: float = _opt(0.0, "mean of the logit-normal timestep distribution")
@@ -102,8 +238,8 @@ class TrainOptions:
 
 @dataclass
 class OptimOptions:
-    optimizer: str = _opt("adamw", "adamw (released config) or prodigy (the paper's stage 1)")
-    lr: float | None = _opt(None, "learning rate (default: adamw 1e-3 in stage 1, 1e-6 in stage 2; prodigy 1.0)")
+    optimizer: str = _opt("adamw", "; ".join(f"{o.name}: {o.help}" for o in OPTIMIZER_TABLE.values()))
+    lr: float | None = _opt(None, "learning rate (default: 1e-3 in stage 1, 1e-6 in stage 2; prodigy 1.0)")
     betas: list[float] = _opt([0.9, 0.99], "Adam betas")
     eps: float = _opt(1e-8, "Adam epsilon")
     weight_decay: float = _opt(0.0, "decoupled weight decay")
@@ -111,6 +247,17 @@ class OptimOptions:
     lr_scheduler: str = _opt("constant", f"learning-rate schedule: {', '.join(LR_SCHEDULERS)}")
     warmup_steps: int = _opt(0, "warmup steps of the schedule")
     ema_decay: float = _opt(0.0, "EMA of the trained weights (0 = off; the released stage 1 used 0.999)")
+
+
+@dataclass
+class MemoryOptions:
+    transformer_dtype: str = _opt("auto", f"storage of the frozen transformer weights: {', '.join(STORAGE_DTYPES)} (trained ones stay fp32)")
+    encoder_dtype: str = _opt("auto", "storage of the frozen Qwen2.5-VL, T5 and CLIP when they are loaded (not cached): "
+                              f"{', '.join(STORAGE_DTYPES)}")
+    vae_dtype: str = _opt("auto", f"storage of the frozen VAE when it is loaded: {', '.join(STORAGE_DTYPES)} (auto: fp32)")
+    resident_blocks: int | None = _opt(None, "block swap: keep this many transformer blocks (double blocks first, then single) "
+                                       "on the GPU and stream the others from CPU memory in forward and backward "
+                                       "(diffusers group offloading; blocks with trained weights always stay); none = no swap")
 
 
 @dataclass
@@ -164,6 +311,7 @@ class TrainConfig:
     data: DataOptions = field(default_factory=DataOptions)
     train: TrainOptions = field(default_factory=TrainOptions)
     optim: OptimOptions = field(default_factory=OptimOptions)
+    memory: MemoryOptions = field(default_factory=MemoryOptions)
     lora: LoraOptions = field(default_factory=LoraOptions)
     checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)
     validation: ValidationOptions = field(default_factory=ValidationOptions)
@@ -203,14 +351,17 @@ class TrainConfig:
     def learning_rate(self) -> float:
         if self.optim.lr is not None:
             return self.optim.lr
-        if self.optim.optimizer == "prodigy":
-            return 1.0
-        return 1e-3 if self.train.stage == 1 else 1e-6
+        return optimizer_spec(self.optim.optimizer).lr[self.train.stage - 1]
 
     @property
     def use_gradient_checkpointing(self) -> bool:
+        """``train.gradient_checkpointing``, or by default: on in stage 2, and whenever frozen
+        transformer weights are cast per layer or swapped (without recomputation the backward pass
+        would keep every upcast or streamed-in weight alive until it runs, undoing the saving)."""
         g = self.train.gradient_checkpointing
-        return (self.train.stage == 2) if g is None else g
+        if g is not None:
+            return g
+        return self.train.stage == 2 or self.memory.transformer_dtype != "auto" or self.memory.resident_blocks is not None
 
     @property
     def trains_connector(self) -> bool:
@@ -236,12 +387,18 @@ class TrainConfig:
         choice("train.trainable", ("auto",) + TRAINABLE_SETS)
         choice("optim.optimizer", OPTIMIZERS)
         choice("train.mixed_precision", MIXED_PRECISION)
+        for key in ("memory.transformer_dtype", "memory.encoder_dtype", "memory.vae_dtype"):
+            choice(key, STORAGE_DTYPES)
+        self._check_memory()
         choice("data.bucketing", BUCKETING)
         choice("data.region_weighting", REGION_WEIGHTING)
         choice("train.weight_scheme", WEIGHT_SCHEMES)
         choice("optim.lr_scheduler", LR_SCHEDULERS)
         choice("data.cache_dtype", DTYPE_NAMES)
         choice("export.dtype", DTYPE_NAMES)
+        opt = optimizer_spec(self.optim.optimizer)
+        if opt.package and importlib.util.find_spec(opt.package) is None:
+            raise ConfigError(f"optim.optimizer is '{opt.name}' but {opt.package} is not installed ({opt.install})")
         if self.train.stage == 1 and self.trainable_set != "connector":
             raise ConfigError(
                 f"train.trainable is '{self.train.trainable}' but stage 1 trains only the connector; "
@@ -294,6 +451,34 @@ class TrainConfig:
                 raise ConfigError("data.use_cache is true but data.cache_dir is not set")
         return self
 
+    def _check_memory(self) -> None:
+        """The memory options against the rest (the distributed engine is checked by the trainer)."""
+        for key in ("memory.transformer_dtype", "memory.encoder_dtype", "memory.vae_dtype"):
+            if STORAGE_DTYPE_TABLE[self.get(key)].quantization and not _torch_has("float8_e4m3fn"):
+                raise ConfigError(f"{key} is '{self.get(key)}' but this torch has no float8 dtypes (torch 2.1 or newer has them)")
+        if self.memory.transformer_dtype != "auto" and self.trainable_set == "full":
+            raise ConfigError(
+                f"memory.transformer_dtype is '{self.memory.transformer_dtype}' but train.trainable 'full' trains every "
+                "transformer weight: nothing frozen is left to store small"
+            )
+        resident = self.memory.resident_blocks
+        if resident is None:
+            return
+        if resident < 0:
+            raise ConfigError(f"memory.resident_blocks is {resident} but must be 0 or more (or none: no block swap)")
+        t = self.trainable_set
+        if t in ("full", "lora") or (t == "image_attention" and self.train.layers is None):
+            raise ConfigError(
+                f"memory.resident_blocks is {resident} but train.trainable '{t}' trains weights in every transformer "
+                "block, and blocks with trained weights stay on the GPU: nothing could be swapped. Swap blocks in stage 1, "
+                "or with train.layers naming the blocks that train; for LoRA use memory.transformer_dtype fp8"
+            )
+        if self.train.gradient_checkpointing is False:
+            raise ConfigError(
+                "memory.resident_blocks needs gradient checkpointing (train.gradient_checkpointing true or unset): without "
+                "it the backward pass keeps every swapped-in block on the GPU until it runs"
+            )
+
     # --------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> TrainConfig:
@@ -306,6 +491,12 @@ class TrainConfig:
         for key, value in flatten(data, source):
             self.set(key, value, source)
         return self
+
+
+def _torch_has(name: str) -> bool:
+    import torch
+
+    return hasattr(torch, name)
 
 
 # ------------------------------------------------------------------------------------------

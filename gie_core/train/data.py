@@ -703,11 +703,35 @@ def collate(items: list[dict]) -> dict:
     return out
 
 
-class BucketBatches:
-    """Deterministic batches of one bucket each, per epoch, split across processes.
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of one global batch."""
 
-    The order depends only on (seed, epoch), so a resumed run replays it exactly: it skips the
-    batches already done without loading them.
+    indices: list[int]  # dataset indices this process loads (never empty)
+    offset: int  # position of indices[0] in the global batch
+    real: int  # how many of them count: 0 for a stand-in when the batch has fewer pairs than processes
+    total: int  # pairs in the global batch
+    processes: int
+
+    @property
+    def loss_scale(self) -> float:
+        """Factor on this process's mean loss so that the processes' average gradient is the
+        gradient of the global batch's mean loss (1.0 when every process has as many pairs)."""
+        return self.real * self.processes / self.total
+
+
+class BucketBatches:
+    """Deterministic global batches of one bucket each, per epoch, split across processes.
+
+    A global batch holds ``batch_size x num_replicas`` pairs (fewer at the end of a bucket). Which
+    pairs form it depends only on (seed, epoch, global batch size), never on the number of
+    processes: one process with ``data.batch_size 2`` trains on exactly the batches two
+    processes with ``data.batch_size 1`` do, so the runs (and a checkpoint resumed on another
+    number of processes) agree. Each process takes a contiguous slice of every global batch; a
+    short last batch is split as evenly as it goes, and a process it does not reach loads a
+    stand-in pair whose loss counts zero (:attr:`Shard.loss_scale`), so every process steps.
+
+    A resumed run replays the order exactly: it skips the batches already done without loading them.
     """
 
     def __init__(self, buckets: Sequence[tuple[int, int]], batch_size: int, *, seed: int, shuffle: bool = True,
@@ -719,20 +743,42 @@ class BucketBatches:
         for i, b in enumerate(self.buckets):
             self.groups.setdefault(b, []).append(i)
 
-    def epoch(self, epoch: int) -> list[list[int]]:
-        """This process's batches of ``epoch``."""
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.num_replicas
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        """Every process's batches of ``epoch`` together (the same for any number of processes
+        with the same global batch size)."""
         rng = random.Random(f"{self.seed}:{epoch}")
+        size = self.global_batch_size
         batches = []
         for bucket in sorted(self.groups):
             idx = list(self.groups[bucket])
             if self.shuffle:
                 rng.shuffle(idx)
-            batches.extend(idx[i:i + self.batch_size] for i in range(0, len(idx), self.batch_size))
+            batches.extend(idx[i:i + size] for i in range(0, len(idx), size))
         if self.shuffle:
             rng.shuffle(batches)
-        usable = len(batches) - len(batches) % self.num_replicas  # every process gets as many
-        return batches[:usable][self.rank::self.num_replicas]
+        return batches
+
+    def shard(self, batch: list[int]) -> Shard:
+        """This process's part of the global ``batch``."""
+        n, r = len(batch), self.num_replicas
+        sizes = [n // r + (1 if k < n % r else 0) for k in range(r)]
+        offset = sum(sizes[:self.rank])
+        mine = batch[offset:offset + sizes[self.rank]]
+        if not mine:  # fewer pairs than processes: a stand-in that counts zero
+            return Shard([batch[0]], 0, 0, n, r)
+        return Shard(mine, offset, len(mine), n, r)
+
+    def shards(self, epoch: int) -> list[Shard]:
+        """This process's parts of the global batches of ``epoch``."""
+        return [self.shard(b) for b in self.global_batches(epoch)]
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        """This process's batches of ``epoch`` (dataset indices)."""
+        return [s.indices for s in self.shards(epoch)]
 
     def __len__(self) -> int:
-        n = sum(math.ceil(len(v) / self.batch_size) for v in self.groups.values())
-        return n // self.num_replicas
+        return sum(math.ceil(len(v) / self.global_batch_size) for v in self.groups.values())

@@ -20,11 +20,9 @@ sibling folder (made with ``mkdir``, so normal permissions too) and renamed into
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -62,29 +60,35 @@ def export_connector(connector, path: str | os.PathLike, *, dtype="bf16", mode: 
     return save_safetensors(_cast(connector.state_dict(), parse_dtype(dtype)), path, metadata=meta)
 
 
-@contextlib.contextmanager
-def merged_lora(transformer) -> Iterator[None]:
-    """Temporarily merge any peft LoRA layers into their base weights."""
+def transformer_state_dict(transformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The diffusers-named state dict of ``transformer`` on the CPU, in ``dtype`` (floating tensors;
+    None keeps each as stored), with any peft LoRA merged in.
+
+    The merge is computed on copies (base weight upcast to fp32, plus the adapter's delta, then
+    cast), so the model is never touched: merging into a bf16 or fp8 base weight in place and
+    unmerging after would not restore it exactly."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
-    for m in layers:
-        m.merge()
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.unmerge()
-
-
-def transformer_state_dict(transformer) -> dict[str, torch.Tensor]:
-    """The diffusers-named state dict of ``transformer`` (LoRA merged when attached; call inside
-    :func:`merged_lora` for that)."""
+    deltas: dict[str, torch.Tensor] = {}
+    for name, module in transformer.named_modules():
+        if isinstance(module, BaseTunerLayer) and not module.disable_adapters:
+            for adapter in module.active_adapters:
+                if adapter in getattr(module, "lora_A", {}):
+                    delta = module.get_delta_weight(adapter).detach().to("cpu", torch.float32)
+                    key = f"{name}.weight"
+                    deltas[key] = deltas[key] + delta if key in deltas else delta
     state = {}
     for k, v in transformer.state_dict().items():
         if "lora_" in k:
             continue
-        state[k.replace(".base_layer.", ".")] = v
+        key = k.replace(".base_layer.", ".")
+        v = v.detach()
+        if key in deltas:
+            merged = v.to("cpu", torch.float32) + deltas[key]
+            v = merged.to(dtype or v.dtype)
+        elif v.is_floating_point():
+            v = v.to("cpu", dtype or v.dtype)
+        state[key] = v.cpu()
     return state
 
 
@@ -93,9 +97,7 @@ def export_transformer(transformer, path: str | os.PathLike, *, dtype="bf16", st
     meta = {"format": "pt", "gie_component": "kontext_transformer", "config": json.dumps(dict(_transformer_config(transformer)))}
     if step is not None:
         meta["gie_train_step"] = str(step)
-    with merged_lora(transformer):
-        state = _cast(transformer_state_dict(transformer), parse_dtype(dtype))
-    return save_safetensors(state, path, metadata=meta)
+    return save_safetensors(transformer_state_dict(transformer, parse_dtype(dtype)), path, metadata=meta)
 
 
 def _transformer_config(transformer) -> dict:
@@ -220,9 +222,8 @@ def export_released_dir(
         for key, t in connector.state_dict().items():
             name = key[len("denoise_projector."):] if key.startswith("denoise_projector.") else key
             writer.add(GIE_PROJECTOR_PREFIX + name, t.to(dt))
-        with merged_lora(transformer):
-            for key, t in transformer_state_dict(transformer).items():
-                writer.add(GIE_DENOISER_PREFIX + key, t.to(dt) if t.is_floating_point() else t)
+        for key, t in transformer_state_dict(transformer, dt).items():
+            writer.add(GIE_DENOISER_PREFIX + key, t)
         writer.close()
         config = {
             **base,

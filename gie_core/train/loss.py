@@ -26,17 +26,32 @@ from ..sampler import latent_ids, pack_latents, reference_tokens, unpack_latents
 from ..schedule import shift_mu, shift_sigmas
 
 
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def standard_normal(shape: tuple[int, ...], generator: Generators = None) -> torch.Tensor:
+    """N(0, 1) float32 noise of ``shape`` on the CPU; with a list of generators, sample ``i`` of the
+    batch (dimension 0) is drawn from ``generator[i]``, so a pair's draws do not depend on the
+    batch it is in."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generator])
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
 def sample_sigmas(
     batch_size: int,
     image_seq_len: int,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     *,
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
     scheduler_config: dict | None = None,
 ) -> torch.Tensor:
-    """Logit-normal sigmas [B] with the resolution shift of ``image_seq_len`` target tokens."""
-    u = torch.randn((batch_size,), generator=generator, dtype=torch.float32)
+    """Logit-normal sigmas [B] with the resolution shift of ``image_seq_len`` target tokens
+    (``generator``: one, or one per sample)."""
+    u = standard_normal((batch_size,), generator)
     sigmas = torch.sigmoid(logit_mean + logit_std * u)
     return shift_sigmas(sigmas, shift_mu(image_seq_len, scheduler_config))
 

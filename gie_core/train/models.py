@@ -26,6 +26,7 @@ from ..loading import load_connector, load_gie_checkpoint, load_kontext_dir, loa
 from ..modes import fusion_mode
 from .config import ConfigError, TrainConfig
 from .loss import flow_matching_loss
+from .memory import MemorySettings, resolve_memory, store_fp8
 
 logger = logging.getLogger("gie_core.train")
 
@@ -109,7 +110,8 @@ def check_model_paths(cfg: TrainConfig) -> None:
     need_dir("model.qwen", "a Qwen2.5-VL transformers folder")
     t_src = cfg.model.init_transformer
     if t_src not in ("auto", "kontext", "gie") and not Path(t_src).expanduser().is_file():
-        raise ConfigError(f"model.init_transformer '{t_src}' is not a file; expected auto, kontext, gie or a .safetensors file")
+        raise ConfigError(f"model.init_transformer '{t_src}' is not a file; expected auto, kontext, gie, a .safetensors "
+                          "or a .gguf file")
     c_src = cfg.model.init_connector
     if c_src not in ("auto", "fresh", "gie") and not Path(c_src).expanduser().exists():
         raise ConfigError(
@@ -146,6 +148,20 @@ def _fit_connector_to_mode(conn: Connector, cfg: TrainConfig, where: str) -> Con
     return fresh
 
 
+def needed_parts(cfg: TrainConfig, *, data: bool = True, validating: bool = False) -> dict[str, bool]:
+    """Which frozen encoders a run loads (``need_qwen``, ``need_clip``, ``need_t5``, ``need_vae``):
+    those that encode pairs on the fly (not cached), Qwen for learned queries, and all of them for
+    validation edits (on the main process). The trainer and ``gie-train plan`` share this rule."""
+    spec = fusion_mode(cfg.model.mode)
+    encode = data and not cfg.data.use_cache
+    return {
+        "need_qwen": spec.needs_qwen and (encode or (data and spec.queries) or validating),
+        "need_clip": encode or validating,
+        "need_t5": spec.needs_t5 and (encode or validating),
+        "need_vae": encode or validating,
+    }
+
+
 def load_components(
     cfg: TrainConfig,
     *,
@@ -155,14 +171,23 @@ def load_components(
     need_t5: bool,
     need_vae: bool,
     qwen_hidden: int | None = None,
+    memory: MemorySettings | None = None,
 ) -> TrainingComponents:
     """Load what the run needs onto the CPU (the trainer moves it). Frozen parts are stored in
-    ``weight_dtype``; the VAE stays fp32 (as the reference's ``vae_fp32``); the connector is fp32."""
+    ``weight_dtype``, or as ``memory`` says (fp8 with per-layer upcast, a GGUF file's quantisation);
+    the VAE stays fp32 (as the reference's ``vae_fp32``) unless stored in fp8; the connector is fp32.
+
+    An fp8 transformer streams straight into float8 when no layer of it will train (stage 1, LoRA);
+    otherwise the trainer casts it once the trained set is known (:func:`.memory.store_fp8`)."""
     from ..single_file import load_bfl_transformer
 
+    memory = memory or resolve_memory(cfg)
     sources = {}
     t_src = _transformer_source(cfg)
     c_src = _connector_source(cfg)
+    stream_fp8 = memory.transformer == "fp8" and cfg.trainable_set in ("connector", "lora")
+    t_quant = "fp8" if stream_fp8 else "none"
+    q_quant = "fp8" if memory.encoders == "fp8" else "none"
     gie_parts = []
     if t_src == "gie":
         gie_parts.append("transformer")
@@ -172,7 +197,8 @@ def load_components(
     if gie_parts:
         if not cfg.model.gie:  # pragma: no cover - config.check rejects this first
             raise ValueError("model.gie (a GPT-Image-Edit checkpoint directory) is needed for " + ", ".join(gie_parts))
-        ck = load_gie_checkpoint(cfg.model.gie, dtype=weight_dtype, parts=tuple(gie_parts))
+        ck = load_gie_checkpoint(cfg.model.gie, dtype=weight_dtype, parts=tuple(gie_parts),
+                                 transformer_quantize=t_quant, qwen_quantize=q_quant)
         transformer, qwen = ck.transformer, ck.encoder
         for part in gie_parts:
             sources[part] = str(cfg.model.gie)
@@ -180,6 +206,8 @@ def load_components(
         if not cfg.model.qwen:
             raise ValueError("the Qwen2.5-VL encoder is needed: set model.gie or model.qwen")
         qwen = load_qwen_dir(cfg.model.qwen, dtype=weight_dtype)
+        if memory.encoders == "fp8":
+            store_fp8(qwen.model, "qwen", weight_dtype)
         sources["encoder"] = str(cfg.model.qwen)
 
     k_parts = ["scheduler"]
@@ -189,16 +217,28 @@ def load_components(
         k_parts.append("clip")
     if need_t5:
         k_parts.append("t5")
-    comps = load_kontext_dir(cfg.model.kontext, dtype=weight_dtype, parts=tuple(k_parts))
+    comps = load_kontext_dir(cfg.model.kontext, dtype=weight_dtype, parts=tuple(k_parts),
+                             transformer_quantize=t_quant if t_src == "kontext" else "none")
     if t_src == "kontext":
         transformer = comps.transformer
         sources["transformer"] = str(cfg.model.kontext)
     elif t_src not in ("gie",):
-        transformer = load_bfl_transformer(t_src, dtype=weight_dtype)
+        if memory.transformer == "gguf":
+            from ..gguf import load_gguf_transformer
+
+            transformer = load_gguf_transformer(t_src, dtype=weight_dtype)
+        else:
+            transformer = load_bfl_transformer(t_src, dtype=weight_dtype)
         sources["transformer"] = t_src
+    if memory.encoders == "fp8" and comps.text is not None:
+        for part, module in (("t5", comps.text.t5), ("clip", comps.text.clip)):
+            if module is not None:
+                store_fp8(module, part, weight_dtype)
     vae = None
     if need_vae:
         vae = load_kontext_dir(cfg.model.kontext, dtype=torch.float32, parts=("vae",)).vae
+        if memory.vae == "fp8":
+            store_fp8(vae, "vae", torch.float32)
     transformer.requires_grad_(False)
 
     joint_dim = transformer.config.joint_attention_dim
@@ -227,6 +267,29 @@ def load_components(
         transformer=transformer, connector=connector, scheduler=comps.scheduler, vae=vae, qwen=qwen,
         text=comps.text, sources=sources,
     )
+
+
+def prepare_for_training(transformer: nn.Module, connector: Connector, cfg: TrainConfig, memory: MemorySettings,
+                         weight_dtype: torch.dtype) -> dict[str, list[str]]:
+    """Make loaded parts trainable as ``cfg`` says: a seeded LoRA when it trains one, the trained
+    set unfrozen and kept fp32, the frozen transformer layers in fp8 when ``memory`` says so (the
+    trained ones never), gradient checkpointing. The trainer and ``gie-train plan`` (on meta
+    tensors) both call this. Returns the trained names (:func:`.trainable.select_trainable`)."""
+    from .memory import is_layerwise_cast
+    from .trainable import add_lora, select_trainable, upcast_trainable
+
+    if cfg.trainable_set == "lora":
+        with seeded(cfg.train.seed, "lora"):  # LoRA A weights: the same in every run of the seed
+            add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout)
+    names = select_trainable(connector, transformer, cfg.trainable_set, train_connector=cfg.trains_connector,
+                             layers=cfg.train.layers)
+    upcast_trainable(connector)
+    upcast_trainable(transformer)
+    if memory.transformer == "fp8" and not is_layerwise_cast(transformer):
+        store_fp8(transformer, "transformer", weight_dtype)  # after the trained set is known: it stays fp32
+    if memory.checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return names
 
 
 class EditModel(nn.Module):

@@ -1,10 +1,17 @@
 """The training loop: data, encoders or cache, the loss, optimizer, EMA, checkpoints, validation, export.
 
 Runs as one process on a CPU or GPU, or under ``accelerate launch`` on several GPUs and nodes
-(DDP, DeepSpeed ZeRO-2, FSDP). Resume is exact: the data order depends only on (seed, epoch),
-every batch draws its VAE sample, timestep and noise from a generator seeded by (seed, process,
-epoch, batch), and the checkpoint holds the trained weights, optimizer, schedule, EMA and the
-position in the epoch.
+(DDP, DeepSpeed ZeRO-2 / ZeRO-3, FSDP). Resume is exact: the global batches depend only on
+(seed, epoch, global batch size), every pair draws its VAE sample, timestep and noise from a
+generator seeded by (seed, epoch, batch, its place in the global batch), and the checkpoint
+holds the trained weights, optimizer, schedule, EMA and the position in the epoch. So a run on
+N processes with ``data.batch_size`` B trains what one process with N x B does, and a
+checkpoint resumes on another number of processes with the same global batch where the engine
+can load its optimizer state there (see :data:`.engine.RESHARDABLE`).
+
+Memory (:mod:`.memory`): frozen weights in fp8 with per-layer upcast, block swap of frozen
+transformer blocks, the optimizers of :data:`.config.OPTIMIZER_TABLE` (8-bit AdamW, Adafactor,
+Prodigy); ``gie-train plan`` (:mod:`.plan`) says before a run what it will need.
 
 Reproducible: every random initialisation (a fresh connector, new connector parameters, LoRA
 weights) and every step's module randomness (LoRA dropout) runs under a generator seeded from
@@ -40,17 +47,28 @@ from ..sampler import KontextModels, encode_reference, sample
 from ..weights import CheckpointReader
 from . import checkpoint as ckpt
 from .cache import FeatureCache, cache_info_for, cached_contents
-from .config import TrainConfig
-from .data import BucketBatches, EditDataset, ProblemLog, bucket_for, collate, read_dataset, usable_pairs
-from .loss import normalize_latents, sample_sigmas
-from .models import EditModel, check_model_paths, derived_seed, encode_qwen_with_grad, load_components, seeded
-from .trainable import add_lora, select_trainable, upcast_trainable
+from .config import TrainConfig, optimizer_spec
+from .data import BucketBatches, EditDataset, ProblemLog, Shard, bucket_for, collate, read_dataset, usable_pairs
+from .loss import normalize_latents, sample_sigmas, standard_normal
+from .engine import check_engine, check_requested_engine, check_resharding, zero_stage
+from .memory import frozen_names, place_with_swap, resolve_memory
+from .models import (
+    EditModel,
+    check_model_paths,
+    derived_seed,
+    encode_qwen_with_grad,
+    load_components,
+    needed_parts,
+    prepare_for_training,
+    seeded,
+)
 
 logger = logging.getLogger("gie_core.train")
 
-STATE_VERSION = 1
-# Fields of the config a resumed run must share with its checkpoint.
-RESUME_FIXED = ("train.stage", "model.mode", "train.layers", "data.batch_size", "data.bucketing", "data.resolution",
+STATE_VERSION = 2
+# Fields of the config a resumed run must share with its checkpoint (and the global batch:
+# data.batch_size x processes).
+RESUME_FIXED = ("train.stage", "model.mode", "train.layers", "data.bucketing", "data.resolution",
                 "train.seed", "optim.optimizer")
 RESUME_FIXED_LORA = ("lora.rank", "lora.targets")
 SLOW_SAVE_ENV = "GIE_TRAIN_SAVE_DELAY"  # testing crash safety: seconds to pause in the middle of a save
@@ -77,6 +95,7 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path):
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     mp = cfg.train.mixed_precision
+    check_requested_engine()
     if not torch.cuda.is_available() and mp == "fp16":
         raise ValueError("train.mixed_precision 'fp16' needs a GPU; use 'bf16' or 'no' on the CPU")
     # Several runs in one single-process program (tests, notebooks) may differ in precision.
@@ -136,13 +155,19 @@ class Trainer:
         spec = self.spec = fusion_mode(mode)
         self.trainable_set = cfg.trainable_set
         self._deepspeed = acc.distributed_type.name == "DEEPSPEED"
+        self.memory = resolve_memory(cfg)  # reads a transformer file's header at most
+        check_engine(cfg, acc, self.memory)
+        if self.memory.transformer != "compute" and not self.memory.checkpointing:
+            logger.warning("an %s transformer without gradient checkpointing: autograd keeps every layer's upcast weights "
+                           "until the backward pass, more memory than not casting (gie-train plan shows both)",
+                           self.memory.transformer)
         if acc.is_main_process:
             ckpt.recover(self.checkpoint_dir)
         # Everything below up to the models is checked before any weight is read.
         resume = ckpt.resolve_resume(cfg.checkpoint.resume, self.checkpoint_dir)
         validating = data and cfg.validation.every > 0 and bool(cfg.validation.pairs)
-        if validating and self._fsdp:
-            logger.warning("validation edits are off under FSDP (the transformer is sharded); export and run gie-edit instead")
+        if validating and (self._fsdp or self._zero3):
+            logger.warning("validation edits are off under FSDP and ZeRO-3 (the transformer is sharded); export and run gie-edit instead")
             validating = False
         on_main = validating and acc.is_main_process
         validation_images = self._load_validation_images() if on_main else []
@@ -159,27 +184,13 @@ class Trainer:
 
         # Models: encoders only where features are not cached (and for validation, on the main process)
         use_cache = self.cache is not None
-        encode = data and not use_cache
         with seeded(cfg.train.seed, "models"):  # any random init while loading: seeded, the caller's RNG untouched
             comps = self.components = load_components(
-                cfg,
-                weight_dtype=self.weight_dtype,
-                need_qwen=spec.needs_qwen and (encode or (data and spec.queries) or on_main),
-                need_clip=encode or on_main,
-                need_t5=spec.needs_t5 and (encode or on_main),
-                need_vae=encode or on_main,
-                qwen_hidden=cache_info.get("qwen_hidden"),
+                cfg, weight_dtype=self.weight_dtype, **needed_parts(cfg, data=data, validating=on_main),
+                qwen_hidden=cache_info.get("qwen_hidden"), memory=self.memory,
             )
         transformer, connector = comps.transformer, comps.connector
-        if self.trainable_set == "lora":
-            with seeded(cfg.train.seed, "lora"):  # LoRA A weights: the same in every run of the seed
-                add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout)
-        self.trainable_names = select_trainable(connector, transformer, self.trainable_set,
-                                                train_connector=cfg.trains_connector, layers=cfg.train.layers)
-        upcast_trainable(connector)
-        upcast_trainable(transformer)
-        if cfg.use_gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
+        self.trainable_names = prepare_for_training(transformer, connector, cfg, self.memory, self.weight_dtype)
         for part in (comps.vae, comps.qwen.model if comps.qwen else None,
                      comps.text.clip if comps.text else None, comps.text.t5 if comps.text else None):
             if part is not None:
@@ -195,7 +206,7 @@ class Trainer:
         model.train()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
-        optimizer = self._optimizer(self.params)
+        optimizer = optimizer_spec(cfg.optim.optimizer).build(self.params, cfg, sharded=self._fsdp)
         from diffusers.optimization import get_scheduler
 
         lr_scheduler = get_scheduler(
@@ -206,13 +217,27 @@ class Trainer:
         if self._deepspeed:
             ds = acc.state.deepspeed_plugin.deepspeed_config
             ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
-        self.model, self.optimizer, self.lr_scheduler = acc.prepare(model, optimizer, lr_scheduler)
+        placement = None
+        self.swapped_blocks: list[str] = []
+        if self.memory.resident_blocks is not None:  # block swap: the swapped blocks stay in CPU memory
+            self.swapped_blocks = place_with_swap(model, transformer, self.memory.resident_blocks, self.device)
+            placement = [False, None, None]
+            logger.info("block swap: %d transformer blocks stream from CPU memory%s", len(self.swapped_blocks),
+                        f" ({self.swapped_blocks[0]} ... {self.swapped_blocks[-1]})" if self.swapped_blocks else "")
+        if acc.distributed_type.name.startswith("MULTI_"):
+            # DDP synchronises trained weights only: the frozen ones are the same everywhere, may be
+            # fp8 (not every backend broadcasts it) or swapped out to the CPU
+            from torch.nn.parallel import DistributedDataParallel
+
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen_names(model))
+        self.model, self.optimizer, self.lr_scheduler = acc.prepare(model, optimizer, lr_scheduler, device_placement=placement)
         self.unwrapped = acc.unwrap_model(self.model)  # the EditModel itself (connector, transformer)
 
         self.ema = None
         if cfg.optim.ema_decay > 0:
-            if acc.distributed_type.name == "FSDP":
-                raise ValueError("optim.ema_decay with FSDP is not supported (parameters are sharded); use DeepSpeed ZeRO-2 or DDP")
+            if self._fsdp or self._zero3:
+                raise ValueError("optim.ema_decay with FSDP or ZeRO-3 is not supported (parameters are sharded); "
+                                 "use DeepSpeed ZeRO-2 or DDP")
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(self.params, decay=cfg.optim.ema_decay, foreach=False)
@@ -262,29 +287,22 @@ class Trainer:
         if len(self.batcher) == 0:
             raise ValueError(f"{len(self.records)} pairs make no batch for {acc.num_processes} processes")
 
-    def _optimizer(self, params):
-        cfg = self.cfg
-        lr, betas = cfg.learning_rate, tuple(cfg.optim.betas)
-        if cfg.optim.optimizer == "prodigy":
-            from prodigyopt import Prodigy
-
-            return Prodigy(params, lr=lr, betas=betas, weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
-        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-
     # ------------------------------------------------------------------------------------
     # Batches
     # ------------------------------------------------------------------------------------
-    def batch_generator(self, epoch: int, batch_index: int) -> torch.Generator:
-        """The generator of one batch's randomness (VAE sample, timestep, noise): a function of
-        (seed, process, epoch, batch) only, so a resumed run draws exactly what it would have."""
-        seed = derived_seed(self.cfg.train.seed, self.accelerator.process_index, epoch, batch_index)
-        return torch.Generator("cpu").manual_seed(seed)
+    def sample_generators(self, epoch: int, batch_index: int, shard: Shard) -> list[torch.Generator]:
+        """One generator per pair of this process's part of a global batch, for its randomness
+        (VAE sample, timestep, noise): a function of (seed, epoch, batch, place in the global
+        batch) only, so a resumed run draws exactly what it would have, on any number of processes."""
+        return [torch.Generator("cpu").manual_seed(derived_seed(self.cfg.train.seed, "pair", epoch, batch_index, shard.offset + j))
+                for j in range(len(shard.indices))]
 
-    def encode_batch(self, batch: dict, generator: torch.Generator) -> dict:
+    def encode_batch(self, batch: dict, generator: torch.Generator | list[torch.Generator]) -> dict:
         """A collated batch -> the model's inputs (features, latents), on the device.
 
-        From ``generator`` it draws the target's VAE ``sample()`` noise (the same draw with and
-        without a cache); :meth:`compute_loss` then draws the timesteps and the flow noise.
+        From ``generator`` (one, or one per pair) it draws the target's VAE ``sample()`` noise (the
+        same draw with and without a cache); :meth:`compute_loss` then draws the timesteps and the
+        flow noise.
         """
         comps, dev, spec = self.components, self.device, self.spec
         unwrapped = self.unwrapped
@@ -349,21 +367,24 @@ class Trainer:
             sigmas = sample_sigmas(b, (h // 2) * (w // 2), generator, logit_mean=self.cfg.train.logit_mean,
                                    logit_std=self.cfg.train.logit_std, scheduler_config=self.scheduler_config)
         if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
+            noise = standard_normal(tuple(x0.shape), generator)
         kwargs = {k: v for k, v in inputs.items() if k not in ("x0", "batch_size")}
         return self.model(x0=x0, noise=noise.to(x0.device), sigmas=sigmas.to(x0.device), **kwargs)
 
-    def training_step(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    def training_step(self, batch: dict, generators: list[torch.Generator], loss_scale: float = 1.0) -> torch.Tensor:
+        """One micro-batch: encode, loss, backward (its loss times ``loss_scale``: see
+        :attr:`.data.Shard.loss_scale`), and the optimizer step when gradients sync. Returns the
+        micro-batch's mean loss."""
         acc = self.accelerator
-        # module randomness (LoRA dropout) from the batch's seed: reproducible, resumable, and the
+        # module randomness (LoRA dropout) from the batch's seeds: reproducible, resumable, and the
         # process's global generators are left as they were
-        with seeded(generator.initial_seed(), "modules", device=self.device), acc.accumulate(self.model):
-            inputs = self.encode_batch(batch, generator)
-            out = self.compute_loss(inputs, generator=generator)
+        with seeded(generators[0].initial_seed(), "modules", acc.process_index, device=self.device), acc.accumulate(self.model):
+            inputs = self.encode_batch(batch, generators)
+            out = self.compute_loss(inputs, generator=generators)
             loss = out["loss"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"the loss is {loss.item()} at step {self.step + 1} (pairs {batch['key']})")
-            acc.backward(loss)
+            acc.backward(loss * loss_scale if loss_scale != 1.0 else loss)
             if acc.sync_gradients and self.cfg.optim.max_grad_norm > 0:
                 acc.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
             self.optimizer.step()
@@ -371,11 +392,12 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
+    def epoch_batches(self, epoch: int) -> list[Shard]:
+        """This process's parts of the global batches of ``epoch``."""
         k = self.cfg.train.overfit_batches
         if k:
-            return self.batcher.epoch(0)[:k]
-        return self.batcher.epoch(epoch)
+            return self.batcher.shards(0)[:k]
+        return self.batcher.shards(epoch)
 
     # ------------------------------------------------------------------------------------
     # Loop
@@ -392,6 +414,7 @@ class Trainer:
         start_step, start_time = self.step, time.perf_counter()
         running = None
         micro: list[torch.Tensor] = []  # losses of the micro-batches of this optimizer step
+        self.micro_weights: list[int] = []  # their pairs that count (see Shard.real)
         saved_at = self.step if self.last_checkpoint is not None else -1
         while self.step < max_steps:
             batches = self.epoch_batches(self.epoch)
@@ -400,18 +423,23 @@ class Trainer:
                 continue
             # its own generator: a DataLoader otherwise draws its worker seed from the global one
             loader_gen = torch.Generator().manual_seed(derived_seed(cfg.train.seed, "loader", self.epoch, self.batches_done))
-            loader = DataLoader(self.dataset, batch_sampler=batches[self.batches_done:], collate_fn=collate,
-                                num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
-                                generator=loader_gen)
+            loader = DataLoader(self.dataset, batch_sampler=[b.indices for b in batches[self.batches_done:]],
+                                collate_fn=collate, num_workers=cfg.data.num_workers,
+                                pin_memory=self.device.type == "cuda", generator=loader_gen)
             for batch in loader:
                 gen_epoch = 0 if cfg.train.overfit_batches else self.epoch
-                self.problems.extend(batch["bad"])
-                micro.append(self.training_step(batch, self.batch_generator(gen_epoch, self.batches_done)))
+                shard = batches[self.batches_done]
+                if shard.real:  # a stand-in pair (a batch smaller than the processes) is not reported twice
+                    self.problems.extend(batch["bad"])
+                generators = self.sample_generators(gen_epoch, self.batches_done, shard)
+                micro.append(self.training_step(batch, generators, shard.loss_scale))
+                self.micro_weights.append(shard.real)
                 self.batches_done += 1
                 if not acc.sync_gradients:
                     continue
                 loss = torch.stack(micro).mean() if len(micro) > 1 else micro[0]
-                micro = []
+                real = sum(self.micro_weights)
+                micro, self.micro_weights = [], []
                 self.step += 1
                 if self.ema is not None:
                     self.ema.step(self.params)
@@ -421,7 +449,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{running:.4f}", refresh=False)
                 if cfg.log.every and self.step % cfg.log.every == 0:
-                    self._log(loss, start_step, start_time)
+                    self._log(loss, real, start_step, start_time)
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save_checkpoint()
                     saved_at = self.step
@@ -444,9 +472,11 @@ class Trainer:
         rate = (self.step - start_step) / elapsed if elapsed > 0 else 0.0
         return TrainResult(self.step, list(self.losses), self.last_checkpoint, exported, self.problems.summary(), rate)
 
-    def _log(self, loss: torch.Tensor, start_step: int, start_time: float) -> None:
+    def _log(self, loss: torch.Tensor, real: int, start_step: int, start_time: float) -> None:
         acc = self.accelerator
-        mean = acc.gather(loss.reshape(1).to(self.device)).float().mean().item()
+        # the global batch's mean: each process's mean weighted by the pairs it really trained on
+        parts = acc.gather(torch.stack([loss.float() * real, torch.tensor(float(real), device=loss.device)]).reshape(1, 2).to(self.device))
+        mean = (parts[:, 0].sum() / parts[:, 1].sum().clamp(min=1)).item()
         elapsed = time.perf_counter() - start_time
         values = {"loss": mean, "lr": self.lr_scheduler.get_last_lr()[0],
                   "steps_per_second": (self.step - start_step) / elapsed if elapsed > 0 else 0.0,
@@ -462,9 +492,19 @@ class Trainer:
     def _fsdp(self) -> bool:
         return self.accelerator.distributed_type.name == "FSDP"
 
-    def full_parameters(self):
+    @property
+    def _zero3(self) -> bool:
+        return self._deepspeed and zero_stage(self.accelerator) == 3
+
+    def full_parameters(self, trained_only: bool = False):
         """A context in which the unwrapped modules hold full parameters (FSDP gathers its shards
-        to the CPU of the main process; every process must enter it). A no-op otherwise."""
+        to the CPU of the main process, DeepSpeed ZeRO-3 gathers its partitions, of the trained
+        parameters only with ``trained_only``; every process must enter it). A no-op otherwise."""
+        if self._zero3:
+            import deepspeed
+
+            params = self.params if trained_only else list(self.unwrapped.parameters())
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         if not self._fsdp:
             return contextlib.nullcontext()
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -478,7 +518,7 @@ class Trainer:
         return {n: named[n].detach() for n in self.param_names}
 
     def _save_hook(self, models, weights, output_dir):
-        with self.full_parameters():
+        with self.full_parameters(trained_only=True):
             if self.accelerator.is_main_process:
                 ckpt.save_safetensors(self.trainable_state(), Path(output_dir) / ckpt.TRAINABLE_FILE)
         while weights:  # the frozen weights are not saved: the trained ones are in trainable.safetensors
@@ -487,7 +527,7 @@ class Trainer:
     def _load_hook(self, models, input_dir):
         while models:
             models.pop()
-        if not self._fsdp:  # FSDP restores its own (sharded) model state
+        if not (self._fsdp or self._zero3):  # FSDP and ZeRO-3 restore their own (sharded) model state
             self._load_trainable(Path(input_dir) / ckpt.TRAINABLE_FILE)
 
     def _load_trainable(self, path: Path) -> None:
@@ -538,6 +578,8 @@ class Trainer:
             "epoch": self.epoch,
             "batches_done": self.batches_done,
             "num_processes": self.accelerator.num_processes,
+            "distributed_type": self.accelerator.distributed_type.name,
+            "global_batch": self.cfg.data.batch_size * self.accelerator.num_processes,
             "trainable_set": self.trainable_set,
             "trainable": self.trainable_names,
             "problems": self.problems.to_dict(),
@@ -562,9 +604,7 @@ class Trainer:
                     f"cannot resume from {path}: it was trained with {key} = {have!r} but this run has {want!r} "
                     "(to start a new run from its weights, export them and use model.init_connector / init_transformer)"
                 )
-        if state.get("num_processes") != self.accelerator.num_processes:
-            logger.warning("resuming a %s-process checkpoint on %s processes: the data order differs from an uninterrupted run",
-                           state.get("num_processes"), self.accelerator.num_processes)
+        check_resharding(state, path, self.cfg, self.accelerator.num_processes, self.accelerator.distributed_type.name)
         kwargs = {"load_module_strict": False} if self._deepspeed else {}
         self.accelerator.load_state(str(path), **kwargs)
         if self.ema is not None:
@@ -687,7 +727,9 @@ class Trainer:
             elif self.trainable_set in ("image_attention", "full") and cfg.export.transformer:
                 files["transformer"] = ex.export_transformer(transformer, out / ex.TRANSFORMER_FILE, dtype=dtype, step=self.step)
             if cfg.export.released_dir:
-                qwen_model = self.components.qwen.model if (self.components.qwen and not cfg.model.gie) else None
+                # the Qwen weights as released, not an fp8-stored copy: reloaded when the run stored it small
+                loaded = self.components.qwen and not cfg.model.gie and self.memory.encoders == "compute"
+                qwen_model = self.components.qwen.model if loaded else None
                 if not cfg.model.gie and qwen_model is None:
                     from .models import load_qwen_dir
 
