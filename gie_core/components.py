@@ -26,9 +26,10 @@ EmptyCacheFn = Callable[[], None]
 
 
 def module_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a module's parameters and buffers (what moving it to a device costs)."""
-    total = sum(p.numel() * p.element_size() for p in module.parameters())
-    return total + sum(b.numel() * b.element_size() for b in module.buffers())
+    """Bytes of a module's parameters and buffers as they are stored (what moving it to a device
+    costs): fp8, GGUF blocks and bitsandbytes packs count as held, not as they compute."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors if not t.is_meta)
 
 
 def _module_device(module: torch.nn.Module) -> torch.device:
@@ -45,6 +46,13 @@ def same_device(a: torch.device, b: torch.device) -> bool:
         current = torch.cuda.current_device() if a.type == "cuda" and torch.cuda.is_available() else 0
         return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
     return a.index == b.index
+
+
+def fixed_device(module: torch.nn.Module) -> bool:
+    """Whether a module must stay on the device it was loaded to (bitsandbytes-quantised models
+    cannot be moved)."""
+    return bool(getattr(module, "_gie_fixed_device", False) or getattr(module, "is_loaded_in_4bit", False)
+                or getattr(module, "is_loaded_in_8bit", False))
 
 
 def _default_empty_cache() -> None:
@@ -84,7 +92,7 @@ class Placement:
 
     def _bring(self, module: torch.nn.Module) -> bool:
         """Put ``module`` on the device; True when it was moved (so it may go back)."""
-        if getattr(module, "_gie_group_offloaded", False):
+        if getattr(module, "_gie_group_offloaded", False) or fixed_device(module):
             return False
         if self._streams(module):
             module.enable_group_offload(
@@ -123,7 +131,7 @@ class Placement:
         """Send modules back to the CPU now (streamed transformers already wait there)."""
         moved = False
         for m in modules:
-            if m is None or getattr(m, "_gie_group_offloaded", False):
+            if m is None or getattr(m, "_gie_group_offloaded", False) or fixed_device(m):
                 continue
             if _module_device(m).type != "cpu":
                 m.to("cpu")
@@ -248,6 +256,7 @@ __all__ = [
     "Placement",
     "PlacedModel",
     "default_scheduler",
+    "fixed_device",
     "load_text_encoder_files",
     "module_bytes",
     "torch_modules",

@@ -136,46 +136,154 @@ def released_qwen_key(key: str) -> str:
     raise ValueError(f"'{key}' is not a Qwen2.5-VL parameter name")
 
 
-def load_qwen_from_gie(path: Path, cfg: dict, reader: CheckpointReader, dtype: torch.dtype, device):
-    """The Qwen2.5-VL part of the checkpoint as ``Qwen2_5_VLForConditionalGeneration``."""
+class OnDemandLMHead(torch.nn.Module):
+    """Qwen's output head (``lm_head``, 545 M parameters, 1 GB in bf16), read from the checkpoint
+    the first time something generates text (instruction rewriting), never for encoding.
+
+    Until then it holds no weight; after, it is a plain bias-free linear layer whose weight
+    moves with the model (offloading) like any other."""
+
+    def __init__(self, in_features: int, out_features: int, read_weight):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._read_weight = read_weight  # () -> tensor [out_features, in_features]
+        self.weight = None
+
+    @property
+    def loaded(self) -> bool:
+        return self.weight is not None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:
+            # in the activations' dtype: the rest of the model may have been cast since loading
+            weight = self._read_weight().to(device=hidden.device, dtype=hidden.dtype)
+            self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        return torch.nn.functional.linear(hidden, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, loaded={self.loaded}"
+
+
+def _read_lm_head(path: Path, key: str):
+    def read():
+        with CheckpointReader.open(path) as reader:
+            return reader.read(key)
+
+    return read
+
+
+def load_qwen_from_gie(
+    path: Path, cfg: dict, reader: CheckpointReader, dtype: torch.dtype, device, *, quantize: str = "none",
+    lm_head: bool = False,
+):
+    """The Qwen2.5-VL part of the checkpoint as ``Qwen2_5_VLForConditionalGeneration``.
+
+    ``lm_head`` False (default): the output head is read only when text is generated (see
+    :class:`OnDemandLMHead`); encoding never needs it. ``quantize``: a row of
+    :data:`gie_core.quantize.QUANTIZATION_TABLE` for the qwen part ("fp8" streams straight into
+    float8 storage; "int8"/"nf4" load through bitsandbytes)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    from .quantize import prepare_fp8_storage, quantization
+
+    q = quantization(quantize)
+    if q.kind == "bnb":
+        return _load_qwen_bnb(path, cfg, dtype, device, quantize, lm_head)
     config = qwen_config_from_gie(cfg)
     with empty_weights():
         model = Qwen2_5_VLForConditionalGeneration(config)
+    tied = bool(getattr(config, "tie_word_embeddings", False) or getattr(getattr(config, "text_config", None), "tie_word_embeddings", False))
+    lazy_head = not lm_head and not tied and "lm_head.weight" in reader
+    if lazy_head:
+        head = model.lm_head
+        model.lm_head = OnDemandLMHead(head.in_features, head.out_features, _read_lm_head(path, "lm_head.weight"))
+    if q.kind == "layerwise":
+        prepare_fp8_storage(model, dtype, "qwen", q.storage)
     model_keys = set(model.state_dict())
 
-    def pairs():
-        keys = [k for k in reader.keys() if not k.startswith(_GIE_NON_QWEN_PREFIX)]
-        names = {}
-        for key in keys:
-            names[key] = map_qwen_key(key, model_keys)
-            if names[key] is None:
-                raise CheckpointError(f"{path}: tensor '{key}' does not belong to a Qwen2.5-VL model")
-        for key, tensor in reader.iter_tensors(keys):
-            yield names[key], tensor
-
-    assign_weights(model, pairs(), dtype=dtype, device=device, what=f"Qwen2.5-VL weights in {path}")
-    if getattr(config, "tie_word_embeddings", False) or getattr(getattr(config, "text_config", None), "tie_word_embeddings", False):
+    keys = [k for k in reader.keys() if not k.startswith(_GIE_NON_QWEN_PREFIX) and not (lazy_head and k == "lm_head.weight")]
+    names = {}
+    for key in keys:
+        names[key] = map_qwen_key(key, model_keys)
+        if names[key] is None:
+            raise CheckpointError(f"{path}: tensor '{key}' does not belong to a Qwen2.5-VL model")
+    pairs = ((names[key], tensor) for key, tensor in reader.iter_loaded(keys, dtype, device))
+    assign_weights(model, pairs, dtype=dtype, device=device, what=f"Qwen2.5-VL weights in {path}")
+    if tied:
         model.tie_weights()
     return model.eval().requires_grad_(False)
 
 
-def load_connector_from_reader(reader: CheckpointReader, prefix: str, what: str) -> Connector:
-    state = {k[len(prefix):]: reader.read(k) for k in reader.keys() if k.startswith(prefix)}
-    if not state:
+def _load_qwen_bnb(path: Path, cfg: dict, dtype: torch.dtype, device, quantize: str, lm_head: bool):
+    """Qwen2.5-VL quantised by bitsandbytes while transformers loads it (its own loader reads
+    the released names and ignores the ``denoise_tower.*`` tensors)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from .quantize import bnb_config
+
+    device = torch.device(device)
+    with quiet_transformers():
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            path, config=qwen_config_from_gie(cfg), quantization_config=bnb_config(quantize, dtype),
+            device_map={"": str(device)}, local_files_only=True, **_dtype_kwarg(Qwen2_5_VLForConditionalGeneration, dtype),
+        )
+    if not lm_head and isinstance(model.lm_head, torch.nn.Linear) and not getattr(model.config, "tie_word_embeddings", False):
+        head = model.lm_head  # transformers reads it with the rest; free it until something generates
+        model.lm_head = OnDemandLMHead(head.in_features, head.out_features, _read_lm_head(path, "lm_head.weight"))
+        del head
+    model._gie_quantization = quantize
+    return model.eval().requires_grad_(False)
+
+
+def load_connector_from_reader(reader: CheckpointReader, prefix: str, what: str, *, dtype: torch.dtype = torch.float32,
+                               device="cpu") -> Connector:
+    """The connector whose tensors are ``prefix*`` in ``reader``, streamed into place like the
+    other parts (its shapes come from the file, no randomly initialised copy is made)."""
+    keys = [k for k in reader.keys() if k.startswith(prefix)]
+    if not keys:
         raise CheckpointError(f"{what} holds no connector weights (no '{prefix}*' tensors)")
-    return Connector.from_state_dict({"denoise_projector." + k if k[0].isdigit() else k: v for k, v in state.items()})
+
+    def name(key: str) -> str:
+        k = key[len(prefix):]
+        return "denoise_projector." + k if k[:1].isdigit() else k
+
+    by_name = {name(k): k for k in keys}
+    try:
+        hidden, inp = reader.shape(by_name["denoise_projector.0.weight"])
+        out, hidden2 = reader.shape(by_name["denoise_projector.2.weight"])
+    except KeyError:
+        raise CheckpointError(
+            f"{what}: connector weights must contain 'denoise_projector.0.weight' and 'denoise_projector.2.weight' "
+            f"(found {', '.join(sorted(by_name)[:6])})"
+        ) from None
+    if hidden2 != hidden:
+        raise CheckpointError(f"{what}: connector layers do not chain: first is {inp}->{hidden}, second is {hidden2}->{out}")
+    num_queries = reader.shape(by_name["queries"])[0] if "queries" in by_name else 0
+    with empty_weights():
+        conn = Connector(inp, out, hidden, type_embedding="type_embedding" in by_name, num_queries=num_queries)
+    pairs = ((name(k), t) for k, t in reader.iter_loaded(keys, dtype, device))
+    assign_weights(conn, pairs, dtype=dtype, device=device, what=f"connector in {what}")
+    return conn.eval().requires_grad_(False)
 
 
-def load_flux_transformer_from_reader(reader: CheckpointReader, prefix: str, config: dict, dtype, device, what: str):
-    """A diffusers FluxTransformer2DModel from ``config`` filled with the ``prefix`` tensors."""
+def load_flux_transformer_from_reader(reader: CheckpointReader, prefix: str, config: dict, dtype, device, what: str,
+                                      *, quantize: str = "none"):
+    """A diffusers FluxTransformer2DModel from ``config`` filled with the ``prefix`` tensors
+    (``quantize="fp8"``: streamed straight into float8 storage)."""
     from diffusers import FluxTransformer2DModel
 
+    from .quantize import prepare_fp8_storage, quantization
+
+    q = quantization(quantize)
+    if "transformer" not in q.parts:
+        raise ValueError(f"transformer quantization '{quantize}' is not available for the transformer")
     cfg = {k: v for k, v in config.items() if not k.startswith("_")}
     with empty_weights():
         transformer = FluxTransformer2DModel.from_config(cfg)
-    pairs = ((k[len(prefix):], t) for k, t in reader.iter_tensors(k for k in reader.keys() if k.startswith(prefix)))
+    if q.kind == "layerwise":
+        prepare_fp8_storage(transformer, dtype, "transformer", q.storage)
+    keys = [k for k in reader.keys() if k.startswith(prefix)]
+    pairs = ((k[len(prefix):], t) for k, t in reader.iter_loaded(keys, dtype, device))
     assign_weights(transformer, pairs, dtype=dtype, device=device, what=what)
     return transformer.eval().requires_grad_(False)
 
@@ -197,17 +305,26 @@ def load_gie_checkpoint(
     device: str | torch.device = "cpu",
     parts: tuple[str, ...] = ("encoder", "connector", "transformer"),
     processor_dir: str | os.PathLike | None = None,
+    transformer_quantize: str = "none",
+    qwen_quantize: str = "none",
+    lm_head: bool = False,
 ) -> GIECheckpoint:
     """Load the released GPT-Image-Edit checkpoint directory, streamed from its shards.
 
     ``parts`` picks what to load; ``processor_dir`` supplies the Qwen tokenizer and image
-    processor when the checkpoint directory lacks them.
+    processor when the checkpoint directory lacks them. ``transformer_quantize`` /
+    ``qwen_quantize``: rows of :data:`gie_core.quantize.QUANTIZATION_TABLE` ("fp8"; "int8"/"nf4"
+    for Qwen via bitsandbytes). ``lm_head``: read Qwen's output head now (by default it is read
+    the first time text is generated, i.e. only for instruction rewriting).
     """
     from .encoders import QwenVLEncoder
+    from .quantize import check_quantization
 
     p = Path(path)
     cfg = gie_config(p)
     dtype = parse_dtype(dtype)
+    check_quantization("transformer", transformer_quantize, device)
+    check_quantization("qwen", qwen_quantize, device)
     unknown = set(parts) - {"encoder", "connector", "transformer"}
     if unknown:
         raise ValueError(f"parts {sorted(unknown)} are unknown; expected encoder, connector, transformer")
@@ -215,14 +332,14 @@ def load_gie_checkpoint(
     encoder = connector = transformer = None
     with CheckpointReader.open(p) as reader:
         if "connector" in parts:
-            connector = load_connector_from_reader(reader, GIE_PROJECTOR_PREFIX, str(p)).to(device=device, dtype=dtype)
-            connector.eval().requires_grad_(False)
+            connector = load_connector_from_reader(reader, GIE_PROJECTOR_PREFIX, str(p), dtype=dtype, device=device)
         if "transformer" in parts:
             transformer = load_flux_transformer_from_reader(
-                reader, GIE_DENOISER_PREFIX, tower["denoiser_config"], dtype, device, f"Kontext transformer in {p}"
+                reader, GIE_DENOISER_PREFIX, tower["denoiser_config"], dtype, device, f"Kontext transformer in {p}",
+                quantize=transformer_quantize,
             )
         if "encoder" in parts:
-            model = load_qwen_from_gie(p, cfg, reader, dtype, device)
+            model = load_qwen_from_gie(p, cfg, reader, dtype, device, quantize=qwen_quantize, lm_head=lm_head)
             encoder = QwenVLEncoder(model, *load_qwen_processing(processor_dir or p))
     return GIECheckpoint(encoder, connector, transformer, cfg)
 
@@ -299,8 +416,15 @@ def load_kontext_dir(
     device: str | torch.device = "cpu",
     parts: tuple[str, ...] = KONTEXT_PARTS,
     t5_max_length: int | None = None,
+    transformer_quantize: str = "none",
 ) -> KontextComponents:
-    """Load components of a FLUX.1-Kontext-dev diffusers directory (local files only)."""
+    """Load components of a FLUX.1-Kontext-dev diffusers directory (local files only).
+
+    ``transformer_quantize="fp8"`` stores the transformer's layers in float8 (see
+    :mod:`gie_core.quantize`)."""
+    from .quantize import check_quantization, prepare_fp8_storage, quantization
+
+    check_quantization("transformer", transformer_quantize, device)
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
@@ -329,6 +453,8 @@ def load_kontext_dir(
         return m.to(device).eval().requires_grad_(False)
 
     transformer = model(FluxTransformer2DModel, "transformer") if "transformer" in parts else None
+    if transformer is not None and quantization(transformer_quantize).kind == "layerwise":
+        prepare_fp8_storage(transformer, dtype, "transformer")
     vae = model(AutoencoderKL, "vae") if "vae" in parts else None
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(sub("scheduler")) if "scheduler" in parts else None
     text = None
@@ -355,8 +481,4 @@ def load_connector(path: str | os.PathLike, *, dtype="bf16", device="cpu") -> Co
         gie_config(p)
     with CheckpointReader.open(p) as reader:
         prefix = GIE_PROJECTOR_PREFIX if any(k.startswith(GIE_PROJECTOR_PREFIX) for k in reader.keys()) else ""
-        if prefix:
-            conn = load_connector_from_reader(reader, prefix, str(p))
-        else:
-            conn = Connector.from_state_dict({k: reader.read(k) for k in reader.keys()})
-    return conn.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        return load_connector_from_reader(reader, prefix, str(p), dtype=dtype, device=device)

@@ -76,6 +76,9 @@ def load_lora(transformer: torch.nn.Module, path: str | os.PathLike) -> str:
         raise LoraError(f"{p} does not fit this Kontext transformer: {exc}") from None
     if name not in loaded_adapters(transformer):
         raise LoraError(f"{p}: none of its LoRA weights match a layer of this Kontext transformer")
+    from .quantize import adapters_in_compute_dtype
+
+    adapters_in_compute_dtype(transformer)  # an fp8-stored transformer: adapters stay in bf16
     transformer.requires_grad_(False)
     transformer.disable_adapters()  # the base model stays the base model; runs activate per use
     return name

@@ -6,11 +6,18 @@ Offload modes, for cards smaller than the models:
   before the transformer arrives);
 - ``sequential``: as ``model``, and the transformer itself streams its blocks to the device
   one group at a time (diffusers group offloading): the mode for 24 GB cards at 1 MP.
+
+Lighter weights (:mod:`gie_core.quantize`): ``transformer_quantize="fp8"`` / ``qwen_quantize``
+("fp8", or bitsandbytes "int8"/"nf4"), or a GGUF transformer file (:mod:`gie_core.gguf`).
+Faster sampling (:mod:`gie_core.acceleration`): ``cache``, ``attention``, ``compile`` of each
+edit. Many edits with one load: :meth:`EditPipeline.encode` once per image and instruction,
+then :meth:`EditPipeline.render` per seed (what ``gie-edit --jobs`` does).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -19,7 +26,8 @@ from PIL import Image
 
 from .conditioning import Conditioning
 from .connector import Connector, fuse
-from .components import Placement, default_scheduler, load_text_encoder_files
+from .components import Placement, default_scheduler, fixed_device, load_text_encoder_files
+from .acceleration import DEFAULT_ATTENTION
 from .constants import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_TRUE_CFG
 from .encoders import QwenVLEncoder, TextEncoders, check_instruction
 from .images import ImageLike, prepare_reference, to_pil, to_rgb, to_tensor
@@ -27,7 +35,18 @@ from .loading import load_gie_checkpoint, load_kontext_dir, parse_dtype
 from .modes import DEFAULT_FUSION_MODE, fusion_mode
 from .ratio import PadRecord, crop_padding, pad_to_ratio
 from .request import EditRequest, resolve_device, resolve_edit
-from .sampler import InterruptFn, KontextModels, ProgressFn, sample_request
+from .sampler import InterruptFn, KontextModels, ProgressFn, encode_reference, sample_request
+
+
+@dataclass
+class EncodedEdit:
+    """One image and instruction, encoded once: what any number of seeds of it are sampled from."""
+
+    request: EditRequest
+    positive: Conditioning
+    negative: Conditioning | None
+    reference_latents: torch.Tensor  # [B, 16, h, w], normalised VAE latents of the reference, on the CPU
+    pad_record: PadRecord | None
 
 
 @dataclass
@@ -61,7 +80,8 @@ class EditPipeline:
         self.placement = Placement(resolve_device(device), offload)
         self.device, self.offload = self.placement.device, offload
         for m in self._modules():
-            m.to(self.device if offload == "none" else "cpu")
+            if not fixed_device(m):
+                m.to(self.device if offload == "none" else "cpu")
 
     def _modules(self):
         mods = [self.transformer, self.vae, self.connector]
@@ -93,6 +113,8 @@ class EditPipeline:
         dtype: str | torch.dtype = "bf16",
         device: str | torch.device | None = None,
         offload: str = "none",
+        transformer_quantize: str = "none",
+        qwen_quantize: str = "none",
     ) -> EditPipeline:
         """Load what ``mode`` needs from a GPT-Image-Edit directory, a FLUX.1-Kontext directory
         and/or single files (single files override the directory's parts).
@@ -103,11 +125,24 @@ class EditPipeline:
         FLUX.1 diffusers directory has them). ``connector_file`` replaces the checkpoint's
         connector (e.g. one trained by ``gie-train``); ``lora_files`` are ``(path, strength)``
         LoRAs applied to the transformer for every edit.
+
+        ``transformer_file`` may be a GGUF file (``.gguf``: community Q8/Q5/Q4 Kontext files, or
+        one written by ``gie-convert``), kept quantised. ``transformer_quantize`` ("none"/"fp8")
+        and ``qwen_quantize`` ("none"/"fp8"/"int8"/"nf4") store those parts lighter (see
+        :mod:`gie_core.quantize`); LoRAs and the connector work on top of every choice.
         """
         from . import single_file as sf
+        from .gguf import is_gguf, load_gguf_transformer
+        from .quantize import check_quantization, prepare_fp8_storage, quantization
 
         spec = fusion_mode(mode)
         dtype = parse_dtype(dtype)
+        run_device = resolve_device(device)
+        transformer_quantize = check_quantization("transformer", transformer_quantize, run_device)
+        qwen_quantize = check_quantization("qwen", qwen_quantize, run_device)
+        if transformer_file is not None and is_gguf(transformer_file) and transformer_quantize != "none":
+            raise ValueError(f"the transformer {transformer_file} is a GGUF file, quantised already; "
+                             f"drop the transformer quantization '{transformer_quantize}'")
         load_dev = "cpu"
         needs_vlm, needs_t5 = spec.needs_qwen, spec.needs_t5
         if needs_vlm and gie_dir is None:
@@ -119,14 +154,28 @@ class EditPipeline:
                 parts += ["encoder", "connector"]
             if connector_file is not None and "connector" in parts:
                 parts.remove("connector")
-            ck = load_gie_checkpoint(gie_dir, dtype=dtype, device=load_dev, parts=tuple(parts))
-            qwen, connector, transformer = ck.encoder, ck.connector, ck.transformer
+            bnb_qwen = "encoder" in parts and quantization(qwen_quantize).kind == "bnb"
+            if bnb_qwen:  # bitsandbytes quantises onto the run device: load the encoder there
+                parts.remove("encoder")
+                qwen = load_gie_checkpoint(gie_dir, dtype=dtype, device=run_device, parts=("encoder",),
+                                           qwen_quantize=qwen_quantize).encoder
+            ck = load_gie_checkpoint(gie_dir, dtype=dtype, device=load_dev, parts=tuple(parts),
+                                     transformer_quantize=transformer_quantize,
+                                     qwen_quantize="none" if bnb_qwen else qwen_quantize)
+            connector, transformer = ck.connector, ck.transformer
+            if not bnb_qwen:
+                qwen = ck.encoder
         if connector_file is not None:
             from .loading import load_connector
 
             connector = load_connector(connector_file, dtype=dtype, device=load_dev)
         if transformer_file is not None:
-            transformer = sf.load_bfl_transformer(transformer_file, dtype=dtype, device=load_dev)
+            if is_gguf(transformer_file):
+                transformer = load_gguf_transformer(transformer_file, dtype=dtype, device=load_dev)
+            else:
+                transformer = sf.load_bfl_transformer(transformer_file, dtype=dtype, device=load_dev)
+                if quantization(transformer_quantize).kind == "layerwise":
+                    prepare_fp8_storage(transformer, dtype, "transformer")
 
         k_parts = []
         if transformer is None:
@@ -140,7 +189,8 @@ class EditPipeline:
             k_parts.append("t5")
         comps = None
         if kontext_dir is not None:
-            comps = load_kontext_dir(kontext_dir, dtype=dtype, device=load_dev, parts=tuple(k_parts))
+            comps = load_kontext_dir(kontext_dir, dtype=dtype, device=load_dev, parts=tuple(k_parts),
+                                     transformer_quantize=transformer_quantize)
         elif set(k_parts) - {"scheduler"}:
             missing = ", ".join(sorted(set(k_parts) - {"scheduler"}))
             raise ValueError(f"no FLUX.1-Kontext directory given (--kontext) and no single files for: {missing}")
@@ -184,46 +234,25 @@ class EditPipeline:
             cond = fuse(mode, self.connector, vlm, text)  # fuse moves features to the connector's device
         return cond.to("cpu")
 
-    def edit(
+    def encode(
         self,
         image: ImageLike,
         instruction: str,
         *,
         request: EditRequest | None = None,
-        mode: str = DEFAULT_FUSION_MODE,
-        steps: int = DEFAULT_STEPS,
-        guidance: float = DEFAULT_GUIDANCE,
-        seed: int = DEFAULT_SEED,
-        size: tuple[int, int] | None = None,
-        batch_size: int = 1,
-        snap: str | None = None,
-        pad_color: str = "white",
         negative_instruction: str | None = None,
-        true_cfg: float = DEFAULT_TRUE_CFG,
-        reference_resize: str = "preferred",
-        reference_resample: str = "lanczos",
-        progress: ProgressFn | None = None,
-        interrupt: InterruptFn | None = None,
-    ) -> EditResult:
-        """Edit ``image`` by ``instruction``.
-
-        Either pass a ``request`` from :func:`gie_core.request.resolve_edit` (as ``gie-edit`` does,
-        having checked everything before loading), or the options, which are resolved the same
-        way here. ``size`` is (width, height), a 0 side following the aspect; None = auto.
-        ``snap`` (a ratio set, e.g. "default") pads the image to the nearest ratio first and
-        crops the padding from the result, back to the original size.
-        """
+        **options,
+    ) -> EncodedEdit:
+        """Check, pad (when snapping) and encode ``image`` + ``instruction`` once: the conditioning
+        (and the negative one with true CFG) and the prepared reference, ready for
+        :meth:`render` with any seed. ``request`` or ``options`` as for :meth:`edit`."""
         check_instruction(instruction)
         checked = to_tensor(image, "input image")  # validates type, mode, size and values
         n_images = checked.shape[0]
         if request is None:
-            width, height = size if size is not None else (0, 0)
-            request = resolve_edit(
-                image_width=checked.shape[2], image_height=checked.shape[1], n_images=n_images, mode=mode,
-                steps=steps, guidance=guidance, seed=seed, width=width, height=height, batch_size=batch_size,
-                true_cfg=true_cfg, snap=snap, pad_color=pad_color, reference_resize=reference_resize,
-                reference_resample=reference_resample,
-            )
+            request = _resolve_options(checked, n_images, options)
+        elif options:
+            raise TypeError(f"pass either a request or options, not both (got {', '.join(sorted(options))})")
         elif (request.input_width, request.input_height, request.n_images) != (checked.shape[2], checked.shape[1], n_images):
             raise ValueError(
                 f"the request was resolved for {request.n_images} image(s) of {request.input_width}x{request.input_height} "
@@ -245,25 +274,97 @@ class EditPipeline:
             )
             if (record.padded_width, record.padded_height) != (request.pad.padded_width, request.pad.padded_height):
                 raise ValueError(f"the image pads to {record.padded_width}x{record.padded_height}, not as the request says")
-        mode = request.mode
-        positive = self.conditioning(images, instruction, mode)
+        positive = self.conditioning(images, instruction, request.mode)
         negative = None
         if request.do_true_cfg:
-            negative = self.conditioning(images, negative_instruction or " ", mode)
+            negative = self.conditioning(images, negative_instruction or " ", request.mode)
         reference = prepare_reference(images, request.reference_resize, resample=request.reference_resample)
+        with self.on_device(self.vae):
+            latents = encode_reference(self.vae, reference, self.device).cpu()  # once, for every seed
+        return EncodedEdit(request, positive, negative, latents, record)
+
+    def render(
+        self,
+        encoded: EncodedEdit,
+        *,
+        seed: int | None = None,
+        progress: ProgressFn | None = None,
+        interrupt: InterruptFn | None = None,
+    ) -> EditResult:
+        """Sample an encoded edit (with ``seed`` instead of the request's, when given) and crop
+        the padding back when snapping."""
         from .lora import activated
 
+        request = encoded.request
+        if seed is not None and seed != request.seed:
+            from .constants import SEED_RANGE
+            from .request import check_int
+
+            request = dataclasses.replace(request, seed=check_int("seed", seed, *SEED_RANGE))
         # only take charge of the adapters when this pipeline was given LoRAs
         loras = activated(self.transformer, self.loras) if self.loras else contextlib.nullcontext()
         with self.on_device(self.transformer, self.vae), loras:
             out = sample_request(
-                KontextModels(self.transformer, self.vae, self.scheduler), request, positive, reference,
-                negative=negative, device=self.device, progress=progress, interrupt=interrupt,
+                KontextModels(self.transformer, self.vae, self.scheduler), request, encoded.positive, None,
+                reference_latents=[encoded.reference_latents], negative=encoded.negative, device=self.device,
+                progress=progress, interrupt=interrupt,
             ).cpu()
-        if record is not None:
-            out = crop_padding(out, record)
-        info = {"width": request.width, "height": request.height, "mode": mode, "request": request}
-        return EditResult(to_pil(out), out, record, positive, info)
+        if encoded.pad_record is not None:
+            out = crop_padding(out, encoded.pad_record)
+        info = {"width": request.width, "height": request.height, "mode": request.mode, "request": request}
+        return EditResult(to_pil(out), out, encoded.pad_record, encoded.positive, info)
+
+    def edit(
+        self,
+        image: ImageLike,
+        instruction: str,
+        *,
+        request: EditRequest | None = None,
+        mode: str = DEFAULT_FUSION_MODE,
+        steps: int = DEFAULT_STEPS,
+        guidance: float = DEFAULT_GUIDANCE,
+        seed: int = DEFAULT_SEED,
+        size: tuple[int, int] | None = None,
+        batch_size: int = 1,
+        snap: str | None = None,
+        pad_color: str = "white",
+        negative_instruction: str | None = None,
+        true_cfg: float = DEFAULT_TRUE_CFG,
+        reference_resize: str = "preferred",
+        reference_resample: str = "lanczos",
+        cache=None,
+        attention: str = DEFAULT_ATTENTION,
+        compile: bool = False,
+        progress: ProgressFn | None = None,
+        interrupt: InterruptFn | None = None,
+    ) -> EditResult:
+        """Edit ``image`` by ``instruction``.
+
+        Either pass a ``request`` from :func:`gie_core.request.resolve_edit` (as ``gie-edit`` does,
+        having checked everything before loading), or the options, which are resolved the same
+        way here. ``size`` is (width, height), a 0 side following the aspect; None = auto.
+        ``snap`` (a ratio set, e.g. "default") pads the image to the nearest ratio first and
+        crops the padding from the result, back to the original size. ``cache``
+        ("magcache", "taylorseer:3", ...), ``attention`` ("sdpa", "flash", ...) and ``compile``
+        are the speed choices of :mod:`gie_core.acceleration` (default: none, SDPA, eager).
+        """
+        if request is None:
+            options = dict(mode=mode, steps=steps, guidance=guidance, seed=seed, size=size, batch_size=batch_size,
+                           snap=snap, pad_color=pad_color, true_cfg=true_cfg, reference_resize=reference_resize,
+                           reference_resample=reference_resample, cache=cache, attention=attention, compile=compile)
+            encoded = self.encode(image, instruction, negative_instruction=negative_instruction, **options)
+        else:
+            encoded = self.encode(image, instruction, request=request, negative_instruction=negative_instruction)
+        return self.render(encoded, progress=progress, interrupt=interrupt)
+
+
+def _resolve_options(checked: torch.Tensor, n_images: int, options: dict) -> EditRequest:
+    """An :class:`EditRequest` from :meth:`EditPipeline.edit`'s keyword options."""
+    options = dict(options)
+    size = options.pop("size", None)
+    width, height = size if size is not None else (0, 0)
+    return resolve_edit(image_width=checked.shape[2], image_height=checked.shape[1], n_images=n_images,
+                        width=width, height=height, **options)
 
 
 def _single_file_text(text, clip_file, t5_file, tokenizer_dir, kontext_dir, dtype) -> TextEncoders:

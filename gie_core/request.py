@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .acceleration import DEFAULT_ATTENTION, Acceleration, resolve_acceleration
 from .constants import (
     BATCH_RANGE,
     DEFAULT_GUIDANCE,
@@ -218,6 +219,7 @@ class EditRequest:
     input_height: int
     pad: PadRecord | None = None  # set when snapping: the input is padded to this record first
     pad_color: str | tuple = "white"
+    acceleration: Acceleration = Acceleration()  # step cache, attention backend, compiled blocks
 
     @property
     def do_true_cfg(self) -> bool:
@@ -253,13 +255,20 @@ def resolve_edit(
     placement: str = "center",
     reference_resize: str | tuple[int, int] = "preferred",
     reference_resample: str = DEFAULT_REFERENCE_RESAMPLE,
+    cache=None,
+    attention: str = DEFAULT_ATTENTION,
+    compile: bool = False,
 ) -> EditRequest:
     """Check every input and work out the run, with no model and no pixels needed.
 
     ``width``/``height``: None or 0 = auto (see :func:`resolve_output_size`); the aspect is the
     input's, or the padded image's when ``snap`` (a ratio set) is given. ``has_negative``:
     whether a negative conditioning exists (the CLI always makes one: " " by default).
+    ``cache`` ("NAME[:VALUE]", a :class:`gie_core.acceleration.StepCache` or None), ``attention``
+    and ``compile``: the speed choices of :mod:`gie_core.acceleration` (names and values checked
+    here; what this machine cannot run falls back to the default when sampling, with a note).
     """
+    acceleration = resolve_acceleration(cache, attention, compile)
     mode = fusion_mode(mode).name
     steps = check_int("steps", steps, *STEPS_RANGE)
     guidance = check_float("guidance", guidance, *GUIDANCE_RANGE)
@@ -296,4 +305,5 @@ def resolve_edit(
         n_images=n_images, true_cfg=true_cfg, reference_resize=reference_resize,
         reference_resample=reference_resample, reference_width=ref_w, reference_height=ref_h,
         input_width=image_width, input_height=image_height, pad=record, pad_color=pad_color,
+        acceleration=acceleration,
     )

@@ -9,6 +9,8 @@ progress and interruption instead of any UI import.
 A run is three parts: :func:`prepare` (noise, ids, reference tokens, the :class:`Schedule`),
 :func:`denoise` (the step loop) and :func:`decode`; :func:`sample` chains them. Inputs come
 checked by :func:`gie_core.request.resolve_edit` (or :func:`check_sampling` for direct callers).
+The step loop runs under the speed choices of :mod:`gie_core.acceleration` (step cache,
+attention backend, compiled blocks); with the defaults it is the plain loop.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .acceleration import Acceleration, accelerated
 from .conditioning import Conditioning
 from .constants import (
     BATCH_RANGE,
@@ -151,6 +154,9 @@ class _InterruptHooks:
         def check(*_):
             if interrupt():
                 raise SamplingInterrupted("sampling was interrupted")
+
+        if hasattr(torch, "compiler") and hasattr(torch.compiler, "disable"):
+            check = torch.compiler.disable(check)  # compiled blocks call it eagerly, never trace it
 
         for name in ("transformer_blocks", "single_transformer_blocks"):
             for block in getattr(transformer, name, []):
@@ -324,25 +330,29 @@ def denoise(
     progress: ProgressFn | None = None,
     interrupt: InterruptFn | None = None,
     preview: PreviewFn | None = None,
+    acceleration: Acceleration | None = None,
 ) -> torch.Tensor:
     """The step loop. Returns the normalised latents [B, 16, H/8, W/8].
 
     ``preview`` gets, after each step, the clean latents the step predicts
-    (``x0 = x_t - sigma * velocity``, normalised, as ComfyUI's previewers take them)."""
+    (``x0 = x_t - sigma * velocity``, normalised, as ComfyUI's previewers take them).
+    ``acceleration``: step cache, attention backend, compiled blocks (see
+    :mod:`gie_core.acceleration`); None = the plain loop."""
     pos, neg, n_target, dtype = run.positive, run.negative, run.n_target, run.latents.dtype
     batch_size, latents = run.batch_size, run.latents
 
-    def predict(model_input, t, context, pooled, tids, guid):
-        out = transformer(
-            hidden_states=model_input,
-            timestep=t / 1000,
-            guidance=guid,
-            pooled_projections=pooled,
-            encoder_hidden_states=context,
-            txt_ids=tids,
-            img_ids=run.ids,
-            return_dict=False,
-        )[0]
+    def predict(model_input, t, context, pooled, tids, guid, call="cond"):
+        with fast.call(call, i, t):  # the step cache's context: which call, which step
+            out = transformer(
+                hidden_states=model_input,
+                timestep=t / 1000,
+                guidance=guid,
+                pooled_projections=pooled,
+                encoder_hidden_states=context,
+                txt_ids=tids,
+                img_ids=run.ids,
+                return_dict=False,
+            )[0]
         return out[:, :n_target]  # slice the prediction back to the target tokens
 
     joint_cfg = run.do_cfg and run.cfg_batch and neg.context.shape[1] == pos.context.shape[1]
@@ -353,7 +363,9 @@ def denoise(
 
     timesteps = run.schedule.timesteps
     total = len(timesteps)
-    with _InterruptHooks(transformer, interrupt), _RopeCache(transformer):
+    device = run.latents.device
+    with _InterruptHooks(transformer, interrupt), _RopeCache(transformer), \
+            accelerated(transformer, acceleration, steps=total, device=device) as fast:
         for i, t in enumerate(timesteps):
             if interrupt is not None and interrupt():
                 raise SamplingInterrupted("sampling was interrupted")
@@ -368,7 +380,7 @@ def denoise(
                 tt = t.expand(batch_size).to(dtype)
                 noise_pred = predict(model_input, tt, pos.context, pos.pooled, run.txt_ids, run.guidance)
                 if run.do_cfg:
-                    neg_pred = predict(model_input, tt, neg.context, neg.pooled, run.neg_txt_ids, run.guidance)
+                    neg_pred = predict(model_input, tt, neg.context, neg.pooled, run.neg_txt_ids, run.guidance, "uncond")
                     noise_pred = neg_pred + run.true_cfg * (noise_pred - neg_pred)
             if preview is not None:  # x_t = (1 - s) x0 + s eps and v = eps - x0, so x0 = x_t - s v
                 x0 = latents.float() - (t.float() / 1000) * noise_pred.float()
@@ -405,6 +417,7 @@ def sample(
     checked: bool = False,
     reference_latents: Sequence[torch.Tensor] | None = None,
     preview: PreviewFn | None = None,
+    acceleration: Acceleration | None = None,
 ) -> torch.Tensor:
     """Edit: denoise a ``width`` x ``height`` image conditioned on ``positive`` and the references.
 
@@ -414,7 +427,8 @@ def sample(
     normalised latents [B, 16, H/8, W/8]). With true CFG and ``cfg_batch``, the positive and
     negative predictions run as one batch when their token counts match (turn it off to halve
     activation memory on small cards). ``checked``: the values come from
-    :func:`gie_core.request.resolve_edit`, so they are not checked again.
+    :func:`gie_core.request.resolve_edit`, so they are not checked again. ``acceleration``:
+    the speed choices of :mod:`gie_core.acceleration` (None: no cache, SDPA, eager).
     """
     if not checked:
         check_sampling(width=width, height=height, steps=steps, guidance=guidance, seed=seed,
@@ -425,7 +439,8 @@ def sample(
                   seed=seed, batch_size=batch_size, true_cfg=true_cfg, negative=negative,
                   reference_method=reference_method, cfg_batch=cfg_batch, device=device, noise=noise,
                   reference_latents=reference_latents)
-    latents = denoise(models.transformer, run, progress=progress, interrupt=interrupt, preview=preview)
+    latents = denoise(models.transformer, run, progress=progress, interrupt=interrupt, preview=preview,
+                      acceleration=acceleration)
     return latents if output == "latent" else decode(models.vae, latents)
 
 
@@ -450,4 +465,5 @@ def sample_request(
         guidance=request.guidance, seed=request.seed, batch_size=request.batch_size, true_cfg=request.true_cfg,
         negative=negative, device=device, progress=progress, interrupt=interrupt, checked=True,
         reference_latents=reference_latents, reference_method=reference_method, preview=preview,
+        acceleration=request.acceleration,
     )

@@ -1,14 +1,30 @@
 """Streaming safetensors I/O.
 
-Checkpoints here are tens of GB, so weights are read tensor by tensor with plain file reads
-straight into their destination (no mmap of whole shards, no second full copy in memory), and
-written atomically (a crash mid-save never replaces a good file with a half-written one).
+Checkpoints here are tens of GB, so weights are read tensor by tensor, never a second full copy
+in memory, and written atomically (a crash mid-save never replaces a good file with a
+half-written one).
+
+Two ways to get a tensor out of a file:
+
+- :meth:`SafetensorsFile.read`: a copy in fresh CPU memory (positional reads, thread-safe);
+- :meth:`SafetensorsFile.view`: the file's bytes themselves, mapped copy-on-write (no copy at
+  all; writes stay private to the process). :meth:`CheckpointReader.load` uses a view when the
+  stored tensor already is what the model needs (same dtype, on the CPU): loading is then as
+  fast as the page cache (or the disk) delivers, like ``from_pretrained``'s mmap, and the pages
+  of tensors that are copied anyway (cast, or sent to a GPU) leave the process right after.
+  Tensors are taken in file order (front to back through the disk); when they go to a GPU, a
+  reader thread fetches the next ones' pages while the current one is copied.
+
+A view is as aligned in memory as its tensor is in the file (8 bytes at least); CPU kernels may
+then round the last bit of a result differently than on a 64-byte-aligned copy (as with any
+memory-mapped loader).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import struct
 import threading
@@ -46,6 +62,41 @@ class CheckpointError(ValueError):
 
 
 _HAS_PREADV = hasattr(os, "preadv")
+
+# madvise(MADV_POPULATE_READ) (Linux >= 5.14): the kernel maps a range's pages (reading them
+# from disk when needed) in one call, with the GIL released (ctypes), faster than touching
+# each page. None until tried; False where the kernel or libc lacks it.
+_MADV_POPULATE_READ = 22
+_madvise = None
+
+
+def _populate(address: int, length: int) -> bool:
+    """Populate the pages of ``[address, address + length)``; False when not supported here."""
+    global _madvise
+    if _madvise is False:
+        return False
+    if _madvise is None:
+        import ctypes
+        import sys
+
+        if not sys.platform.startswith("linux"):
+            _madvise = False
+            return False
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = libc.madvise
+        except (OSError, AttributeError):
+            _madvise = False
+            return False
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        _madvise = fn
+    page = mmap.PAGESIZE
+    start = address // page * page
+    if _madvise(start, address + length - start, _MADV_POPULATE_READ) != 0:
+        _madvise = False  # EINVAL: an older kernel; touch the pages instead from now on
+        return False
+    return True
 
 
 def _read_exact(fh, n: int) -> bytes:
@@ -113,6 +164,8 @@ class SafetensorsFile:
         except BaseException:
             self._fh.close()
             raise
+        self._size = size
+        self._map: mmap.mmap | None = None
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -149,7 +202,66 @@ class SafetensorsFile:
             pos += got
         return buf.view(dtype).reshape(shape)
 
+    def _mapping(self) -> mmap.mmap:
+        if self._map is None:
+            with self._lock:
+                if self._map is None:
+                    # copy-on-write: a view's tensor may be changed in place (training) without
+                    # touching the file; its unchanged pages are shared with the page cache
+                    self._map = mmap.mmap(self._fh.fileno(), self._size, access=mmap.ACCESS_COPY)
+        return self._map
+
+    def aligned(self, key: str) -> bool:
+        """Whether the tensor's bytes start at a multiple of its element size in the file (a
+        view of a misaligned tensor would be slow or refused by some kernels)."""
+        dtype, _, begin, _ = self._entries[key]
+        return (self._data_start + begin) % dtype.itemsize == 0
+
+    def view(self, key: str) -> torch.Tensor:
+        """The tensor as a copy-on-write view of the file's bytes (no copy). It keeps the file
+        mapped while it lives; writes to it stay in this process. Falls back to :meth:`read`
+        for a tensor that is empty or misaligned in the file."""
+        dtype, shape, begin, end = self._entries[key]
+        if end == begin or not self.aligned(key):
+            return self.read(key)
+        flat = torch.frombuffer(self._mapping(), dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                offset=self._data_start + begin)
+        return flat.reshape(shape)
+
+    def prefetch(self, key: str) -> None:
+        """Bring the tensor's pages into memory now (read from disk when the page cache lacks
+        them), so that using its :meth:`view` later does not wait on the disk. Releases the GIL
+        while it reads, so several tensors can be fetched at once."""
+        _, _, begin, end = self._entries[key]
+        if end == begin:
+            return
+        import numpy as np
+
+        start = self._data_start + begin
+        if hasattr(os, "posix_fadvise"):  # one large asynchronous read for a cold page cache
+            os.posix_fadvise(self._fh.fileno(), start, end - begin, os.POSIX_FADV_WILLNEED)
+        pages = np.frombuffer(self._mapping(), dtype=np.uint8, count=end - begin, offset=start)
+        if _populate(pages.ctypes.data, end - begin):
+            return
+        int(pages[:: mmap.PAGESIZE].sum(dtype=np.uint64))  # one byte of every page: faults them in
+
+    def release(self, key: str) -> None:
+        """Drop the mapped pages that lie wholly inside the tensor's bytes from this process
+        (they stay in the page cache). Only for a tensor whose view nobody keeps: pages that
+        were written to would be lost."""
+        if self._map is None:
+            return
+        _, _, begin, end = self._entries[key]
+        page = mmap.PAGESIZE
+        start = -(-(self._data_start + begin) // page) * page
+        stop = (self._data_start + end) // page * page
+        if stop > start and hasattr(self._map, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
     def close(self) -> None:
+        # The mapping is never closed explicitly: views (a loaded model's weights) hold a
+        # reference to it, and it is unmapped when the last of them goes.
+        self._map = None
         self._fh.close()
 
     def __enter__(self) -> SafetensorsFile:
@@ -164,6 +276,7 @@ class CheckpointReader:
 
     def __init__(self, files: Iterable[str | os.PathLike]):
         self.files = [SafetensorsFile(f) for f in files]
+        self._number = {id(f): i for i, f in enumerate(self.files)}
         self._where: dict[str, SafetensorsFile] = {}
         for f in self.files:
             for k in f.keys():
@@ -196,6 +309,79 @@ class CheckpointReader:
 
     def nbytes(self, key: str) -> int:
         return self._where[key].nbytes(key)
+
+    def file_of(self, key: str) -> SafetensorsFile:
+        try:
+            return self._where[key]
+        except KeyError:
+            raise CheckpointError(f"tensor '{key}' is not in the checkpoint ({self.describe()})") from None
+
+    def load(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The tensor as a model will keep it: ``dtype`` (floating tensors only; None = as
+        stored) on ``device``. Without a cast on the CPU it is a view of the file (no copy);
+        otherwise it is copied once, straight from the mapped file, and those pages are dropped."""
+        f = self.file_of(key)
+        stored = f.dtype(key)
+        target = dtype if dtype is not None and stored.is_floating_point else stored
+        device = torch.device(device)
+        if device.type == "cpu" and target == stored:
+            return f.view(key)
+        if device.type == "cpu":
+            out = f.read(key).to(target)  # a cast makes a new tensor anyway: read into a private buffer
+            return out
+        view = f.view(key)
+        out = view.to(device=device, dtype=target)
+        del view
+        f.release(key)
+        return out
+
+    def offset(self, key: str) -> tuple[int, int]:
+        """(file number, byte offset) of a tensor: sorting by it reads the files front to back."""
+        f = self.file_of(key)
+        return self._number[id(f)], f._entries[key][2]
+
+    def iter_loaded(
+        self,
+        keys: Iterable[str],
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+        *,
+        workers: int | None = None,
+        max_ahead_bytes: int = 512 * 2**20,
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(key, self.load(key, dtype, device))`` in file order (front to back: the
+        fastest way through a disk).
+
+        ``workers`` threads fetch the next tensors' pages (at most ``max_ahead_bytes`` ahead), so
+        the disk keeps reading while tensors are copied to a device. Default: one for a device
+        other than the CPU; none for the CPU, whose views are mapped, not read: their pages come
+        in on first use, as with ``from_pretrained``'s memory map."""
+        keys = sorted(keys, key=self.offset)
+        if workers is None:
+            workers = 0 if torch.device(device).type == "cpu" else 1
+        if workers < 1 or len(keys) < 2:
+            for k in keys:
+                yield k, self.load(k, dtype, device)
+            return
+        from collections import deque
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gie-fetch") as pool:
+            pending: deque = deque()
+            ahead = nxt = 0
+            try:
+                while nxt < len(keys) or pending:
+                    while nxt < len(keys) and (not pending or ahead + self.nbytes(keys[nxt]) <= max_ahead_bytes):
+                        k = keys[nxt]
+                        pending.append((k, pool.submit(self.file_of(k).prefetch, k)))
+                        ahead += self.nbytes(k)
+                        nxt += 1
+                    k, fut = pending.popleft()
+                    ahead -= self.nbytes(k)
+                    fut.result()
+                    yield k, self.load(k, dtype, device)
+            finally:
+                for _, fut in pending:
+                    fut.cancel()
 
     def iter_tensors(
         self, keys: Iterable[str], *, workers: int = 4, max_ahead_bytes: int = 512 * 2**20
@@ -275,11 +461,25 @@ def find_safetensors(path: str | os.PathLike) -> list[Path]:
 @contextlib.contextmanager
 def empty_weights():
     """Build modules with parameters on the meta device (buffers stay real, so rotary
-    tables and similar non-persistent buffers keep their computed values)."""
+    tables and similar non-persistent buffers keep their computed values), skipping
+    transformers' weight initialisation (the weights are about to be loaded)."""
     from accelerate import init_empty_weights
 
-    with init_empty_weights(include_buffers=False):
+    with init_empty_weights(include_buffers=False), _no_init_weights():
         yield
+
+
+def _no_init_weights():
+    """transformers' ``no_init_weights`` (``transformers.initialization`` in 5.x, ``modeling_utils``
+    in 4.x), or nothing when neither has it."""
+    for where in ("transformers.initialization", "transformers.modeling_utils"):
+        try:
+            module = __import__(where, fromlist=["no_init_weights"])
+        except ImportError:
+            continue
+        if hasattr(module, "no_init_weights"):
+            return module.no_init_weights()
+    return contextlib.nullcontext()
 
 
 def _keep_fp32(model: torch.nn.Module) -> tuple[str, ...]:
@@ -299,31 +499,42 @@ def assign_weights(
     """Move ``(parameter name, tensor)`` pairs into a model built under :func:`empty_weights`.
 
     Floating tensors are cast to ``dtype`` (fp8-stored weights are upcast), except modules the
-    model asks to keep in fp32 (T5's ``wo``). With ``strict`` every parameter must be given
-    exactly once and no unknown name is accepted; errors name ``what`` was being loaded.
+    model asks to keep in fp32 (T5's ``wo``) and parameters the model already stores in fp8
+    (layers prepared by :func:`gie_core.quantize.prepare_fp8_storage`), which keep their dtype.
+    A tensor already in its final dtype on ``device`` is used as it is (no copy): pass views from
+    :meth:`CheckpointReader.iter_loaded`. With ``strict`` every parameter must be given exactly
+    once and no unknown name is accepted; errors name ``what`` was being loaded.
     """
-    from accelerate.utils import set_module_tensor_to_device
-
+    device = torch.device(device)
     expected = dict(model.named_parameters())
-    expected.update({n: b for n, b in model.named_buffers() if n in model.state_dict()})
+    persistent = set(model.state_dict().keys())
+    expected.update({n: b for n, b in model.named_buffers() if n in persistent})
     keep32 = _keep_fp32(model)
     seen: set[str] = set()
     unexpected: list[str] = []
     for name, tensor in tensors:
-        if name not in expected:
+        old = expected.get(name)
+        if old is None:
             unexpected.append(name)
             continue
-        want = tuple(expected[name].shape)
+        want = tuple(old.shape)
         if tuple(tensor.shape) != want:
             raise CheckpointError(
                 f"{what}: tensor '{name}' has shape {tuple(tensor.shape)} but the model expects {want} "
                 "(is this checkpoint for a different architecture?)"
             )
         target = dtype
-        if keep32 and any(f".{k}." in f".{name}" for k in keep32) and dtype == torch.float16:
+        if old.dtype in FLOAT8_DTYPES:
+            target = old.dtype  # a layer stored in fp8 (layerwise casting upcasts it at compute)
+        elif keep32 and any(f".{k}." in f".{name}" for k in keep32) and dtype == torch.float16:
             target = torch.float32
-        value = tensor.to(target) if tensor.is_floating_point() else tensor
-        set_module_tensor_to_device(model, name, device, value=value, dtype=value.dtype)
+        value = tensor.to(device=device, dtype=target) if tensor.is_floating_point() else tensor.to(device)
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        if attr in module._parameters:
+            module._parameters[attr] = torch.nn.Parameter(value, requires_grad=old.requires_grad and value.is_floating_point())
+        else:
+            module._buffers[attr] = value
         seen.add(name)
     if strict:
         missing = [n for n in expected if n not in seen]
@@ -336,7 +547,7 @@ def assign_weights(
             raise CheckpointError(f"{what} does not match the model: " + "; ".join(parts))
     # Buffers were built on CPU; bring them along.
     for name, buf in list(model.named_buffers()):
-        if buf.device.type != torch.device(device).type and not buf.is_meta:
+        if buf.device.type != device.type and not buf.is_meta:
             module_name, _, attr = name.rpartition(".")
             module = model.get_submodule(module_name) if module_name else model
             module._buffers[attr] = buf.to(device)

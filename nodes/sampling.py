@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+from gie_core.acceleration import (
+    ATTENTION_BACKENDS,
+    CACHE_METHODS,
+    CACHE_TABLE,
+    DEFAULT_ATTENTION,
+    NO_CACHE,
+    cache_choice,
+)
 from gie_core.conditioning import Conditioning
 from gie_core.constants import FLUX_VAE_SCALING, FLUX_VAE_SHIFT
 from gie_core.constants import (
@@ -173,12 +181,39 @@ class GIEKontextSampler:
                      "tooltip": "How the reference is resized: lanczos (ours, as diffusers) or nearest (what upstream's "
                      "evaluation did, to reproduce the published numbers)."},
                 ),
+                "cache": (
+                    [NO_CACHE, *CACHE_METHODS],
+                    {"default": NO_CACHE,
+                     "tooltip": "Step caching (diffusers' cache hooks): skips work in steps that barely change. Faster, "
+                     "slightly different images. " + "; ".join(f"{m.name}: {m.title}" for m in CACHE_TABLE) + "."},
+                ),
+                "cache_value": (
+                    "FLOAT",
+                    {"default": 0.0, "min": 0.0, "max": max(m.high for m in CACHE_TABLE), "step": 0.01,
+                     "tooltip": "The cache's one setting; 0 = its default. " + "; ".join(
+                         f"{m.name}: {m.value_name} {m.low:g}..{m.high:g} (default {m.default:g})" for m in CACHE_TABLE)
+                     + ". Higher = faster, further from the uncached image."},
+                ),
+                "attention": (
+                    list(ATTENTION_BACKENDS),
+                    {"default": DEFAULT_ATTENTION,
+                     "tooltip": "Attention backend (diffusers' dispatcher). sdpa works everywhere; flash, flash3, sage, "
+                     "cudnn and xformers need a CUDA GPU and their package, and fall back to sdpa (with a note in the "
+                     "console) when missing."},
+                ),
+                "compile": (
+                    "BOOLEAN",
+                    {"default": False,
+                     "tooltip": "torch.compile the repeated transformer blocks (regional compilation). The first run "
+                     "compiles (slow), later runs gain; needs triton on GPUs. Kept on the loaded model."},
+                ),
             },
         }
 
     def sample(self, kontext_model, vae, positive, image, seed, steps, guidance, width, height, batch_size,
                reference_resize, unload_after, negative=None, true_cfg=DEFAULT_TRUE_CFG,
-               reference_resample=DEFAULT_REFERENCE_RESAMPLE):
+               reference_resample=DEFAULT_REFERENCE_RESAMPLE, cache=NO_CACHE, cache_value=0.0,
+               attention=DEFAULT_ATTENTION, compile=False):
         model = require(kontext_model, "kontext_model", "a Kontext model loader")
         codec, vae_ctx, vae_unload = vae_input(require(vae, "vae", "a Kontext loader's vae output or native Load VAE"))
         transformer = model.require_transformer()
@@ -187,6 +222,7 @@ class GIEKontextSampler:
             image_width=images.shape[2], image_height=images.shape[1], n_images=images.shape[0], steps=steps,
             guidance=guidance, seed=seed, width=width, height=height, batch_size=batch_size, true_cfg=true_cfg,
             has_negative=negative is not None, reference_resize=reference_resize, reference_resample=reference_resample,
+            cache=cache_choice(cache, cache_value), attention=attention, compile=bool(compile),
         )
         pos = read_conditioning(positive, "positive", transformer)
         neg = read_conditioning(negative, "negative", transformer) if request.do_true_cfg else None

@@ -35,8 +35,9 @@ def split_fp32(gie_dir, tmp_path_factory):
                    lm_head=True)
 
 
-def _equal_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
+def _equal_state(a: torch.nn.Module, b: torch.nn.Module, skip: tuple[str, ...] = ()) -> None:
+    sa = {k: v for k, v in a.state_dict().items() if not k.startswith(skip)}
+    sb = {k: v for k, v in b.state_dict().items() if not k.startswith(skip)}
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
@@ -67,7 +68,10 @@ def test_three_files_in_comfyui_folders_with_their_metadata(split_fp32, gie_dir)
 def test_every_tensor_maps_back_to_the_folders(split_fp32, folder, gie_dir):
     _equal_state(folder.transformer, load_bfl_transformer(split_fp32["transformer"], dtype=torch.float32))
     qwen = load_qwen_file(split_fp32["qwen"], tokenizer_dir=gie_dir, dtype=torch.float32)
-    _equal_state(folder.encoder.model, qwen.model)
+    # the folder's LM head is read on first use (generation); compare it with the checkpoint's tensor
+    _equal_state(folder.encoder.model, qwen.model, skip=("lm_head.",))
+    with CheckpointReader.open(gie_dir) as r:
+        assert torch.equal(qwen.model.lm_head.weight, r.read("lm_head.weight").float())
     _equal_state(folder.connector, load_connector_file(split_fp32["connector"], dtype=torch.float32))
     assert compare_qwen(gie_dir, split_fp32["qwen"], lm_head=True).equal
 
@@ -83,7 +87,10 @@ def test_an_edit_from_the_split_files_equals_the_folders(split_fp32, gie_dir, ko
         connector=load_connector_file(split_fp32["connector"], dtype=torch.float32), device="cpu",
     )
     kw = dict(steps=2, size=(64, 48), reference_resize="keep", seed=3)
-    assert torch.equal(folder.edit(image, "add a hat", **kw).tensor, split.edit(image, "add a hat", **kw).tensor)
+    # every weight is equal (test above); the folder's are the file's mapped pages (8-byte aligned), the
+    # single files' are copies (64-byte aligned), and the CPU's matrix kernels round the last bit by alignment
+    torch.testing.assert_close(folder.edit(image, "add a hat", **kw).tensor, split.edit(image, "add a hat", **kw).tensor,
+                               rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3fn", "fp8_scaled", "bf16"])

@@ -94,7 +94,7 @@ def _written_tensors(gie_dir):
 
 def test_released_layout_splits_into_three_parts_with_every_tensor_equal(gie_dir):
     written = _written_tensors(gie_dir)
-    ck = load_gie_checkpoint(gie_dir, dtype="fp32")
+    ck = load_gie_checkpoint(gie_dir, dtype="fp32", lm_head=True)  # lm_head now, not on demand
     qwen = ck.encoder.model.state_dict()
     conn = ck.connector.state_dict()
     flux = ck.transformer.state_dict()

@@ -1,7 +1,11 @@
-"""``gie-edit``: edit one image by an instruction from the command line.
+"""``gie-edit``: edit one image by an instruction (or a list of jobs) from the command line.
 
 With no weights given it runs a demo: a tiny random model set in the real on-disk layouts is
 built once into the user's cache and the whole pipeline runs on a bundled sample image.
+
+``--jobs LIST -o FOLDER`` runs many edits on one load (see :mod:`gie_core.jobs`): each job is
+encoded once for all its seeds, outputs are written atomically, and a rerun skips the outputs
+that exist.
 
 Every input is checked (by :func:`gie_core.request.resolve_edit` and the shared CLI helpers)
 before any weight is read.
@@ -10,6 +14,7 @@ before any weight is read.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -34,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
         STEPS_RANGE,
         TRUE_CFG_RANGE,
     )
+    from ..acceleration import ATTENTION_TABLE, CACHE_TABLE, DEFAULT_ATTENTION, NO_CACHE
+    from ..loading import DTYPES
     from ..modes import FUSION_MODES
+    from ..quantize import QUANTIZATION_TABLE, QWEN_QUANTIZATIONS, TRANSFORMER_QUANTIZATIONS
     from ..rewrite import DEFAULT_MAX_NEW_TOKENS
 
     p = argparse.ArgumentParser(
@@ -50,17 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
             "  gie-edit photo.jpg 'make it winter' -o out.png --model gpt-image-edit/final_checkpoint --kontext FLUX.1-Kontext-dev\n"
             "  gie-edit photo.jpg 'make it winter' -o out.png --mode t5 --transformer flux1-kontext-dev.safetensors \\\n"
             "      --vae ae.safetensors --t5 t5xxl_fp16.safetensors --clip clip_l.safetensors --tokenizers FLUX.1-Kontext-dev\n"
+            "  gie-edit --jobs jobs.jsonl -o out/ --model ... --kontext ... --seeds 1,2,3   # many edits, one load\n"
+            "  gie-edit photo.jpg 'make it winter' -o out.png --model ... --kontext ... --cache magcache --quantize-transformer fp8\n"
             "  gie-edit -o demo.png            # demo on tiny random models\n"
         ),
         allow_abbrev=False,
     )
     p.add_argument("input", nargs="?", help="image to edit (PNG/JPEG/WebP...); the demo uses a bundled sample")
     p.add_argument("instruction", nargs="?", help="the edit, e.g. 'replace the sky with a sunset'")
-    p.add_argument("-o", "--output", required=True, help="output PNG path; with --batch N, files OUTPUT_0.png ... are written")
+    p.add_argument("-o", "--output", required=True,
+                   help="output PNG path; with --batch N, files OUTPUT_0.png ... are written; with --jobs, the output folder")
     w = p.add_argument_group("weights (local paths only)")
     w.add_argument("--model", help="GPT-Image-Edit checkpoint directory (the released final_checkpoint layout)")
     w.add_argument("--kontext", help="FLUX.1-Kontext-dev diffusers directory (VAE, CLIP, T5, tokenizers, scheduler, stock transformer)")
-    w.add_argument("--transformer", help="single-file Kontext transformer (e.g. flux1-kontext-dev.safetensors, BFL layout, fp8 ok)")
+    w.add_argument("--transformer", help="single-file Kontext transformer: flux1-kontext-dev.safetensors (BFL layout, fp8 ok) "
+                                         "or a GGUF file (.gguf: Q8_0/Q5/Q4 community files or gie-convert's), kept quantised")
     w.add_argument("--vae", help="single-file FLUX VAE (ae.safetensors)")
     w.add_argument("--t5", help="single-file T5-XXL encoder (t5xxl_fp16.safetensors or an fp8 one)")
     w.add_argument("--clip", help="single-file CLIP-L text encoder (clip_l.safetensors)")
@@ -96,6 +108,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reference-resample", choices=REFERENCE_RESAMPLE_MODES, default=DEFAULT_REFERENCE_RESAMPLE,
                    help="how the input is resized for the reference: lanczos (default, as diffusers) or nearest "
                         "(what upstream's evaluation did: use it to reproduce the published numbers)")
+    j = p.add_argument_group("many edits, one load")
+    j.add_argument("--jobs", metavar="LIST",
+                   help="a job list: a .jsonl/.json file of {image, instruction[, seed|seeds, name, negative]}, a .tsv/.txt "
+                        "file of 'image<TAB>instruction[<TAB>seeds]' lines, or a folder of images each with a same-named .txt "
+                        "instruction; -o is then the output folder (NAME_sSEED.png), and a rerun skips the outputs that exist")
+    j.add_argument("--seeds", metavar="SEEDS",
+                   help="seeds to make of every image: '1,2,3' or '0-3' (default: --seed); a job's own seeds win")
+    q = p.add_argument_group("speed and memory (see README: Speed and memory)")
+    cache_help = "; ".join(f"{m.name}[:{m.value_name.upper()}] ({m.title}, default {m.default:g}, "
+                           f"{m.low:g}..{m.high:g})" for m in CACHE_TABLE)
+    q.add_argument("--cache", default=NO_CACHE, metavar="NAME[:VALUE]",
+                   help=f"step caching through diffusers' cache hooks (default {NO_CACHE}): {cache_help}. Faster, "
+                        "slightly different images")
+    q.add_argument("--attention", default=DEFAULT_ATTENTION, choices=[a.name for a in ATTENTION_TABLE],
+                   help=f"attention backend (diffusers' dispatcher; default {DEFAULT_ATTENTION}); one this machine cannot "
+                        "run falls back to sdpa with a note")
+    q.add_argument("--compile", action="store_true",
+                   help="torch.compile the repeated transformer blocks (regional; the first edit compiles, later ones gain)")
+    q.add_argument("--quantize-transformer", default="none", choices=TRANSFORMER_QUANTIZATIONS,
+                   help="store the Kontext transformer lighter: fp8 = float8 storage, layers upcast while they run "
+                        "(~0.5x the bytes of bf16); for GGUF pass a .gguf --transformer")
+    q.add_argument("--quantize-qwen", default="none", choices=QWEN_QUANTIZATIONS,
+                   help="store Qwen2.5-VL lighter: " + "; ".join(f"{r.name} = {r.description}" for r in QUANTIZATION_TABLE
+                                                                if "qwen" in r.parts and r.name != "none"))
     w2 = p.add_argument_group("instruction rewriting")
     w2.add_argument("--rewrite", action="store_true",
                     help="first rewrite the instruction into an explicit one with the checkpoint's Qwen2.5-VL (as gie-rewrite; "
@@ -103,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     w2.add_argument("--rewrite-max-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                     help=f"bound on the rewriting answer's length (default {DEFAULT_MAX_NEW_TOKENS})")
     r = p.add_argument_group("runtime")
-    r.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="weights dtype (default bf16 on GPU, fp32 on CPU)")
+    r.add_argument("--dtype", choices=list(DTYPES), help="compute dtype of the weights (default bf16 on GPU, fp32 on CPU)")
     r.add_argument("--offload", choices=OFFLOAD_MODES, default="none",
                    help="none (all on the GPU), model (encoders leave the GPU before the transformer runs), "
                         "sequential (also stream transformer blocks: for 24 GB cards)")
@@ -163,26 +199,38 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> int:
     from ..constants import DEFAULT_TARGET_AREA
     from ..encoders import check_instruction
+    from ..modes import DEFAULT_FUSION_MODE, STOCK_FUSION_MODE
+    from ..quantize import check_quantization
     from ..request import resolve_edit
 
     demo = not any((args.model, args.kontext, args.transformer, args.vae, args.t5, args.clip))
+    jobs_mode = args.jobs is not None
+    if jobs_mode:
+        if args.input or args.instruction is not None:
+            raise ValueError("give either INPUT and INSTRUCTION or --jobs, not both")
+        if args.rewrite:
+            raise ValueError("--rewrite works on one edit at a time; it is not available with --jobs")
+    elif args.seeds is not None:
+        raise ValueError("--seeds goes with --jobs; for one edit use --seed")
+    input_path = instruction = None
     if demo:
-        input_path = args.input or str(Path(__file__).resolve().parent.parent / "assets" / "sample.png")
-        if args.instruction is None:
-            instruction = DEMO_INSTRUCTION
-            print(f"gie-edit: demo: no instruction given, using '{DEMO_INSTRUCTION}'", file=sys.stderr)
-        else:
-            instruction = args.instruction  # an empty one is refused below, never replaced
+        if not jobs_mode:
+            input_path = args.input or str(Path(__file__).resolve().parent.parent / "assets" / "sample.png")
+            if args.instruction is None:
+                instruction = DEMO_INSTRUCTION
+                print(f"gie-edit: demo: no instruction given, using '{DEMO_INSTRUCTION}'", file=sys.stderr)
+            else:
+                instruction = args.instruction  # an empty one is refused below, never replaced
         reference_resize = args.reference_size or "keep"
         gie_dir = kontext_dir = None
     else:
-        if not args.input or args.instruction is None:
-            raise ValueError("give the INPUT image and the INSTRUCTION")
+        if not jobs_mode and (not args.input or args.instruction is None):
+            raise ValueError("give the INPUT image and the INSTRUCTION (or --jobs LIST)")
         input_path, instruction = args.input, args.instruction
         reference_resize = args.reference_size or "preferred"
         gie_dir, kontext_dir = args.model, args.kontext
-    check_instruction(instruction)
-    from ..modes import DEFAULT_FUSION_MODE, STOCK_FUSION_MODE
+    if not jobs_mode:
+        check_instruction(instruction)
 
     mode = args.mode or (DEFAULT_FUSION_MODE if (gie_dir or demo) else STOCK_FUSION_MODE)
 
@@ -190,15 +238,29 @@ def run(args) -> int:
     device, dtype = device_and_dtype(args.device, args.dtype)
     width, height = parse_size(args.size)
     loras = tuple(parse_lora(v) for v in args.lora)
+    transformer_quantize = check_quantization("transformer", args.quantize_transformer, device)
+    qwen_quantize = check_quantization("qwen", args.quantize_qwen, device)
+    if args.transformer and str(args.transformer).lower().endswith(".gguf") and transformer_quantize != "none":
+        raise ValueError(f"--transformer {args.transformer} is a GGUF file, quantised already; drop --quantize-transformer")
     background = args.pad_color if args.snap and args.pad_color != "edge" else "white"
-    image = load_input(input_path, background=background)
-    request = resolve_edit(
-        image_width=image.width, image_height=image.height, mode=mode, steps=args.steps, guidance=args.guidance,
-        seed=args.seed, width=width, height=height, area=DEMO_AREA if demo else DEFAULT_TARGET_AREA,
-        batch_size=args.batch, true_cfg=args.true_cfg, snap=args.snap, pad_color=args.pad_color,
-        reference_resize=reference_resize, reference_resample=args.reference_resample,
-    )
-    outs = output_paths(args.output, request.batch_size)
+
+    def resolve(image, seed):
+        return resolve_edit(
+            image_width=image.width, image_height=image.height, mode=mode, steps=args.steps, guidance=args.guidance,
+            seed=seed, width=width, height=height, area=DEMO_AREA if demo else DEFAULT_TARGET_AREA,
+            batch_size=args.batch, true_cfg=args.true_cfg, snap=args.snap, pad_color=args.pad_color,
+            reference_resize=reference_resize, reference_resample=args.reference_resample,
+            cache=args.cache, attention=args.attention, compile=args.compile,
+        )
+
+    if jobs_mode:
+        plan, requests = _plan_jobs(args, resolve, background)
+        acceleration = next(iter(requests.values())).acceleration
+    else:
+        image = load_input(input_path, background=background)
+        request = resolve(image, args.seed)
+        outs = output_paths(args.output, request.batch_size)
+        acceleration = request.acceleration
     if args.rewrite:
         from ..modes import fusion_mode
         from ..rewrite import check_rewrite_options
@@ -208,6 +270,20 @@ def run(args) -> int:
                 "--rewrite needs the Qwen2.5-VL of a GPT-Image-Edit checkpoint: give --model and a mode that uses the VLM (not 't5')"
             )
         check_rewrite_options(args.rewrite_max_tokens, 0.0, 0, 1.0)
+    # what this machine cannot run falls back to the default, said once, before loading
+    effective = acceleration.effective(device, log=False)
+    for note in effective.notes:
+        print(f"gie-edit: note: {note}", file=sys.stderr)
+    if jobs_mode:
+        requests = {job: dataclasses.replace(r, acceleration=effective) for job, r in requests.items()}
+        todo = [item for item in plan if not item.done]
+        made = len(plan) - len(todo)
+        if made:
+            print(f"gie-edit: {made} of {len(plan)} outputs exist already (kept); {len(todo)} to make", file=sys.stderr)
+        if not todo:
+            return 0  # nothing to do: nothing is loaded
+    else:
+        request = dataclasses.replace(request, acceleration=effective)
 
     # --- load and run ------------------------------------------------------------------
     from ..pipeline import EditPipeline
@@ -227,7 +303,10 @@ def run(args) -> int:
         gie_dir=gie_dir, kontext_dir=kontext_dir, transformer_file=args.transformer, vae_file=args.vae,
         t5_file=args.t5, clip_file=args.clip, tokenizer_dir=args.tokenizers, connector_file=args.connector,
         lora_files=loras, mode=mode, dtype=dtype, device=device, offload=args.offload,
+        transformer_quantize=transformer_quantize, qwen_quantize=qwen_quantize,
     )
+    if jobs_mode:
+        return _run_jobs(args, pipe, plan, requests, background)
     if args.rewrite:
         instruction = rewrite_for_edit(pipe, image, instruction, args.rewrite_max_tokens)
     bar = None
@@ -250,6 +329,57 @@ def run(args) -> int:
     for im, path in zip(result.images, outs):
         save_image(im, path)
         print(path)
+    return 0
+
+
+def _plan_jobs(args, resolve, background):
+    """The jobs, their outputs and their resolved requests: every job's image is read and its
+    request resolved now, so a bad job stops the run before anything loads."""
+    from ..encoders import check_instruction
+    from ..files import check_output_path
+    from ..jobs import parse_seeds, plan_outputs, read_jobs
+    from .common import OUTPUT_SUFFIXES
+
+    out_dir = Path(args.output)
+    if out_dir.suffix.lower() in OUTPUT_SUFFIXES:
+        raise ValueError(f"with --jobs, -o is the output folder, not a file ('{args.output}')")
+    check_output_path(out_dir / "gie-edit-probe.png", "output folder")
+    seeds = parse_seeds(args.seeds, "--seeds") if args.seeds is not None else parse_seeds(args.seed, "--seed")
+    jobs = read_jobs(args.jobs, default_seeds=seeds)
+    requests = {}
+    for job in jobs:
+        try:
+            check_instruction(job.instruction)
+            image = load_input(str(job.image), background=background)
+            requests[job] = resolve(image, job.seeds[0])
+        except ValueError as exc:
+            raise ValueError(f"{job.where}: {exc}") from None
+    batch = next(iter(requests.values())).batch_size
+    return plan_outputs(jobs, out_dir, batch), requests
+
+
+def _run_jobs(args, pipe, plan, requests, background) -> int:
+    from ..jobs import run_jobs
+
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        todo = [item for item in plan if not item.done]
+        bar = tqdm(total=sum(requests[i.job].steps for i in todo), desc=f"{len(todo)} edits", unit="step", file=sys.stderr)
+
+    def progress(done, total):
+        if bar is not None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+    try:
+        run_jobs(pipe, plan, requests, load_image=lambda job: load_input(str(job.image), background=background),
+                 save=save_image, progress=progress, written=lambda path: print(path, flush=True))
+    finally:
+        if bar is not None:
+            bar.close()
     return 0
 
 

@@ -1,0 +1,301 @@
+"""GGUF Kontext transformers: reading them (diffusers' GGUF quantizer) and writing them (``gguf``).
+
+A GGUF transformer keeps its weights in llama.cpp's block-quantised formats (Q8_0: ~8.5 bits
+a weight, Q5_K/Q5_0: ~5.5, Q4_K/Q4_0: ~4.5) and dequantises each layer as it runs.
+
+- :func:`load_gguf_transformer` loads the community FLUX.1-Kontext-dev files (QuantStack /
+  city96: BFL key layout, as ComfyUI-GGUF reads them) and our own (``gie-convert``) into a
+  diffusers ``FluxTransformer2DModel`` through ``from_single_file`` with a
+  ``GGUFQuantizationConfig``: the quantised blocks stay quantised in memory, each
+  ``GGUFLinear`` dequantises on the fly. The architecture is the shipped Kontext config with
+  the sizes read from the tensor shapes (offline: a local config folder, never the hub); the
+  BFL names are mapped with the size-aware converter of :mod:`gie_core.single_file`, so tiny
+  test files load through the same path as the real ones.
+- :func:`write_gguf` writes a state dict (BFL layout for ComfyUI-GGUF) with the ``gguf``
+  package, tensor by tensor, atomically. The ``gguf`` package quantises Q8_0, Q5_0/Q5_1 and
+  Q4_0/Q4_1 (its Python code has no K-quant encoder; K-quant files come from llama.cpp tools
+  and are read here all the same).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .weights import CheckpointError
+
+__all__ = ["GGUF_WRITE_TYPES", "gguf_metadata", "is_gguf", "load_gguf_transformer", "write_gguf"]
+
+# What write_gguf can store: block quantisations the gguf package encodes, and plain floats.
+GGUF_WRITE_TYPES: tuple[str, ...] = ("Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "BF16", "F16", "F32")
+GGUF_SUFFIX = ".gguf"
+
+# Tensors below this many elements, 1-D tensors (biases, norm scales) and rows that do not split
+# into whole blocks stay unquantised (ComfyUI-GGUF's converter does the same).
+QUANTIZE_MIN_ELEMENTS = 1024
+# BFL tensors kept in F16 in quantised files: the input embedders, the timestep / guidance /
+# pooled MLPs and the final layer (small and precision-critical; the same layers as fp8 keeps).
+KEEP_F16_PREFIXES: tuple[str, ...] = ("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.",
+                                      "x_embedder.", "context_embedder.", "time_text_embed.", "norm_out.", "proj_out.")
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
+def _require_gguf():
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ValueError("GGUF files need the 'gguf' package: pip install gguf") from None
+    return gguf
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a GGUF file (by its suffix; the magic number is checked on load)."""
+    return str(path).lower().endswith(GGUF_SUFFIX)
+
+
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"GGUF file {path} does not exist")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise CheckpointError(f"{path} is not a GGUF file (it does not start with the GGUF magic number)")
+
+
+def gguf_metadata(path: str | os.PathLike) -> dict[str, object]:
+    """The key/value metadata of a GGUF file (strings, numbers, booleans; arrays left out)."""
+    gguf = _require_gguf()
+    p = Path(path)
+    _check_file(p)
+    reader = gguf.GGUFReader(p)
+    out: dict[str, object] = {}
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or not field.types or field.types[0] == gguf.GGUFValueType.ARRAY:
+            continue
+        value = field.parts[field.data[0]]
+        if field.types[0] == gguf.GGUFValueType.STRING:
+            out[name] = bytes(value).decode("utf-8", "replace")
+        else:
+            out[name] = value.tolist()[0] if hasattr(value, "tolist") else value
+    return out
+
+
+class _Shapes:
+    """The reader interface the shape-to-config code of :mod:`gie_core.single_file` reads
+    (``keys``, ``shape``, ``in``), over a loaded GGUF state dict (logical shapes, not the
+    quantised byte shapes)."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor]):
+        self._state = state
+
+    def keys(self) -> list[str]:
+        return list(self._state)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._state
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        t = self._state[key]
+        return tuple(getattr(t, "quant_shape", t.shape))
+
+
+def load_gguf_transformer(
+    path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"
+):
+    """A FLUX.1 Kontext transformer from a GGUF file, its quantised layers kept quantised.
+
+    ``dtype`` is the compute dtype (what each layer is dequantised to; unquantised tensors are
+    stored in it). Keys in the BFL layout (with or without ComfyUI's ``model.diffusion_model.``
+    prefix) or in diffusers' layout. Raises :class:`CheckpointError` for a file that is not a
+    FLUX transformer or uses a quantisation diffusers cannot dequantise.
+    """
+    from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
+    from diffusers.models.model_loading_utils import load_gguf_checkpoint
+
+    from .loading import _dtype_kwarg
+    from .single_file import _flux_config_from_shapes, bfl_flux_key_to_diffusers
+
+    _require_gguf()
+    p = Path(path)
+    _check_file(p)
+    try:
+        raw = load_gguf_checkpoint(str(p))
+    except ValueError as exc:  # an unsupported quantisation type, named by diffusers
+        raise CheckpointError(f"{p}: {exc}".split("\n\nTo request")[0]) from None
+    state = {}
+    for key, tensor in raw.items():
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        state[key] = tensor
+    del raw
+    if "img_in.weight" in state:
+        bfl = True
+    elif "x_embedder.weight" in state:
+        bfl = False
+    else:
+        first = ", ".join(list(state)[:3]) or "no tensors"
+        raise CheckpointError(f"{p} is not a FLUX transformer GGUF file (its first tensors are {first})")
+    config, mlp_hidden = _flux_config_from_shapes(_Shapes(state), "", p, bfl=bfl)
+    if bfl:
+        inner = config["num_attention_heads"] * config["attention_head_dim"]
+        converted = {}
+        for key in list(state):
+            for name, part in bfl_flux_key_to_diffusers(key, state.pop(key), inner_dim=inner, mlp_hidden_dim=mlp_hidden):
+                converted[name] = part
+        state = converted
+    with tempfile.TemporaryDirectory(prefix="gie-gguf-config-") as cfg_dir:
+        cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+        cfg["_class_name"] = "FluxTransformer2DModel"
+        (Path(cfg_dir) / "config.json").write_text(json.dumps(cfg))
+        try:
+            model = FluxTransformer2DModel.from_single_file(
+                state, config=cfg_dir, local_files_only=True, device=torch.device(device),
+                quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
+                **_dtype_kwarg(FluxTransformer2DModel, dtype),
+            )
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{p} does not load as a FLUX transformer: {exc}") from None
+    model._gie_quantization = "gguf"
+    return model.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Item:
+    name: str
+    shape: tuple[int, ...]
+    make: Callable[[], torch.Tensor]
+
+
+def _items(tensors) -> list[_Item]:
+    """A mapping name -> tensor, or entries with ``key``/``name``, ``shape`` and ``make()``
+    (as :mod:`gie_core.convert` plans a file), as a list of items made one at a time."""
+    if isinstance(tensors, Mapping):
+        return [_Item(k, tuple(v.shape), (lambda v=v: v)) for k, v in tensors.items()]
+    out = []
+    for e in tensors:
+        name = getattr(e, "key", None) or getattr(e, "name", None)
+        if name is None or not hasattr(e, "shape") or not callable(getattr(e, "make", None)):
+            raise TypeError("write_gguf takes a mapping of tensors or entries with key, shape and make()")
+        out.append(_Item(str(name), tuple(e.shape), e.make))
+    return out
+
+
+def _stored_type(item: _Item, qtype, gguf):
+    """The GGML type one tensor is stored in under the file's ``qtype``."""
+    T = gguf.GGMLQuantizationType
+    n = 1
+    for s in item.shape:
+        n *= s
+    if len(item.shape) <= 1:
+        return T.F32
+    if qtype in (T.F32, T.F16, T.BF16):
+        return qtype
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    if n < QUANTIZE_MIN_ELEMENTS or item.shape[-1] % block or item.name.startswith(KEEP_F16_PREFIXES):
+        return T.F16
+    return qtype
+
+
+def _metadata_writer(writer, key: str, value) -> None:
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_int64(key, value) if value < 0 or value >= 2**32 else writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    else:
+        writer.add_string(key, str(value))
+
+
+def write_gguf(
+    tensors: Mapping[str, torch.Tensor] | Iterable,
+    path: str | os.PathLike,
+    qtype: str = "Q8_0",
+    metadata: Mapping[str, object] | None = None,
+    *,
+    arch: str = "flux",
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Write ``tensors`` to a GGUF file at ``path``, quantising the large 2-D weights to ``qtype``.
+
+    ``tensors``: a mapping name -> tensor, or entries with ``key``, ``shape`` and ``make()`` (each
+    tensor is then made, quantised, written and dropped in turn: peak memory is one tensor).
+    For ComfyUI-GGUF give the BFL key layout and ``arch="flux"`` (its ``general.architecture``).
+    1-D tensors are stored F32; small tensors, rows that are not whole blocks and the embedder /
+    final layers (``KEEP_F16_PREFIXES``) F16. ``metadata``: extra key/values (str, int, float,
+    bool). The file appears complete or not at all (written beside, then renamed).
+    ``progress(done, total)`` is called after each tensor.
+    """
+    import numpy as np
+
+    from .files import atomic_write
+
+    gguf = _require_gguf()
+    if qtype not in GGUF_WRITE_TYPES:
+        raise ValueError(f"GGUF type '{qtype}' cannot be written; expected one of {', '.join(GGUF_WRITE_TYPES)}")
+    target = getattr(gguf.GGMLQuantizationType, qtype)
+    items = _items(tensors)
+    if not items:
+        raise ValueError("write_gguf was given no tensors")
+    names = [i.name for i in items]
+    if len(set(names)) != len(names):
+        raise ValueError("write_gguf was given the same tensor name twice")
+    stored = [_stored_type(i, target, gguf) for i in items]
+
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(path=None, arch=arch)
+        try:
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            writer.add_file_type(_file_type(target, gguf))
+            for key, value in (metadata or {}).items():
+                _metadata_writer(writer, str(key), value)
+            for item, t in zip(items, stored):
+                byte_shape = gguf.quant_shape_to_byte_shape(item.shape, t) if t not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else item.shape
+                np_dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(t, np.uint8)
+                nbytes = int(np.prod(byte_shape)) * np.dtype(np_dtype).itemsize
+                writer.add_tensor_info(item.name, byte_shape, np.dtype(np_dtype), nbytes, raw_dtype=t)
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for n, (item, t) in enumerate(zip(items, stored)):
+                tensor = item.make()
+                if tuple(tensor.shape) != item.shape:
+                    raise ValueError(f"tensor '{item.name}' came out {tuple(tensor.shape)}, not {item.shape}")
+                data = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
+                del tensor
+                if t == gguf.GGMLQuantizationType.F32:
+                    out = data
+                elif t == gguf.GGMLQuantizationType.F16:
+                    out = data.astype(np.float16)
+                else:
+                    out = gguf.quants.quantize(data, t)
+                writer.write_tensor_data(out)
+                del data, out
+                if progress is not None:
+                    progress(n + 1, len(items))
+            writer.fout[0].flush()
+            os.fsync(writer.fout[0].fileno())
+        finally:
+            writer.close()
+
+    return atomic_write(path, write)
+
+
+def _file_type(qtype, gguf) -> int:
+    """``general.file_type`` (llama.cpp's LlamaFileType) of a file whose main type is ``qtype``."""
+    names = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
+             "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1", "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1"}
+    return int(getattr(gguf.LlamaFileType, names[qtype.name]))
