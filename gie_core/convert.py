@@ -58,6 +58,9 @@ __all__ = [
 CONVERT_PARTS = ("transformer", "qwen", "connector")
 # weight storage of the transformer and Qwen files (fp32 keeps a checkpoint's values exactly)
 FORMATS = ("bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_scaled")
+# the transformer also as GGUF (ComfyUI-GGUF's loader and ours read it; written with the gguf package)
+GGUF_FORMATS = {"gguf_q8_0": "Q8_0"}
+TRANSFORMER_FORMATS = FORMATS + tuple(GGUF_FORMATS)
 _PLAIN = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FOLDERS = {"transformer": "diffusion_models", "qwen": "text_encoders", "connector": "gie_connectors"}
@@ -401,8 +404,9 @@ def output_paths(out_dir: str | os.PathLike, name: str, parts=CONVERT_PARTS, tra
                  qwen_format="bf16", lm_head=False) -> dict[str, Path]:
     """Where each part goes under ``out_dir`` (a ComfyUI ``models`` folder, or any folder)."""
     out = Path(out_dir)
+    suffix = ".gguf" if transformer_format in GGUF_FORMATS else ".safetensors"
     names = {
-        "transformer": f"{name}-kontext-{transformer_format}.safetensors",
+        "transformer": f"{name}-kontext-{transformer_format}{suffix}",
         "qwen": f"{name}-qwen2.5-vl-{qwen_format}{'-lm_head' if lm_head else ''}.safetensors",
         "connector": f"{name}-connector.safetensors",
     }
@@ -431,9 +435,14 @@ def convert(
     unknown = [p for p in parts if p not in CONVERT_PARTS]
     if unknown or not parts:
         raise ValueError(f"parts {unknown or '[]'} unknown; expected some of {', '.join(CONVERT_PARTS)}")
-    for what, fmt in (("transformer format", transformer_format), ("Qwen format", qwen_format)):
-        if fmt not in FORMATS:
-            raise ValueError(f"{what} '{fmt}' is unknown; expected one of {', '.join(FORMATS)}")
+    for what, fmt, allowed in (("transformer format", transformer_format, TRANSFORMER_FORMATS),
+                               ("Qwen format", qwen_format, FORMATS)):
+        if fmt not in allowed:
+            raise ValueError(f"{what} '{fmt}' is unknown; expected one of {', '.join(allowed)}")
+    if transformer_format in GGUF_FORMATS and "transformer" in parts:
+        from .gguf import _require_gguf
+
+        _require_gguf()  # a clear message when the gguf package is missing, before anything is read
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise ValueError(f"name '{name}' must be letters, digits, '.', '_' or '-' (it names the output files)")
     src = open_source(source)
@@ -453,12 +462,18 @@ def convert(
         if part == "transformer":
             wpath, prefix = src.transformer
             with CheckpointReader.open(wpath) as reader:
-                entries = _transformer_entries(reader, prefix, transformer_format)
+                gguf_type = GGUF_FORMATS.get(transformer_format)
+                entries = _transformer_entries(reader, prefix, "fp32" if gguf_type else transformer_format)
                 tower = src.config.get("denoise_tower", {})
                 meta = _metadata("kontext_transformer", src, transformer_format, gie_layout="bfl",
                                  **({"gie_transformer_config": tower["denoiser_config"]} if "denoiser_config" in tower else {}))
-                _check_space(paths[part], entries)
-                written[part] = write_safetensors_streamed(paths[part], entries, meta)
+                _check_space(paths[part], entries, 0.3 if gguf_type else 1.0)
+                if gguf_type:
+                    from .gguf import write_gguf
+
+                    written[part] = write_gguf(entries, paths[part], gguf_type, metadata=meta)
+                else:
+                    written[part] = write_safetensors_streamed(paths[part], entries, meta)
         elif part == "qwen":
             with CheckpointReader.open(src.qwen) as reader:
                 entries = _qwen_entries(reader, qwen_format, lm_head)
@@ -480,8 +495,8 @@ def convert(
     return written
 
 
-def _check_space(path: Path, entries: list[Entry]) -> None:
-    need = sum(e.nbytes for e in entries) + (1 << 20)
+def _check_space(path: Path, entries: list[Entry], fraction: float = 1.0) -> None:
+    need = int(sum(e.nbytes for e in entries) * fraction) + (1 << 20)
     probe = path.parent
     while not probe.exists():
         probe = probe.parent

@@ -190,3 +190,21 @@ def test_the_command(gie_dir, tmp_path, capsys, split_fp32):
     assert main([str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main([str(gie_dir)]) == 2
+
+
+def test_gguf_q8_0_transformer_loads_and_samples_close_to_the_folder(gie_dir, folder, tmp_path):
+    pytest.importorskip("gguf", reason="the gguf package writes and reads GGUF files")
+    from gie_core.gguf import gguf_metadata, load_gguf_transformer
+
+    out = convert(gie_dir, tmp_path, parts=("transformer",), transformer_format="gguf_q8_0")
+    assert out["transformer"].name.endswith("-kontext-gguf_q8_0.gguf")
+    assert gguf_metadata(out["transformer"]).get("gie_component") == "kontext_transformer"
+    model = load_gguf_transformer(out["transformer"], dtype=torch.float32)
+    x = torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(0))
+    cfg = folder.transformer.config
+    kw = dict(hidden_states=x, timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]),
+              pooled_projections=torch.ones(1, cfg.pooled_projection_dim), encoder_hidden_states=torch.ones(1, 4, cfg.joint_attention_dim),
+              txt_ids=torch.zeros(4, 3), img_ids=torch.zeros(12, 3), return_dict=False)
+    with torch.no_grad():
+        ref, q8 = folder.transformer(**kw)[0], model(**kw)[0]
+    assert ((q8 - ref).abs().max() / ref.abs().max()).item() < 0.05  # 8-bit blocks: a few per cent at most

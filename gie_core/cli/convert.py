@@ -16,7 +16,7 @@ from .common import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..convert import CONVERT_PARTS, FORMATS
+    from ..convert import CONVERT_PARTS, FORMATS, TRANSFORMER_FORMATS
 
     p = argparse.ArgumentParser(
         prog="gie-convert",
@@ -41,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "text_encoders/ and gie_connectors/ under it)")
     p.add_argument("--parts", default=",".join(CONVERT_PARTS),
                    help=f"comma-separated parts to write (default: {','.join(CONVERT_PARTS)}; an export has no qwen)")
-    p.add_argument("--transformer-format", choices=FORMATS, default="bf16",
+    p.add_argument("--transformer-format", choices=TRANSFORMER_FORMATS, default="bf16",
                    help="transformer storage: bf16 (default, 23.8 GB), fp8_e4m3fn or fp8_scaled (ComfyUI's scaled fp8, "
-                        "11.9 GB), fp16, fp32")
+                        "11.9 GB), fp16, fp32, or gguf_q8_0 (a .gguf file for ComfyUI-GGUF and gie-edit, ~12.6 GB)")
     p.add_argument("--qwen-format", choices=FORMATS, default="bf16", help="Qwen2.5-VL storage (default bf16, 15.2 GB)")
     p.add_argument("--lm-head", action="store_true",
                    help="include the Qwen lm_head (1 GB in bf16): needed only for instruction rewriting")
