@@ -24,7 +24,7 @@ CONNECTOR_FOLDER = "gie_connectors"
 
 # What marks a usable sub-directory in each folder kind.
 DIR_MARKERS = {GIE_FOLDER: "config.json", "diffusers": "model_index.json"}
-MODEL_FILE_SUFFIXES = (".safetensors", ".sft")
+MODEL_FILE_SUFFIXES = (".safetensors", ".sft", ".gguf")
 _SCAN_DEPTH = 2  # models/diffusers/<org>/<name> is as deep as people nest them
 
 _modules: dict[str, object] = {}
@@ -82,6 +82,11 @@ def register_model_folder() -> None:
         with contextlib.suppress(OSError):  # a read-only install still lists the other folders
             os.makedirs(path, exist_ok=True)
         fp.add_model_folder_path(name, path, is_default=True)
+    # GGUF transformers in diffusion_models (as ComfyUI-GGUF registers them): our model loader reads them
+    for name in ("diffusion_models", "unet"):
+        entry = getattr(fp, "folder_names_and_paths", {}).get(name)
+        if entry is not None and isinstance(entry[1], set):
+            entry[1].add(".gguf")
 
 
 def set_model_roots(roots: dict[str, list[str | os.PathLike]]) -> None:

@@ -11,6 +11,8 @@ from gie_core.constants import LORA_STRENGTH_RANGE
 from gie_core.components import KontextModel, PlacedModel, default_scheduler, load_text_encoder_files
 from gie_core.loading import load_gie_checkpoint, load_kontext_dir, parse_dtype
 from gie_core.lora import load_lora
+from gie_core.gguf import is_gguf, load_gguf_transformer
+from gie_core.quantize import check_quantization, prepare_fp8_storage
 from gie_core.request import check_float
 from gie_core.single_file import load_bfl_transformer, load_bfl_vae, load_connector_file, load_qwen_file
 
@@ -29,6 +31,22 @@ from .common import (
 )
 
 COMFY_TOKENIZERS = "comfyui (bundled)"
+
+
+def _qwen_load_device(qwen_quantize: str, place):
+    """bitsandbytes weights cannot move after loading: they load where they run."""
+    from gie_core.quantize import quantization
+
+    return place.device if quantization(qwen_quantize).kind == "bnb" else "cpu"
+
+
+def _quant_input(part: str) -> tuple:
+    """An optional dropdown of the part's weight storage (gie_core.quantize's table)."""
+    from gie_core.quantize import QUANTIZATION_TABLE
+
+    rows = [q for q in QUANTIZATION_TABLE if part in q.parts]
+    return ([q.name for q in rows], {"default": "none", "tooltip": f"How the {part} weights are stored: "
+            + "; ".join(f"{q.name}: {q.description}" for q in rows) + "."})
 QWEN_LM_HEAD = ("if present", "never", "required")
 NO_T5 = "none"
 
@@ -67,13 +85,20 @@ class GIECheckpointLoader:
                 ),
                 "dtype": DTYPE_INPUT,
                 "offload": OFFLOAD_INPUT,
-            }
+            },
+            "optional": {
+                "transformer_quantize": _quant_input("transformer"),
+                "qwen_quantize": _quant_input("qwen"),
+            },
         }
 
-    def load(self, checkpoint, dtype, offload):
+    def load(self, checkpoint, dtype, offload, transformer_quantize="none", qwen_quantize="none"):
         path = comfy.resolve_model_dir(comfy.GIE_FOLDER, checkpoint)
         place = placement(offload)
-        ck = load_gie_checkpoint(path, dtype=parse_dtype(dtype), device="cpu")
+        check_quantization("transformer", transformer_quantize, place.device)
+        check_quantization("qwen", qwen_quantize, place.device)
+        ck = load_gie_checkpoint(path, dtype=parse_dtype(dtype), device=_qwen_load_device(qwen_quantize, place),
+                                 transformer_quantize=transformer_quantize, qwen_quantize=qwen_quantize)
         kontext = KontextModel(ck.transformer, default_scheduler(), place, source=f"gpt_image_edit/{checkpoint}")
         return (
             PlacedModel(ck.encoder, place, f"gpt_image_edit/{checkpoint}"),
@@ -124,13 +149,16 @@ class GIEKontextDiffusersLoader:
                 ),
                 "dtype": DTYPE_INPUT,
                 "offload": OFFLOAD_INPUT,
-            }
+            },
+            "optional": {"transformer_quantize": _quant_input("transformer")},
         }
 
-    def load(self, kontext, load_transformer, load_t5, dtype, offload):
+    def load(self, kontext, load_transformer, load_t5, dtype, offload, transformer_quantize="none"):
         path = comfy.resolve_model_dir("diffusers", kontext)
+        check_quantization("transformer", transformer_quantize)
         parts = ["vae", "scheduler", "clip"] + (["transformer"] if load_transformer else []) + (["t5"] if load_t5 else [])
-        comps = load_kontext_dir(path, dtype=parse_dtype(dtype), device="cpu", parts=tuple(parts))
+        comps = load_kontext_dir(path, dtype=parse_dtype(dtype), device="cpu", parts=tuple(parts),
+                                 transformer_quantize=transformer_quantize)
         place = placement(offload)
         source = f"diffusers/{kontext}"
         return (
@@ -162,12 +190,20 @@ class GIEKontextModelLoader:
                 ),
                 "dtype": DTYPE_INPUT,
                 "offload": OFFLOAD_INPUT,
-            }
+            },
+            "optional": {"transformer_quantize": _quant_input("transformer")},
         }
 
-    def load(self, model_name, dtype, offload):
+    def load(self, model_name, dtype, offload, transformer_quantize="none"):
         path = comfy.resolve_model_file("diffusion_models", model_name)
-        transformer = load_bfl_transformer(path, dtype=parse_dtype(dtype), device="cpu").requires_grad_(False)
+        check_quantization("transformer", transformer_quantize)
+        if is_gguf(path):  # quantised by the file (Q4/Q5/Q8), dequantised per layer by diffusers
+            transformer = load_gguf_transformer(path, dtype=parse_dtype(dtype), device="cpu")
+        else:
+            transformer = load_bfl_transformer(path, dtype=parse_dtype(dtype), device="cpu")
+            if transformer_quantize == "fp8":
+                prepare_fp8_storage(transformer, parse_dtype(dtype), "transformer")
+        transformer.requires_grad_(False)
         return (KontextModel(transformer, default_scheduler(), placement(offload), source=f"diffusion_models/{model_name}"),)
 
 
@@ -333,10 +369,11 @@ class GIEQwenVLLoader:
                 ),
                 "dtype": DTYPE_INPUT,
                 "offload": OFFLOAD_INPUT,
-            }
+            },
+            "optional": {"qwen_quantize": _quant_input("qwen")},
         }
 
-    def load(self, qwen_name, tokenizer, lm_head, dtype, offload):
+    def load(self, qwen_name, tokenizer, lm_head, dtype, offload, qwen_quantize="none"):
         path = comfy.resolve_model_file("text_encoders", qwen_name)
         if tokenizer == COMFY_TOKENIZERS:
             tok_dir = comfy.bundled_qwen_tokenizer_dir()
@@ -348,8 +385,15 @@ class GIEQwenVLLoader:
         else:
             tok_dir = comfy.resolve_model_dir(comfy.GIE_FOLDER, tokenizer)
         head = {"if present": None, "never": False, "required": True}[lm_head]
+        place = placement(offload)
+        check_quantization("qwen", qwen_quantize, place.device)
+        if qwen_quantize not in ("none", "fp8"):
+            raise ValueError(f"qwen_quantize '{qwen_quantize}' (bitsandbytes) needs the checkpoint folder loader; "
+                             "a single Qwen file takes none or fp8")
         encoder = load_qwen_file(path, tokenizer_dir=tok_dir, dtype=parse_dtype(dtype), device="cpu", lm_head=head)
-        return (PlacedModel(encoder, placement(offload), f"text_encoders/{qwen_name}"),)
+        if qwen_quantize == "fp8":
+            prepare_fp8_storage(encoder.model, parse_dtype(dtype), "qwen")
+        return (PlacedModel(encoder, place, f"text_encoders/{qwen_name}"),)
 
 
 class GIEConnectorLoader:

@@ -780,3 +780,34 @@ def test_native_vae_and_text_encoders_serve_our_nodes(loaded):
         N["GIEFusionConnector"]().fuse(loaded.connector, tf, "vlm+t5", qf, text_conditioning=c)
     with pytest.raises(TypeError, match="vae must come from a GIE VAE loader or ComfyUI's Load VAE"):
         run_sampler(loaded.gie_kontext, object(), cond, img)
+
+
+def test_loaders_store_weights_small_and_read_gguf(loaded, models_root):
+    """fp8 storage from the loader nodes, GGUF transformer files listed and read by the model loader;
+    the sampler runs on each and stays near the full-precision result."""
+    from gie_core.convert import convert
+
+    convert(loaded_gie_dir(models_root), models_root,
+            parts=("transformer",), transformer_format="gguf_q8_0", name="gie-tiny", overwrite=True)
+    comfy.reset()
+    comfy.set_model_roots({k: [models_root / k] for k in ("gpt_image_edit", "diffusion_models", "text_encoders")})
+    names = N["GIEKontextModelLoader"].INPUT_TYPES()["required"]["model_name"][0]
+    assert "gie-tiny-kontext-gguf_q8_0.gguf" in names
+    img = image()
+    cond = fused(loaded, img)
+    ref = run_sampler(loaded.gie_kontext, loaded.vae, cond, img, steps=1)
+    (q8,) = N["GIEKontextModelLoader"]().load("gie-tiny-kontext-gguf_q8_0.gguf", "fp32", "none")
+    (fp8,) = N["GIECheckpointLoader"]().load("gpt-image-edit", "fp32", "none", "fp8", "fp8")[2:]
+    assert any(p.dtype == torch.float8_e4m3fn for p in fp8.transformer.parameters())
+    for model in (q8, fp8):
+        out = run_sampler(model, loaded.vae, cond, img, steps=1)
+        assert torch.isfinite(out).all() and (out - ref).abs().max() < 0.25
+    qwen_file = next(n for n in N["GIEQwenVLLoader"].INPUT_TYPES()["required"]["qwen_name"][0] if "qwen2.5-vl" in n)
+    (qwen,) = N["GIEQwenVLLoader"]().load(qwen_file, "gpt-image-edit", "never", "fp32", "none", "fp8")
+    assert torch.isfinite(N["GIEQwenVLEncode"]().encode(qwen, img, INSTRUCTION)[0].hidden).all()
+    with pytest.raises(ValueError, match="transformer quantization 'nf4' is not available for the transformer"):
+        N["GIEKontextModelLoader"]().load("gie-tiny-kontext-gguf_q8_0.gguf", "fp32", "none", "nf4")
+
+
+def loaded_gie_dir(models_root):
+    return (models_root / "gpt_image_edit" / "gpt-image-edit").resolve()
