@@ -115,6 +115,8 @@ class EditPipeline:
         offload: str = "none",
         transformer_quantize: str = "none",
         qwen_quantize: str = "none",
+        qwen_file: str | os.PathLike | None = None,
+        qwen_tokenizer_dir: str | os.PathLike | None = None,
     ) -> EditPipeline:
         """Load what ``mode`` needs from a GPT-Image-Edit directory, a FLUX.1-Kontext directory
         and/or single files (single files override the directory's parts).
@@ -124,7 +126,10 @@ class EditPipeline:
         ``tokenizer/`` (CLIP) and ``tokenizer_2/`` (T5) for single-file text encoders (a
         FLUX.1 diffusers directory has them). ``connector_file`` replaces the checkpoint's
         connector (e.g. one trained by ``gie-train``); ``lora_files`` are ``(path, strength)``
-        LoRAs applied to the transformer for every edit.
+        LoRAs applied to the transformer for every edit. ``qwen_file`` is a single Qwen2.5-VL file
+        (``gie-convert``'s, or ComfyUI's stock ``qwen_2.5_vl_7b*.safetensors``), its tokenizer from
+        ``qwen_tokenizer_dir`` (else ``gie_dir``); with it and ``connector_file``, the VLM modes run
+        from split files without the checkpoint folder.
 
         ``transformer_file`` may be a GGUF file (``.gguf``: community Q8/Q5/Q4 Kontext files, or
         one written by ``gie-convert``), kept quantised. ``transformer_quantize`` ("none"/"fp8")
@@ -145,8 +150,19 @@ class EditPipeline:
                              f"drop the transformer quantization '{transformer_quantize}'")
         load_dev = "cpu"
         needs_vlm, needs_t5 = spec.needs_qwen, spec.needs_t5
-        if needs_vlm and gie_dir is None:
-            raise ValueError(f"fusion mode '{mode}' needs a GPT-Image-Edit checkpoint (--model); mode 't5' runs stock Kontext")
+        split_vlm = qwen_file is not None and connector_file is not None
+        if needs_vlm and gie_dir is None and not split_vlm:
+            raise ValueError(
+                f"fusion mode '{mode}' needs a GPT-Image-Edit checkpoint (--model), or its split files (--qwen and "
+                "--connector); mode 't5' runs stock Kontext"
+            )
+        if qwen_file is not None:
+            if qwen_tokenizer_dir is None and gie_dir is None:
+                raise ValueError("a single Qwen2.5-VL file needs its tokenizer: pass --qwen-tokenizer DIR (a Qwen2.5-VL "
+                                 "folder, or ComfyUI's comfy/text_encoders/qwen25_tokenizer)")
+            if quantization(qwen_quantize).kind == "bnb":
+                raise ValueError(f"Qwen quantization '{qwen_quantize}' (bitsandbytes) needs the checkpoint folder; a single "
+                                 "Qwen file takes none or fp8")
         qwen = connector = transformer = None
         if gie_dir is not None:
             parts = ["transformer"] if transformer_file is None else []
@@ -154,6 +170,8 @@ class EditPipeline:
                 parts += ["encoder", "connector"]
             if connector_file is not None and "connector" in parts:
                 parts.remove("connector")
+            if qwen_file is not None and "encoder" in parts:
+                parts.remove("encoder")
             bnb_qwen = "encoder" in parts and quantization(qwen_quantize).kind == "bnb"
             if bnb_qwen:  # bitsandbytes quantises onto the run device: load the encoder there
                 parts.remove("encoder")
@@ -169,6 +187,10 @@ class EditPipeline:
             from .loading import load_connector
 
             connector = load_connector(connector_file, dtype=dtype, device=load_dev)
+        if qwen_file is not None and needs_vlm:
+            qwen = sf.load_qwen_file(qwen_file, tokenizer_dir=qwen_tokenizer_dir or gie_dir, dtype=dtype, device=load_dev)
+            if qwen_quantize == "fp8":
+                prepare_fp8_storage(qwen.model, dtype, "qwen")
         if transformer_file is not None:
             if is_gguf(transformer_file):
                 transformer = load_gguf_transformer(transformer_file, dtype=dtype, device=load_dev)

@@ -161,3 +161,21 @@ def test_connector_file_and_lora_change_the_edit(tmp_path, photo, gie_dir, konte
     assert not np.array_equal(pix["base"], pix["connector"])
     assert not np.array_equal(pix["base"], pix["lora"])
     assert np.array_equal(pix["base"], pix["lora0"])  # strength 0 is the base model
+
+
+def test_split_files_from_gie_convert_edit_like_the_checkpoint_folder(tmp_path, photo, gie_dir, kontext_dir, capsys):
+    """gie-edit on gie-convert's three files (--transformer, --qwen, --connector; no --model) makes the
+    checkpoint folder's edit."""
+    from gie_core.convert import convert
+
+    files = convert(gie_dir, tmp_path / "models", transformer_format="fp32", qwen_format="fp32")
+    common = ["--kontext", str(kontext_dir), *COMMON]
+    assert main([str(photo), "add a hat", "-o", str(tmp_path / "folder.png"), "--model", str(gie_dir), *common]) == 0
+    split = ["--transformer", str(files["transformer"]), "--qwen", str(files["qwen"]), "--qwen-tokenizer", str(gie_dir),
+             "--connector", str(files["connector"])]
+    assert main([str(photo), "add a hat", "-o", str(tmp_path / "split.png"), *split, *common]) == 0, capsys.readouterr().err
+    a = np.asarray(Image.open(tmp_path / "folder.png")).astype(int)
+    b = np.asarray(Image.open(tmp_path / "split.png")).astype(int)
+    assert np.abs(a - b).max() <= 1  # equal weights; CPU kernels may round the last float bit by alignment
+    assert main([str(photo), "add a hat", "-o", str(tmp_path / "x.png"), "--qwen", str(files["qwen"]), *common]) == 2
+    assert "--qwen and --connector" in capsys.readouterr().err

@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--vae", help="single-file FLUX VAE (ae.safetensors)")
     w.add_argument("--t5", help="single-file T5-XXL encoder (t5xxl_fp16.safetensors or an fp8 one)")
     w.add_argument("--clip", help="single-file CLIP-L text encoder (clip_l.safetensors)")
+    w.add_argument("--qwen", help="single-file Qwen2.5-VL (gie-convert's, or ComfyUI's qwen_2.5_vl_7b*.safetensors; "
+                                  "bf16/fp8/scaled fp8) instead of the checkpoint's; with --connector, no --model needed")
+    w.add_argument("--qwen-tokenizer", help="folder with the Qwen tokenizer for --qwen (a Qwen2.5-VL folder, or ComfyUI's "
+                                            "comfy/text_encoders/qwen25_tokenizer); default: --model")
     w.add_argument("--connector", help="connector safetensors (e.g. trained with gie-train) replacing the checkpoint's")
     w.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="a FLUX/Kontext LoRA safetensors applied to the transformer, strength 1 unless given; repeatable")
@@ -203,7 +207,7 @@ def run(args) -> int:
     from ..quantize import check_quantization
     from ..request import resolve_edit
 
-    demo = not any((args.model, args.kontext, args.transformer, args.vae, args.t5, args.clip))
+    demo = not any((args.model, args.kontext, args.transformer, args.vae, args.t5, args.clip, args.qwen))
     jobs_mode = args.jobs is not None
     if jobs_mode:
         if args.input or args.instruction is not None:
@@ -232,9 +236,13 @@ def run(args) -> int:
     if not jobs_mode:
         check_instruction(instruction)
 
-    mode = args.mode or (DEFAULT_FUSION_MODE if (gie_dir or demo) else STOCK_FUSION_MODE)
+    mode = args.mode or (DEFAULT_FUSION_MODE if (gie_dir or demo or args.qwen) else STOCK_FUSION_MODE)
 
     # --- every input is checked here, before any weight is read --------------------------
+    for flag, value, kind in (("--qwen", args.qwen, "file"), ("--qwen-tokenizer", args.qwen_tokenizer, "dir"),
+                              ("--connector", args.connector, "file")):
+        if value is not None and not (Path(value).is_file() if kind == "file" else Path(value).is_dir()):
+            raise ValueError(f"{flag} {value} is not {'a file' if kind == 'file' else 'a folder'}")
     device, dtype = device_and_dtype(args.device, args.dtype)
     width, height = parse_size(args.size)
     loras = tuple(parse_lora(v) for v in args.lora)
@@ -265,7 +273,7 @@ def run(args) -> int:
         from ..modes import fusion_mode
         from ..rewrite import check_rewrite_options
 
-        if (not demo and not gie_dir) or not fusion_mode(mode).needs_qwen:
+        if (not demo and not gie_dir and not args.qwen) or not fusion_mode(mode).needs_qwen:
             raise ValueError(
                 "--rewrite needs the Qwen2.5-VL of a GPT-Image-Edit checkpoint: give --model and a mode that uses the VLM (not 't5')"
             )
@@ -301,7 +309,8 @@ def run(args) -> int:
         gie_dir, kontext_dir = tiny.gie_dir, tiny.kontext_dir
     pipe = EditPipeline.from_paths(
         gie_dir=gie_dir, kontext_dir=kontext_dir, transformer_file=args.transformer, vae_file=args.vae,
-        t5_file=args.t5, clip_file=args.clip, tokenizer_dir=args.tokenizers, connector_file=args.connector,
+        t5_file=args.t5, clip_file=args.clip, tokenizer_dir=args.tokenizers, connector_file=args.connector, qwen_file=args.qwen,
+        qwen_tokenizer_dir=args.qwen_tokenizer,
         lora_files=loras, mode=mode, dtype=dtype, device=device, offload=args.offload,
         transformer_quantize=transformer_quantize, qwen_quantize=qwen_quantize,
     )
