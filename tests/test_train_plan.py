@@ -107,7 +107,11 @@ def test_plan_at_real_width_for_the_released_configs(capsys):
     assert abs(_gib(s2, "optimizer state  adamw") - 2 * trained - 0.7) < 0.5  # AdamW: two fp32 states
     peak2 = float(re.search(r"peak: (\d+\.\d+) GiB", s2).group(1))
     assert 90 < peak2 < 130
-    assert "--optim.optimizer adamw8bit" in s2 and "--memory.transformer_dtype fp8" in s2
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is not None:  # suggested only where it can be installed and run
+        assert "--optim.optimizer adamw8bit" in s2
+    assert "--memory.transformer_dtype fp8" in s2
     assert "--train.trainable lora" in s2 and "fits with all of them" in s2
 
     for stage in (1, 2):  # the shipped 24 GB recipes fit
