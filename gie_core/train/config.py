@@ -397,7 +397,8 @@ class TrainConfig:
         choice("data.cache_dtype", DTYPE_NAMES)
         choice("export.dtype", DTYPE_NAMES)
         opt = optimizer_spec(self.optim.optimizer)
-        if opt.package and importlib.util.find_spec(opt.package) is None:
+        # planning and exporting run no optimizer: only a training run needs its package
+        if for_training and opt.package and importlib.util.find_spec(opt.package) is None:
             raise ConfigError(f"optim.optimizer is '{opt.name}' but {opt.package} is not installed ({opt.install})")
         if self.train.stage == 1 and self.trainable_set != "connector":
             raise ConfigError(
