@@ -33,7 +33,7 @@ from .encoders import QwenVLEncoder, TextEncoders, check_instruction
 from .images import ImageLike, prepare_reference, to_pil, to_rgb, to_tensor
 from .loading import load_gie_checkpoint, load_kontext_dir, parse_dtype
 from .modes import DEFAULT_FUSION_MODE, fusion_mode
-from .ratio import PadRecord, crop_padding, pad_to_ratio
+from .ratio import PadRecord, apply_padding, crop_padding
 from .request import EditRequest, resolve_device, resolve_edit
 from .sampler import InterruptFn, KontextModels, ProgressFn, encode_reference, sample_request
 
@@ -288,14 +288,11 @@ class EditPipeline:
             images = [to_rgb(im, background) for im in image]
         else:
             images = checked
-        record = None
-        if request.pad is not None:
-            images, record = pad_to_ratio(
-                images if isinstance(images, Image.Image) else to_tensor(images, "input image"), [request.pad.ratio],
-                color=request.pad_color,
+        record = request.pad
+        if record is not None:  # padded exactly as the request was sized
+            images = apply_padding(
+                images if isinstance(images, Image.Image) else to_tensor(images, "input image"), record, request.pad_color
             )
-            if (record.padded_width, record.padded_height) != (request.pad.padded_width, request.pad.padded_height):
-                raise ValueError(f"the image pads to {record.padded_width}x{record.padded_height}, not as the request says")
         positive = self.conditioning(images, instruction, request.mode)
         negative = None
         if request.do_true_cfg:

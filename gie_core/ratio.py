@@ -42,6 +42,7 @@ __all__ = [
     "nearest_ratio",
     "pad_to_ratio",
     "plan_padding",
+    "apply_padding",
     "crop_padding",
     "padding_mask",
     "residual_padding_fraction",
@@ -378,11 +379,28 @@ def pad_to_ratio(
     image, of the input's type, and the :class:`PadRecord` (one per batch).
     """
     kind, arr = _to_batch(image)
-    fill = parse_color(color)
-    B, H, W, _ = arr.shape
-    record = plan_padding(W, H, ratios, placement)
-    PW, PH, left, top = record.padded_width, record.padded_height, record.left, record.top
+    record = plan_padding(arr.shape[2], arr.shape[1], ratios, placement)
+    return _from_batch(kind, _pad(arr, record, parse_color(color))), record
 
+
+def apply_padding(image: ImageLike, record: PadRecord, color: Any = "white") -> ImageLike:
+    """Pad ``image`` as ``record`` says (a record from :func:`plan_padding`, e.g. one a request was
+    resolved with); the image must have the record's original size. Returns the input's type."""
+    if not isinstance(record, PadRecord):
+        raise TypeError(f"record is a {type(record).__name__} but must be a PadRecord")
+    kind, arr = _to_batch(image)
+    if (arr.shape[2], arr.shape[1]) != (record.original_width, record.original_height):
+        raise ValueError(
+            f"image is {arr.shape[2]}x{arr.shape[1]} but the pad record is for a "
+            f"{record.original_width}x{record.original_height} image"
+        )
+    return _from_batch(kind, _pad(arr, record, parse_color(color)))
+
+
+def _pad(arr, record: PadRecord, fill) -> Any:
+    """The batch ``arr`` [B, H, W, 3] padded to the record's size with ``fill`` (an RGB tuple or 'edge')."""
+    B, H, W, _ = arr.shape
+    PW, PH, left, top = record.padded_width, record.padded_height, record.left, record.top
     is_tensor = isinstance(arr, torch.Tensor)
     if fill == "edge":
         # index map clamps each padded coordinate to the nearest source row/column
@@ -392,16 +410,15 @@ def pad_to_ratio(
         else:
             rows = np.clip(np.arange(PH) - top, 0, H - 1)
             cols = np.clip(np.arange(PW) - left, 0, W - 1)
-        out = arr[:, rows][:, :, cols]
-    elif is_tensor:
+        return arr[:, rows][:, :, cols]
+    if is_tensor:
         out = torch.empty((B, PH, PW, 3), dtype=arr.dtype, device=arr.device)
         out[...] = torch.tensor([c / 255.0 for c in fill], dtype=arr.dtype, device=arr.device)
-        out[:, top : top + H, left : left + W] = arr
     else:
         out = np.empty((B, PH, PW, 3), dtype=np.uint8)
         out[...] = np.asarray(fill, dtype=np.uint8)
-        out[:, top : top + H, left : left + W] = arr
-    return _from_batch(kind, out), record
+    out[:, top : top + H, left : left + W] = arr
+    return out
 
 
 def _round_div(num: int, den: int) -> int:

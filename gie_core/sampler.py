@@ -24,6 +24,8 @@ from .acceleration import Acceleration, accelerated
 from .conditioning import Conditioning
 from .constants import (
     BATCH_RANGE,
+    FLUX_VAE_SCALING,
+    FLUX_VAE_SHIFT,
     DEFAULT_GUIDANCE,
     DEFAULT_SEED,
     DEFAULT_STEPS,
@@ -90,6 +92,17 @@ def _vae_factor(vae) -> int:
 # ``decode_latents(normalised latents) -> [B, H, W, 3] in 0..1`` (the nodes adapt ComfyUI's VAE so).
 
 
+def latents_in(raw: torch.Tensor, shift: float = FLUX_VAE_SHIFT, scale: float = FLUX_VAE_SCALING) -> torch.Tensor:
+    """Raw VAE latents -> the transformer's latent space, ``(z - shift) * scale`` (what native
+    Flux calls ``process_latent_in``)."""
+    return (raw - shift) * scale
+
+
+def latents_out(latents: torch.Tensor, shift: float = FLUX_VAE_SHIFT, scale: float = FLUX_VAE_SCALING) -> torch.Tensor:
+    """The inverse of :func:`latents_in`."""
+    return latents / scale + shift
+
+
 @torch.no_grad()
 def encode_reference(vae, image: torch.Tensor, device: torch.device) -> torch.Tensor:
     """[B, 3, H, W] in [-1, 1] -> normalised VAE mode latents [B, 16, H/8, W/8]."""
@@ -97,7 +110,7 @@ def encode_reference(vae, image: torch.Tensor, device: torch.device) -> torch.Te
         return vae.encode_latents(image).to(device)
     vae_dtype = next(vae.parameters()).dtype
     latents = vae.encode(image.to(device=device, dtype=vae_dtype)).latent_dist.mode()
-    return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+    return latents_in(latents, vae.config.shift_factor, vae.config.scaling_factor)
 
 
 @torch.no_grad()
@@ -106,7 +119,7 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     if hasattr(vae, "decode_latents"):
         return vae.decode_latents(latents).float()
     vae_dtype = next(vae.parameters()).dtype
-    latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+    latents = latents_out(latents, vae.config.shift_factor, vae.config.scaling_factor)
     image = vae.decode(latents.to(vae_dtype), return_dict=False)[0]
     return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()
 

@@ -181,21 +181,26 @@ def resolve_model_file(kind: str, name: str) -> Path:
     )
 
 
-def bundled_qwen_tokenizer_dir() -> Path | None:
-    """ComfyUI's own Qwen2.5 tokenizer folder (what its Qwen-Image text encoder uses), if present."""
+def _comfy_package_dir() -> Path | None:
+    """The folder of ComfyUI's ``comfy`` package (its bundled tokenizers live there), if present."""
     comfy = _optional("comfy")
     if comfy is None or not getattr(comfy, "__path__", None):
         return None
-    path = Path(list(comfy.__path__)[0]) / "text_encoders" / "qwen25_tokenizer"
-    return path if path.is_dir() else None
+    return Path(list(comfy.__path__)[0])
+
+
+def bundled_qwen_tokenizer_dir() -> Path | None:
+    """ComfyUI's own Qwen2.5 tokenizer folder (what its Qwen-Image text encoder uses), if present."""
+    root = _comfy_package_dir()
+    path = root / "text_encoders" / "qwen25_tokenizer" if root is not None else None
+    return path if path is not None and path.is_dir() else None
 
 
 def bundled_tokenizer_dirs() -> tuple[Path, Path] | None:
     """ComfyUI's own CLIP-L and T5 tokenizer folders (shipped in its source tree), if present."""
-    comfy = _optional("comfy")
-    if comfy is None or not getattr(comfy, "__path__", None):
+    root = _comfy_package_dir()
+    if root is None:
         return None
-    root = Path(list(comfy.__path__)[0])
     clip, t5 = root / "sd1_tokenizer", root / "text_encoders" / "t5_tokenizer"
     if clip.is_dir() and t5.is_dir():
         return clip, t5

@@ -81,6 +81,16 @@ def ui_text(text: str, result: tuple) -> dict:
     return {"ui": {"text": [text]}, "result": result}
 
 
+def comfy_latents_in(raw: torch.Tensor) -> torch.Tensor:
+    """A ComfyUI LATENT (raw VAE latents; [B, C, 1, h, w] from newer builds) normalised as native
+    Flux's ``process_latent_in`` does: [B, C, h, w] in the transformer's latent space."""
+    from gie_core.sampler import latents_in
+
+    if raw.ndim == 5:
+        raw = raw[:, :, 0]
+    return latents_in(raw.float())
+
+
 class NativeVAE:
     """ComfyUI's own VAE (``comfy.sd.VAE`` from Load VAE) as the sampler's latent codec.
 
@@ -95,18 +105,13 @@ class NativeVAE:
         self.vae = vae
 
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
-        from gie_core.constants import FLUX_VAE_SCALING, FLUX_VAE_SHIFT
-
         pixels = ((images.float() + 1.0) / 2.0).clamp(0, 1).permute(0, 2, 3, 1).cpu()  # [B, H, W, 3]
-        raw = self.vae.encode(pixels)
-        if raw.ndim == 5:  # video-shaped latents of newer ComfyUI builds: [B, C, 1, h, w]
-            raw = raw[:, :, 0]
-        return (raw.float() - FLUX_VAE_SHIFT) * FLUX_VAE_SCALING
+        return comfy_latents_in(self.vae.encode(pixels))
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        from gie_core.constants import FLUX_VAE_SCALING, FLUX_VAE_SHIFT
+        from gie_core.sampler import latents_out
 
-        images = self.vae.decode(latents.float().cpu() / FLUX_VAE_SCALING + FLUX_VAE_SHIFT)
+        images = self.vae.decode(latents_out(latents.float().cpu()))
         if images.ndim == 5:
             images = images[:, 0]
         return images.float().clamp(0, 1)

@@ -11,7 +11,6 @@ from gie_core.acceleration import (
     cache_choice,
 )
 from gie_core.conditioning import Conditioning
-from gie_core.constants import FLUX_VAE_SCALING, FLUX_VAE_SHIFT
 from gie_core.constants import (
     BATCH_RANGE,
     DEFAULT_GUIDANCE,
@@ -34,7 +33,7 @@ from gie_core.request import resolve_edit, resolve_output_size
 from gie_core.sampler import KontextModels, sample_request
 
 from . import comfy
-from .common import ANY_VAE, CAT_SAMPLING, KONTEXT, check_image, require, vae_input
+from .common import ANY_VAE, CAT_SAMPLING, KONTEXT, check_image, comfy_latents_in, require, vae_input
 
 
 def read_conditioning(cond, name: str, transformer) -> Conditioning:
@@ -81,12 +80,7 @@ def native_reference_latents(cond: Conditioning) -> tuple[list | None, str]:
             f"positive: reference_latents_method '{method}' (from FluxKontextMultiReferenceLatentMethod) is not supported "
             f"by this sampler; use {' or '.join(REFERENCE_METHODS)}"
         )
-    out = []
-    for i, lat in enumerate(latents):
-        if lat.ndim == 5:  # video-shaped [B, C, 1, h, w] latents
-            lat = lat[:, :, 0]
-        out.append((lat.float() - FLUX_VAE_SHIFT) * FLUX_VAE_SCALING)
-    return out, REFERENCE_METHODS[method or "offset"]
+    return [comfy_latents_in(lat) for lat in latents], REFERENCE_METHODS[method or "offset"]
 
 
 def output_size(width: int, height: int, ref_width: int, ref_height: int) -> tuple[int, int]:

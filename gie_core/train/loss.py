@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sampler import latent_ids, pack_latents, reference_tokens, unpack_latents
+from ..sampler import latent_ids, latents_in, pack_latents, reference_tokens, unpack_latents
 from ..schedule import shift_mu, shift_sigmas
 
 
@@ -58,7 +58,7 @@ def sample_sigmas(
 
 def normalize_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
     """Raw VAE latents -> the transformer's latent space: ``(z - shift) * scale``."""
-    return (latents - vae_config.shift_factor) * vae_config.scaling_factor
+    return latents_in(latents, vae_config.shift_factor, vae_config.scaling_factor)
 
 
 @dataclass
