@@ -77,10 +77,10 @@ def main():
 
     from PIL import Image
 
-    from gie_core.acceleration import resolve_acceleration
-    from gie_core.conditioning import Conditioning
-    from gie_core.images import prepare_reference
-    from gie_core.sampler import KontextModels, sample
+    from gie_core.engine.acceleration import resolve_acceleration
+    from gie_core.engine.conditioning import Conditioning
+    from gie_core.imaging.images import prepare_reference
+    from gie_core.engine.sampler import KontextModels, sample
 
     device = torch.device(args.device)
     transformer, vae, scheduler, ctx_dim, pooled_dim = build(device, args.full)

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 def build_models():
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
-    from gie_core.single_file import load_config, model_kwargs
+    from gie_core.weights.single_file import load_config, model_kwargs
 
     # Built on the meta device and filled in bf16 directly: a default fp32 init of 12B
     # parameters would need ~48 GB of RAM and minutes of kaiming init.
@@ -67,10 +67,10 @@ def main():
     import numpy as np
     from PIL import Image
 
-    from gie_core.conditioning import Conditioning
-    from gie_core.images import prepare_reference
-    from gie_core.pipeline import EditPipeline
-    from gie_core.sampler import KontextModels, sample
+    from gie_core.engine.conditioning import Conditioning
+    from gie_core.imaging.images import prepare_reference
+    from gie_core.engine.pipeline import EditPipeline
+    from gie_core.engine.sampler import KontextModels, sample
 
     device = torch.device("cuda")
     transformer, vae, scheduler = build_models()

@@ -51,7 +51,7 @@ def write_checkpoint(path: Path, gb: float) -> int:
     from diffusers import FluxTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from gie_core.weights import save_safetensors_atomic
+    from gie_core.weights.reader import save_safetensors_atomic
 
     marker = path / "bench.json"
     if marker.exists() and json.loads(marker.read_text()).get("gb") == gb:
@@ -133,8 +133,8 @@ def child(kind: str, path: str) -> None:
     from diffusers import FluxTransformer2DModel  # noqa: F401  (lazy imports happen before the baseline)
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration  # noqa: F401
 
-    from gie_core.encoders import load_qwen_image_processor  # noqa: F401
-    from gie_core.loading import gie_config, load_gie_checkpoint, qwen_config_from_gie
+    from gie_core.engine.encoders import load_qwen_image_processor  # noqa: F401
+    from gie_core.weights.loading import gie_config, load_gie_checkpoint, qwen_config_from_gie
 
     base = _current_rss_mb()
     t = time.perf_counter()

@@ -2,7 +2,7 @@
 
 One random FLUX.1 Kontext transformer at the real width (3072, 24 heads, context 4096, pooled
 768) with ``--double`` double and ``--single`` single blocks is saved in bf16 (diffusers
-layout) and written as GGUF Q8_0 and Q4_0 files (BFL layout, with ``gie_core.gguf.write_gguf``);
+layout) and written as GGUF Q8_0 and Q4_0 files (BFL layout, with ``gie_core.weights.gguf.write_gguf``);
 each variant is then loaded the way users load it (bf16: ``load_kontext_dir``; fp8:
 ``transformer_quantize="fp8"``; GGUF: ``load_gguf_transformer``) and measured the same way:
 
@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 
 def block_bytes(model, prefix: str) -> int:
-    from gie_core.components import module_bytes as resident_bytes
+    from gie_core.engine.components import module_bytes as resident_bytes
 
     return resident_bytes(getattr(model, prefix)[0])
 
@@ -40,7 +40,7 @@ def block_bytes(model, prefix: str) -> int:
 def extrapolate(model, layers=19, single=38) -> int:
     """Resident bytes of the real 19 + 38 block model: this model's non-block bytes plus the
     measured bytes of one block of each kind times the real counts."""
-    from gie_core.components import module_bytes as resident_bytes
+    from gie_core.engine.components import module_bytes as resident_bytes
 
     total = resident_bytes(model)
     d, s = block_bytes(model, "transformer_blocks"), block_bytes(model, "single_transformer_blocks")
@@ -52,8 +52,8 @@ def write_models(root: Path, n_double: int, n_single: int) -> dict:
     """A random real-width Kontext transformer in a diffusers folder (bf16) and as GGUF files."""
     from diffusers import FluxTransformer2DModel
 
-    from gie_core.gguf import write_gguf
-    from gie_core.single_file import load_config, model_kwargs
+    from gie_core.weights.gguf import write_gguf
+    from gie_core.weights.single_file import load_config, model_kwargs
 
     marker = root / "bench.json"
     want = {"double": n_double, "single": n_single}
@@ -99,11 +99,11 @@ def main():
 
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
-    from gie_core.conditioning import Conditioning
-    from gie_core.gguf import load_gguf_transformer
-    from gie_core.components import module_bytes as resident_bytes
-    from gie_core.quantize import prepare_fp8_storage
-    from gie_core.sampler import KontextModels, sample
+    from gie_core.engine.conditioning import Conditioning
+    from gie_core.weights.gguf import load_gguf_transformer
+    from gie_core.engine.components import module_bytes as resident_bytes
+    from gie_core.weights.quantize import prepare_fp8_storage
+    from gie_core.engine.sampler import KontextModels, sample
     from gie_core.testing.tiny_configs import TINY_SCHEDULER, TINY_VAE
 
     root = Path(args.dir)

@@ -58,9 +58,9 @@ def main():
 
     from diffusers import FluxKontextPipeline
 
-    from gie_core.conditioning import Conditioning
-    from gie_core.images import prepare_reference
-    from gie_core.sampler import KontextModels, sample
+    from gie_core.engine.conditioning import Conditioning
+    from gie_core.imaging.images import prepare_reference
+    from gie_core.engine.sampler import KontextModels, sample
 
     device = torch.device(args.device)
     transformer, vae, scheduler = build(device)

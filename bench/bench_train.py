@@ -58,7 +58,7 @@ def plain_diffusers_steps_per_second(kontext_dir: Path, trainable: str, steps: i
     from diffusers import FluxKontextPipeline
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
-    from gie_core.loading import load_kontext_dir
+    from gie_core.weights.loading import load_kontext_dir
     from gie_core.train.trainable import image_branch_parameter_names
 
     comps = load_kontext_dir(kontext_dir, dtype="fp32", parts=("transformer", "vae", "scheduler"))

@@ -56,7 +56,7 @@ LORA_STRENGTH_RANGE = (-10.0, 10.0)
 DEFAULT_TARGET_AREA = 1024 * 1024
 SIZE_MULTIPLE = 16
 # An output may differ from the aspect it should keep (a padded image's) by this much; see
-# gie_core.ratio.aspect_fits for the allowance of sizes in multiples of SIZE_MULTIPLE.
+# gie_core.imaging.ratio.aspect_fits for the allowance of sizes in multiples of SIZE_MULTIPLE.
 ASPECT_TOLERANCE = 0.01
 
 # Inputs we accept as reference images.
@@ -73,10 +73,10 @@ MAX_IMAGE_SEQ_LEN = 4096
 BASE_SHIFT = 0.5
 MAX_SHIFT = 1.15
 
-# Where models wait between uses (see gie_core.components.Placement).
+# Where models wait between uses (see gie_core.engine.components.Placement).
 OFFLOAD_MODES: tuple[str, ...] = ("none", "model", "sequential")
 
-# Fusion modes: the table is gie_core.modes (FUSION_MODES, DEFAULT_FUSION_MODE live there).
+# Fusion modes: the table is gie_core.engine.modes (FUSION_MODES, DEFAULT_FUSION_MODE live there).
 METAQUERY_TOKENS = 256
 
 # Reference images: how they are resized before VAE encoding. "lanczos" is ours (as diffusers'

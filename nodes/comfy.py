@@ -217,7 +217,7 @@ def torch_device() -> torch.device:
     mm = model_management()
     if mm is not None:
         return torch.device(mm.get_torch_device())
-    from gie_core.request import resolve_device
+    from gie_core.engine.request import resolve_device
 
     return resolve_device(None)
 

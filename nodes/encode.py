@@ -7,10 +7,10 @@ native nodes (FluxGuidance, ReferenceLatent, KSampler with a Flux model) take th
 
 from __future__ import annotations
 
-from gie_core.connector import QwenFeatures, TextFeatures, fuse
-from gie_core.conditioning import Conditioning
-from gie_core.encoders import check_instruction
-from gie_core.modes import DEFAULT_FUSION_MODE, FUSION_MODES, fusion_mode, tooltip as modes_tooltip
+from gie_core.engine.connector import QwenFeatures, TextFeatures, fuse
+from gie_core.engine.conditioning import Conditioning
+from gie_core.engine.encoders import check_instruction
+from gie_core.engine.modes import DEFAULT_FUSION_MODE, FUSION_MODES, fusion_mode, tooltip as modes_tooltip
 
 from .common import (
     CAT_CONDITIONING,

@@ -8,13 +8,13 @@ inputs change.
 from __future__ import annotations
 
 from gie_core.constants import LORA_STRENGTH_RANGE
-from gie_core.components import KontextModel, PlacedModel, default_scheduler, load_text_encoder_files
-from gie_core.loading import load_gie_checkpoint, load_kontext_dir, parse_dtype
-from gie_core.lora import load_lora
-from gie_core.gguf import is_gguf, load_gguf_transformer
-from gie_core.quantize import check_quantization, prepare_fp8_storage
-from gie_core.request import check_float
-from gie_core.single_file import load_bfl_transformer, load_bfl_vae, load_connector_file, load_qwen_file
+from gie_core.engine.components import KontextModel, PlacedModel, default_scheduler, load_text_encoder_files
+from gie_core.weights.loading import load_gie_checkpoint, load_kontext_dir, parse_dtype
+from gie_core.weights.lora import load_lora
+from gie_core.weights.gguf import is_gguf, load_gguf_transformer
+from gie_core.weights.quantize import check_quantization, prepare_fp8_storage
+from gie_core.engine.request import check_float
+from gie_core.weights.single_file import load_bfl_transformer, load_bfl_vae, load_connector_file, load_qwen_file
 
 from . import comfy
 from .common import (
@@ -35,14 +35,14 @@ COMFY_TOKENIZERS = "comfyui (bundled)"
 
 def _qwen_load_device(qwen_quantize: str, place):
     """bitsandbytes weights cannot move after loading: they load where they run."""
-    from gie_core.quantize import quantization
+    from gie_core.weights.quantize import quantization
 
     return place.device if quantization(qwen_quantize).kind == "bnb" else "cpu"
 
 
 def _quant_input(part: str) -> tuple:
-    """An optional dropdown of the part's weight storage (gie_core.quantize's table)."""
-    from gie_core.quantize import QUANTIZATION_TABLE
+    """An optional dropdown of the part's weight storage (gie_core.weights.quantize's table)."""
+    from gie_core.weights.quantize import QUANTIZATION_TABLE
 
     rows = [q for q in QUANTIZATION_TABLE if part in q.parts]
     return ([q.name for q in rows], {"default": "none", "tooltip": f"How the {part} weights are stored: "

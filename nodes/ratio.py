@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gie_core.constants import RESIDUAL_PADDING_THRESHOLD
-from gie_core.ratio import (
+from gie_core.imaging.ratio import (
     PAD_COLORS,
     PLACEMENTS,
     RATIO_SETS,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from gie_core.encoders import check_instruction
-from gie_core.rewrite import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT, rewrite_instruction
+from gie_core.engine.encoders import check_instruction
+from gie_core.engine.rewrite import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT, rewrite_instruction
 
 from .common import CAT_CONDITIONING, QWEN_VL, check_image, require, ui_text
 from .encode import instruction_input

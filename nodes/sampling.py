@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gie_core.acceleration import (
+from gie_core.engine.acceleration import (
     ATTENTION_BACKENDS,
     CACHE_METHODS,
     CACHE_TABLE,
@@ -10,7 +10,7 @@ from gie_core.acceleration import (
     NO_CACHE,
     cache_choice,
 )
-from gie_core.conditioning import Conditioning
+from gie_core.engine.conditioning import Conditioning
 from gie_core.constants import (
     BATCH_RANGE,
     DEFAULT_GUIDANCE,
@@ -27,10 +27,10 @@ from gie_core.constants import (
     STEPS_RANGE,
     TRUE_CFG_RANGE,
 )
-from gie_core.images import prepare_reference
-from gie_core.lora import activated
-from gie_core.request import resolve_edit, resolve_output_size
-from gie_core.sampler import KontextModels, sample_request
+from gie_core.imaging.images import prepare_reference
+from gie_core.weights.lora import activated
+from gie_core.engine.request import resolve_edit, resolve_output_size
+from gie_core.engine.sampler import KontextModels, sample_request
 
 from . import comfy
 from .common import ANY_VAE, CAT_SAMPLING, KONTEXT, check_image, comfy_latents_in, require, vae_input
@@ -85,7 +85,7 @@ def native_reference_latents(cond: Conditioning) -> tuple[list | None, str]:
 
 def output_size(width: int, height: int, ref_width: int, ref_height: int) -> tuple[int, int]:
     """0 = auto: both 0 -> ~1 MP at the reference's aspect; one 0 -> follow the aspect
-    (:func:`gie_core.request.resolve_output_size`, the rule every face uses)."""
+    (:func:`gie_core.engine.request.resolve_output_size`, the rule every face uses)."""
     return resolve_output_size(width, height, ref_width, ref_height)
 
 

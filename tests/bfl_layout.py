@@ -2,7 +2,7 @@
 original BFL (FLUX transformer) and LDM (``ae.safetensors``) layouts, fp8 and ComfyUI
 "scaled fp8" storage.
 
-Written independently of ``gie_core.single_file``: the transformer writer follows diffusers'
+Written independently of ``gie_core.weights.single_file``: the transformer writer follows diffusers'
 ``convert_flux_transformer_checkpoint_to_diffusers`` in reverse (concatenating what it
 splits), the VAE writer is a list of renaming rules from diffusers' names to LDM's.
 """

@@ -131,7 +131,7 @@ def test_fp8_single_file_transformer_loads_through_the_cli(tmp_path, photo, kont
     tr = FluxTransformer2DModel.from_pretrained(kontext_dir / "transformer", local_files_only=True)
     path = tmp_path / "flux1-kontext-dev-fp8.safetensors"
     bfl_layout.save(bfl_layout.to_fp8(bfl_layout.flux_diffusers_to_bfl(tr.state_dict())), path)
-    from gie_core.weights import CheckpointReader
+    from gie_core.weights.reader import CheckpointReader
 
     with CheckpointReader.open(path) as reader:
         assert {reader.dtype(k) for k in reader.keys()} == {torch.float8_e4m3fn}
@@ -142,10 +142,10 @@ def test_fp8_single_file_transformer_loads_through_the_cli(tmp_path, photo, kont
 
 def test_connector_file_and_lora_change_the_edit(tmp_path, photo, gie_dir, kontext_dir):
     """Artifacts from gie-train (a connector file, a LoRA) plug into gie-edit."""
-    from gie_core.connector import Connector
-    from gie_core.loading import load_gie_checkpoint
+    from gie_core.engine.connector import Connector
+    from gie_core.weights.loading import load_gie_checkpoint
     from gie_core.testing.tiny import build_tiny_lora
-    from gie_core.weights import save_safetensors_atomic
+    from gie_core.weights.reader import save_safetensors_atomic
 
     stock = load_gie_checkpoint(gie_dir, dtype="fp32", parts=("connector",)).connector
     other = Connector(stock.input_hidden_size, stock.output_hidden_size)
@@ -166,7 +166,7 @@ def test_connector_file_and_lora_change_the_edit(tmp_path, photo, gie_dir, konte
 def test_split_files_from_gie_convert_edit_like_the_checkpoint_folder(tmp_path, photo, gie_dir, kontext_dir, capsys):
     """gie-edit on gie-convert's three files (--transformer, --qwen, --connector; no --model) makes the
     checkpoint folder's edit."""
-    from gie_core.convert import convert
+    from gie_core.weights.convert import convert
 
     files = convert(gie_dir, tmp_path / "models", transformer_format="fp32", qwen_format="fp32")
     common = ["--kontext", str(kontext_dir), *COMMON]

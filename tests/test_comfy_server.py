@@ -166,7 +166,7 @@ def place_models(tiny_set, models: Path) -> None:
     clip = {(n if n.startswith("text_model.") else "text_model." + n): v for n, v in clip.items()}
     bfl_layout.save(clip, models / "text_encoders" / TINY_FILES["clip"])
     bfl_layout.save(load_file(next((k / "text_encoder_2").glob("*.safetensors"))), models / "text_encoders" / TINY_FILES["t5"])
-    from gie_core.convert import convert
+    from gie_core.weights.convert import convert
 
     convert(tiny_set.gie_dir, models, name="tiny-gie")  # gie-convert's three files, in their folders
     (models / "gie_connectors").mkdir(exist_ok=True)
@@ -190,7 +190,7 @@ def build_wide_set(tiny_set, root: Path) -> Path:
     from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from gie_core.weights import CheckpointReader, save_safetensors_atomic
+    from gie_core.weights.reader import CheckpointReader, save_safetensors_atomic
 
     torch.manual_seed(0)
     gie = root / "gpt_image_edit" / WIDE_GIE
@@ -234,7 +234,7 @@ def build_wide_set(tiny_set, root: Path) -> Path:
     bfl_layout.save(t5.state_dict(), root / "text_encoders" / WIDE_FILES["t5"])
     from diffusers import AutoencoderKL
 
-    from gie_core.single_file import VAE_CONFIG, load_config, model_kwargs
+    from gie_core.weights.single_file import VAE_CONFIG, load_config, model_kwargs
 
     vae = AutoencoderKL(**model_kwargs(load_config(VAE_CONFIG)))
     bfl_layout.save(bfl_layout.vae_diffusers_to_ldm(vae.state_dict()), root / "vae" / WIDE_FILES["vae"])
@@ -406,7 +406,7 @@ def padded_ratio(prompt: dict, node_id: str, input_size: tuple[int, int]) -> tup
     """The ratio a sampler's reference was padded to, when a Pad To Ratio feeds it."""
     node = prompt[node_id]
     if node["class_type"] == "GIEPadToRatio":
-        from gie_core.ratio import nearest_ratio
+        from gie_core.imaging.ratio import nearest_ratio
 
         w, h = expected_size(prompt, node["inputs"]["image"][0], input_size)
         return nearest_ratio(w, h, node["inputs"].get("custom_ratios") or node["inputs"]["ratios"])
@@ -457,7 +457,7 @@ def expected_size(prompt: dict, node_id: str, input_size: tuple[int, int]) -> tu
         pad = prompt[inputs["pad_record"][0]]
         return expected_size(prompt, pad["inputs"]["image"][0], input_size)
     if cls == "GIEPadToRatio":
-        from gie_core.ratio import pad_to_ratio
+        from gie_core.imaging.ratio import pad_to_ratio
 
         w, h = expected_size(prompt, inputs["image"][0], input_size)
         _, record = pad_to_ratio(np.zeros((h, w, 3), np.uint8), inputs.get("custom_ratios") or inputs["ratios"])
@@ -566,8 +566,8 @@ def test_converted_transformer_is_flux_to_native_load_diffusion_model_and_matche
     by ComfyUI's own loader, and one forward of ComfyUI's Flux model equals our diffusers transformer."""
     import torch
 
-    from gie_core.sampler import latent_ids, pack_latents, unpack_latents
-    from gie_core.single_file import load_bfl_transformer
+    from gie_core.engine.sampler import latent_ids, pack_latents, unpack_latents
+    from gie_core.weights.single_file import load_bfl_transformer
 
     path = server.base / "models" / "diffusion_models" / WIDE_FILES["transformer"]
     g = torch.Generator().manual_seed(0)
@@ -947,8 +947,8 @@ def test_pad_to_ratio_shows_the_snap_live(page, shots):
 
 
 def test_pad_to_ratio_maths_in_js_equals_gie_core(page):
-    """The extension's copy of the ratio maths against gie_core.ratio on many sizes and ratio sets."""
-    from gie_core.ratio import RATIO_SETS, nearest_ratio, pad_to_ratio, parse_ratios
+    """The extension's copy of the ratio maths against gie_core.imaging.ratio on many sizes and ratio sets."""
+    from gie_core.imaging.ratio import RATIO_SETS, nearest_ratio, pad_to_ratio, parse_ratios
 
     rng = np.random.default_rng(0)
     specs = ["default", "kontext", "16:9, 9:16, 1:1", "4:3;3:4", "1024x768, 7:5", "21:9"]

@@ -15,13 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from gie_core import convert as conv
+from gie_core.weights import convert as conv
 from gie_core.cli.convert import main
-from gie_core.convert import bfl_transformer_plan, compare_qwen, convert
-from gie_core.loading import load_gie_checkpoint, load_kontext_dir
-from gie_core.pipeline import EditPipeline
-from gie_core.single_file import load_bfl_transformer, load_connector_file, load_qwen_file
-from gie_core.weights import CheckpointError, CheckpointReader
+from gie_core.weights.convert import bfl_transformer_plan, compare_qwen, convert
+from gie_core.weights.loading import load_gie_checkpoint, load_kontext_dir
+from gie_core.engine.pipeline import EditPipeline
+from gie_core.weights.single_file import load_bfl_transformer, load_connector_file, load_qwen_file
+from gie_core.weights.reader import CheckpointError, CheckpointReader
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_bfl_layout_is_what_diffusers_own_converter_reads_at_real_width():
     from diffusers import FluxTransformer2DModel
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
-    from gie_core.single_file import TRANSFORMER_CONFIG, load_config, model_kwargs
+    from gie_core.weights.single_file import TRANSFORMER_CONFIG, load_config, model_kwargs
 
     with torch.device("meta"):
         model = FluxTransformer2DModel.from_config(model_kwargs(load_config(TRANSFORMER_CONFIG)))
@@ -194,7 +194,7 @@ def test_the_command(gie_dir, tmp_path, capsys, split_fp32):
 
 def test_gguf_q8_0_transformer_loads_and_samples_close_to_the_folder(gie_dir, folder, tmp_path):
     pytest.importorskip("gguf", reason="the gguf package writes and reads GGUF files")
-    from gie_core.gguf import gguf_metadata, load_gguf_transformer
+    from gie_core.weights.gguf import gguf_metadata, load_gguf_transformer
 
     out = convert(gie_dir, tmp_path, parts=("transformer",), transformer_format="gguf_q8_0")
     assert out["transformer"].name.endswith("-kontext-gguf_q8_0.gguf")

@@ -10,13 +10,13 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from gie_core.conditioning import Conditioning
-from gie_core.connector import Connector, QwenFeatures, TextFeatures, fuse
-from gie_core.loading import load_gie_checkpoint, load_kontext_dir
-from gie_core.pipeline import EditPipeline
-from gie_core.sampler import KontextModels, SamplingInterrupted, sample
-from gie_core.images import prepare_reference
-from gie_core.weights import CheckpointError
+from gie_core.engine.conditioning import Conditioning
+from gie_core.engine.connector import Connector, QwenFeatures, TextFeatures, fuse
+from gie_core.weights.loading import load_gie_checkpoint, load_kontext_dir
+from gie_core.engine.pipeline import EditPipeline
+from gie_core.engine.sampler import KontextModels, SamplingInterrupted, sample
+from gie_core.imaging.images import prepare_reference
+from gie_core.weights.reader import CheckpointError
 
 INSTRUCTION = "make the sky a warm sunset"
 
@@ -153,7 +153,7 @@ def test_qwen_encode_matches_transformers_forward(gie_dir):
     directory) run on the same token ids with mRoPE positions computed the reference way."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from gie_core.loading import gie_config, qwen_config_from_gie
+    from gie_core.weights.loading import gie_config, qwen_config_from_gie
 
     ck = load_gie_checkpoint(gie_dir, dtype="fp32", parts=("encoder",))
     enc = ck.encoder
@@ -315,7 +315,7 @@ def test_corrupt_and_missing_shards_fail_clearly(gie_dir, tmp_path):
 
 
 def test_several_references_get_distinct_positions():
-    from gie_core.sampler import pack_latents, reference_tokens, unpack_latents
+    from gie_core.engine.sampler import pack_latents, reference_tokens, unpack_latents
 
     a, b = torch.randn(1, 16, 8, 12), torch.randn(1, 16, 8, 8)
     assert torch.equal(unpack_latents(pack_latents(a), 8, 12), a)

@@ -77,7 +77,7 @@ def test_resume_skips_done_samples_and_loads_nothing_when_all_are_done(tmp_path,
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
     assert after["s0.png"] == before["s0.png"] and after["s2.png"] == before["s2.png"]
 
-    from gie_core.pipeline import EditPipeline
+    from gie_core.engine.pipeline import EditPipeline
 
     def no_loading(*a, **k):
         raise AssertionError("weights were loaded although every sample was done")

@@ -23,9 +23,9 @@ from PIL import Image
 from gie_core import files
 from gie_core.cli import edit as edit_cli
 from gie_core.cli.edit import main
-from gie_core.images import load_image, prepare_reference, to_rgb
-from gie_core.ratio import aspect_fits, crop_padding, pad_to_ratio, plan_padding
-from gie_core.request import auto_output_size, resolve_device, resolve_edit, resolve_output_size
+from gie_core.imaging.images import load_image, prepare_reference, to_rgb
+from gie_core.imaging.ratio import aspect_fits, crop_padding, pad_to_ratio, plan_padding
+from gie_core.engine.request import auto_output_size, resolve_device, resolve_edit, resolve_output_size
 
 RUN = ["--steps", "1", "--reference-size", "keep", "--dtype", "fp32", "--device", "cpu", "--quiet"]
 
@@ -311,7 +311,7 @@ def test_output_path_checks(tmp_path, monkeypatch):
 @pytest.fixture
 def no_loading(monkeypatch):
     """Any weight load fails the test: bad input must be refused before it."""
-    from gie_core.pipeline import EditPipeline
+    from gie_core.engine.pipeline import EditPipeline
 
     def refuse(*a, **k):
         raise AssertionError("weights were loaded before the inputs were checked")

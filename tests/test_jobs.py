@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from gie_core.cli.edit import main
-from gie_core.jobs import parse_seeds, plan_outputs, read_jobs, run_jobs
+from gie_core.engine.jobs import parse_seeds, plan_outputs, read_jobs, run_jobs
 
 COMMON = ["--steps", "2", "--size", "64x48", "--reference-size", "keep", "--dtype", "fp32", "--device", "cpu", "--quiet"]
 
@@ -74,9 +74,9 @@ def test_malformed_jobs_are_named_by_file_and_line(tmp_path, content, message):
 
 
 def test_each_job_is_encoded_once_for_all_its_seeds_and_matches_a_single_edit(tmp_path, folder, kontext_dir):
-    from gie_core.images import load_image
-    from gie_core.pipeline import EditPipeline
-    from gie_core.request import resolve_edit
+    from gie_core.imaging.images import load_image
+    from gie_core.engine.pipeline import EditPipeline
+    from gie_core.engine.request import resolve_edit
 
     pipe = EditPipeline.from_paths(kontext_dir=kontext_dir, mode="t5", dtype="fp32", device="cpu")
     encodes = []
@@ -105,7 +105,7 @@ def test_cli_jobs_skip_finished_outputs_without_loading(tmp_path, folder, kontex
     made = sorted(p.name for p in out.iterdir())
     assert made == ["img0_s1.png", "img0_s2.png", "img1_s1.png", "img1_s2.png"]
     assert capsys.readouterr().out.split() == [str(out / n) for n in ("img0_s1.png", "img0_s2.png", "img1_s1.png", "img1_s2.png")]
-    from gie_core.pipeline import EditPipeline
+    from gie_core.engine.pipeline import EditPipeline
 
     monkeypatch.setattr(EditPipeline, "from_paths", lambda *a, **k: pytest.fail("weights were loaded"))
     assert main(args) == 0
@@ -113,7 +113,7 @@ def test_cli_jobs_skip_finished_outputs_without_loading(tmp_path, folder, kontex
 
 
 def test_cli_bad_job_exits_2_before_loading(tmp_path, folder, kontext_dir, monkeypatch, capsys):
-    from gie_core.pipeline import EditPipeline
+    from gie_core.engine.pipeline import EditPipeline
 
     monkeypatch.setattr(EditPipeline, "from_paths", lambda *a, **k: pytest.fail("weights were loaded"))
     (tmp_path / "bad.tsv").write_text("jobs/img0.png\tadd a hat\njobs/missing.png\tadd a hat\n")

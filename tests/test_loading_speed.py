@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from gie_core.loading import OnDemandLMHead, load_connector, load_gie_checkpoint
-from gie_core.components import module_bytes as resident_bytes
-from gie_core.weights import CheckpointReader
+from gie_core.weights.loading import OnDemandLMHead, load_connector, load_gie_checkpoint
+from gie_core.engine.components import module_bytes as resident_bytes
+from gie_core.weights.reader import CheckpointReader
 
 
 def _file_tensor(gie_dir, key):
@@ -60,7 +60,7 @@ def test_reader_yields_every_tensor_once_in_file_order(gie_dir):
 
 
 def test_lm_head_is_read_only_when_text_is_generated(gie_dir):
-    from gie_core.rewrite import generate_rewrite
+    from gie_core.engine.rewrite import generate_rewrite
 
     lazy = load_gie_checkpoint(gie_dir, dtype="fp32", parts=("encoder",)).encoder
     eager = load_gie_checkpoint(gie_dir, dtype="fp32", parts=("encoder",), lm_head=True).encoder
@@ -103,7 +103,7 @@ def test_connector_is_streamed_without_a_random_initialisation(gie_dir, tmp_path
 def test_a_truncated_shard_is_still_refused(gie_dir, tmp_path):
     import shutil
 
-    from gie_core.weights import CheckpointError
+    from gie_core.weights.reader import CheckpointError
 
     copy = tmp_path / "ckpt"
     shutil.copytree(gie_dir, copy)

@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import bfl_layout  # noqa: E402
 import nodes  # noqa: E402
-from gie_core.components import Placement  # noqa: E402
-from gie_core.connector import QwenFeatures, TextFeatures  # noqa: E402
-from gie_core.ratio import PadRecord  # noqa: E402
-from gie_core.sampler import SamplingInterrupted  # noqa: E402
+from gie_core.engine.components import Placement  # noqa: E402
+from gie_core.engine.connector import QwenFeatures, TextFeatures  # noqa: E402
+from gie_core.imaging.ratio import PadRecord  # noqa: E402
+from gie_core.engine.sampler import SamplingInterrupted  # noqa: E402
 from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def models_root(tiny_set, tmp_path_factory):
     (root / "diffusers" / "FLUX.1-Kontext-dev").symlink_to(tiny_set.kontext_dir)
     _tiny_lora(tiny_set.kontext_dir, root / "loras")
     _single_files(tiny_set.kontext_dir, root)
-    from gie_core.convert import convert
+    from gie_core.weights.convert import convert
 
     # gie-convert's files, as a user converting the released checkpoint would place them
     convert(tiny_set.gie_dir, root, parts=("qwen", "connector"), qwen_format="fp32", lm_head=True, name="gie-tiny")
@@ -220,7 +220,7 @@ def test_fallbacks_without_comfyui(models_root, tmp_path):
         comfy.resolve_model_dir("diffusers", "../gpt_image_edit/gpt-image-edit")
     with pytest.raises(FileNotFoundError, match="not a file in models/loras"):
         comfy.resolve_model_file("loras", "missing.safetensors")
-    from gie_core.request import resolve_device
+    from gie_core.engine.request import resolve_device
 
     assert _real_torch_device() == resolve_device(None)
 
@@ -231,7 +231,7 @@ def test_fallbacks_without_comfyui(models_root, tmp_path):
 
 
 def test_loaders_return_our_types(loaded):
-    from gie_core.components import KontextModel, PlacedModel
+    from gie_core.engine.components import KontextModel, PlacedModel
 
     assert isinstance(loaded.gie_kontext, KontextModel) and loaded.gie_kontext.transformer is not None
     assert isinstance(loaded.qwen, PlacedModel) and isinstance(loaded.connector, PlacedModel)
@@ -269,7 +269,7 @@ def test_encoders_and_connector_give_comfy_conditioning(loaded):
 
 def test_node_chain_equals_the_engine_pipeline(loaded, tiny_set):
     """Qwen-VL Encode + T5 Encode + Fusion Connector + Kontext Sampler == EditPipeline.edit."""
-    from gie_core.pipeline import EditPipeline
+    from gie_core.engine.pipeline import EditPipeline
 
     img = image()
     ours = run_sampler(loaded.gie_kontext, loaded.vae, fused(loaded, img), img, seed=5)
@@ -393,7 +393,7 @@ def test_rewrite_node_outputs_strings_that_feed_the_encoders(loaded, monkeypatch
     # the tiny random model answers gibberish: the original instruction is kept, and the text says why
     assert edit == INSTRUCTION and full.startswith("[kept the original instruction") and out["ui"]["text"] == [full]
 
-    from gie_core.rewrite import RewriteResult
+    from gie_core.engine.rewrite import RewriteResult
 
     def fake(encoder, image, instruction, **kw):
         assert encoder is loaded.qwen.model and kw["max_new_tokens"] == 64
@@ -677,7 +677,7 @@ def test_split_file_loaders_match_the_checkpoint_folder(loaded, models_root):
     (a,) = N["GIEFusionConnector"]().fuse(connector, tf, "vlm+t5", qf_split)
     (b,) = N["GIEFusionConnector"]().fuse(loaded.connector, tf, "vlm+t5", qf_folder)
     assert torch.equal(a[0][0], b[0][0]) and torch.equal(a[0][1]["pooled_output"], b[0][1]["pooled_output"])
-    from gie_core.single_file import load_qwen_file
+    from gie_core.weights.single_file import load_qwen_file
 
     with pytest.raises(FileNotFoundError, match="not a file in models/text_encoders"):
         N["GIEQwenVLLoader"]().load("missing.safetensors", "gpt-image-edit", "never", "fp32", "none")
@@ -693,8 +693,8 @@ def test_split_file_loaders_match_the_checkpoint_folder(loaded, models_root):
 def test_native_reference_latents_are_kontext_references_and_combine_is_refused(loaded):
     """ReferenceLatent (native) on our conditioning: its latent becomes a second Kontext reference,
     exactly as if the engine were given both images (placed side by side, native's default)."""
-    from gie_core.images import prepare_reference
-    from gie_core.sampler import KontextModels, sample
+    from gie_core.imaging.images import prepare_reference
+    from gie_core.engine.sampler import KontextModels, sample
 
     img, other = image(64, 48, seed=1), image(64, 48, seed=2)
     cond = fused(loaded, img)
@@ -705,7 +705,7 @@ def test_native_reference_latents_are_kontext_references_and_combine_is_refused(
     plain = run_sampler(loaded.gie_kontext, loaded.vae, cond, img, steps=2)
     both = run_sampler(loaded.gie_kontext, loaded.vae, with_ref, img, steps=2)
     assert not torch.equal(plain, both)  # the reference latent is used, never silently dropped
-    from gie_core.conditioning import Conditioning
+    from gie_core.engine.conditioning import Conditioning
 
     engine = sample(KontextModels(loaded.gie_kontext.transformer, vae, loaded.gie_kontext.scheduler),
                     Conditioning.from_comfy(cond), [prepare_reference(img, "keep"), prepare_reference(other, "keep")],
@@ -785,7 +785,7 @@ def test_native_vae_and_text_encoders_serve_our_nodes(loaded):
 def test_loaders_store_weights_small_and_read_gguf(loaded, models_root):
     """fp8 storage from the loader nodes, GGUF transformer files listed and read by the model loader;
     the sampler runs on each and stays near the full-precision result."""
-    from gie_core.convert import convert
+    from gie_core.weights.convert import convert
 
     convert(loaded_gie_dir(models_root), models_root,
             parts=("transformer",), transformer_format="gguf_q8_0", name="gie-tiny", overwrite=True)

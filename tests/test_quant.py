@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 
 import bfl_layout
-from gie_core.conditioning import Conditioning
-from gie_core.gguf import GGUF_WRITE_TYPES, gguf_metadata, load_gguf_transformer, write_gguf
-from gie_core.loading import load_gie_checkpoint, load_kontext_dir
-from gie_core.components import module_bytes as resident_bytes
-from gie_core.quantize import QWEN_QUANTIZATIONS, TRANSFORMER_QUANTIZATIONS, check_quantization
-from gie_core.sampler import KontextModels, sample
-from gie_core.weights import CheckpointError
+from gie_core.engine.conditioning import Conditioning
+from gie_core.weights.gguf import GGUF_WRITE_TYPES, gguf_metadata, load_gguf_transformer, write_gguf
+from gie_core.weights.loading import load_gie_checkpoint, load_kontext_dir
+from gie_core.engine.components import module_bytes as resident_bytes
+from gie_core.weights.quantize import QWEN_QUANTIZATIONS, TRANSFORMER_QUANTIZATIONS, check_quantization
+from gie_core.engine.sampler import KontextModels, sample
+from gie_core.weights.reader import CheckpointError
 
 FP8 = torch.float8_e4m3fn
 
@@ -88,7 +88,7 @@ def test_fp8_qwen_encodes_close_to_bf16(gie_dir):
 
 
 def test_lora_works_on_fp8_and_gguf_transformers(kontext_dir, gguf_files, tmp_path):
-    from gie_core.lora import activated, load_lora
+    from gie_core.weights.lora import activated, load_lora
     from gie_core.testing.tiny import build_tiny_lora
 
     lora = build_tiny_lora(kontext_dir, tmp_path)
@@ -202,7 +202,7 @@ def test_cli_edits_with_a_gguf_transformer_and_fp8_qwen(tmp_path, gguf_files, gi
 
 def test_quantization_choices_are_checked_before_loading(tmp_path, gguf_files, kontext_dir, monkeypatch, capsys):
     from gie_core.cli.edit import main
-    from gie_core.pipeline import EditPipeline
+    from gie_core.engine.pipeline import EditPipeline
 
     assert "fp8" in TRANSFORMER_QUANTIZATIONS and {"fp8", "int8", "nf4"} <= set(QWEN_QUANTIZATIONS)
     with pytest.raises(ValueError, match="not available for the transformer"):

@@ -1,4 +1,4 @@
-"""Executable specification of pad-to-ratio / crop-padding (gie_core.ratio)."""
+"""Executable specification of pad-to-ratio / crop-padding (gie_core.imaging.ratio)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from gie_core.constants import DEFAULT_RATIOS, PREFERRED_KONTEXT_RESOLUTIONS, RESIDUAL_PADDING_THRESHOLD
-from gie_core.ratio import (
+from gie_core.imaging.ratio import (
     PLACEMENTS,
     RATIO_SETS,
     PadRecord,

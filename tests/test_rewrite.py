@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gie_core.rewrite import (
+from gie_core.engine.rewrite import (
     REWRITE_PROMPT,
     RewriteResult,
     parse_rewrite,
@@ -149,7 +149,7 @@ def test_parse_empty_edit_is_none(text):
 
 @pytest.fixture(scope="module")
 def encoder(gie_dir):
-    from gie_core.loading import load_gie_checkpoint
+    from gie_core.weights.loading import load_gie_checkpoint
 
     return load_gie_checkpoint(gie_dir, dtype="fp32", device="cpu", parts=("encoder",)).encoder
 
@@ -172,7 +172,7 @@ def test_chat_has_rewriting_system_block_then_image_then_instruction(encoder):
 
 
 def test_generation_runs_and_garbage_falls_back(encoder, image, caplog):
-    with caplog.at_level("WARNING", logger="gie_core.rewrite"):
+    with caplog.at_level("WARNING", logger="gie_core.engine.rewrite"):
         result = rewrite_instruction(encoder, image, INSTRUCTION, max_new_tokens=24)
     assert isinstance(result, RewriteResult) and isinstance(result.raw, str) and result.raw
     assert "<|im_end|>" not in result.raw and "<|image_pad|>" not in result.raw  # special tokens skipped

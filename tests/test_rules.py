@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from gie_core import modes
-from gie_core.connector import Connector, QwenFeatures, TextFeatures, fuse
-from gie_core.loading import load_kontext_dir
-from gie_core.modes import FUSION_MODE_TABLE, FusionMode, fusion_mode
-from gie_core.sampler import KontextModels, decode, denoise, prepare, sample
-from gie_core.schedule import Schedule, shift_mu, shift_sigmas
+from gie_core.engine import modes
+from gie_core.engine.connector import Connector, QwenFeatures, TextFeatures, fuse
+from gie_core.weights.loading import load_kontext_dir
+from gie_core.engine.modes import FUSION_MODE_TABLE, FusionMode, fusion_mode
+from gie_core.engine.sampler import KontextModels, decode, denoise, prepare, sample
+from gie_core.engine.schedule import Schedule, shift_mu, shift_sigmas
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,7 +127,7 @@ def test_schedule_mu_is_the_trainers_shift(kontext, tokens):
 
 
 def test_sample_is_prepare_denoise_decode(kontext):
-    from gie_core.conditioning import Conditioning
+    from gie_core.engine.conditioning import Conditioning
 
     cfg = kontext.transformer.config
     g = torch.Generator().manual_seed(1)
@@ -142,7 +142,7 @@ def test_sample_is_prepare_denoise_decode(kontext):
 
 
 def test_sample_checks_values_when_called_directly(kontext):
-    from gie_core.conditioning import Conditioning
+    from gie_core.engine.conditioning import Conditioning
 
     cfg = kontext.transformer.config
     cond = Conditioning(torch.zeros(1, 4, cfg.joint_attention_dim), torch.zeros(1, cfg.pooled_projection_dim))
@@ -194,12 +194,12 @@ def test_edit_and_rewrite_commands_do_not_import_each_other():
         siblings = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
         absolute = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
         assert other not in siblings and f"gie_core.cli.{other}" not in absolute, name
-        assert "common" in siblings, name
+        assert "common" in siblings or "gie_core.cli.common" in absolute, name
 
 
 def test_previews_get_the_predicted_clean_latents(kontext):
     """Each step hands ComfyUI's previewer x0 = x_t - sigma * v; after the last step that is the result."""
-    from gie_core.conditioning import Conditioning
+    from gie_core.engine.conditioning import Conditioning
 
     cfg = kontext.transformer.config
     cond = Conditioning(torch.randn(1, 4, cfg.joint_attention_dim), torch.randn(1, cfg.pooled_projection_dim))

@@ -17,8 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bfl_layout  # noqa: E402
-from gie_core import single_file  # noqa: E402
-from gie_core.single_file import (  # noqa: E402
+from gie_core.weights import single_file  # noqa: E402
+from gie_core.weights.single_file import (  # noqa: E402
     bfl_flux_key_to_diffusers,
     detect_single_file_kind,
     ldm_vae_key_to_diffusers,
@@ -29,7 +29,7 @@ from gie_core.single_file import (  # noqa: E402
     load_t5_encoder,
 )
 from gie_core.testing.tiny_configs import TINY_CLIP_TEXT, TINY_T5, TINY_TRANSFORMER, TINY_VAE  # noqa: E402
-from gie_core.weights import CheckpointError  # noqa: E402
+from gie_core.weights.reader import CheckpointError  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gie_core.acceleration import (
+from gie_core.engine.acceleration import (
     ATTENTION_TABLE,
     CACHE_TABLE,
     DEFAULT_ATTENTION,
@@ -25,10 +25,10 @@ from gie_core.acceleration import (
     parse_cache,
     resolve_acceleration,
 )
-from gie_core.conditioning import Conditioning
-from gie_core.loading import load_kontext_dir
-from gie_core.request import resolve_edit
-from gie_core.sampler import KontextModels, sample
+from gie_core.engine.conditioning import Conditioning
+from gie_core.weights.loading import load_kontext_dir
+from gie_core.engine.request import resolve_edit
+from gie_core.engine.sampler import KontextModels, sample
 
 STEPS = 12
 
@@ -158,7 +158,7 @@ def test_cache_specs_parse_to_one_choice():
 def test_unavailable_attention_backend_falls_back_to_sdpa_with_a_clear_message(kontext, inputs, caplog):
     missing = next(a.name for a in ATTENTION_TABLE if a.needs_cuda)
     acc = resolve_acceleration(attention=missing)
-    with caplog.at_level(logging.WARNING, logger="gie_core.acceleration"):
+    with caplog.at_level(logging.WARNING, logger="gie_core.engine.acceleration"):
         out = run(kontext, inputs, acc)
     assert f"attention backend '{missing}' is not available" in caplog.text and "using sdpa" in caplog.text
     assert torch.equal(out, run(kontext, inputs))  # the default ran
@@ -167,10 +167,10 @@ def test_unavailable_attention_backend_falls_back_to_sdpa_with_a_clear_message(k
 
 
 def test_compile_without_a_compiler_falls_back_with_a_clear_message(kontext, inputs, monkeypatch, caplog):
-    import gie_core.acceleration as acceleration
+    import gie_core.engine.acceleration as acceleration
 
     monkeypatch.setattr(acceleration.shutil, "which", lambda name: None)
-    with caplog.at_level(logging.WARNING, logger="gie_core.acceleration"):
+    with caplog.at_level(logging.WARNING, logger="gie_core.engine.acceleration"):
         out = run(kontext, inputs, resolve_acceleration(compile=True))
     assert "compile is not available" in caplog.text and "C++ compiler" in caplog.text
     assert torch.equal(out, run(kontext, inputs))
@@ -178,7 +178,7 @@ def test_compile_without_a_compiler_falls_back_with_a_clear_message(kontext, inp
 
 
 def test_unavailable_cache_method_falls_back_to_no_cache(monkeypatch):
-    import gie_core.acceleration as acceleration
+    import gie_core.engine.acceleration as acceleration
 
     monkeypatch.setattr(acceleration, "cache_unavailable", lambda name: "not in this diffusers")
     eff = Acceleration(parse_cache("magcache")).effective("cpu", log=False)
@@ -218,7 +218,7 @@ def test_cli_cache_and_fallback_notes(tmp_path, photo, kontext_dir, capsys):
 ])
 def test_cli_bad_cache_exits_2_before_loading(tmp_path, photo, kontext_dir, monkeypatch, capsys, flag, value, message):
     from gie_core.cli.edit import main
-    from gie_core.pipeline import EditPipeline
+    from gie_core.engine.pipeline import EditPipeline
 
     def no_load(*a, **k):
         raise AssertionError("weights were loaded")
@@ -231,7 +231,7 @@ def test_cli_bad_cache_exits_2_before_loading(tmp_path, photo, kontext_dir, monk
 
 def test_sampler_node_takes_cache_attention_and_compile(kontext_dir, inputs):
     from nodes.sampling import GIEKontextSampler
-    from gie_core.components import KontextModel, PlacedModel, Placement
+    from gie_core.engine.components import KontextModel, PlacedModel, Placement
 
     spec = GIEKontextSampler.INPUT_TYPES()["optional"]
     assert spec["cache"][1]["default"] == "none" and spec["attention"][1]["default"] == DEFAULT_ATTENTION

@@ -25,7 +25,7 @@ from gie_core.train import checkpoint as ckpt
 from gie_core.train.config import load_config
 from gie_core.train.data import collate
 from gie_core.train.trainer import Trainer
-from gie_core.weights import CheckpointReader
+from gie_core.weights.reader import CheckpointReader
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTRUCTIONS = ["invert the top left corner", "make it red", "swap the colours of the upper left part of the picture", "flip"]
@@ -164,8 +164,8 @@ def test_loss_on_a_fixed_batch_equals_the_reference_formula(tmp_path, kontext_di
 def context_sensitive_transformer(tmp_path_factory, kontext_dir):
     """The tiny Kontext transformer made to depend strongly on its context (random tiny models
     barely attend to it): weaker x_embedder, stronger modulation gates and key norms."""
-    from gie_core.loading import load_kontext_dir
-    from gie_core.weights import save_safetensors_atomic
+    from gie_core.weights.loading import load_kontext_dir
+    from gie_core.weights.reader import save_safetensors_atomic
 
     tr = load_kontext_dir(kontext_dir, dtype="fp32", parts=("transformer",)).transformer
     state = {}
@@ -216,7 +216,7 @@ def test_stage1_overfits_one_pair_and_changes_only_the_connector(stage1_run):
         with Image.open(out / f"validation/step-{step}/0.png") as im:
             assert im.size == (64, 64)
     # the export is what the engine's loader reads, equal to the trained connector
-    from gie_core.loading import load_connector
+    from gie_core.weights.loading import load_connector
 
     conn = load_connector(result.exported["connector"], dtype="fp32")
     for k, v in unwrapped.connector.state_dict().items():
@@ -305,9 +305,9 @@ def test_stage2_exports_load_with_the_engine_loaders(stage2_runs):
 
 
 def test_trained_connector_and_lora_change_the_sampler_output(stage1_run, stage2_runs, kontext_dir, gie_dir):
-    from gie_core.loading import load_connector
-    from gie_core.lora import activated, load_lora
-    from gie_core.pipeline import EditPipeline
+    from gie_core.weights.loading import load_connector
+    from gie_core.weights.lora import activated, load_lora
+    from gie_core.engine.pipeline import EditPipeline
 
     image = noise_image(64, 64, 3)
     pipe = EditPipeline.from_paths(gie_dir=gie_dir, kontext_dir=kontext_dir, mode="vlm", dtype="fp32", device="cpu")
@@ -327,7 +327,7 @@ def test_trained_connector_and_lora_change_the_sampler_output(stage1_run, stage2
 
 def test_export_command_writes_a_released_layout_directory(stage2_runs, tmp_path):
     from gie_core.cli.train import main
-    from gie_core.loading import load_gie_checkpoint
+    from gie_core.weights.loading import load_gie_checkpoint
 
     trainer, _, _ = stage2_runs("full")
     config = tmp_path / "run.yaml"
@@ -473,7 +473,7 @@ def test_stage1_from_a_stock_qwen_directory_exports_a_released_layout(tmp_path, 
     """The from-scratch path: Qwen2.5-VL + FLUX.1-Kontext-dev, no GPT-Image-Edit checkpoint."""
     import shutil
 
-    from gie_core.loading import load_gie_checkpoint
+    from gie_core.weights.loading import load_gie_checkpoint
 
     qwen_dir = tmp_path / "qwen"
     encoder = load_gie_checkpoint(gie_dir, dtype="fp32", parts=("encoder",)).encoder

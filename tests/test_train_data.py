@@ -316,7 +316,7 @@ def _save_exif_rotated(shown: Image.Image, path: Path) -> None:
 
 
 def test_training_images_load_as_shown_exif_16bit_and_alpha(tmp_path):
-    """EXIF orientation, 16-bit greyscale and transparency: as gie_core.images.load_image reads them."""
+    """EXIF orientation, 16-bit greyscale and transparency: as gie_core.imaging.images.load_image reads them."""
     from gie_core.train.data import load_rgb
 
     root = tmp_path / "img"

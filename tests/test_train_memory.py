@@ -102,9 +102,9 @@ def test_fp8_and_gguf_transformer_files_stay_as_stored(tmp_path, kontext_dir, gi
     """An fp8 safetensors transformer trains fp8 without an upcast copy (its fp8 values exactly as
     in the file); a GGUF one keeps its quantised blocks and trains stage 1 and a LoRA; a set that
     would train quantised layers is refused by name."""
-    from gie_core.gguf import write_gguf
-    from gie_core.loading import load_kontext_dir
-    from gie_core.weights import save_safetensors_atomic
+    from gie_core.weights.gguf import write_gguf
+    from gie_core.weights.loading import load_kontext_dir
+    from gie_core.weights.reader import save_safetensors_atomic
 
     state = load_kontext_dir(kontext_dir, dtype="fp32", parts=("transformer",)).transformer.state_dict()
     fp8_file = save_safetensors_atomic({k: v.to(FP8) if v.ndim == 2 and "blocks." in k else v for k, v in state.items()},

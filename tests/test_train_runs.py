@@ -19,7 +19,7 @@ import yaml
 
 from gie_core.train.checkpoint import TRAINABLE_FILE
 from gie_core.train.trainer import Trainer
-from gie_core.weights import CheckpointReader
+from gie_core.weights.reader import CheckpointReader
 
 from test_train import make_config, noise_image, write_dataset
 
@@ -170,8 +170,8 @@ def test_stage2_lora_and_load_lora_print_no_torchvision_warning(tmp_path, kontex
         logging.basicConfig(level=logging.DEBUG)
         from gie_core.cli.train import main
         assert main(["--config", {str(config)!r}]) == 0
-        from gie_core.loading import load_kontext_dir
-        from gie_core.lora import load_lora
+        from gie_core.weights.loading import load_kontext_dir
+        from gie_core.weights.lora import load_lora
         transformer = load_kontext_dir({str(kontext_dir)!r}, dtype="fp32", parts=("transformer",)).transformer
         print("adapter", load_lora(transformer, {str(tmp_path / "run/export/transformer_lora.safetensors")!r}))
     """)
@@ -191,7 +191,7 @@ def test_a_new_mode_row_trains_live_and_from_the_cache(tmp_path, kontext_dir, gi
     trainer's encoders, cache contents and conditioning follow the row."""
     import numpy as np
 
-    from gie_core.modes import FUSION_MODE_TABLE, FusionMode
+    from gie_core.engine.modes import FUSION_MODE_TABLE, FusionMode
     from gie_core.train.cache import build_cache, cached_contents
     from gie_core.train.data import collate
 

@@ -1,7 +1,7 @@
 """web/gie.js carries a copy of the fusion-mode table and drives the Fusion Connector's look from it.
 
 No browser and no ComfyUI: the table literal is parsed with json and compared with
-gie_core.modes.table_for_web(); the rest of the file must not name a mode. Where node is on PATH,
+gie_core.engine.modes.table_for_web(); the rest of the file must not name a mode. Where node is on PATH,
 the extension's pure functions are also run (with ComfyUI's ``app`` stubbed out).
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gie_core.modes import FUSION_MODES, table_for_web
+from gie_core.engine.modes import FUSION_MODES, table_for_web
 
 REPO = Path(__file__).resolve().parents[1]
 GIE_JS = REPO / "web" / "gie.js"

@@ -247,7 +247,7 @@ def _single_files(tiny_set, root: Path) -> None:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, T5EncoderModel
 
-    from gie_core.convert import convert
+    from gie_core.weights.convert import convert
 
     written = convert(tiny_set.gie_dir, root / "converted")
     for part, folder in (("transformer", "diffusion_models"), ("qwen", "text_encoders"), ("connector", "gie_connectors")):

@@ -2,13 +2,13 @@
 //
 // * Pad To Ratio shows, live, the ratio the connected image will snap to and the padded size.
 // * Fusion Connector shows only the inputs its mode uses, read from FUSION_MODE_TABLE (a copy of
-//   gie_core/modes.py): qwen_features is hidden in a mode that does not need Qwen (or greyed and
+//   gie_core/engine/modes.py): qwen_features is hidden in a mode that does not need Qwen (or greyed and
 //   marked unused while a link is still plugged in), and text_features says when only its CLIP("")
 //   pooled vector is read (pooled from the empty prompt, no T5 tokens).
 // * Padding Check and Rewrite Instruction show the text they return (the frontend shows no
 //   `ui.text` of its own).
 //
-// The ratio maths is a faithful copy of gie_core/ratio.py (nearest ratio in log-aspect space, ties
+// The ratio maths is a faithful copy of gie_core/imaging/ratio.py (nearest ratio in log-aspect space, ties
 // to the earlier entry, smallest k with (rw*k, rh*k) covering the image, same placement offsets);
 // tests/test_comfy_server.py checks it against the Python in a real browser.
 import { app } from "../../scripts/app.js";
@@ -22,7 +22,7 @@ export const PREFERRED_KONTEXT_RESOLUTIONS = [
   [1328, 800], [1392, 752], [1456, 720], [1504, 688], [1568, 672],
 ];
 
-// --- ratio maths: gie_core/ratio.py -----------------------------------------------------------
+// --- ratio maths: gie_core/imaging/ratio.py -----------------------------------------------------------
 
 const gcd = (a, b) => { while (b) [a, b] = [b, a % b]; return a; };
 const reduce = ([w, h]) => { const g = gcd(w, h); return [w / g, h / g]; };
@@ -194,8 +194,8 @@ function showExecutedText(node) {
 
 const QWEN = "qwen_features", TEXT = "text_features", QWEN_TYPE = "GIE_QWEN_FEATURES";
 
-// What each mode reads, as gie_core.connector.fuse does; no mode is named in the logic below.
-// BEGIN FUSION_MODE_TABLE (copy of gie_core.modes.table_for_web(); tests/test_web_modes.py keeps them equal)
+// What each mode reads, as gie_core.engine.connector.fuse does; no mode is named in the logic below.
+// BEGIN FUSION_MODE_TABLE (copy of gie_core.engine.modes.table_for_web(); tests/test_web_modes.py keeps them equal)
 export const FUSION_MODE_TABLE = {
   "vlm": {"needs_qwen": true, "needs_t5": false, "pooled_from": "empty", "queries": false, "type_embedding": false, "trainable": true},
   "t5": {"needs_qwen": false, "needs_t5": true, "pooled_from": "instruction", "queries": false, "type_embedding": false, "trainable": false},

@@ -517,7 +517,7 @@ def output_images(entry: dict) -> list[dict]:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    from ..files import atomic_write_bytes
+    from gie_core.files import atomic_write_bytes
 
     atomic_write_bytes(path, data)
 

@@ -34,8 +34,8 @@ def run_command(prog: str, run: Callable[[], int]) -> int:
 
 def load_input(path: str, what: str = "input image", background="white"):
     """An input image file as RGB (EXIF orientation, 16-bit and alpha handled; see
-    :func:`gie_core.images.load_image`)."""
-    from ..images import load_image
+    :func:`gie_core.imaging.images.load_image`)."""
+    from gie_core.imaging.images import load_image
 
     return load_image(path, what, background=background)
 
@@ -43,7 +43,7 @@ def load_input(path: str, what: str = "input image", background="white"):
 def output_paths(output: str, count: int) -> list[Path]:
     """The files one run writes: ``output`` itself, or ``stem_0.png`` ... for several images.
     Every one is checked writable now, before anything loads."""
-    from ..files import check_output_path
+    from gie_core.files import check_output_path
 
     out = Path(output)
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
@@ -56,7 +56,7 @@ def output_paths(output: str, count: int) -> list[Path]:
 
 def save_image(image, path: Path) -> None:
     """Write an image atomically (a failed save never leaves a partial file or replaces a good one)."""
-    from ..files import atomic_write
+    from gie_core.files import atomic_write
 
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}[path.suffix.lower()]
     atomic_write(path, lambda tmp: image.save(tmp, format=fmt))
@@ -65,7 +65,7 @@ def save_image(image, path: Path) -> None:
 def device_and_dtype(device: str | None, dtype: str | None):
     """The checked device (a missing CUDA is refused here, before loading) and the dtype:
     bf16 on GPUs, fp32 on the CPU unless given."""
-    from ..request import resolve_device
+    from gie_core.engine.request import resolve_device
 
     dev = resolve_device(device)
     return dev, dtype or ("fp32" if dev.type == "cpu" else "bf16")
@@ -74,6 +74,6 @@ def device_and_dtype(device: str | None, dtype: str | None):
 def quiet_library_warnings() -> None:
     """The commands say why the rewriter fell back themselves; keep the library's log record from
     printing it twice (Python prints warnings of unconfigured logging to stderr)."""
-    log = logging.getLogger("gie_core.rewrite")
+    log = logging.getLogger("gie_core.engine.rewrite")
     if not logging.getLogger().handlers and not any(isinstance(h, logging.NullHandler) for h in log.handlers):
         log.addHandler(logging.NullHandler())

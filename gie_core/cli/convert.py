@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import run_command
+from gie_core.cli.common import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..convert import CONVERT_PARTS, FORMATS, TRANSFORMER_FORMATS
+    from gie_core.weights.convert import CONVERT_PARTS, FORMATS, TRANSFORMER_FORMATS
 
     p = argparse.ArgumentParser(
         prog="gie-convert",
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
-    from ..convert import compare_qwen, convert
+    from gie_core.weights.convert import compare_qwen, convert
 
     if args.out is None and args.compare_qwen is None:
         raise ValueError("give --out DIR to convert, or --compare-qwen FILE to compare")

@@ -3,11 +3,11 @@
 With no weights given it runs a demo: a tiny random model set in the real on-disk layouts is
 built once into the user's cache and the whole pipeline runs on a bundled sample image.
 
-``--jobs LIST -o FOLDER`` runs many edits on one load (see :mod:`gie_core.jobs`): each job is
+``--jobs LIST -o FOLDER`` runs many edits on one load (see :mod:`gie_core.engine.jobs`): each job is
 encoded once for all its seeds, outputs are written atomically, and a rerun skips the outputs
 that exist.
 
-Every input is checked (by :func:`gie_core.request.resolve_edit` and the shared CLI helpers)
+Every input is checked (by :func:`gie_core.engine.request.resolve_edit` and the shared CLI helpers)
 before any weight is read.
 """
 
@@ -18,14 +18,14 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .common import device_and_dtype, load_input, output_paths, quiet_library_warnings, run_command, save_image
+from gie_core.cli.common import device_and_dtype, load_input, output_paths, quiet_library_warnings, run_command, save_image
 
 DEMO_INSTRUCTION = "make the sky a warm sunset"
 DEMO_AREA = 256 * 256  # the tiny models prove the pipeline; a small output keeps the demo quick
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..constants import (
+    from gie_core.constants import (
         DEFAULT_GUIDANCE,
         DEFAULT_REFERENCE_RESAMPLE,
         DEFAULT_SEED,
@@ -39,11 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
         STEPS_RANGE,
         TRUE_CFG_RANGE,
     )
-    from ..acceleration import ATTENTION_TABLE, CACHE_TABLE, DEFAULT_ATTENTION, NO_CACHE
-    from ..loading import DTYPES
-    from ..modes import FUSION_MODES
-    from ..quantize import QUANTIZATION_TABLE, QWEN_QUANTIZATIONS, TRANSFORMER_QUANTIZATIONS
-    from ..rewrite import DEFAULT_MAX_NEW_TOKENS
+    from gie_core.engine.acceleration import ATTENTION_TABLE, CACHE_TABLE, DEFAULT_ATTENTION, NO_CACHE
+    from gie_core.weights.loading import DTYPES
+    from gie_core.engine.modes import FUSION_MODES
+    from gie_core.weights.quantize import QUANTIZATION_TABLE, QWEN_QUANTIZATIONS, TRANSFORMER_QUANTIZATIONS
+    from gie_core.engine.rewrite import DEFAULT_MAX_NEW_TOKENS
 
     p = argparse.ArgumentParser(
         prog="gie-edit",
@@ -168,8 +168,8 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def parse_lora(text: str) -> tuple[str, float]:
     """'file.safetensors' or 'file.safetensors:0.8' -> (path, strength), the strength finite and in range."""
-    from ..constants import LORA_STRENGTH_RANGE
-    from ..request import check_float
+    from gie_core.constants import LORA_STRENGTH_RANGE
+    from gie_core.engine.request import check_float
 
     path, sep, strength = text.rpartition(":")
     if sep and path.endswith(".safetensors"):
@@ -183,7 +183,7 @@ def parse_lora(text: str) -> tuple[str, float]:
 
 def rewrite_for_edit(pipe, image, instruction: str, max_new_tokens: int) -> str:
     """The rewritten instruction (greedy) from the pipeline's loaded Qwen2.5-VL, reported on stderr."""
-    from ..rewrite import rewrite_instruction
+    from gie_core.engine.rewrite import rewrite_instruction
 
     quiet_library_warnings()
     with pipe.on_device(pipe.qwen.model):
@@ -201,11 +201,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
-    from ..constants import DEFAULT_TARGET_AREA
-    from ..encoders import check_instruction
-    from ..modes import DEFAULT_FUSION_MODE, STOCK_FUSION_MODE
-    from ..quantize import check_quantization
-    from ..request import resolve_edit
+    from gie_core.constants import DEFAULT_TARGET_AREA
+    from gie_core.engine.encoders import check_instruction
+    from gie_core.engine.modes import DEFAULT_FUSION_MODE, STOCK_FUSION_MODE
+    from gie_core.weights.quantize import check_quantization
+    from gie_core.engine.request import resolve_edit
 
     demo = not any((args.model, args.kontext, args.transformer, args.vae, args.t5, args.clip, args.qwen))
     jobs_mode = args.jobs is not None
@@ -270,8 +270,8 @@ def run(args) -> int:
         outs = output_paths(args.output, request.batch_size)
         acceleration = request.acceleration
     if args.rewrite:
-        from ..modes import fusion_mode
-        from ..rewrite import check_rewrite_options
+        from gie_core.engine.modes import fusion_mode
+        from gie_core.engine.rewrite import check_rewrite_options
 
         if (not demo and not gie_dir and not args.qwen) or not fusion_mode(mode).needs_qwen:
             raise ValueError(
@@ -294,10 +294,10 @@ def run(args) -> int:
         request = dataclasses.replace(request, acceleration=effective)
 
     # --- load and run ------------------------------------------------------------------
-    from ..pipeline import EditPipeline
+    from gie_core.engine.pipeline import EditPipeline
 
     if demo:
-        from ..testing.tiny import build_tiny_model_set, default_tiny_root
+        from gie_core.testing.tiny import build_tiny_model_set, default_tiny_root
 
         print(
             "gie-edit: no weights given: running the DEMO on tiny RANDOM models (built once in "
@@ -344,10 +344,10 @@ def run(args) -> int:
 def _plan_jobs(args, resolve, background):
     """The jobs, their outputs and their resolved requests: every job's image is read and its
     request resolved now, so a bad job stops the run before anything loads."""
-    from ..encoders import check_instruction
-    from ..files import check_output_path
-    from ..jobs import parse_seeds, plan_outputs, read_jobs
-    from .common import OUTPUT_SUFFIXES
+    from gie_core.engine.encoders import check_instruction
+    from gie_core.files import check_output_path
+    from gie_core.engine.jobs import parse_seeds, plan_outputs, read_jobs
+    from gie_core.cli.common import OUTPUT_SUFFIXES
 
     out_dir = Path(args.output)
     if out_dir.suffix.lower() in OUTPUT_SUFFIXES:
@@ -368,7 +368,7 @@ def _plan_jobs(args, resolve, background):
 
 
 def _run_jobs(args, pipe, plan, requests, background) -> int:
-    from ..jobs import run_jobs
+    from gie_core.engine.jobs import run_jobs
 
     bar = None
     if not args.quiet:

@@ -18,13 +18,13 @@ import json
 import sys
 from pathlib import Path
 
-from .common import device_and_dtype, run_command
+from gie_core.cli.common import device_and_dtype, run_command
 
 PROG = "gie-eval"
 
 
 def _selection_args(p: argparse.ArgumentParser) -> None:
-    from ..eval.benchmarks import COMPLEX_EDIT_IMAGE_TYPES
+    from gie_core.eval.benchmarks import COMPLEX_EDIT_IMAGE_TYPES
 
     g = p.add_argument_group("which samples")
     g.add_argument("--images", help="folder the instruction set's relative image paths are under "
@@ -40,7 +40,7 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..constants import (
+    from gie_core.constants import (
         DEFAULT_GUIDANCE,
         DEFAULT_SEED,
         DEFAULT_STEPS,
@@ -48,11 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
         REFERENCE_RESAMPLE_MODES,
         REFERENCE_RESIZE_MODES,
     )
-    from ..eval.benchmarks import BENCHMARKS
-    from ..eval.generate import GEOMETRIES
-    from ..eval.judge import DEFAULT_JUDGE_MAX_NEW_TOKENS, DEFAULT_JUDGE_MAX_PIXELS, RUBRICS
-    from ..modes import FUSION_MODES
-    from ..rewrite import DEFAULT_MAX_NEW_TOKENS
+    from gie_core.eval.benchmarks import BENCHMARKS
+    from gie_core.eval.generate import GEOMETRIES
+    from gie_core.eval.judge import DEFAULT_JUDGE_MAX_NEW_TOKENS, DEFAULT_JUDGE_MAX_PIXELS, RUBRICS
+    from gie_core.engine.modes import FUSION_MODES
+    from gie_core.engine.rewrite import DEFAULT_MAX_NEW_TOKENS
 
     layouts = "\n".join(f"  {b.name:<13} {b.title}: outputs {b.layout}" for b in BENCHMARKS.values())
     p = argparse.ArgumentParser(
@@ -162,8 +162,8 @@ def _split(text: str | None) -> tuple[str, ...]:
 
 def _selection(args, recorded: dict | None = None):
     """The sample selection: options given now win over the recorded run's, then the defaults."""
-    from ..eval.benchmarks import SelectOptions
-    from ..request import check_int
+    from gie_core.eval.benchmarks import SelectOptions
+    from gie_core.engine.request import check_int
 
     base = SelectOptions.from_dict(recorded or {})
     limit = base.limit if args.limit is None else check_int("--limit", args.limit, 0, None)
@@ -184,18 +184,18 @@ def _device(args, state, shard):
 
 
 def _check_writable(folder) -> None:
-    from ..files import check_output_path
+    from gie_core.files import check_output_path
 
     check_output_path(folder.run_file, "run folder")
 
 
 def generate(args) -> int:
-    from ..constants import DEFAULT_REFERENCE_RESAMPLE
-    from ..eval.benchmarks import benchmark, load_samples
-    from ..eval.generate import GenerateSettings, run_generate
-    from ..eval.runs import RUN_VERSION, RunFolder, current_shard, settings_mismatch
-    from ..modes import DEFAULT_FUSION_MODE, STOCK_FUSION_MODE
-    from .edit import parse_lora, parse_size
+    from gie_core.constants import DEFAULT_REFERENCE_RESAMPLE
+    from gie_core.eval.benchmarks import benchmark, load_samples
+    from gie_core.eval.generate import GenerateSettings, run_generate
+    from gie_core.eval.runs import RUN_VERSION, RunFolder, current_shard, settings_mismatch
+    from gie_core.engine.modes import DEFAULT_FUSION_MODE, STOCK_FUSION_MODE
+    from gie_core.cli.edit import parse_lora, parse_size
 
     # --- every input is checked here, before any weight is read --------------------------
     shard, state = current_shard()
@@ -240,7 +240,7 @@ def generate(args) -> int:
 
     # --- load (only if anything is left) and run ------------------------------------------
     def load_pipeline():
-        from ..pipeline import EditPipeline
+        from gie_core.engine.pipeline import EditPipeline
 
         return EditPipeline.from_paths(
             gie_dir=args.model, kontext_dir=args.kontext, transformer_file=args.transformer, vae_file=args.vae,
@@ -263,11 +263,11 @@ def generate(args) -> int:
 
 
 def score(args) -> int:
-    from ..eval.benchmarks import benchmark, load_samples
-    from ..eval.judge import rubric
-    from ..eval.runs import RunFolder, current_shard, settings_mismatch
-    from ..eval.score import EMBED_METRIC, SIMILARITY_METRICS, aggregate, report_markdown, run_score, write_report
-    from ..files import atomic_write_text
+    from gie_core.eval.benchmarks import benchmark, load_samples
+    from gie_core.eval.judge import rubric
+    from gie_core.eval.runs import RunFolder, current_shard, settings_mismatch
+    from gie_core.eval.score import EMBED_METRIC, SIMILARITY_METRICS, aggregate, report_markdown, run_score, write_report
+    from gie_core.files import atomic_write_text
 
     # --- checks before any weight is read --------------------------------------------------
     shard, state = current_shard()
@@ -302,7 +302,7 @@ def score(args) -> int:
             raise ValueError(f"'{folder.scores}' holds scores made otherwise ({'; '.join(diff)}); "
                              "score with the same options, or remove that folder to judge afresh")
     else:
-        from ..files import check_output_path
+        from gie_core.files import check_output_path
 
         check_output_path(config_file, "scores folder")
         if shard.is_main:
@@ -311,12 +311,12 @@ def score(args) -> int:
     # --- load and judge ---------------------------------------------------------------------
     judge = embedder = None
     if args.judge:
-        from ..eval.judge import load_judge
+        from gie_core.eval.judge import load_judge
 
         judge = load_judge(args.judge, dtype=dtype, device=device, max_new_tokens=args.judge_max_new_tokens,
                            max_pixels=args.judge_max_pixels)
     if args.similarity_model:
-        from ..eval.metrics import EmbeddingSimilarity
+        from gie_core.eval.metrics import EmbeddingSimilarity
 
         embedder = EmbeddingSimilarity.from_path(args.similarity_model, device=device)
     summary = run_score(samples, bench, folder, judge=judge, rub=rub, similarity=args.similarity, embedder=embedder,
@@ -347,8 +347,8 @@ def score(args) -> int:
 
 
 def compare(args) -> int:
-    from ..eval.compare import write_comparison
-    from ..request import check_int
+    from gie_core.eval.compare import write_comparison
+    from gie_core.engine.request import check_int
 
     if len(args.runs) < 2:
         raise ValueError("give two or more run folders to compare")

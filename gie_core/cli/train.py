@@ -25,7 +25,7 @@ EXIT_DOES_NOT_FIT = 3  # gie-train plan --budget: the run does not fit
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
-    from ..train.config import add_config_arguments
+    from gie_core.train.config import add_config_arguments
 
     p = argparse.ArgumentParser(
         prog=f"gie-train {command}" if command != "train" else "gie-train",
@@ -52,7 +52,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", default="latest", help="'latest' (in output_dir) or a checkpoint directory (default latest)")
         p.add_argument("--out", default=None, help="output folder (default: export.dir, else output_dir/export)")
     if command == "plan":
-        from ..train.plan import SHARDINGS
+        from gie_core.train.plan import SHARDINGS
 
         p.add_argument("config_files", nargs="*", metavar="CONFIG", help="config files (as --config; later ones win)")
         p.add_argument("--budget", default=None, metavar="SIZE",
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     parser = build_parser(command)
-    from ..train.config import ConfigError, config_from_args, reject_unknown_arguments
+    from gie_core.train.config import ConfigError, config_from_args, reject_unknown_arguments
 
     args, extras = parser.parse_known_args(argv)
     if command == "plan":
@@ -93,11 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     log = logging.getLogger("gie_core.train")
     try:
-        from ..train.engine import check_requested_engine
+        from gie_core.train.engine import check_requested_engine
 
         check_requested_engine()  # before the heavy imports: a DeepSpeed/FSDP launch on a machine without GPUs
         if command == "cache":
-            from ..train.cache import build_cache
+            from gie_core.train.cache import build_cache
 
             if not cfg.data.cache_dir:
                 parser.error("data.cache_dir is not set (where to write the cache)")
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("cache: %(pairs)d pairs, %(written)d written, %(bad)d bad", counts)
             return 0
         if command == "export":
-            from ..train.trainer import Trainer
+            from gie_core.train.trainer import Trainer
 
             if not cfg.model.kontext:
                 parser.error("model.kontext is not set (the FLUX.1-Kontext-dev directory of the run)")
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             for kind, path in files.items():
                 log.info("exported %s: %s", kind, path)
             return 0
-        from ..train.trainer import Trainer
+        from gie_core.train.trainer import Trainer
 
         result = Trainer(cfg).train()
         log.info("finished at step %d (%.2f steps/s); %s", result.step, result.steps_per_second, result.problems)
@@ -136,7 +136,7 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> int
     """``gie-train plan``: print the memory plan (and the changes that fit --budget)."""
     import warnings
 
-    from ..train.plan import fit_budget, format_plan, parse_budget, plan_memory
+    from gie_core.train.plan import fit_budget, format_plan, parse_budget, plan_memory
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("diffusers", "transformers", "accelerate"):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .tables import InstructionSetError, read_json_rows, read_rows, table_files
+from gie_core.eval.tables import InstructionSetError, read_json_rows, read_rows, table_files
 
 ImageRef = str | bytes  # a file path, or the encoded bytes of an image
 
@@ -388,7 +388,7 @@ def load_samples(name: str, path: str | os.PathLike, sel: SelectOptions | None =
 
 def load_sample_image(ref: ImageRef, what: str) -> Image.Image:
     """A sample's image as RGB, read like ``gie-edit`` reads its input (EXIF, 16-bit, alpha; sizes checked)."""
-    from ..images import check_size, load_image, to_rgb
+    from gie_core.imaging.images import check_size, load_image, to_rgb
 
     if isinstance(ref, bytes):
         from PIL import ImageOps, UnidentifiedImageError

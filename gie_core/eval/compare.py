@@ -16,9 +16,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ..files import atomic_write, atomic_write_text
-from .benchmarks import SelectOptions, benchmark, load_sample_image, load_samples
-from .runs import RunFolder
+from gie_core.files import atomic_write, atomic_write_text
+from gie_core.eval.benchmarks import SelectOptions, benchmark, load_sample_image, load_samples
+from gie_core.eval.runs import RunFolder
 
 # metrics with no better direction: never bolded
 _NOT_RANKED = {"edited_fraction"}

@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass, field
 
 from PIL import Image
 
-from ..constants import DEFAULT_TARGET_AREA, SIZE_MULTIPLE
-from .benchmarks import Benchmark, Sample, load_sample_image
-from .runs import RunFolder, Shard, sample_seed
+from gie_core.constants import DEFAULT_TARGET_AREA, SIZE_MULTIPLE
+from gie_core.eval.benchmarks import Benchmark, Sample, load_sample_image
+from gie_core.eval.runs import RunFolder, Shard, sample_seed
 
 GEOMETRIES = ("ours", "paper")
 
@@ -31,7 +31,7 @@ def paper_output_size(width: int, height: int, area: int = DEFAULT_TARGET_AREA) 
     """The output size upstream's evaluation scripts used: the reduced ratio of the preferred Kontext
     resolution nearest in aspect, scaled to ``area`` (1024x1024) and floored to multiples of 16.
     (Ours, ``--geometry ours``, is ~1 MP at the input's own aspect.)"""
-    from ..images import preferred_kontext_size
+    from gie_core.imaging.images import preferred_kontext_size
 
     pw, ph = preferred_kontext_size(width, height)
     g = math.gcd(pw, ph)
@@ -64,7 +64,7 @@ class GenerateSettings:
 
     def request(self, image: Image.Image, key: str):
         """The resolved edit request of one sample (checked like every edit request)."""
-        from ..request import resolve_edit
+        from gie_core.engine.request import resolve_edit
 
         width, height = self.width, self.height
         if self.geometry == "paper" and not (width or height):
@@ -77,13 +77,13 @@ class GenerateSettings:
 
     def check(self) -> None:
         """Check every setting before any weight loads (a 1024x1024 stand-in image for the sizes)."""
-        from ..request import check_choice
+        from gie_core.engine.request import check_choice
 
         check_choice("geometry", self.geometry, GEOMETRIES)
         self.request(Image.new("RGB", (1024, 1024)), "check")
         if self.rewrite:
-            from ..modes import fusion_mode
-            from ..rewrite import check_rewrite_options
+            from gie_core.engine.modes import fusion_mode
+            from gie_core.engine.rewrite import check_rewrite_options
 
             if not fusion_mode(self.mode).needs_qwen or not self.weights.get("model"):
                 raise ValueError(
@@ -121,7 +121,7 @@ def run_generate(
 
     ``load_pipeline()`` is called once, and only when there is something left to make.
     """
-    from ..files import atomic_write
+    from gie_core.files import atomic_write
 
     mine = shard.take(samples)  # split the whole set first: the split never depends on progress
     done = done_keys(folder, bench, mine)
@@ -155,7 +155,7 @@ def run_generate(
                 request = settings.request(image, sample.key)
                 instruction = sample.instruction
                 if settings.rewrite:
-                    from ..rewrite import rewrite_instruction
+                    from gie_core.engine.rewrite import rewrite_instruction
 
                     with pipe.on_device(pipe.qwen.model):
                         rw = rewrite_instruction(pipe.qwen, image, instruction, max_new_tokens=settings.rewrite_max_tokens)

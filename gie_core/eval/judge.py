@@ -401,12 +401,12 @@ def fit_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
 
 
 class QwenJudge:
-    """Asks a loaded Qwen2.5-VL (a :class:`gie_core.encoders.QwenVLEncoder`) about several images at
+    """Asks a loaded Qwen2.5-VL (a :class:`gie_core.engine.encoders.QwenVLEncoder`) about several images at
     once, greedily (the same images and question always give the same answer)."""
 
     def __init__(self, encoder, *, max_new_tokens: int = DEFAULT_JUDGE_MAX_NEW_TOKENS,
                  max_pixels: int = DEFAULT_JUDGE_MAX_PIXELS, name: str = ""):
-        from ..rewrite import MAX_NEW_TOKENS_LIMIT
+        from gie_core.engine.rewrite import MAX_NEW_TOKENS_LIMIT
 
         if not 1 <= int(max_new_tokens) <= MAX_NEW_TOKENS_LIMIT:
             raise ValueError(f"judge max new tokens is {max_new_tokens} but must be 1-{MAX_NEW_TOKENS_LIMIT}")
@@ -477,8 +477,8 @@ class QwenJudge:
 def load_judge(path: str | os.PathLike, *, dtype="bf16", device="cpu", **options) -> QwenJudge:
     """The judge from ``path``: a GPT-Image-Edit checkpoint folder (its Qwen2.5-VL-7B, with the
     generation head) or a stock Qwen2.5-VL folder (7B, 32B, 72B...), local files only."""
-    from ..loading import load_gie_checkpoint, load_qwen_processing, parse_dtype, quiet_transformers
-    from ..weights import CheckpointError
+    from gie_core.weights.loading import load_gie_checkpoint, load_qwen_processing, parse_dtype, quiet_transformers
+    from gie_core.weights.reader import CheckpointError
 
     p = Path(path)
     if not p.is_dir():
@@ -494,7 +494,7 @@ def load_judge(path: str | os.PathLike, *, dtype="bf16", device="cpu", **options
     else:
         from transformers import Qwen2_5_VLForConditionalGeneration
 
-        from ..encoders import QwenVLEncoder
+        from gie_core.engine.encoders import QwenVLEncoder
 
         if "qwen2_5_vl" not in str(cfg.get("model_type", "")):
             raise ValueError(f"judge '{p}' is a '{cfg.get('model_type')}' model, not Qwen2.5-VL")

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..files import atomic_write_text
+from gie_core.files import atomic_write_text
 
 RECORDS_DIR = "_gie_eval"
 RUN_FILE = "run.json"

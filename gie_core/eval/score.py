@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from ..files import atomic_write_text
-from .benchmarks import Benchmark, Sample, load_sample_image
-from .runs import RunFolder, Shard
+from gie_core.files import atomic_write_text
+from gie_core.eval.benchmarks import Benchmark, Sample, load_sample_image
+from gie_core.eval.runs import RunFolder, Shard
 
 SIMILARITY_METRICS = ("psnr_outside", "ssim_outside", "edited_fraction")
 EMBED_METRIC = "embed_cosine_outside"
@@ -59,8 +59,8 @@ def run_score(
 ) -> ScoreSummary:
     """Judge this process's shard of ``samples`` (see the module docstring); ``judge`` is anything
     with ``answer(images, prompt) -> str`` and ``rub`` its :class:`gie_core.eval.judge.Rubric`."""
-    from .judge import judge_sample
-    from .metrics import similarity_outside
+    from gie_core.eval.judge import judge_sample
+    from gie_core.eval.metrics import similarity_outside
 
     mine = shard.take(samples)
     done = {r["key"] for r in folder.read_records("judgements") if r.get("status") in DONE_STATUSES}

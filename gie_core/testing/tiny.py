@@ -485,7 +485,7 @@ def build_kontext_dir(path: Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from ..loading import quiet_transformers
+    from gie_core.weights.loading import quiet_transformers
 
     with quiet_transformers():  # diffusers' pipelines import image processors that ask for torchvision
         from diffusers import FluxKontextPipeline

@@ -23,6 +23,6 @@ Nothing here imports ComfyUI; the engine's encoders, connector, sampler and load
 
 from __future__ import annotations
 
-from .config import ConfigError, TrainConfig, load_config
+from gie_core.train.config import ConfigError, TrainConfig, load_config
 
 __all__ = ["ConfigError", "TrainConfig", "load_config"]

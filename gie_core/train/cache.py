@@ -5,7 +5,7 @@ One safetensors file per pair and bucket size, ``<cache_dir>/<key[:2]>/<key>-<W>
 - ``qwen`` [L, H]: Qwen2.5-VL last hidden states of (source, instruction); for a mode with
   learned queries (metaquery), which change during training, ``qwen_pixels`` [448, 448, 3] uint8
   (the Qwen input) instead;
-- ``t5`` [256, D]: T5 tokens, when the mode needs T5 (its row in :mod:`gie_core.modes`);
+- ``t5`` [256, D]: T5 tokens, when the mode needs T5 (its row in :mod:`gie_core.engine.modes`);
 - ``pooled`` [P]: CLIP(instruction), when the mode's pooled vector is the instruction's;
 - ``target_moments`` [2C, h, w]: the VAE posterior (mean, logvar) of the target, so each step
   still draws its own ``sample()`` as the reference does;
@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import atomic_write_text
-from ..loading import parse_dtype
-from ..modes import fusion_mode
-from ..weights import CheckpointError, CheckpointReader
-from .checkpoint import save_safetensors
-from .data import EditRecord
+from gie_core.files import atomic_write_text
+from gie_core.weights.loading import parse_dtype
+from gie_core.engine.modes import fusion_mode
+from gie_core.weights.reader import CheckpointError, CheckpointReader
+from gie_core.train.checkpoint import save_safetensors
+from gie_core.train.data import EditRecord
 
 logger = logging.getLogger("gie_core.train")
 
@@ -41,7 +41,7 @@ CACHE_VERSION = 1
 
 
 def cached_contents(mode: str, region_weighting: bool = True) -> tuple[str, ...]:
-    """The tensors a cache for ``mode`` holds per pair, as its row in :mod:`gie_core.modes` needs:
+    """The tensors a cache for ``mode`` holds per pair, as its row in :mod:`gie_core.engine.modes` needs:
     Qwen features (or, for learned queries, the Qwen input pixels), T5 tokens, CLIP(instruction)."""
     spec = fusion_mode(mode)
     names = ["target_moments", "reference"]
@@ -137,9 +137,9 @@ def build_cache(cfg, *, progress: bool = True) -> dict:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from ..sampler import encode_reference
-    from .data import EditDataset, ProblemLog, collate, read_dataset, usable_pairs
-    from .models import load_components
+    from gie_core.engine.sampler import encode_reference
+    from gie_core.train.data import EditDataset, ProblemLog, collate, read_dataset, usable_pairs
+    from gie_core.train.models import load_components
 
     if not cfg.data.cache_dir:
         raise ValueError("data.cache_dir is not set")

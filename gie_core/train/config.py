@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from ..constants import (
+from gie_core.constants import (
     DEFAULT_GUIDANCE,
     DEFAULT_SEED,
     DEFAULT_STEPS,
@@ -39,7 +39,7 @@ from ..constants import (
     SIZE_MULTIPLE,
     STEPS_RANGE,
 )
-from ..modes import FUSION_MODE_TABLE, TRAINABLE_MODES, fusion_mode
+from gie_core.engine.modes import FUSION_MODE_TABLE, TRAINABLE_MODES, fusion_mode
 
 
 class ConfigError(ValueError):
@@ -173,7 +173,7 @@ class StorageDtype:
     """A storage format of frozen weights (``memory.*_dtype``)."""
 
     name: str
-    quantization: str | None  # the row of gie_core.quantize.QUANTIZATION_TABLE it uses (None: the compute dtype)
+    quantization: str | None  # the row of gie_core.weights.quantize.QUANTIZATION_TABLE it uses (None: the compute dtype)
     bytes_per_element: int | None  # None: those of the compute dtype
     help: str
 
@@ -184,7 +184,7 @@ STORAGE_DTYPE_TABLE: dict[str, StorageDtype] = {
         StorageDtype("auto", None, None, "the compute dtype of train.mixed_precision (the VAE: fp32); for the transformer, "
                      "an fp8 or GGUF model.init_transformer file stays as stored"),
         StorageDtype("fp8", "fp8", 1, "float8 e4m3fn, each layer upcast to the compute dtype while it runs (diffusers "
-                     "layerwise casting; the layers gie_core.quantize.FP8_KEEP names stay in the compute dtype)"),
+                     "layerwise casting; the layers gie_core.weights.quantize.FP8_KEEP names stay in the compute dtype)"),
     )
 }
 STORAGE_DTYPES = tuple(STORAGE_DTYPE_TABLE)

@@ -13,7 +13,7 @@ root. Malformed records, missing files, unreadable images and images too small o
 (``MIN_IMAGE_SIDE``..``MAX_IMAGE_SIDE``) are reported and skipped, with a count at the end; a
 run never stops for one bad sample.
 
-Images are read by :func:`gie_core.images.load_image`, as every other face reads them: EXIF
+Images are read by :func:`gie_core.imaging.images.load_image`, as every other face reads them: EXIF
 orientation applied (sizes and buckets are those of the image as shown), 16-bit greyscale
 scaled by its range, transparency composited on white.
 
@@ -48,10 +48,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageChops, UnidentifiedImageError
 
-from ..constants import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, QWEN_IMAGE_SIZE, SIZE_MULTIPLE
-from ..files import atomic_write_text
-from ..images import load_image
-from ..ratio import nearest_ratio, parse_ratios
+from gie_core.constants import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, QWEN_IMAGE_SIZE, SIZE_MULTIPLE
+from gie_core.files import atomic_write_text
+from gie_core.imaging.images import load_image
+from gie_core.imaging.ratio import nearest_ratio, parse_ratios
 
 logger = logging.getLogger("gie_core.train")
 
@@ -579,7 +579,7 @@ def region_weight_map(
 
 
 def load_rgb(path: Path, what: str = "training image") -> Image.Image:
-    """Open a training image as RGB through :func:`gie_core.images.load_image` (EXIF orientation,
+    """Open a training image as RGB through :func:`gie_core.imaging.images.load_image` (EXIF orientation,
     16-bit, transparency on white, as every face loads images). Raises :class:`ImageProblem` with
     the problem-log kind for a missing, unreadable, too small or too large file."""
     path = Path(path)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig
+from gie_core.train.config import TrainConfig
 
 logger = logging.getLogger("gie_core.train")
 

@@ -1,17 +1,17 @@
 """Exported weights, in the formats the engine's loaders and the ComfyUI nodes read.
 
 - ``connector.safetensors``: keys ``denoise_projector.{0,2}.{weight,bias}`` (+ ``type_embedding``,
-  ``queries``), read by :func:`gie_core.loading.load_connector`;
+  ``queries``), read by :func:`gie_core.weights.loading.load_connector`;
 - ``transformer.safetensors``: the whole Kontext transformer, diffusers key names (trained
-  weights merged in), read by :func:`gie_core.single_file.load_bfl_transformer` (it takes the
+  weights merged in), read by :func:`gie_core.weights.single_file.load_bfl_transformer` (it takes the
   diffusers layout too) and by ComfyUI's diffusion-model loader;
 - ``transformer_lora.safetensors``: a diffusers/peft LoRA (``transformer.``-prefixed keys with
   the adapter config in the metadata, as ``FluxKontextPipeline.save_lora_weights`` writes),
-  read by :func:`gie_core.lora.load_lora` (the engine and the GIE LoRA node), diffusers'
+  read by :func:`gie_core.weights.lora.load_lora` (the engine and the GIE LoRA node), diffusers'
   ``load_lora_weights`` and ComfyUI's own LoRA loader;
 - optionally ``gpt-image-edit/``: a full checkpoint directory in the released layout
   (``denoise_tower.denoise_projector.*``, ``denoise_tower.denoiser.*``, Qwen in the pre-4.52
-  names), read by :func:`gie_core.loading.load_gie_checkpoint` and ``gie-edit --model``.
+  names), read by :func:`gie_core.weights.loading.load_gie_checkpoint` and ``gie-edit --model``.
 
 Every file is written through :func:`gie_core.files.atomic_write` (a temporary file beside the
 target, renamed when complete, normal permissions); the released-layout directory is built in a
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from ..files import atomic_write, atomic_write_text, temporary_path
-from ..loading import GIE_DENOISER_PREFIX, GIE_PROJECTOR_PREFIX, gie_config, parse_dtype, released_qwen_key
-from ..weights import CheckpointReader
-from .checkpoint import save_safetensors
+from gie_core.files import atomic_write, atomic_write_text, temporary_path
+from gie_core.weights.loading import GIE_DENOISER_PREFIX, GIE_PROJECTOR_PREFIX, gie_config, parse_dtype, released_qwen_key
+from gie_core.weights.reader import CheckpointReader
+from gie_core.train.checkpoint import save_safetensors
 
 CONNECTOR_FILE = "connector.safetensors"
 TRANSFORMER_FILE = "transformer.safetensors"
@@ -133,7 +133,7 @@ def export_lora(transformer, path: str | os.PathLike, *, dtype="bf16", adapter_n
 
 def load_transformer_file(path: str | os.PathLike, *, dtype="bf16", device="cpu"):
     """A transformer written by :func:`export_transformer` (the engine's single-file loader reads it)."""
-    from ..single_file import load_bfl_transformer
+    from gie_core.weights.single_file import load_bfl_transformer
 
     return load_bfl_transformer(path, dtype=parse_dtype(dtype), device=device)
 

@@ -4,7 +4,7 @@ For target latents ``x0`` (VAE ``sample()``, normalised), noise ``eps`` and ``si
 
 - ``sigma = sigmoid(N(mean, std))`` (logit-normal), then the resolution shift
   ``s * sigma / (1 + (s - 1) * sigma)`` with ``s = exp(mu)`` and ``mu = shift_mu(target tokens)``
-  (:mod:`gie_core.schedule`, the same code the sampler's schedule uses);
+  (:mod:`gie_core.engine.schedule`, the same code the sampler's schedule uses);
 - ``x_t = (1 - sigma) x0 + sigma eps``; the target is ``v = eps - x0``;
 - the transformer sees the packed ``x_t`` tokens followed by the reference latents' tokens (ids
   ``(1, row, col)``), ``timestep = sigma``, guidance 1.0 and the conditioning; its prediction is
@@ -12,7 +12,7 @@ For target latents ``x0`` (VAE ``sample()``, normalised), noise ``eps`` and ``si
 - loss = mean over every latent element of ``weight * (prediction - v)^2`` (weight 1, or the
   region weight map broadcast over channels).
 
-The packing and ids come from :mod:`gie_core.sampler`, the shift from :mod:`gie_core.schedule`,
+The packing and ids come from :mod:`gie_core.engine.sampler`, the shift from :mod:`gie_core.engine.schedule`,
 as sampling uses them.
 """
 
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sampler import latent_ids, latents_in, pack_latents, reference_tokens, unpack_latents
-from ..schedule import shift_mu, shift_sigmas
+from gie_core.engine.sampler import latent_ids, latents_in, pack_latents, reference_tokens, unpack_latents
+from gie_core.engine.schedule import shift_mu, shift_sigmas
 
 
 Generators = torch.Generator | list[torch.Generator] | None

@@ -5,7 +5,7 @@ Everything here wires in the libraries' own pieces:
 - **small frozen weights**: the frozen Kontext transformer (and Qwen2.5-VL / T5 / CLIP / VAE when
   they are loaded, i.e. not cached) stored in float8, each layer upcast to the compute dtype only
   while it runs: diffusers' layerwise casting (:func:`diffusers.hooks.apply_layerwise_casting`),
-  the same rule the engine's fp8 loading uses (:data:`gie_core.quantize.FP8_KEEP`). Layers that
+  the same rule the engine's fp8 loading uses (:data:`gie_core.weights.quantize.FP8_KEEP`). Layers that
   hold trained weights (the image-branch attention set, LoRA adapters) are never cast: they stay
   fp32 masters. A GGUF or fp8 ``model.init_transformer`` file stays as stored. Gradients flow
   through the cast layers (stage 1 trains the connector through the fp8 transformer).
@@ -36,13 +36,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import STORAGE_DTYPE_TABLE, TrainConfig
+from gie_core.train.config import STORAGE_DTYPE_TABLE, TrainConfig
 
 logger = logging.getLogger("gie_core.train")
 
 # Modules that are not part of a diffusers/transformers block pattern but must stay in the
 # compute dtype under fp8 storage, per part (the transformer's and Qwen's rows come from
-# gie_core.quantize.FP8_KEEP, the engine's own rule).
+# gie_core.weights.quantize.FP8_KEEP, the engine's own rule).
 _DIFFUSERS_DEFAULT_KEEP = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$")
 EXTRA_FP8_KEEP: dict[str, tuple[str, ...]] = {
     "t5": ("shared", "norm", "relative_attention_bias"),  # embeddings, norms, position buckets
@@ -74,7 +74,7 @@ def transformer_file_storage(path: str | os.PathLike) -> str | None:
         return "gguf"
     if p.suffix.lower() != ".safetensors" or not p.is_file():
         return None
-    from ..weights import FLOAT8_DTYPES, CheckpointReader
+    from gie_core.weights.reader import FLOAT8_DTYPES, CheckpointReader
 
     with CheckpointReader.open(p) as reader:
         weights = [k for k in reader.keys() if k.endswith(".weight") and len(reader.shape(k)) == 2 and "blocks." in k]
@@ -118,7 +118,7 @@ def resolve_memory(cfg: TrainConfig) -> MemorySettings:
 
 def fp8_keep(part: str) -> tuple[str, ...]:
     """Module-name patterns kept in the compute dtype under fp8 storage for ``part``."""
-    from ..quantize import FP8_KEEP
+    from gie_core.weights.quantize import FP8_KEEP
 
     return tuple(FP8_KEEP.get(part, ())) + EXTRA_FP8_KEEP.get(part, ()) + (
         _DIFFUSERS_DEFAULT_KEEP if part not in FP8_KEEP else ())
@@ -149,7 +149,7 @@ def store_fp8(module: nn.Module, part: str, compute_dtype: torch.dtype) -> nn.Mo
     the first layer stay as they are. Returns ``module``."""
     from diffusers.hooks import apply_layerwise_casting
 
-    from ..quantize import quantization
+    from gie_core.weights.quantize import quantization
 
     keep = fp8_keep(part) + trained_module_patterns(module) + _first_weight_module(module)
     apply_layerwise_casting(module, storage_dtype=quantization("fp8").storage, compute_dtype=compute_dtype,

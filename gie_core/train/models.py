@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..connector import Connector, QwenFeatures, TextFeatures, fuse
-from ..encoders import QwenVLEncoder, TextEncoders
-from ..loading import load_connector, load_gie_checkpoint, load_kontext_dir, load_qwen_processing
-from ..modes import fusion_mode
-from .config import ConfigError, TrainConfig
-from .loss import flow_matching_loss
-from .memory import MemorySettings, resolve_memory, store_fp8
+from gie_core.engine.connector import Connector, QwenFeatures, TextFeatures, fuse
+from gie_core.engine.encoders import QwenVLEncoder, TextEncoders
+from gie_core.weights.loading import load_connector, load_gie_checkpoint, load_kontext_dir, load_qwen_processing
+from gie_core.engine.modes import fusion_mode
+from gie_core.train.config import ConfigError, TrainConfig
+from gie_core.train.loss import flow_matching_loss
+from gie_core.train.memory import MemorySettings, resolve_memory, store_fp8
 
 logger = logging.getLogger("gie_core.train")
 
@@ -179,7 +179,7 @@ def load_components(
 
     An fp8 transformer streams straight into float8 when no layer of it will train (stage 1, LoRA);
     otherwise the trainer casts it once the trained set is known (:func:`.memory.store_fp8`)."""
-    from ..single_file import load_bfl_transformer
+    from gie_core.weights.single_file import load_bfl_transformer
 
     memory = memory or resolve_memory(cfg)
     sources = {}
@@ -224,7 +224,7 @@ def load_components(
         sources["transformer"] = str(cfg.model.kontext)
     elif t_src not in ("gie",):
         if memory.transformer == "gguf":
-            from ..gguf import load_gguf_transformer
+            from gie_core.weights.gguf import load_gguf_transformer
 
             transformer = load_gguf_transformer(t_src, dtype=weight_dtype)
         else:
@@ -275,8 +275,8 @@ def prepare_for_training(transformer: nn.Module, connector: Connector, cfg: Trai
     set unfrozen and kept fp32, the frozen transformer layers in fp8 when ``memory`` says so (the
     trained ones never), gradient checkpointing. The trainer and ``gie-train plan`` (on meta
     tensors) both call this. Returns the trained names (:func:`.trainable.select_trainable`)."""
-    from .memory import is_layerwise_cast
-    from .trainable import add_lora, select_trainable, upcast_trainable
+    from gie_core.train.memory import is_layerwise_cast
+    from gie_core.train.trainable import add_lora, select_trainable, upcast_trainable
 
     if cfg.trainable_set == "lora":
         with seeded(cfg.train.seed, "lora"):  # LoRA A weights: the same in every run of the seed
@@ -304,7 +304,7 @@ class EditModel(nn.Module):
         self.guidance = guidance
 
     def conditioning(self, vlm_hidden, num_queries, t5, pooled, pooled_empty):
-        """Fuse like the engine (``gie_core.connector.fuse``)."""
+        """Fuse like the engine (``gie_core.engine.connector.fuse``)."""
         vlm = QwenFeatures(vlm_hidden, num_queries=num_queries)
         text = TextFeatures(t5=t5, pooled=pooled if pooled is not None else pooled_empty, pooled_empty=pooled_empty)
         return fuse(self.mode, self.connector, vlm, text)

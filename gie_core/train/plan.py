@@ -37,10 +37,10 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..constants import QWEN_IMAGE_SIZE, T5_MAX_LENGTH
-from ..modes import fusion_mode
-from .config import OPTIMIZER_TABLE, TrainConfig
-from .memory import MemorySettings, resolve_memory, store_fp8, swappable_blocks, transformer_blocks
+from gie_core.constants import QWEN_IMAGE_SIZE, T5_MAX_LENGTH
+from gie_core.engine.modes import fusion_mode
+from gie_core.train.config import OPTIMIZER_TABLE, TrainConfig
+from gie_core.train.memory import MemorySettings, resolve_memory, store_fp8, swappable_blocks, transformer_blocks
 
 GIB = 2**30
 CUDA_RESERVE = 1 * GIB  # CUDA context, cuBLAS workspace, allocator slack: outside the tensors counted
@@ -129,7 +129,7 @@ def _json(path: Path) -> dict:
 
 
 def _shipped(name: str) -> dict:
-    from ..single_file import load_config
+    from gie_core.weights.single_file import load_config
 
     return load_config(name)
 
@@ -137,7 +137,7 @@ def _shipped(name: str) -> dict:
 def read_architecture(cfg: TrainConfig) -> Architecture:
     """The configs of ``cfg``'s models; a folder that does not exist is replaced by the shipped
     real-size config (so a plan can be made before anything is downloaded), with a note."""
-    from ..loading import qwen_config_from_gie
+    from gie_core.weights.loading import qwen_config_from_gie
 
     notes = []
     kontext = Path(cfg.model.kontext).expanduser() if cfg.model.kontext else None
@@ -193,15 +193,15 @@ def read_architecture(cfg: TrainConfig) -> Architecture:
 def _meta_transformer(arch: Architecture, **overrides) -> nn.Module:
     from diffusers import FluxTransformer2DModel
 
-    from ..weights import empty_weights
+    from gie_core.weights.reader import empty_weights
 
     with empty_weights():
         return FluxTransformer2DModel.from_config({**arch.transformer, **overrides})
 
 
 def _meta_connector(cfg: TrainConfig, arch: Architecture) -> nn.Module:
-    from ..connector import Connector
-    from ..weights import empty_weights
+    from gie_core.engine.connector import Connector
+    from gie_core.weights.reader import empty_weights
 
     hidden = arch.qwen.text_config.hidden_size if hasattr(arch.qwen, "text_config") else arch.qwen.hidden_size
     with empty_weights():
@@ -214,7 +214,7 @@ def _meta_encoders(cfg: TrainConfig, arch: Architecture, memory: MemorySettings,
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, Qwen2_5_VLForConditionalGeneration, T5Config, T5EncoderModel
 
-    from ..weights import empty_weights
+    from gie_core.weights.reader import empty_weights
 
     parts = {}
     with empty_weights():
@@ -241,7 +241,7 @@ def _meta_encoders(cfg: TrainConfig, arch: Architecture, memory: MemorySettings,
 
 
 def _prepared(cfg: TrainConfig, memory: MemorySettings, dtype: torch.dtype, transformer: nn.Module, connector: nn.Module):
-    from .models import prepare_for_training
+    from gie_core.train.models import prepare_for_training
 
     nn.Module.to(transformer, dtype)  # (diffusers' own .to() logs about fp32 modules this model has none of)
     if memory.transformer == "gguf":
@@ -325,7 +325,7 @@ def _weight_lines(part: str, module: nn.Module, swapped: set[str] | None = None)
 
 def _bucket(cfg: TrainConfig) -> tuple[int, int]:
     """The largest training bucket (most tokens) of the run."""
-    from .data import bucket_sizes
+    from gie_core.train.data import bucket_sizes
 
     if cfg.data.bucketing == "square":
         return cfg.data.resolution, cfg.data.resolution
@@ -356,7 +356,7 @@ def _simulate_step(cfg: TrainConfig, arch: Architecture, memory: MemorySettings,
     transformer with ``layers`` = (double, single) blocks, on fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .models import EditModel
+    from gie_core.train.models import EditModel
 
     spec = fusion_mode(cfg.model.mode)
     width, height = _bucket(cfg)
@@ -414,7 +414,7 @@ def _run_vae_encode(arch: Architecture, memory: MemorySettings, cfg: TrainConfig
     from diffusers import AutoencoderKL
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from ..weights import empty_weights
+    from gie_core.weights.reader import empty_weights
 
     width, height = _bucket(cfg)
     with empty_weights():
@@ -481,7 +481,7 @@ def plan_memory(cfg: TrainConfig, *, device: str = "cuda", processes: int = 1, s
     ``processes`` / ``sharding`` (none, zero2 = DeepSpeed ZeRO-2 / FSDP SHARD_GRAD_OP: gradients
     and optimizer state split across processes; zero3 = ZeRO-3 / FSDP FULL_SHARD: the model's
     weights too) give the per-GPU figure of a sharded run."""
-    from .models import needed_parts
+    from gie_core.train.models import needed_parts
 
     if sharding not in SHARDINGS:
         raise ValueError(f"sharding is '{sharding}'; expected one of {', '.join(SHARDINGS)}")
@@ -674,7 +674,7 @@ def fit_budget(cfg: TrainConfig, budget: int, *, device: str = "cuda", processes
 
 
 def _encoders_on_gpu(cfg: TrainConfig) -> bool:
-    from .models import needed_parts
+    from gie_core.train.models import needed_parts
 
     return any(needed_parts(cfg, data=True, validating=False).values())
 

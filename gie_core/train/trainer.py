@@ -39,20 +39,20 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from ..connector import QwenFeatures, TextFeatures, fuse
-from ..files import atomic_write, atomic_write_text
-from ..images import load_image, prepare_reference, to_pil
-from ..modes import fusion_mode
-from ..sampler import KontextModels, encode_reference, sample
-from ..weights import CheckpointReader
-from . import checkpoint as ckpt
-from .cache import FeatureCache, cache_info_for, cached_contents
-from .config import TrainConfig, optimizer_spec
-from .data import BucketBatches, EditDataset, ProblemLog, Shard, bucket_for, collate, read_dataset, usable_pairs
-from .loss import normalize_latents, sample_sigmas, standard_normal
-from .engine import check_engine, check_requested_engine, check_resharding, zero_stage
-from .memory import frozen_names, place_with_swap, resolve_memory
-from .models import (
+from gie_core.engine.connector import QwenFeatures, TextFeatures, fuse
+from gie_core.files import atomic_write, atomic_write_text
+from gie_core.imaging.images import load_image, prepare_reference, to_pil
+from gie_core.engine.modes import fusion_mode
+from gie_core.engine.sampler import KontextModels, encode_reference, sample
+from gie_core.weights.reader import CheckpointReader
+from gie_core.train import checkpoint as ckpt
+from gie_core.train.cache import FeatureCache, cache_info_for, cached_contents
+from gie_core.train.config import TrainConfig, optimizer_spec
+from gie_core.train.data import BucketBatches, EditDataset, ProblemLog, Shard, bucket_for, collate, read_dataset, usable_pairs
+from gie_core.train.loss import normalize_latents, sample_sigmas, standard_normal
+from gie_core.train.engine import check_engine, check_requested_engine, check_resharding, zero_stage
+from gie_core.train.memory import frozen_names, place_with_swap, resolve_memory
+from gie_core.train.models import (
     EditModel,
     check_model_paths,
     derived_seed,
@@ -706,7 +706,7 @@ class Trainer:
         return files
 
     def _export_main(self, out: Path) -> dict[str, Path]:
-        from . import export as ex
+        from gie_core.train import export as ex
 
         cfg = self.cfg
         files: dict[str, Path] = {}
@@ -731,7 +731,7 @@ class Trainer:
                 loaded = self.components.qwen and not cfg.model.gie and self.memory.encoders == "compute"
                 qwen_model = self.components.qwen.model if loaded else None
                 if not cfg.model.gie and qwen_model is None:
-                    from .models import load_qwen_dir
+                    from gie_core.train.models import load_qwen_dir
 
                     qwen_model = load_qwen_dir(cfg.model.qwen, dtype=self.weight_dtype).model
                 files["released_dir"] = ex.export_released_dir(

@@ -117,7 +117,7 @@ class StepCache:
 def check_cache(method: str, value: float | None = None) -> StepCache:
     """``method`` and ``value`` (None: the method's default) as a :class:`StepCache`, or
     ``ValueError`` naming what is wrong."""
-    from .request import check_float, check_int
+    from gie_core.engine.request import check_float, check_int
 
     row = cache_method(method)
     if value is None:

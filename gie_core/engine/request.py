@@ -3,7 +3,7 @@
 The rules every face shares live here and nowhere else: the output size (auto, one side 0 =
 follow the aspect, explicit), the batch rules, the reference resize, the aspect an output
 must keep when the input is padded to a ratio, and every range check (finite floats, integer
-ranges, known choices). ``gie-edit``, :meth:`gie_core.pipeline.EditPipeline.edit` and the
+ranges, known choices). ``gie-edit``, :meth:`gie_core.engine.pipeline.EditPipeline.edit` and the
 ComfyUI Kontext Sampler node all call :func:`resolve_edit`; the sampler below trusts what it
 is given.
 """
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .acceleration import DEFAULT_ATTENTION, Acceleration, resolve_acceleration
-from .constants import (
+from gie_core.engine.acceleration import DEFAULT_ATTENTION, Acceleration, resolve_acceleration
+from gie_core.constants import (
     BATCH_RANGE,
     DEFAULT_GUIDANCE,
     DEFAULT_REFERENCE_RESAMPLE,
@@ -34,9 +34,9 @@ from .constants import (
     STEPS_RANGE,
     TRUE_CFG_RANGE,
 )
-from .images import check_size, reference_size
-from .modes import DEFAULT_FUSION_MODE, fusion_mode
-from .ratio import PadRecord, aspect_fits, parse_color, parse_ratios, plan_padding
+from gie_core.imaging.images import check_size, reference_size
+from gie_core.engine.modes import DEFAULT_FUSION_MODE, fusion_mode
+from gie_core.imaging.ratio import PadRecord, aspect_fits, parse_color, parse_ratios, plan_padding
 
 __all__ = [
     "EditRequest",
@@ -113,7 +113,7 @@ def auto_output_size(width: int, height: int, area: int = DEFAULT_TARGET_AREA) -
 
     The long side is floored to a multiple of 16 (so the area stays at most about ``area``)
     and the short side is its exact-aspect length rounded to the nearest multiple, which
-    :func:`gie_core.ratio.aspect_fits` accepts. The long side is capped at MAX_IMAGE_SIDE.
+    :func:`gie_core.imaging.ratio.aspect_fits` accepts. The long side is capped at MAX_IMAGE_SIDE.
     """
     m = SIZE_MULTIPLE
     aspect = width / height
@@ -264,8 +264,8 @@ def resolve_edit(
     ``width``/``height``: None or 0 = auto (see :func:`resolve_output_size`); the aspect is the
     input's, or the padded image's when ``snap`` (a ratio set) is given. ``has_negative``:
     whether a negative conditioning exists (the CLI always makes one: " " by default).
-    ``cache`` ("NAME[:VALUE]", a :class:`gie_core.acceleration.StepCache` or None), ``attention``
-    and ``compile``: the speed choices of :mod:`gie_core.acceleration` (names and values checked
+    ``cache`` ("NAME[:VALUE]", a :class:`gie_core.engine.acceleration.StepCache` or None), ``attention``
+    and ``compile``: the speed choices of :mod:`gie_core.engine.acceleration` (names and values checked
     here; what this machine cannot run falls back to the default when sampling, with a note).
     """
     acceleration = resolve_acceleration(cache, attention, compile)

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from .connector import QwenFeatures, TextFeatures
-from .constants import CLIP_MAX_LENGTH, QWEN_IMAGE_SIZE, T5_MAX_LENGTH
-from .images import ImageLike, to_pil, to_tensor
+from gie_core.engine.connector import QwenFeatures, TextFeatures
+from gie_core.constants import CLIP_MAX_LENGTH, QWEN_IMAGE_SIZE, T5_MAX_LENGTH
+from gie_core.imaging.images import ImageLike, to_pil, to_tensor
 
 # The default system block the Qwen2.5-VL chat template inserts; the reference removes it.
 QWEN_DEFAULT_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"

@@ -6,7 +6,7 @@
 - a FLUX.1-Kontext-dev diffusers directory;
 - connector / LoRA files written by the trainer.
 
-Single-file checkpoints as ComfyUI users keep them are in :mod:`gie_core.single_file`.
+Single-file checkpoints as ComfyUI users keep them are in :mod:`gie_core.weights.single_file`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .connector import Connector
-from .weights import CheckpointError, CheckpointReader, assign_weights, empty_weights
+from gie_core.engine.connector import Connector
+from gie_core.weights.reader import CheckpointError, CheckpointReader, assign_weights, empty_weights
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -180,11 +180,11 @@ def load_qwen_from_gie(
 
     ``lm_head`` False (default): the output head is read only when text is generated (see
     :class:`OnDemandLMHead`); encoding never needs it. ``quantize``: a row of
-    :data:`gie_core.quantize.QUANTIZATION_TABLE` for the qwen part ("fp8" streams straight into
+    :data:`gie_core.weights.quantize.QUANTIZATION_TABLE` for the qwen part ("fp8" streams straight into
     float8 storage; "int8"/"nf4" load through bitsandbytes)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from .quantize import prepare_fp8_storage, quantization
+    from gie_core.weights.quantize import prepare_fp8_storage, quantization
 
     q = quantization(quantize)
     if q.kind == "bnb":
@@ -219,7 +219,7 @@ def _load_qwen_bnb(path: Path, cfg: dict, dtype: torch.dtype, device, quantize: 
     the released names and ignores the ``denoise_tower.*`` tensors)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from .quantize import bnb_config
+    from gie_core.weights.quantize import bnb_config
 
     device = torch.device(device)
     with quiet_transformers():
@@ -272,7 +272,7 @@ def load_flux_transformer_from_reader(reader: CheckpointReader, prefix: str, con
     (``quantize="fp8"``: streamed straight into float8 storage)."""
     from diffusers import FluxTransformer2DModel
 
-    from .quantize import prepare_fp8_storage, quantization
+    from gie_core.weights.quantize import prepare_fp8_storage, quantization
 
     q = quantization(quantize)
     if "transformer" not in q.parts:
@@ -313,12 +313,12 @@ def load_gie_checkpoint(
 
     ``parts`` picks what to load; ``processor_dir`` supplies the Qwen tokenizer and image
     processor when the checkpoint directory lacks them. ``transformer_quantize`` /
-    ``qwen_quantize``: rows of :data:`gie_core.quantize.QUANTIZATION_TABLE` ("fp8"; "int8"/"nf4"
+    ``qwen_quantize``: rows of :data:`gie_core.weights.quantize.QUANTIZATION_TABLE` ("fp8"; "int8"/"nf4"
     for Qwen via bitsandbytes). ``lm_head``: read Qwen's output head now (by default it is read
     the first time text is generated, i.e. only for instruction rewriting).
     """
-    from .encoders import QwenVLEncoder
-    from .quantize import check_quantization
+    from gie_core.engine.encoders import QwenVLEncoder
+    from gie_core.weights.quantize import check_quantization
 
     p = Path(path)
     cfg = gie_config(p)
@@ -348,7 +348,7 @@ def load_qwen_processing(path: str | os.PathLike):
     """(tokenizer, image_processor, stock processor or None) from a directory of processor files."""
     from transformers import AutoTokenizer
 
-    from .encoders import load_qwen_image_processor, torchvision_available
+    from gie_core.engine.encoders import load_qwen_image_processor, torchvision_available
 
     p = Path(path)
     if not (p / "tokenizer.json").exists() and not (p / "vocab.json").exists():
@@ -421,15 +421,15 @@ def load_kontext_dir(
     """Load components of a FLUX.1-Kontext-dev diffusers directory (local files only).
 
     ``transformer_quantize="fp8"`` stores the transformer's layers in float8 (see
-    :mod:`gie_core.quantize`)."""
-    from .quantize import check_quantization, prepare_fp8_storage, quantization
+    :mod:`gie_core.weights.quantize`)."""
+    from gie_core.weights.quantize import check_quantization, prepare_fp8_storage, quantization
 
     check_quantization("transformer", transformer_quantize, device)
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-    from .constants import T5_MAX_LENGTH
-    from .encoders import TextEncoders
+    from gie_core.constants import T5_MAX_LENGTH
+    from gie_core.engine.encoders import TextEncoders
 
     p = Path(path)
     kontext_index(p)

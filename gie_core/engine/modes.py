@@ -1,6 +1,6 @@
 """The fusion modes as one table: what each mode needs and how its conditioning is built.
 
-Every face reads this table: :func:`gie_core.connector.fuse`, the connector's supported modes,
+Every face reads this table: :func:`gie_core.engine.connector.fuse`, the connector's supported modes,
 the pipeline (which parts to load and encode), the trainer (which features to cache and
 encode), the ComfyUI nodes (tooltips, required inputs) and the web extension (which inputs the
 Fusion Connector shows; ``web/gie.js`` carries a copy that a test keeps equal to

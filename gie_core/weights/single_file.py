@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .weights import FLOAT8_DTYPES, CheckpointError, CheckpointReader, assign_weights, empty_weights
+from gie_core.weights.reader import FLOAT8_DTYPES, CheckpointError, CheckpointReader, assign_weights, empty_weights
 
 # Names of the shipped configs (files in gie_core/configs/, without ".json").
 TRANSFORMER_CONFIG = "flux1-kontext-dev-transformer"
@@ -80,7 +80,7 @@ def load_config(name: str) -> dict:
     stem = name[:-5] if name.endswith(".json") else name
     if stem not in CONFIG_NAMES:
         raise ValueError(f"config '{name}' is not shipped; expected one of {', '.join(CONFIG_NAMES)}")
-    text = resources.files(__package__).joinpath("configs", f"{stem}.json").read_text(encoding="utf-8")
+    text = resources.files("gie_core").joinpath("configs", f"{stem}.json").read_text(encoding="utf-8")
     return json.loads(text)
 
 
@@ -757,7 +757,7 @@ def qwen_processing(tokenizer_dir, preprocessor_dir=None):
     import transformers
     from transformers import AutoTokenizer
 
-    from .loading import quiet_transformers
+    from gie_core.weights.loading import quiet_transformers
 
     tok_dir = Path(tokenizer_dir)
     if not (tok_dir / "tokenizer.json").exists() and not (tok_dir / "vocab.json").exists():
@@ -769,7 +769,7 @@ def qwen_processing(tokenizer_dir, preprocessor_dir=None):
     cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
     for d in (preprocessor_dir, tok_dir):
         if d is not None and (Path(d) / "preprocessor_config.json").is_file():
-            from .encoders import load_qwen_image_processor
+            from gie_core.engine.encoders import load_qwen_image_processor
 
             return tokenizer, load_qwen_image_processor(d), None
     conf = model_kwargs(load_config(QWEN_PREPROCESSOR))
@@ -788,7 +788,7 @@ def load_qwen_file(
     device: torch.device | str = "cpu",
     lm_head: bool | None = None,
 ):
-    """A :class:`gie_core.encoders.QwenVLEncoder` from one Qwen2.5-VL file in ComfyUI's layout
+    """A :class:`gie_core.engine.encoders.QwenVLEncoder` from one Qwen2.5-VL file in ComfyUI's layout
     (``model.*``, ``visual.*``, optional ``lm_head.*``): bf16/fp16/fp32, plain fp8 or ComfyUI's
     scaled fp8 (upcast to ``dtype``).
 
@@ -797,8 +797,8 @@ def load_qwen_file(
     """
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
 
-    from .encoders import QwenVLEncoder
-    from .loading import map_qwen_key, qwen_config_from_gie
+    from gie_core.engine.encoders import QwenVLEncoder
+    from gie_core.weights.loading import map_qwen_key, qwen_config_from_gie
 
     tokenizer, image_processor, processor = qwen_processing(tokenizer_dir, preprocessor_dir)
     with CheckpointReader.open(path) as reader:
@@ -834,7 +834,7 @@ def load_qwen_file(
 def load_connector_file(path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16, device="cpu"):
     """A connector from one file (``gie-convert``'s, ``gie-train``'s export, or any file with the
     ``denoise_projector.*`` keys); its metadata's fusion mode, if any, is kept as ``.default_mode``."""
-    from .connector import Connector
+    from gie_core.engine.connector import Connector
 
     with CheckpointReader.open(path) as reader:
         _require_kind(reader, path, ("connector",))

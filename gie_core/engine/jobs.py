@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .constants import SEED_RANGE
+from gie_core.constants import SEED_RANGE
 
 __all__ = [
     "EditJob",
@@ -73,7 +73,7 @@ class JobOutput:
 
 def parse_seeds(text: str | int | Sequence[int], what: str = "seeds") -> tuple[int, ...]:
     """'7', '1,2,3', '0-3' (inclusive) or a list -> seeds, each in the seed range, no repeats."""
-    from .request import check_int
+    from gie_core.engine.request import check_int
 
     if isinstance(text, bool):
         raise ValueError(f"{what} is {text!r} but must be whole numbers")
@@ -242,7 +242,7 @@ def run_jobs(
     interrupt: Callable[[], bool] | None = None,
 ) -> int:
     """Run the (job, seed) items of ``plan`` whose outputs are missing on ``pipe`` (an
-    :class:`gie_core.pipeline.EditPipeline`), encoding each job once for all its seeds.
+    :class:`gie_core.engine.pipeline.EditPipeline`), encoding each job once for all its seeds.
 
     ``requests``: each job's resolved request (checked before loading); ``load_image(job)`` reads
     its image; ``save(image, path)`` writes one output atomically; ``progress(done, total)``

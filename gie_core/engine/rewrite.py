@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .encoders import check_instruction
-from .images import ImageLike
+from gie_core.engine.encoders import check_instruction
+from gie_core.imaging.images import ImageLike
 
 logger = logging.getLogger(__name__)
 

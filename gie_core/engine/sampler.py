@@ -8,8 +8,8 @@ progress and interruption instead of any UI import.
 
 A run is three parts: :func:`prepare` (noise, ids, reference tokens, the :class:`Schedule`),
 :func:`denoise` (the step loop) and :func:`decode`; :func:`sample` chains them. Inputs come
-checked by :func:`gie_core.request.resolve_edit` (or :func:`check_sampling` for direct callers).
-The step loop runs under the speed choices of :mod:`gie_core.acceleration` (step cache,
+checked by :func:`gie_core.engine.request.resolve_edit` (or :func:`check_sampling` for direct callers).
+The step loop runs under the speed choices of :mod:`gie_core.engine.acceleration` (step cache,
 attention backend, compiled blocks); with the defaults it is the plain loop.
 """
 
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .acceleration import Acceleration, accelerated
-from .conditioning import Conditioning
-from .constants import (
+from gie_core.engine.acceleration import Acceleration, accelerated
+from gie_core.engine.conditioning import Conditioning
+from gie_core.constants import (
     BATCH_RANGE,
     FLUX_VAE_SCALING,
     FLUX_VAE_SHIFT,
@@ -35,8 +35,8 @@ from .constants import (
     STEPS_RANGE,
     TRUE_CFG_RANGE,
 )
-from .request import check_float, check_int, check_output_size
-from .schedule import Schedule
+from gie_core.engine.request import check_float, check_int, check_output_size
+from gie_core.engine.schedule import Schedule
 
 ProgressFn = Callable[[int, int], None]  # (steps done, total steps)
 PreviewFn = Callable[[int, int, torch.Tensor], None]  # (steps done, total, predicted clean latents [B, 16, h, w])
@@ -217,7 +217,7 @@ def make_noise(batch_size: int, channels: int, latent_height: int, latent_width:
 
 
 def check_sampling(*, width, height, steps, guidance, seed, batch_size, true_cfg, negative) -> None:
-    """The range checks of :func:`gie_core.request.resolve_edit`, for callers of :func:`sample`
+    """The range checks of :func:`gie_core.engine.request.resolve_edit`, for callers of :func:`sample`
     that did not resolve a request (the rules are the same functions)."""
     check_output_size(width, height)
     check_int("steps", steps, *STEPS_RANGE)
@@ -350,7 +350,7 @@ def denoise(
     ``preview`` gets, after each step, the clean latents the step predicts
     (``x0 = x_t - sigma * velocity``, normalised, as ComfyUI's previewers take them).
     ``acceleration``: step cache, attention backend, compiled blocks (see
-    :mod:`gie_core.acceleration`); None = the plain loop."""
+    :mod:`gie_core.engine.acceleration`); None = the plain loop."""
     pos, neg, n_target, dtype = run.positive, run.negative, run.n_target, run.latents.dtype
     batch_size, latents = run.batch_size, run.latents
 
@@ -440,8 +440,8 @@ def sample(
     normalised latents [B, 16, H/8, W/8]). With true CFG and ``cfg_batch``, the positive and
     negative predictions run as one batch when their token counts match (turn it off to halve
     activation memory on small cards). ``checked``: the values come from
-    :func:`gie_core.request.resolve_edit`, so they are not checked again. ``acceleration``:
-    the speed choices of :mod:`gie_core.acceleration` (None: no cache, SDPA, eager).
+    :func:`gie_core.engine.request.resolve_edit`, so they are not checked again. ``acceleration``:
+    the speed choices of :mod:`gie_core.engine.acceleration` (None: no cache, SDPA, eager).
     """
     if not checked:
         check_sampling(width=width, height=height, steps=steps, guidance=guidance, seed=seed,
@@ -471,7 +471,7 @@ def sample_request(
     reference_method: str = "index",
     preview: PreviewFn | None = None,
 ) -> torch.Tensor:
-    """:func:`sample` with the values of a resolved :class:`gie_core.request.EditRequest` (checked
+    """:func:`sample` with the values of a resolved :class:`gie_core.engine.request.EditRequest` (checked
     once, at the edge; not again here). Returns images [B, H, W, 3] in 0..1."""
     return sample(
         models, positive, references, width=request.width, height=request.height, steps=request.steps,

@@ -9,7 +9,7 @@ a weight, Q5_K/Q5_0: ~5.5, Q4_K/Q4_0: ~4.5) and dequantises each layer as it run
   ``GGUFQuantizationConfig``: the quantised blocks stay quantised in memory, each
   ``GGUFLinear`` dequantises on the fly. The architecture is the shipped Kontext config with
   the sizes read from the tensor shapes (offline: a local config folder, never the hub); the
-  BFL names are mapped with the size-aware converter of :mod:`gie_core.single_file`, so tiny
+  BFL names are mapped with the size-aware converter of :mod:`gie_core.weights.single_file`, so tiny
   test files load through the same path as the real ones.
 - :func:`write_gguf` writes a state dict (BFL layout for ComfyUI-GGUF) with the ``gguf``
   package, tensor by tensor, atomically. The ``gguf`` package quantises Q8_0, Q5_0/Q5_1 and
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .weights import CheckpointError
+from gie_core.weights.reader import CheckpointError
 
 __all__ = ["GGUF_WRITE_TYPES", "gguf_metadata", "is_gguf", "load_gguf_transformer", "write_gguf"]
 
@@ -87,7 +87,7 @@ def gguf_metadata(path: str | os.PathLike) -> dict[str, object]:
 
 
 class _Shapes:
-    """The reader interface the shape-to-config code of :mod:`gie_core.single_file` reads
+    """The reader interface the shape-to-config code of :mod:`gie_core.weights.single_file` reads
     (``keys``, ``shape``, ``in``), over a loaded GGUF state dict (logical shapes, not the
     quantised byte shapes)."""
 
@@ -118,8 +118,8 @@ def load_gguf_transformer(
     from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
     from diffusers.models.model_loading_utils import load_gguf_checkpoint
 
-    from .loading import _dtype_kwarg
-    from .single_file import _flux_config_from_shapes, bfl_flux_key_to_diffusers
+    from gie_core.weights.loading import _dtype_kwarg
+    from gie_core.weights.single_file import _flux_config_from_shapes, bfl_flux_key_to_diffusers
 
     _require_gguf()
     p = Path(path)
@@ -181,7 +181,7 @@ class _Item:
 
 def _items(tensors) -> list[_Item]:
     """A mapping name -> tensor, or entries with ``key``/``name``, ``shape`` and ``make()``
-    (as :mod:`gie_core.convert` plans a file), as a list of items made one at a time."""
+    (as :mod:`gie_core.weights.convert` plans a file), as a list of items made one at a time."""
     if isinstance(tensors, Mapping):
         return [_Item(k, tuple(v.shape), (lambda v=v: v)) for k, v in tensors.items()]
     out = []
@@ -241,7 +241,7 @@ def write_gguf(
     """
     import numpy as np
 
-    from .files import atomic_write
+    from gie_core.files import atomic_write
 
     gguf = _require_gguf()
     if qtype not in GGUF_WRITE_TYPES:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .constants import (
+from gie_core.constants import (
     DEFAULT_BACKGROUND,
     DEFAULT_REFERENCE_RESAMPLE,
     MAX_IMAGE_SIDE,
@@ -87,7 +87,7 @@ def to_tensor(image: ImageLike, what: str = "image") -> torch.Tensor:
 
 def to_rgb(image: Image.Image, background=DEFAULT_BACKGROUND) -> Image.Image:
     """Any PIL image -> RGB: high-bit greyscale scaled by its range, transparency composited on
-    ``background`` (a colour as :func:`gie_core.ratio.pad_to_ratio` takes it; 'edge' means white)."""
+    ``background`` (a colour as :func:`gie_core.imaging.ratio.pad_to_ratio` takes it; 'edge' means white)."""
     if image.mode == "RGB" and "transparency" not in image.info:
         return image
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
@@ -99,7 +99,7 @@ def to_rgb(image: Image.Image, background=DEFAULT_BACKGROUND) -> Image.Image:
         image = Image.fromarray(np.rint(np.clip(arr / full, 0.0, 1.0) * 255.0).astype(np.uint8), "L")
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if has_alpha:
-        from .ratio import parse_color
+        from gie_core.imaging.ratio import parse_color
 
         fill = parse_color(background)
         fill = (255, 255, 255) if fill == "edge" else fill

@@ -4,7 +4,7 @@ The released connector ("denoise_projector") is ``Linear(3584 -> 12288) -> SiLU 
 (its config calls it ``mlp2x_gelu``, but it is SiLU). Its parameter names here match the
 checkpoint's (``denoise_projector.0.weight`` ...), so released weights load without renaming.
 
-The fusion modes (the paper's Table 5) and what each needs are the table in :mod:`gie_core.modes`;
+The fusion modes (the paper's Table 5) and what each needs are the table in :mod:`gie_core.engine.modes`;
 :func:`fuse` builds a mode's conditioning by reading its row.
 """
 
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .conditioning import Conditioning
-from .constants import METAQUERY_TOKENS
-from .modes import check_mode, fusion_mode, modes_with
+from gie_core.engine.conditioning import Conditioning
+from gie_core.constants import METAQUERY_TOKENS
+from gie_core.engine.modes import check_mode, fusion_mode, modes_with
 
 __all__ = ["Connector", "QwenFeatures", "TextFeatures", "fuse", "check_mode"]
 
@@ -112,7 +112,7 @@ def fuse(
     vlm: QwenFeatures | None,
     text: TextFeatures | None,
 ) -> Conditioning:
-    """Build the Kontext conditioning of one fusion mode, as its row in :mod:`gie_core.modes` says.
+    """Build the Kontext conditioning of one fusion mode, as its row in :mod:`gie_core.engine.modes` says.
 
     Shapes: context [B, L_vlm (+ L_t5), D] (VLM tokens first, T5 after), pooled [B, P].
     """

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_write, check_output_path
-from .loading import GIE_DENOISER_PREFIX, GIE_PROJECTOR_PREFIX, gie_config, released_qwen_key
-from .single_file import (
+from gie_core.files import atomic_write, check_output_path
+from gie_core.weights.loading import GIE_DENOISER_PREFIX, GIE_PROJECTOR_PREFIX, gie_config, released_qwen_key
+from gie_core.weights.single_file import (
     _BFL_DOUBLE_MODULES,
     _BFL_DOUBLE_QKV,
     _BFL_SINGLE_LINEAR1,
@@ -40,7 +40,7 @@ from .single_file import (
     _BFL_TOP_MODULES,
     read_upcast,
 )
-from .weights import FLOAT8_DTYPES, CheckpointError, CheckpointReader
+from gie_core.weights.reader import FLOAT8_DTYPES, CheckpointError, CheckpointReader
 
 __all__ = [
     "CONVERT_PARTS",
@@ -203,7 +203,7 @@ class PlanItem:
 
 def bfl_transformer_plan(keys: Iterable[str]) -> list[PlanItem]:
     """How each BFL tensor is made from a diffusers ``FluxTransformer2DModel``'s tensors (the
-    inverse of :func:`gie_core.single_file.bfl_flux_key_to_diffusers`): q, k, v (and the MLP
+    inverse of :func:`gie_core.weights.single_file.bfl_flux_key_to_diffusers`): q, k, v (and the MLP
     input of single blocks) are concatenated, the final modulation's halves swap back to BFL's
     (shift, scale) order, norm weights are called ``scale``. Every source key is used once."""
     keys = list(keys)
@@ -305,7 +305,7 @@ def _finish_entries(entries: list[Entry], fmt: str) -> list[Entry]:
 
 
 def _metadata(component: str, source: ConversionSource, fmt: str, **extra) -> dict[str, str]:
-    from . import __version__
+    from gie_core import __version__
 
     return {
         "format": "pt",
@@ -368,7 +368,7 @@ def _qwen_entries(reader: CheckpointReader, fmt: str, lm_head: bool) -> list[Ent
 
 
 def _connector_entries(reader: CheckpointReader, prefix: str) -> tuple[list[Entry], dict]:
-    from .connector import Connector
+    from gie_core.engine.connector import Connector
 
     keys = [k for k in reader.keys() if k.startswith(prefix)]
     if not keys:
@@ -440,7 +440,7 @@ def convert(
         if fmt not in allowed:
             raise ValueError(f"{what} '{fmt}' is unknown; expected one of {', '.join(allowed)}")
     if transformer_format in GGUF_FORMATS and "transformer" in parts:
-        from .gguf import _require_gguf
+        from gie_core.weights.gguf import _require_gguf
 
         _require_gguf()  # a clear message when the gguf package is missing, before anything is read
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
@@ -469,7 +469,7 @@ def convert(
                                  **({"gie_transformer_config": tower["denoiser_config"]} if "denoiser_config" in tower else {}))
                 _check_space(paths[part], entries, 0.3 if gguf_type else 1.0)
                 if gguf_type:
-                    from .gguf import write_gguf
+                    from gie_core.weights.gguf import write_gguf
 
                     written[part] = write_gguf(entries, paths[part], gguf_type, metadata=meta)
                 else:

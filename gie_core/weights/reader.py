@@ -500,7 +500,7 @@ def assign_weights(
 
     Floating tensors are cast to ``dtype`` (fp8-stored weights are upcast), except modules the
     model asks to keep in fp32 (T5's ``wo``) and parameters the model already stores in fp8
-    (layers prepared by :func:`gie_core.quantize.prepare_fp8_storage`), which keep their dtype.
+    (layers prepared by :func:`gie_core.weights.quantize.prepare_fp8_storage`), which keep their dtype.
     A tensor already in its final dtype on ``device`` is used as it is (no copy): pass views from
     :meth:`CheckpointReader.iter_loaded`. With ``strict`` every parameter must be given exactly
     once and no unknown name is accepted; errors name ``what`` was being loaded.
@@ -563,7 +563,7 @@ def save_safetensors_atomic(
     """Write a safetensors file via a temporary file in the same folder and an atomic rename."""
     from safetensors.torch import save_file
 
-    from .files import atomic_write
+    from gie_core.files import atomic_write
 
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     return atomic_write(

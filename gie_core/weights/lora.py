@@ -76,7 +76,7 @@ def load_lora(transformer: torch.nn.Module, path: str | os.PathLike) -> str:
         raise LoraError(f"{p} does not fit this Kontext transformer: {exc}") from None
     if name not in loaded_adapters(transformer):
         raise LoraError(f"{p}: none of its LoRA weights match a layer of this Kontext transformer")
-    from .quantize import adapters_in_compute_dtype
+    from gie_core.weights.quantize import adapters_in_compute_dtype
 
     adapters_in_compute_dtype(transformer)  # an fp8-stored transformer: adapters stay in bf16
     transformer.requires_grad_(False)

@@ -7,9 +7,9 @@ Offload modes, for cards smaller than the models:
 - ``sequential``: as ``model``, and the transformer itself streams its blocks to the device
   one group at a time (diffusers group offloading): the mode for 24 GB cards at 1 MP.
 
-Lighter weights (:mod:`gie_core.quantize`): ``transformer_quantize="fp8"`` / ``qwen_quantize``
-("fp8", or bitsandbytes "int8"/"nf4"), or a GGUF transformer file (:mod:`gie_core.gguf`).
-Faster sampling (:mod:`gie_core.acceleration`): ``cache``, ``attention``, ``compile`` of each
+Lighter weights (:mod:`gie_core.weights.quantize`): ``transformer_quantize="fp8"`` / ``qwen_quantize``
+("fp8", or bitsandbytes "int8"/"nf4"), or a GGUF transformer file (:mod:`gie_core.weights.gguf`).
+Faster sampling (:mod:`gie_core.engine.acceleration`): ``cache``, ``attention``, ``compile`` of each
 edit. Many edits with one load: :meth:`EditPipeline.encode` once per image and instruction,
 then :meth:`EditPipeline.render` per seed (what ``gie-edit --jobs`` does).
 """
@@ -24,18 +24,18 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from .conditioning import Conditioning
-from .connector import Connector, fuse
-from .components import Placement, default_scheduler, fixed_device, load_text_encoder_files
-from .acceleration import DEFAULT_ATTENTION
-from .constants import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_TRUE_CFG
-from .encoders import QwenVLEncoder, TextEncoders, check_instruction
-from .images import ImageLike, prepare_reference, to_pil, to_rgb, to_tensor
-from .loading import load_gie_checkpoint, load_kontext_dir, parse_dtype
-from .modes import DEFAULT_FUSION_MODE, fusion_mode
-from .ratio import PadRecord, apply_padding, crop_padding
-from .request import EditRequest, resolve_device, resolve_edit
-from .sampler import InterruptFn, KontextModels, ProgressFn, encode_reference, sample_request
+from gie_core.engine.conditioning import Conditioning
+from gie_core.engine.connector import Connector, fuse
+from gie_core.engine.components import Placement, default_scheduler, fixed_device, load_text_encoder_files
+from gie_core.engine.acceleration import DEFAULT_ATTENTION
+from gie_core.constants import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_TRUE_CFG
+from gie_core.engine.encoders import QwenVLEncoder, TextEncoders, check_instruction
+from gie_core.imaging.images import ImageLike, prepare_reference, to_pil, to_rgb, to_tensor
+from gie_core.weights.loading import load_gie_checkpoint, load_kontext_dir, parse_dtype
+from gie_core.engine.modes import DEFAULT_FUSION_MODE, fusion_mode
+from gie_core.imaging.ratio import PadRecord, apply_padding, crop_padding
+from gie_core.engine.request import EditRequest, resolve_device, resolve_edit
+from gie_core.engine.sampler import InterruptFn, KontextModels, ProgressFn, encode_reference, sample_request
 
 
 @dataclass
@@ -134,11 +134,11 @@ class EditPipeline:
         ``transformer_file`` may be a GGUF file (``.gguf``: community Q8/Q5/Q4 Kontext files, or
         one written by ``gie-convert``), kept quantised. ``transformer_quantize`` ("none"/"fp8")
         and ``qwen_quantize`` ("none"/"fp8"/"int8"/"nf4") store those parts lighter (see
-        :mod:`gie_core.quantize`); LoRAs and the connector work on top of every choice.
+        :mod:`gie_core.weights.quantize`); LoRAs and the connector work on top of every choice.
         """
-        from . import single_file as sf
-        from .gguf import is_gguf, load_gguf_transformer
-        from .quantize import check_quantization, prepare_fp8_storage, quantization
+        from gie_core.weights import single_file as sf
+        from gie_core.weights.gguf import is_gguf, load_gguf_transformer
+        from gie_core.weights.quantize import check_quantization, prepare_fp8_storage, quantization
 
         spec = fusion_mode(mode)
         dtype = parse_dtype(dtype)
@@ -184,7 +184,7 @@ class EditPipeline:
             if not bnb_qwen:
                 qwen = ck.encoder
         if connector_file is not None:
-            from .loading import load_connector
+            from gie_core.weights.loading import load_connector
 
             connector = load_connector(connector_file, dtype=dtype, device=load_dev)
         if qwen_file is not None and needs_vlm:
@@ -228,7 +228,7 @@ class EditPipeline:
             text = _single_file_text(text, clip_file, t5_file if needs_t5 else None, tokenizer_dir, kontext_dir, dtype)
         loras = ()
         if lora_files:
-            from .lora import load_lora
+            from gie_core.weights.lora import load_lora
 
             loras = tuple((load_lora(transformer, path), float(strength)) for path, strength in lora_files)
         return cls(
@@ -312,12 +312,12 @@ class EditPipeline:
     ) -> EditResult:
         """Sample an encoded edit (with ``seed`` instead of the request's, when given) and crop
         the padding back when snapping."""
-        from .lora import activated
+        from gie_core.weights.lora import activated
 
         request = encoded.request
         if seed is not None and seed != request.seed:
-            from .constants import SEED_RANGE
-            from .request import check_int
+            from gie_core.constants import SEED_RANGE
+            from gie_core.engine.request import check_int
 
             request = dataclasses.replace(request, seed=check_int("seed", seed, *SEED_RANGE))
         # only take charge of the adapters when this pipeline was given LoRAs
@@ -359,13 +359,13 @@ class EditPipeline:
     ) -> EditResult:
         """Edit ``image`` by ``instruction``.
 
-        Either pass a ``request`` from :func:`gie_core.request.resolve_edit` (as ``gie-edit`` does,
+        Either pass a ``request`` from :func:`gie_core.engine.request.resolve_edit` (as ``gie-edit`` does,
         having checked everything before loading), or the options, which are resolved the same
         way here. ``size`` is (width, height), a 0 side following the aspect; None = auto.
         ``snap`` (a ratio set, e.g. "default") pads the image to the nearest ratio first and
         crops the padding from the result, back to the original size. ``cache``
         ("magcache", "taylorseer:3", ...), ``attention`` ("sdpa", "flash", ...) and ``compile``
-        are the speed choices of :mod:`gie_core.acceleration` (default: none, SDPA, eager).
+        are the speed choices of :mod:`gie_core.engine.acceleration` (default: none, SDPA, eager).
         """
         if request is None:
             options = dict(mode=mode, steps=steps, guidance=guidance, seed=seed, size=size, batch_size=batch_size,

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .constants import OFFLOAD_MODES
+from gie_core.constants import OFFLOAD_MODES
 
 MakeRoomFn = Callable[[int, torch.device], None]  # (bytes needed, device)
 EmptyCacheFn = Callable[[], None]
@@ -177,7 +177,7 @@ class KontextModel:
     """A Kontext transformer with its scheduler, placement and the LoRAs to apply to it.
 
     ``loras`` is a tuple of ``(adapter name, strength)`` activated for each run (see
-    :mod:`gie_core.lora`); a copy with another LoRA list shares the transformer.
+    :mod:`gie_core.weights.lora`); a copy with another LoRA list shares the transformer.
     ``transformer`` is None when the loader was told to skip it.
     """
 
@@ -205,7 +205,7 @@ def default_scheduler():
     """FLUX's FlowMatch Euler scheduler from the shipped config (the checkpoints carry none)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from .single_file import SCHEDULER_CONFIG, load_config, model_kwargs
+    from gie_core.weights.single_file import SCHEDULER_CONFIG, load_config, model_kwargs
 
     return FlowMatchEulerDiscreteScheduler.from_config(model_kwargs(load_config(SCHEDULER_CONFIG)))
 
@@ -226,9 +226,9 @@ def load_text_encoder_files(
     """
     from transformers import AutoTokenizer
 
-    from .encoders import TextEncoders
-    from .single_file import load_clip_text, load_t5_encoder
-    from .weights import CheckpointError
+    from gie_core.engine.encoders import TextEncoders
+    from gie_core.weights.single_file import load_clip_text, load_t5_encoder
+    from gie_core.weights.reader import CheckpointError
 
     def tokenizer(path, what):
         p = Path(path)

@@ -8,7 +8,7 @@ Every choice is a library's own mechanism, wired in, never a private copy:
 - ``int8`` / ``nf4``: Qwen2.5-VL through bitsandbytes (transformers' ``BitsAndBytesConfig``);
   an optional extra (``pip install "gpt-image-edit-nodes[bnb]"``), made for CUDA GPUs.
 - GGUF files (Q8_0, Q5/Q4 ...) of the Kontext transformer are a *file* choice, not an option:
-  :mod:`gie_core.gguf` loads them through diffusers' GGUF quantizer.
+  :mod:`gie_core.weights.gguf` loads them through diffusers' GGUF quantizer.
 
 The table (:data:`QUANTIZATION_TABLE`) says which part takes which choice; the CLI, the
 loaders and the nodes read it. Precision-critical small layers stay in the compute dtype (see

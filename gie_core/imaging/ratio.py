@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .constants import ASPECT_TOLERANCE, DEFAULT_RATIOS, PREFERRED_KONTEXT_RESOLUTIONS, RESIDUAL_PADDING_THRESHOLD, SIZE_MULTIPLE
+from gie_core.constants import ASPECT_TOLERANCE, DEFAULT_RATIOS, PREFERRED_KONTEXT_RESOLUTIONS, RESIDUAL_PADDING_THRESHOLD, SIZE_MULTIPLE
 
 __all__ = [
     "RATIO_SETS",
@@ -444,7 +444,7 @@ def aspect_fits(width: int, height: int, target_width: int, target_height: int) 
     :data:`ASPECT_TOLERANCE`, or, for sizes in multiples of ``SIZE_MULTIPLE`` (every size the
     model makes), one side is the other's exact-aspect length rounded to the nearest multiple
     (off by at most half a multiple). That is what the size rules produce
-    (:func:`gie_core.request.resolve_output_size`) when the exact aspect has no size in
+    (:func:`gie_core.engine.request.resolve_output_size`) when the exact aspect has no size in
     multiples of 16, e.g. a 512-wide 3:2 output is 512x336.
     """
     tw, th = int(target_width), int(target_height)
