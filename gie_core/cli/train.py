@@ -20,6 +20,8 @@ import logging
 import os
 import sys
 
+from gie_core.cli.common import HelpFormatter
+
 COMMANDS = ("train", "cache", "export", "plan")
 EXIT_DOES_NOT_FIT = 3  # gie-train plan --budget: the run does not fit
 
@@ -44,7 +46,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                     "activations, inputs), computed from the real module shapes on the meta device before any weight "
                     "is read, and with --budget what to change to fit. Exit status 3 when it does not fit the budget.",
         }[command],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog=__doc__,
         allow_abbrev=False,  # '--validation.step' must be an error, not silently '--validation.steps'
     )

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from gie_core.cli.common import help_with_default
 from gie_core.constants import (
     DEFAULT_GUIDANCE,
     DEFAULT_SEED,
@@ -729,7 +730,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         group = groups.get(section) or parser.add_argument_group(f"{section} options")
         groups[section] = group
         group.add_argument(*option_flags(key), dest=f"opt:{key}", default=argparse.SUPPRESS, metavar="V",
-                           help=f"{spec.help} (default: {spec.default})")
+                           help=help_with_default(spec.help, spec.default))
 
 
 def config_from_args(args: argparse.Namespace, for_training: bool = True) -> TrainConfig:
