@@ -14,7 +14,7 @@ from gie_core.imaging.ratio import (
     has_residual_padding,
     padding_mask,
 )
-from gie_core.web_rules import DEFAULT_PLACEMENT, DEFAULT_RATIO_SET, plan_pad_to_ratio
+from gie_core.engine.web_rules import DEFAULT_PLACEMENT, DEFAULT_RATIO_SET, plan_pad_to_ratio
 
 from .common import CAT_IMAGE, PAD_RECORD, check_image, ui_text
 

@@ -1,6 +1,6 @@
 """The pack's HTTP routes on ComfyUI's server, for the browser extension (``web/gie.js``).
 
-Thin glue: each route of :data:`gie_core.web_rules.ROUTES` answers ``GET`` with the JSON its
+Thin glue: each route of :data:`gie_core.engine.web_rules.ROUTES` answers ``GET`` with the JSON its
 plain function returns. Registered only inside ComfyUI (outside it there is no server and
 :func:`register` does nothing).
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from gie_core.web_rules import ROUTES, Answer
+from gie_core.engine.web_rules import ROUTES, Answer
 
 from . import comfy
 

@@ -378,7 +378,7 @@ def test_extension_and_help_pages_are_served(server, pack_nodes):
 
 def test_pack_routes_answer_from_gie_core(server):
     """GET /api/gie/rules and /api/gie/pad_plan (where the extension's api.fetchApi asks) answer with gie_core."""
-    from gie_core import web_rules
+    from gie_core.engine import web_rules
     from gie_core.imaging.ratio import plan_padding
 
     assert server.get("/api/gie/rules") == json.loads(json.dumps(web_rules.rules()))

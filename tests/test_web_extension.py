@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from gie_core import web_rules
+from gie_core.engine import web_rules
 from gie_core.constants import PREFERRED_KONTEXT_RESOLUTIONS
 from gie_core.engine.modes import FUSION_MODES, table_for_web
 from gie_core.imaging.ratio import PLACEMENTS, RATIO_SETS, plan_padding
@@ -205,7 +205,7 @@ def test_the_scan_sees_the_old_copies():
 
 
 # ---------------------------------------------------------------------------------------------
-# The extension under node, against a server answering with gie_core.web_rules
+# The extension under node, against a server answering with gie_core.engine.web_rules
 # ---------------------------------------------------------------------------------------------
 
 

@@ -8,7 +8,7 @@
 // * Padding Check and Rewrite Instruction show the text they return (the frontend shows no
 //   `ui.text` of its own).
 //
-// This file holds no rule of its own: the pack's routes answer from gie_core (gie_core/web_rules.py).
+// This file holds no rule of its own: the pack's routes answer from gie_core (gie_core/engine/web_rules.py).
 // GET /gie/rules gives the fusion-mode table (read once); GET /gie/pad_plan gives the pad record the
 // Pad To Ratio node will make, computed by the node's own function. When the server answers an error or
 // cannot be reached, the node says so in a line; nothing here throws.

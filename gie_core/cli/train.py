@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 
-from gie_core.cli.common import HelpFormatter
+from gie_core.cli.common import HelpFormatter, help_with_default
 
 COMMANDS = ("train", "cache", "export", "plan")
 EXIT_DOES_NOT_FIT = 3  # gie-train plan --budget: the run does not fit
@@ -63,7 +63,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--processes", type=int, default=1, metavar="N", help="processes (GPUs) of the run (default 1)")
         p.add_argument("--sharding", default="none", choices=SHARDINGS,
                        help="none (one GPU or DDP), zero2 (DeepSpeed ZeRO-2 / FSDP SHARD_GRAD_OP), zero3 (ZeRO-3 / FSDP FULL_SHARD)")
-    add_config_arguments(p)
+    add_config_arguments(p, help_with_default)
     return p
 
 
