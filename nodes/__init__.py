@@ -6,9 +6,10 @@ Imports without ComfyUI (tests and tools use it directly); ComfyUI-specific call
 
 from __future__ import annotations
 
-from . import comfy, encode, loaders, ratio, rewrite, sampling
+from . import comfy, encode, loaders, ratio, rewrite, sampling, web_api
 
 comfy.register_model_folder()
+web_api.register()  # GET /gie/rules and /gie/pad_plan for web/gie.js, inside ComfyUI only
 
 _NODES = {}
 for _module in (loaders, encode, rewrite, sampling, ratio):

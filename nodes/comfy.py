@@ -1,6 +1,6 @@
-"""The only module that touches ComfyUI: model folders, devices, memory, progress, interrupt.
+"""The only module that touches ComfyUI: model folders, devices, memory, progress, interrupt, server.
 
-Each ComfyUI module (``folder_paths``, ``comfy.model_management``, ``comfy.utils``) is imported
+Each ComfyUI module (``folder_paths``, ``comfy.model_management``, ``comfy.utils``, ``server``) is imported
 on first use and may be missing: then the plain fallbacks below apply (gie_core's default
 device, no progress bar, an interrupt flag, model folders from a registry that tests and tools
 set with :func:`set_model_roots`), so the nodes import and run without ComfyUI.
@@ -61,6 +61,17 @@ def comfy_utils():
 
 def have_comfy() -> bool:
     return folder_paths() is not None and model_management() is not None
+
+
+def prompt_server():
+    """ComfyUI's running server (``server.PromptServer.instance``), or None outside ComfyUI."""
+    server = _optional("server")
+    return getattr(getattr(server, "PromptServer", None), "instance", None)
+
+
+def aiohttp_web():
+    """``aiohttp.web`` (ComfyUI's server is built on it), or None where it is not installed."""
+    return _optional("aiohttp.web")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,12 +9,12 @@ from gie_core.imaging.ratio import (
     RATIO_SETS,
     RESAMPLE_MODES,
     PadRecord,
+    apply_padding,
     crop_padding,
     has_residual_padding,
-    pad_to_ratio,
     padding_mask,
-    parse_ratios,
 )
+from gie_core.engine.web_rules import DEFAULT_PLACEMENT, DEFAULT_RATIO_SET, plan_pad_to_ratio
 
 from .common import CAT_IMAGE, PAD_RECORD, check_image, ui_text
 
@@ -43,7 +43,7 @@ class GIEPadToRatio:
                 "image": ("IMAGE", {"tooltip": "The image to pad (a batch shares one size, hence one pad record)."}),
                 "ratios": (
                     list(RATIO_SETS),
-                    {"default": "default",
+                    {"default": DEFAULT_RATIO_SET,
                      "tooltip": "default: 1:1, 3:2, 2:3 (the training buckets); kontext: the ratios of Kontext's 17 "
                      "training resolutions."},
                 ),
@@ -53,7 +53,7 @@ class GIEPadToRatio:
                 ),
                 "placement": (
                     list(PLACEMENTS),
-                    {"default": "center", "tooltip": "Where the image sits inside the padded canvas."},
+                    {"default": DEFAULT_PLACEMENT, "tooltip": "Where the image sits inside the padded canvas."},
                 ),
             },
             "optional": {
@@ -66,9 +66,9 @@ class GIEPadToRatio:
 
     def pad(self, image, ratios, pad_color, placement, custom_ratios=""):
         images = check_image(image)
-        spec = custom_ratios if custom_ratios and custom_ratios.strip() else ratios
-        parse_ratios(spec)  # a bad custom list fails here, naming the bad entry
-        padded, record = pad_to_ratio(images, spec, color=pad_color, placement=placement)
+        # the plan the web extension previews (GET /gie/pad_plan): a bad custom list fails here, naming the bad entry
+        record = plan_pad_to_ratio(images.shape[2], images.shape[1], ratios, custom_ratios, placement)
+        padded = apply_padding(images, record, color=pad_color)
         mask = padding_mask(record)[None].expand(images.shape[0], -1, -1).contiguous()  # [B, H, W]
         return (padded, record, mask)
 

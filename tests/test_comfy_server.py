@@ -376,6 +376,17 @@ def test_extension_and_help_pages_are_served(server, pack_nodes):
         assert server.get_status(f"/extensions/{PACK}/docs/{name}.md") == 200, f"no help page for {name}"
 
 
+def test_pack_routes_answer_from_gie_core(server):
+    """GET /api/gie/rules and /api/gie/pad_plan (where the extension's api.fetchApi asks) answer with gie_core."""
+    from gie_core.engine import web_rules
+    from gie_core.imaging.ratio import plan_padding
+
+    assert server.get("/api/gie/rules") == json.loads(json.dumps(web_rules.rules()))
+    assert server.get("/api/gie/pad_plan?width=80&height=48&ratios=kontext&custom_ratios=&placement=top") == \
+        plan_padding(80, 48, "kontext", "top").to_dict()
+    assert server.get_status("/api/gie/pad_plan?width=80&height=48&custom_ratios=1:1,x") == 400
+
+
 def test_workflows_appear_in_the_template_browser(server):
     """The template browser lists the pack's UI workflows (not the API twins) and serves them."""
     listed = server.get("/workflow_templates")
@@ -912,73 +923,39 @@ def test_ui_workflow_loads_matches_its_api_twin_and_queues(page, server, shots, 
     assert not page.gie_errors, page.gie_errors
 
 
+def wait_snap(page, pad: int, start: str) -> str:
+    """The Pad To Ratio preview once it starts with ``start`` (the server answers after a short delay)."""
+    page.wait_for_function("([id, start]) => (app.graph.getNodeById(id).gieSnapText || '').startsWith(start)",
+                           arg=[pad, start], timeout=30_000)
+    return page.evaluate("(id) => app.graph.getNodeById(id).gieSnapText", pad)
+
+
 def test_pad_to_ratio_shows_the_snap_live(page, shots):
     load_ui(page, "pad_edit_crop")
     (pad,) = ui_node_ids(page, "GIEPadToRatio")
-    text = lambda: page.evaluate("(id) => app.graph.getNodeById(id).gieSnapText", pad)  # noqa: E731
-    # the example image (80x48, 5:3) loads asynchronously; the line follows
-    page.wait_for_function("(id) => (app.graph.getNodeById(id).gieSnapText || '').startsWith('snaps to')", arg=pad,
-                           timeout=30_000)
-    assert text() == "snaps to 3:2 -> 81x54\nfrom 80x48: +pad right 1, top 3, bottom 3 px"
+    # the example image (80x48, 5:3) loads asynchronously; the line follows, from GET /gie/pad_plan
+    assert wait_snap(page, pad, "snaps to") == "snaps to 3:2 -> 81x54\nfrom 80x48: +pad right 1, top 3, bottom 3 px"
     set_widgets(page, pad, {"placement": "top"})
-    page.wait_for_timeout(200)
-    assert text() == "snaps to 3:2 -> 81x54\nfrom 80x48: +pad right 1, bottom 6 px"
+    assert wait_snap(page, pad, "snaps to 3:2 -> 81x54\nfrom 80x48: +pad right 1, bottom") == \
+        "snaps to 3:2 -> 81x54\nfrom 80x48: +pad right 1, bottom 6 px"
     set_widgets(page, pad, {"ratios": "kontext"})
-    page.wait_for_timeout(200)
-    assert text().startswith("snaps to 83:50 -> 83x50")  # 1328x800 reduced: the nearest to 5:3 in log space
+    wait_snap(page, pad, "snaps to 83:50 -> 83x50")  # 1328x800 reduced: the nearest to 5:3 in log space
     set_widgets(page, pad, {"custom_ratios": "16:9, 1:1"})
-    page.wait_for_timeout(200)
-    assert text().startswith("snaps to 16:9 -> 96x54")
+    wait_snap(page, pad, "snaps to 16:9 -> 96x54")
+    set_widgets(page, pad, {"custom_ratios": "16:9, x"})  # the node's own message
+    assert wait_snap(page, pad, "snap preview: ") == "snap preview: ratio 'x' must be two positive integers like '3:2'"
     set_widgets(page, pad, {"custom_ratios": "", "ratios": "default", "placement": "center"})
     # another image picked in the Load Image node: the line follows once it has loaded
     (load,) = ui_node_ids(page, "LoadImage")
     set_widgets(page, load, {"image": "portrait.png"})
-    page.wait_for_function("(id) => app.graph.getNodeById(id).gieSnapText.startsWith('snaps to 2:3 -> 54x81')",
-                           arg=pad, timeout=30_000)
-    assert text() == "snaps to 2:3 -> 54x81\nfrom 48x80: +pad left 3, right 3, bottom 1 px"
+    assert wait_snap(page, pad, "snaps to 2:3 -> 54x81") == "snaps to 2:3 -> 54x81\nfrom 48x80: +pad left 3, right 3, bottom 1 px"
     set_widgets(page, load, {"image": "example.png"})
-    page.wait_for_function("(id) => app.graph.getNodeById(id).gieSnapText.startsWith('snaps to 3:2')", arg=pad,
-                           timeout=30_000)
+    wait_snap(page, pad, "snaps to 3:2")
     path = screenshot(page, shots, "pad_to_ratio_preview", [pad])
     assert path.stat().st_size > 10_000
     # the preview line is not part of the prompt or the saved workflow
     output = page.evaluate("async () => (await app.graphToPrompt()).output")
     assert output[str(pad)]["inputs"] == load_api("pad_edit_crop")[str(pad)]["inputs"]
-
-
-def test_pad_to_ratio_maths_in_js_equals_gie_core(page):
-    """The extension's copy of the ratio maths against gie_core.imaging.ratio on many sizes and ratio sets."""
-    from gie_core.imaging.ratio import RATIO_SETS, nearest_ratio, pad_to_ratio, parse_ratios
-
-    rng = np.random.default_rng(0)
-    specs = ["default", "kontext", "16:9, 9:16, 1:1", "4:3;3:4", "1024x768, 7:5", "21:9"]
-    cases = [(int(w), int(h), specs[i % len(specs)], ("center", "top", "bottom", "left", "right")[i % 5])
-             for i, (w, h) in enumerate(rng.integers(16, 300, (300, 2)))]
-    cases += [(1, 1, "default", "center"), (300, 300, "3:2, 2:3", "center"), (1000, 667, "default", "right")]
-    js = page.evaluate(
-        """async ([pack, cases]) => {
-            const m = await import(`/extensions/${pack}/gie.js`);
-            return {
-                sets: m.RATIO_SETS,
-                records: cases.map(([w, h, spec, pl]) => m.padRecord(w, h, m.parseRatios(spec), pl)),
-                big: cases.map(([w, h, spec]) => m.nearestRatio(w * 13 + 1000, h * 11 + 7, m.parseRatios(spec))),
-                errors: ["", "3:0", "a:b", "1:1, x", "constructor"].map(s => { try { m.parseRatios(s); return null } catch (e) { return e.message } }),
-            };
-        }""",
-        [PACK, cases],
-    )
-    assert {k: [tuple(r) for r in v] for k, v in js["sets"].items()} == {k: list(v) for k, v in RATIO_SETS.items()}
-    for (w, h, spec, placement), got in zip(cases, js["records"]):
-        _, rec = pad_to_ratio(np.zeros((h, w, 3), np.uint8), spec, placement=placement)
-        want = {"ratio": list(rec.ratio), "width": rec.padded_width, "height": rec.padded_height,
-                "left": rec.left, "top": rec.top, "right": rec.right, "bottom": rec.bottom}
-        assert got == want, (w, h, spec, placement)
-    for (w, h, spec, _), got in zip(cases, js["big"]):
-        assert tuple(got) == nearest_ratio(w * 13 + 1000, h * 11 + 7, spec)
-    for spec, message in zip(["", "3:0", "a:b", "1:1, x", "constructor"], js["errors"]):
-        with pytest.raises(ValueError):
-            parse_ratios(spec)
-        assert message, f"JS accepted {spec!r}"
 
 
 def test_fusion_connector_shows_only_the_inputs_its_mode_uses(page, shots):
@@ -989,6 +966,8 @@ def test_fusion_connector_shows_only_the_inputs_its_mode_uses(page, shots):
                     hidden: n.gieHiddenInputs, unused: n.gieUnusedInputs}; }""", i)
     by_mode = {page.evaluate("(id) => app.graph.getNodeById(id).widgets.find(w => w.name === 'mode').value", i): i
                for i in ui_node_ids(page, "GIEFusionConnector")}
+    for i in by_mode.values():  # the look is applied once GET /gie/rules has answered
+        page.wait_for_function("(id) => app.graph.getNodeById(id).gieHiddenInputs !== undefined", arg=i, timeout=30_000)
     assert set(by_mode) == {"vlm", "vlm+t5", "t5"}
 
     t5 = state(by_mode["t5"])  # the shipped workflow plugs Qwen features in everywhere: greyed, kept

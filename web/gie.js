@@ -1,87 +1,50 @@
 // GPT-Image-Edit frontend extension.
 //
 // * Pad To Ratio shows, live, the ratio the connected image will snap to and the padded size.
-// * Fusion Connector shows only the inputs its mode uses, read from FUSION_MODE_TABLE (a copy of
-//   gie_core/engine/modes.py): qwen_features is hidden in a mode that does not need Qwen (or greyed and
-//   marked unused while a link is still plugged in), and text_features says when only its CLIP("")
-//   pooled vector is read (pooled from the empty prompt, no T5 tokens).
+// * Fusion Connector shows only the inputs its mode uses, read from the server's fusion-mode table:
+//   qwen_features is hidden in a mode that does not need Qwen (or greyed and marked unused while a
+//   link is still plugged in), and text_features says when only its CLIP("") pooled vector is read
+//   (pooled from the empty prompt, no T5 tokens).
 // * Padding Check and Rewrite Instruction show the text they return (the frontend shows no
 //   `ui.text` of its own).
 //
-// The ratio maths is a faithful copy of gie_core/imaging/ratio.py (nearest ratio in log-aspect space, ties
-// to the earlier entry, smallest k with (rw*k, rh*k) covering the image, same placement offsets);
-// tests/test_comfy_server.py checks it against the Python in a real browser.
+// This file holds no rule of its own: the pack's routes answer from gie_core (gie_core/engine/web_rules.py).
+// GET /gie/rules gives the fusion-mode table (read once); GET /gie/pad_plan gives the pad record the
+// Pad To Ratio node will make, computed by the node's own function. When the server answers an error or
+// cannot be reached, the node says so in a line; nothing here throws.
 import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
 
-// --- constants: copies of gie_core/constants.py (checked by the browser test) -----------------
+// --- the server's answers ------------------------------------------------------------------------
 
-export const DEFAULT_RATIOS = [[1, 1], [3, 2], [2, 3]];
-export const PREFERRED_KONTEXT_RESOLUTIONS = [
-  [672, 1568], [688, 1504], [720, 1456], [752, 1392], [800, 1328], [832, 1248],
-  [880, 1184], [944, 1104], [1024, 1024], [1104, 944], [1184, 880], [1248, 832],
-  [1328, 800], [1392, 752], [1456, 720], [1504, 688], [1568, 672],
-];
+const RULES_ROUTE = "/gie/rules";
+const PAD_PLAN_ROUTE = "/gie/pad_plan";
+const PAD_PLAN_DELAY_MS = 150; // ask once the widgets stop changing
 
-// --- ratio maths: gie_core/imaging/ratio.py -----------------------------------------------------------
-
-const gcd = (a, b) => { while (b) [a, b] = [b, a % b]; return a; };
-const reduce = ([w, h]) => { const g = gcd(w, h); return [w / g, h / g]; };
-const dedupe = (pairs) => {
-  const seen = new Set();
-  return pairs.filter(([w, h]) => !seen.has(`${w}:${h}`) && seen.add(`${w}:${h}`));
-};
-
-export const RATIO_SETS = {
-  default: dedupe(DEFAULT_RATIOS.map(reduce)),
-  kontext: dedupe(PREFERRED_KONTEXT_RESOLUTIONS.map(reduce)),
-};
-
-/** parse_ratios: a set name, or "1:1, 16:9" / "1024x768" tokens; throws with Python's message. */
-export function parseRatios(spec) {
-  const key = spec.trim().toLowerCase();
-  if (Object.hasOwn(RATIO_SETS, key)) return RATIO_SETS[key];
-  const tokens = spec.split(/[,;]/).filter((t) => t.trim());
-  if (!tokens.length) throw new Error(`ratios '${spec}' is empty`);
-  return dedupe(tokens.map((tok) => {
-    const m = /^\s*(\d+)\s*[:xX]\s*(\d+)\s*$/.exec(tok);
-    if (!m || +m[1] <= 0 || +m[2] <= 0) throw new Error(`ratio '${tok.trim()}' must be two positive integers like '3:2'`);
-    return reduce([+m[1], +m[2]]);
-  }));
-}
-
-/** nearest_ratio: compares max(a,b)/min(a,b) with a = W*rh, b = H*rw exactly (BigInt cross products). */
-export function nearestRatio(width, height, ratios) {
-  let best = null, bestNum = 0n, bestDen = 1n;
-  for (const [rw, rh] of ratios) {
-    const a = BigInt(width) * BigInt(rh), b = BigInt(height) * BigInt(rw);
-    const num = a > b ? a : b, den = a > b ? b : a;
-    if (best === null || num * bestDen < bestNum * den) [best, bestNum, bestDen] = [[rw, rh], num, den];
+/** GET a route of the pack: `{ body }`, or `{ error }` with a short reason. Never throws. */
+export async function getJson(route) {
+  let res;
+  try {
+    res = await api.fetchApi(route);
+  } catch (e) {
+    return { error: `server unreachable (${e?.message ?? e})` };
   }
-  return best;
+  let body = null;
+  try { body = await res.json(); } catch { /* not JSON: said below */ }
+  if (!res.ok) return { error: body?.error ?? `server answered ${res.status} for ${route.split("?")[0]}` };
+  if (body === null) return { error: `server sent no JSON for ${route.split("?")[0]}` };
+  return { body };
 }
 
-/** pad_to_ratio's PadRecord, without touching pixels. */
-export function padRecord(width, height, ratios, placement = "center") {
-  const [rw, rh] = nearestRatio(width, height, ratios);
-  const k = Math.max(Math.ceil(width / rw), Math.ceil(height / rh));
-  const pw = rw * k, ph = rh * k, dx = pw - width, dy = ph - height;
-  // centred axes put the odd leftover pixel right/bottom (ratio._offsets)
-  let left = Math.floor(dx / 2), top = Math.floor(dy / 2);
-  if (placement === "top") top = 0;
-  else if (placement === "bottom") top = dy;
-  else if (placement === "left") left = 0;
-  else if (placement === "right") left = dx;
-  return { ratio: [rw, rh], width: pw, height: ph, left, top, right: dx - left, bottom: dy - top };
-}
+let rulesAnswer = null; // a promise of getJson(RULES_ROUTE); forgotten after an error, so it is asked again
 
-/** The two preview lines, e.g. ["snaps to 3:2 -> 1536x1024", "from 1536x1000: +pad top 12, bottom 12 px"]. */
-export function describeSnap(width, height, ratioSpec, placement) {
-  const r = padRecord(width, height, parseRatios(ratioSpec), placement);
-  const sides = ["left", "right", "top", "bottom"].filter((s) => r[s]).map((s) => `${s} ${r[s]}`);
-  return [
-    `snaps to ${r.ratio[0]}:${r.ratio[1]} -> ${r.width}x${r.height}`,
-    `from ${width}x${height}: ` + (sides.length ? `+pad ${sides.join(", ")} px` : "already at the ratio, no padding"),
-  ];
+/** The rules (`{ fusion_modes, ratio_sets, placements }`), or `{ error }`: fetched once. */
+export function loadRules() {
+  rulesAnswer ??= getJson(RULES_ROUTE).then((answer) => {
+    if (answer.error) rulesAnswer = null;
+    return answer;
+  });
+  return rulesAnswer;
 }
 
 // --- read-only text under a node's widgets (never serialised) ----------------------------------
@@ -158,20 +121,50 @@ function upstreamImageSize(node) {
   return null;
 }
 
-/** The preview text; cheap, so it is recomputed on every draw (images load asynchronously). */
+/**
+ * The two preview lines of a pad record (the answer of GET /gie/pad_plan), e.g.
+ * "snaps to 3:2 -> 1536x1024" and "from 1536x1000: +pad top 12, bottom 12 px".
+ */
+export function describePlan(plan) {
+  const sides = ["left", "right", "top", "bottom"].filter((s) => plan[s]).map((s) => `${s} ${plan[s]}`);
+  return `snaps to ${plan.ratio[0]}:${plan.ratio[1]} -> ${plan.padded_width}x${plan.padded_height}\n`
+    + `from ${plan.original_width}x${plan.original_height}: `
+    + (sides.length ? `+pad ${sides.join(", ")} px` : "already at the ratio, no padding");
+}
+
+/** GET /gie/pad_plan for an image size and the node's widget values (a missing one: the server's default). */
+function padPlanRoute(node, [width, height]) {
+  const params = new URLSearchParams({ width, height });
+  for (const name of ["ratios", "custom_ratios", "placement"]) {
+    const value = widgetValue(node, name);
+    if (value != null) params.set(name, String(value));
+  }
+  return `${PAD_PLAN_ROUTE}?${params}`;
+}
+
+/** Ask the server for `route` once the widgets stop changing; only the latest question's answer is shown. */
+function askPadPlan(node, route) {
+  node.giePlanRoute = route;
+  clearTimeout(node.giePlanTimer);
+  node.giePlanTimer = setTimeout(async () => {
+    const { body, error } = await getJson(route);
+    if (node.giePlanRoute !== route) return; // the widgets changed meanwhile: a newer question is out
+    node.giePlanText = error ? `snap preview: ${error}` : describePlan(body);
+    node.setDirtyCanvas(true, true);
+  }, PAD_PLAN_DELAY_MS);
+}
+
+/** The preview text, checked on every draw (images load asynchronously); the server is asked on a change. */
 function snapText(node) {
   const size = upstreamImageSize(node);
   let text;
   if (!size) {
+    node.giePlanRoute = node.giePlanText = null;
     text = "snap preview: connect a Load Image\n(the sizes show once its image loads)";
   } else {
-    const custom = String(widgetValue(node, "custom_ratios") ?? "").trim();
-    try {
-      text = describeSnap(size[0], size[1], custom || String(widgetValue(node, "ratios") ?? "default"),
-                          widgetValue(node, "placement") ?? "center").join("\n");
-    } catch (e) {
-      text = `custom_ratios: ${e.message}`;
-    }
+    const route = padPlanRoute(node, size);
+    if (route !== node.giePlanRoute) askPadPlan(node, route);
+    text = node.giePlanText ?? "snap preview: asking the server";
   }
   node.gieSnapText = text; // read by the browser test
   return text;
@@ -194,28 +187,20 @@ function showExecutedText(node) {
 
 const QWEN = "qwen_features", TEXT = "text_features", QWEN_TYPE = "GIE_QWEN_FEATURES";
 
-// What each mode reads, as gie_core.engine.connector.fuse does; no mode is named in the logic below.
-// BEGIN FUSION_MODE_TABLE (copy of gie_core.engine.modes.table_for_web(); tests/test_web_modes.py keeps them equal)
-export const FUSION_MODE_TABLE = {
-  "vlm": {"needs_qwen": true, "needs_t5": false, "pooled_from": "empty", "queries": false, "type_embedding": false, "trainable": true},
-  "t5": {"needs_qwen": false, "needs_t5": true, "pooled_from": "instruction", "queries": false, "type_embedding": false, "trainable": false},
-  "vlm+t5": {"needs_qwen": true, "needs_t5": true, "pooled_from": "instruction", "queries": false, "type_embedding": false, "trainable": true},
-  "vlm+t5+type": {"needs_qwen": true, "needs_t5": true, "pooled_from": "instruction", "queries": false, "type_embedding": true, "trainable": true},
-  "metaquery": {"needs_qwen": true, "needs_t5": false, "pooled_from": "empty", "queries": true, "type_embedding": false, "trainable": true}
-};
-// END FUSION_MODE_TABLE
-
 /**
- * How a Fusion Connector in `mode` shows its feature inputs: whether qwen_features is read
- * (needs_qwen) and the label of text_features (only CLIP("") pooled is read when the mode
- * pools from the empty prompt and has no T5 tokens). An unknown mode shows everything, unlabelled.
+ * How a Fusion Connector in `mode` shows its feature inputs, from the mode's row of the server's
+ * fusion-mode table (`table`): whether qwen_features is read (needs_qwen) and the label of
+ * text_features (only CLIP("") pooled is read when the mode pools from the empty prompt and has no
+ * T5 tokens). A mode the table does not have shows everything, unlabelled. No mode is named here.
  */
-export function fusionInputLook(mode, table = FUSION_MODE_TABLE) {
-  const row = Object.hasOwn(table, mode) ? table[mode] : null;
+export function fusionInputLook(mode, table) {
+  const row = table && Object.hasOwn(table, mode) ? table[mode] : null;
   if (!row) return { usesQwen: true, textLabel: null };
   const clipEmptyOnly = row.pooled_from === "empty" && !row.needs_t5;
   return { usesQwen: row.needs_qwen, textLabel: clipEmptyOnly ? `${TEXT} (CLIP '' only)` : null };
 }
+
+let fusionModes = null; // the table of GET /gie/rules, once it has arrived
 
 const UNUSED_COLOR = "#555";
 
@@ -225,9 +210,11 @@ function setLook(slot, label, color) {
   if (color) slot.color_on = slot.color_off = color; else { delete slot.color_on; delete slot.color_off; }
 }
 
+/** Show the node's inputs as its mode's row says; until the table has arrived, leave them as they are. */
 function applyFusionMode(node) {
+  if (!fusionModes) return void refreshFusionMode(node);
   const mode = widgetValue(node, "mode");
-  const { usesQwen, textLabel } = fusionInputLook(mode);
+  const { usesQwen, textLabel } = fusionInputLook(mode, fusionModes);
   let qi = node.findInputSlot(QWEN);
   if (!usesQwen && qi >= 0 && node.inputs[qi].link == null) {
     node.removeInput(qi); // hidden: nothing plugged in and the mode does not read it
@@ -248,6 +235,22 @@ function applyFusionMode(node) {
   node.gieHiddenInputs = usesQwen || qi >= 0 ? [] : [QWEN]; // read by the browser test
   node.gieUnusedInputs = !usesQwen && qi >= 0 ? [QWEN] : [];
   node.setDirtyCanvas(true, true);
+}
+
+/** Fetch the rules (once for all nodes), then apply them; if they cannot be read, the node says why. */
+function refreshFusionMode(node) {
+  loadRules().then(({ body, error }) => {
+    if (body) fusionModes = body.fusion_modes;
+    node.gieRulesError = error ?? null;
+    const at = node.widgets?.findIndex((w) => w.name === "gie_rules_status") ?? -1;
+    if (error && at < 0) {
+      addInfoWidget(node, "gie_rules_status", (n) => `inputs shown as saved: ${n.gieRulesError ?? ""}`).lineCount = 1;
+    } else if (!error && at >= 0) {
+      node.widgets.splice(at, 1);
+    }
+    if (fusionModes) applyFusionMode(node);
+    node.setDirtyCanvas(true, true);
+  });
 }
 
 function setupFusionConnector(node) {

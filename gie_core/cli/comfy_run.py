@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from gie_core.cli.common import HelpFormatter
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -547,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gie-comfy-run",
         description="Run an API-format ComfyUI workflow on a running ComfyUI server and download its images.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog=(
             "examples:\n"
             "  gie-comfy-run workflows/api/released_model_edit.json --image photo.png \\\n"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gie_core.cli.common import run_command
+from gie_core.cli.common import HelpFormatter, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
             "single files: the Kontext transformer for ComfyUI's Load Diffusion Model, the Qwen2.5-VL for "
             "text_encoders/, and the connector. Streamed tensor by tensor; each file is written atomically."
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog=(
             "examples:\n"
             "  gie-convert gpt-image-edit/final_checkpoint --out ComfyUI/models\n"

@@ -18,7 +18,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from gie_core.cli.common import device_and_dtype, load_input, output_paths, quiet_library_warnings, run_command, save_image
+from gie_core.cli.common import HelpFormatter, device_and_dtype, load_input, output_paths, quiet_library_warnings, run_command, save_image
 
 DEMO_INSTRUCTION = "make the sky a warm sunset"
 DEMO_AREA = 256 * 256  # the tiny models prove the pipeline; a small output keeps the demo quick
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Weights are read from local paths only. With no weights given, runs a demo on tiny random models "
             "(built once into your cache) and a bundled sample image: it proves the pipeline, not the quality."
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog=(
             "examples:\n"
             "  gie-edit photo.jpg 'make it winter' -o out.png --model gpt-image-edit/final_checkpoint --kontext FLUX.1-Kontext-dev\n"
@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help=f"noise seed, {SEED_RANGE[0]}..{SEED_RANGE[1]}; same seed, same image on any device (default {DEFAULT_SEED})")
     s.add_argument("--size", default="auto",
-                   help="output WIDTHxHEIGHT in multiples of 16 (one side 0 follows the input's aspect), or 'auto' "
-                        f"(default: ~1 MP at the input's aspect, or the padded aspect with --snap; "
+                   help="output WIDTHxHEIGHT in multiples of 16; a side 0 follows the input's aspect, so 0x0 (or 'auto') "
+                        f"picks both (default: auto, ~1 MP at the input's aspect, or the padded aspect with --snap; "
                         f"~{DEMO_AREA // 1000 / 1000:g} MP in the demo)")
     s.add_argument("--batch", type=int, default=1, help="number of images to make (default 1)")
     s.add_argument("--snap", nargs="?", const="default", default=None, metavar="RATIOS",

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from gie_core.cli.common import device_and_dtype, run_command
+from gie_core.cli.common import HelpFormatter, device_and_dtype, run_command
 
 PROG = "gie-eval"
 
@@ -57,13 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     layouts = "\n".join(f"  {b.name:<13} {b.title}: outputs {b.layout}" for b in BENCHMARKS.values())
     p = argparse.ArgumentParser(
         prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False,
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="benchmarks:\n" + layouts,
+        formatter_class=HelpFormatter, epilog="benchmarks:\n" + layouts,
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="{generate,score,compare}")
 
     # --- generate -------------------------------------------------------------------------
     g = sub.add_parser(
-        "generate", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "generate", allow_abbrev=False, formatter_class=HelpFormatter,
         help="edit every sample of a benchmark into the layout its scorer reads",
         description="Edit every sample of a benchmark (resumable, one seed per sample, failures recorded and skipped). "
                     "Under `accelerate launch` the samples are split between the processes.",
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"guidance (default {DEFAULT_GUIDANCE})")
     e.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help=f"base seed; each sample's seed is a hash of (seed, key) (default {DEFAULT_SEED})")
-    e.add_argument("--size", default="auto", help="output WIDTHxHEIGHT (one side 0 follows the aspect) or auto (by --geometry)")
+    e.add_argument("--size", default="auto", help="output WIDTHxHEIGHT; a side 0 follows the aspect, 0x0 (or auto) picks both by --geometry")
     e.add_argument("--geometry", choices=GEOMETRIES, default="ours",
                    help="ours: ~1 MP at the input's aspect, reference resized with lanczos; paper: the evaluation geometry "
                         "of the published numbers (output from the nearest Kontext ratio scaled to 1024x1024, reference "
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # --- score ----------------------------------------------------------------------------
     s = sub.add_parser(
-        "score", allow_abbrev=False,
+        "score", allow_abbrev=False, formatter_class=HelpFormatter,
         help="judge a run folder with a local Qwen2.5-VL; scores per category as JSON, CSV and markdown",
         description="Judge a run folder offline: a Qwen2.5-VL chosen by path (a GPT-Image-Edit checkpoint's own 7B, or a "
                     "stock Qwen2.5-VL folder), and/or reference-free similarity outside the edited region.",
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # --- compare --------------------------------------------------------------------------
     c = sub.add_parser(
-        "compare", allow_abbrev=False, help="scored runs side by side (a table per metric) and a picture grid",
+        "compare", allow_abbrev=False, formatter_class=HelpFormatter, help="scored runs side by side (a table per metric) and a picture grid",
         description="Tables of several scored runs side by side (a row per category, a column per run), and a PNG grid "
                     "of chosen samples: the source, then each run's output, the instruction as caption.",
     )

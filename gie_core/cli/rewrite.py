@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from gie_core.cli.common import device_and_dtype, load_input, quiet_library_warnings, run_command
+from gie_core.cli.common import HelpFormatter, device_and_dtype, load_input, quiet_library_warnings, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
             "change naming what to keep (Edit) and the expected result (Output); the Edit field is printed. "
             "Greedy by default: the same image and instruction give the same rewrite."
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog=(
             "examples:\n"
             "  gie-rewrite photo.jpg 'change the background to a city street' --model gpt-image-edit/final_checkpoint\n"

@@ -20,6 +20,8 @@ import logging
 import os
 import sys
 
+from gie_core.cli.common import HelpFormatter, help_with_default
+
 COMMANDS = ("train", "cache", "export", "plan")
 EXIT_DOES_NOT_FIT = 3  # gie-train plan --budget: the run does not fit
 
@@ -44,7 +46,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                     "activations, inputs), computed from the real module shapes on the meta device before any weight "
                     "is read, and with --budget what to change to fit. Exit status 3 when it does not fit the budget.",
         }[command],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog=__doc__,
         allow_abbrev=False,  # '--validation.step' must be an error, not silently '--validation.steps'
     )
@@ -61,7 +63,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--processes", type=int, default=1, metavar="N", help="processes (GPUs) of the run (default 1)")
         p.add_argument("--sharding", default="none", choices=SHARDINGS,
                        help="none (one GPU or DDP), zero2 (DeepSpeed ZeRO-2 / FSDP SHARD_GRAD_OP), zero3 (ZeRO-3 / FSDP FULL_SHARD)")
-    add_config_arguments(p)
+    add_config_arguments(p, help_with_default)
     return p
 
 

@@ -3,8 +3,8 @@
 Every face reads this table: :func:`gie_core.engine.connector.fuse`, the connector's supported modes,
 the pipeline (which parts to load and encode), the trainer (which features to cache and
 encode), the ComfyUI nodes (tooltips, required inputs) and the web extension (which inputs the
-Fusion Connector shows; ``web/gie.js`` carries a copy that a test keeps equal to
-:func:`table_for_web`). A new mode is one row here plus its connector code.
+Fusion Connector shows; ``web/gie.js`` fetches :func:`table_for_web` from the server, see
+:mod:`gie_core.engine.web_rules`). A new mode is one row here plus its connector code.
 
 The modes are the paper's Table 5:
 
@@ -93,7 +93,7 @@ def modes_with(*, queries: bool = False, type_embedding: bool = False) -> tuple[
 
 
 def table_for_web() -> dict[str, dict]:
-    """The table as plain JSON data (what ``web/gie.js`` copies)."""
+    """The table as plain JSON data (what ``web/gie.js`` reads from ``GET /gie/rules``)."""
     return {n: {k: v for k, v in asdict(m).items() if k not in ("name", "summary")} for n, m in FUSION_MODE_TABLE.items()}
 
 

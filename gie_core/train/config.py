@@ -712,8 +712,9 @@ def suggest_options(name: str, n: int = 4) -> list[str]:
     return found[:n]
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--config``, ``--set`` and one flag per option, its full dotted name (``--optim.lr``).
+def add_config_arguments(parser: argparse.ArgumentParser, show_default: Callable[[str, Any], str]) -> None:
+    """Add ``--config``, ``--set`` and one flag per option, its full dotted name (``--optim.lr``);
+    ``show_default(help, default)`` gives an option's help with its default (the command line's rule).
 
     The parser must be built with ``allow_abbrev=False`` so a prefix is never taken for an option.
     """
@@ -729,7 +730,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         group = groups.get(section) or parser.add_argument_group(f"{section} options")
         groups[section] = group
         group.add_argument(*option_flags(key), dest=f"opt:{key}", default=argparse.SUPPRESS, metavar="V",
-                           help=f"{spec.help} (default: {spec.default})")
+                           help=show_default(spec.help, spec.default))
 
 
 def config_from_args(args: argparse.Namespace, for_training: bool = True) -> TrainConfig:
