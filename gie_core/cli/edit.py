@@ -169,7 +169,7 @@ def parse_size(text: str) -> tuple[int, int]:
 def parse_lora(text: str) -> tuple[str, float]:
     """'file.safetensors' or 'file.safetensors:0.8' -> (path, strength), the strength finite and in range."""
     from gie_core.constants import LORA_STRENGTH_RANGE
-    from gie_core.engine.request import check_float
+    from gie_core.checks import check_float
 
     path, sep, strength = text.rpartition(":")
     if sep and path.endswith(".safetensors"):
