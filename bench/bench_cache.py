@@ -77,9 +77,9 @@ def main():
 
     from PIL import Image
 
-    from gie_core.engine.acceleration import resolve_acceleration
     from gie_core.engine.conditioning import Conditioning
     from gie_core.imaging.images import prepare_reference
+    from gie_core.engine.request import resolve_edit
     from gie_core.engine.sampler import KontextModels, sample
 
     device = torch.device(args.device)
@@ -97,13 +97,13 @@ def main():
     probe.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
 
     def run(spec):
-        acc = resolve_acceleration(spec)
+        request = resolve_edit(image_width=args.width, image_height=args.height, width=args.width, height=args.height,
+                               steps=args.steps, seed=42, cache=spec)
         if device.type == "cuda":
             torch.cuda.synchronize()
         calls["n"] = 0
         t = time.perf_counter()
-        out = sample(models, Conditioning(context, pooled), reference, width=args.width, height=args.height,
-                     steps=args.steps, seed=42, device=device, acceleration=acc)
+        out = sample(models, Conditioning(context, pooled), reference, request, device=device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t, out, calls["n"]

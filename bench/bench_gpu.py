@@ -70,6 +70,7 @@ def main():
     from gie_core.engine.conditioning import Conditioning
     from gie_core.imaging.images import prepare_reference
     from gie_core.engine.pipeline import EditPipeline
+    from gie_core.engine.request import resolve_edit
     from gie_core.engine.sampler import KontextModels, sample
 
     device = torch.device("cuda")
@@ -89,8 +90,9 @@ def main():
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         with pipe.on_device(pipe.transformer, pipe.vae):
-            out = sample(KontextModels(transformer, vae, scheduler), cond, ref, width=args.size, height=args.size,
-                         steps=args.steps, device=device, cfg_batch=mode != "sequential")
+            request = resolve_edit(image_width=args.size, image_height=args.size, width=args.size, height=args.size,
+                                   steps=args.steps, cfg_batch=mode != "sequential")
+            out = sample(KontextModels(transformer, vae, scheduler), cond, ref, request, device=device)
         torch.cuda.synchronize()
         dt = time.perf_counter() - t
         peak = torch.cuda.max_memory_allocated() / 2**30

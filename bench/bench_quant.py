@@ -103,6 +103,7 @@ def main():
     from gie_core.weights.gguf import load_gguf_transformer
     from gie_core.engine.components import module_bytes as resident_bytes
     from gie_core.weights.quantize import prepare_fp8_storage
+    from gie_core.engine.request import resolve_edit
     from gie_core.engine.sampler import KontextModels, sample
     from gie_core.testing.tiny_configs import TINY_SCHEDULER, TINY_VAE
 
@@ -135,8 +136,9 @@ def main():
             velocity = model(**{k: v.to(device, compute) if torch.is_tensor(v) and v.is_floating_point() and k not in ("timestep", "guidance") else v.to(device) if torch.is_tensor(v) else v
                                 for k, v in probe.items()})[0].float().cpu()
         t = time.perf_counter()
-        image = sample(KontextModels(model, vae, scheduler), cond, ref, width=args.size, height=args.size,
-                       steps=args.steps, seed=42, device=device).cpu()
+        request = resolve_edit(image_width=args.size, image_height=args.size, width=args.size, height=args.size,
+                               steps=args.steps, seed=42)
+        image = sample(KontextModels(model, vae, scheduler), cond, ref, request, device=device).cpu()
         results[kind] = dict(bytes=resident_bytes(model), full=extrapolate(model), image=image, velocity=velocity,
                              seconds=time.perf_counter() - t)
         del model

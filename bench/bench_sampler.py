@@ -60,6 +60,7 @@ def main():
 
     from gie_core.engine.conditioning import Conditioning
     from gie_core.imaging.images import prepare_reference
+    from gie_core.engine.request import resolve_edit
     from gie_core.engine.sampler import KontextModels, sample
 
     device = torch.device(args.device)
@@ -77,8 +78,8 @@ def main():
 
     def ours():
         ref = prepare_reference(image, "keep")
-        return sample(KontextModels(transformer, vae, scheduler), Conditioning(context, pooled), ref,
-                      width=w, height=h, steps=args.steps, seed=42, device=device)
+        request = resolve_edit(image_width=w, image_height=h, width=w, height=h, steps=args.steps, seed=42)
+        return sample(KontextModels(transformer, vae, scheduler), Conditioning(context, pooled), ref, request, device=device)
 
     def theirs():
         out = pipe(image=image, prompt_embeds=context, pooled_prompt_embeds=pooled, height=h, width=w,

@@ -85,6 +85,10 @@ METAQUERY_TOKENS = 256
 REFERENCE_RESIZE_MODES: tuple[str, ...] = ("preferred", "keep")
 REFERENCE_RESAMPLE_MODES: tuple[str, ...] = ("lanczos", "nearest")
 DEFAULT_REFERENCE_RESAMPLE = "lanczos"
+# Several references: "index" gives reference i the first id coordinate i+1; "offset" keeps 1
+# and places them side by side (ComfyUI's FluxKontextMultiReferenceLatentMethod, same names).
+REFERENCE_METHODS: tuple[str, ...] = ("index", "offset")
+DEFAULT_REFERENCE_METHOD = "index"
 
 # Images with transparency are composited on this colour (the pad colour when snapping).
 DEFAULT_BACKGROUND = "white"

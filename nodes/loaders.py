@@ -13,7 +13,7 @@ from gie_core.weights.loading import load_gie_checkpoint, load_kontext_dir, pars
 from gie_core.weights.lora import load_lora
 from gie_core.weights.gguf import is_gguf, load_gguf_transformer
 from gie_core.weights.quantize import check_quantization, prepare_fp8_storage
-from gie_core.engine.request import check_float
+from gie_core.checks import check_float
 from gie_core.weights.single_file import load_bfl_transformer, load_bfl_vae, load_connector_file, load_qwen_file
 
 from . import comfy

@@ -14,12 +14,14 @@ from gie_core.engine.conditioning import Conditioning
 from gie_core.constants import (
     BATCH_RANGE,
     DEFAULT_GUIDANCE,
+    DEFAULT_REFERENCE_METHOD,
     DEFAULT_REFERENCE_RESAMPLE,
     DEFAULT_SEED,
     DEFAULT_STEPS,
     DEFAULT_TRUE_CFG,
     GUIDANCE_RANGE,
     MAX_IMAGE_SIDE,
+    REFERENCE_METHODS,
     REFERENCE_RESAMPLE_MODES,
     REFERENCE_RESIZE_MODES,
     SEED_RANGE,
@@ -29,8 +31,8 @@ from gie_core.constants import (
 )
 from gie_core.imaging.images import prepare_reference
 from gie_core.weights.lora import activated
-from gie_core.engine.request import resolve_edit, resolve_output_size
-from gie_core.engine.sampler import KontextModels, sample_request
+from gie_core.engine.request import EditRequest, resolve_edit, resolve_output_size
+from gie_core.engine.sampler import KontextModels, sample
 
 from . import comfy
 from .common import ANY_VAE, CAT_SAMPLING, KONTEXT, check_image, comfy_latents_in, require, vae_input
@@ -61,7 +63,8 @@ def read_conditioning(cond, name: str, transformer) -> Conditioning:
     return c
 
 
-REFERENCE_METHODS = {"offset": "offset", "index": "index"}  # ComfyUI's names -> ours ("uxo" has no twin)
+# ComfyUI's FluxKontextMultiReferenceLatentMethod names are ours (REFERENCE_METHODS); "uxo" has no twin.
+NATIVE_REFERENCE_METHOD = "offset"  # what native Flux does when the method node is not used
 
 
 def native_reference_latents(cond: Conditioning) -> tuple[list | None, str]:
@@ -74,13 +77,13 @@ def native_reference_latents(cond: Conditioning) -> tuple[list | None, str]:
     latents = cond.extra.get("reference_latents")
     method = cond.extra.get("reference_latents_method")
     if not latents:
-        return None, "index"
+        return None, DEFAULT_REFERENCE_METHOD
     if method is not None and method not in REFERENCE_METHODS:
         raise ValueError(
             f"positive: reference_latents_method '{method}' (from FluxKontextMultiReferenceLatentMethod) is not supported "
             f"by this sampler; use {' or '.join(REFERENCE_METHODS)}"
         )
-    return [comfy_latents_in(lat) for lat in latents], REFERENCE_METHODS[method or "offset"]
+    return [comfy_latents_in(lat) for lat in latents], method or NATIVE_REFERENCE_METHOD
 
 
 def output_size(width: int, height: int, ref_width: int, ref_height: int) -> tuple[int, int]:
@@ -212,36 +215,41 @@ class GIEKontextSampler:
         codec, vae_ctx, vae_unload = vae_input(require(vae, "vae", "a Kontext loader's vae output or native Load VAE"))
         transformer = model.require_transformer()
         images = check_image(image)
+        pos = read_conditioning(positive, "positive", transformer)
+        ref_latents, ref_method = native_reference_latents(pos)
         request = resolve_edit(
             image_width=images.shape[2], image_height=images.shape[1], n_images=images.shape[0], steps=steps,
             guidance=guidance, seed=seed, width=width, height=height, batch_size=batch_size, true_cfg=true_cfg,
             has_negative=negative is not None, reference_resize=reference_resize, reference_resample=reference_resample,
-            cache=cache_choice(cache, cache_value), attention=attention, compile=bool(compile),
+            reference_method=ref_method, cache=cache_choice(cache, cache_value), attention=attention,
+            compile=bool(compile),
         )
-        pos = read_conditioning(positive, "positive", transformer)
         neg = read_conditioning(negative, "negative", transformer) if request.do_true_cfg else None
-        for name, c in (("positive", pos), ("negative", neg)):
-            if c is not None and c.batch_size not in (1, request.batch_size):
-                raise ValueError(
-                    f"{name} conditioning has batch {c.batch_size} but {request.batch_size} images are being made "
-                    f"(image batch {request.n_images}, batch_size {batch_size}); encode with the same image batch"
-                )
+        check_conditioning_batch(pos, neg, request, batch_size)
         reference = prepare_reference(images, request.reference_resize, resample=request.reference_resample)
-        ref_latents, ref_method = native_reference_latents(pos)
         progress, preview = comfy.step_callbacks(request.steps)
-
         try:
             with model.placement.use(transformer) as device, vae_ctx, activated(transformer, model.loras):
-                out = sample_request(
-                    KontextModels(transformer, codec, model.scheduler), request, pos, reference, negative=neg,
+                out = sample(
+                    KontextModels(transformer, codec, model.scheduler), pos, reference, request, negative=neg,
                     device=device, progress=progress, interrupt=comfy.interrupt_check(), preview=preview,
-                    reference_latents=ref_latents, reference_method=ref_method,
+                    reference_latents=ref_latents,
                 )
         finally:
             if unload_after:
                 model.placement.unload(transformer)
                 vae_unload()
         return (out.float().cpu(),)
+
+
+def check_conditioning_batch(pos: Conditioning, neg: Conditioning | None, request: EditRequest, batch_size: int) -> None:
+    """Each conditioning is one shared entry or one per image the request makes."""
+    for name, c in (("positive", pos), ("negative", neg)):
+        if c is not None and c.batch_size not in (1, request.batch_size):
+            raise ValueError(
+                f"{name} conditioning has batch {c.batch_size} but {request.batch_size} images are being made "
+                f"(image batch {request.n_images}, batch_size {batch_size}); encode with the same image batch"
+            )
 
 
 NODES = {"GIEKontextSampler": (GIEKontextSampler, "Kontext Sampler")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -14,6 +15,7 @@ from gie_core.engine.conditioning import Conditioning
 from gie_core.engine.connector import Connector, QwenFeatures, TextFeatures, fuse
 from gie_core.weights.loading import load_gie_checkpoint, load_kontext_dir
 from gie_core.engine.pipeline import EditPipeline
+from gie_core.engine.request import resolve_edit
 from gie_core.engine.sampler import KontextModels, SamplingInterrupted, sample
 from gie_core.imaging.images import prepare_reference
 from gie_core.weights.reader import CheckpointError
@@ -247,10 +249,11 @@ def test_progress_seed_and_interrupt(t5_pipeline):
     cond = t5_pipeline.conditioning(noise_image(64, 64), INSTRUCTION, "t5")
     ref = prepare_reference(noise_image(64, 64), "keep")
     seen = []
-    a = sample(models, cond, ref, width=64, height=64, steps=4, seed=5, progress=lambda d, t: seen.append((d, t)))
+    request = resolve_edit(image_width=64, image_height=64, width=64, height=64, steps=4, seed=5)
+    a = sample(models, cond, ref, request, progress=lambda d, t: seen.append((d, t)))
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
-    b = sample(models, cond, ref, width=64, height=64, steps=4, seed=5)
-    c = sample(models, cond, ref, width=64, height=64, steps=4, seed=6)
+    b = sample(models, cond, ref, request)
+    c = sample(models, cond, ref, dataclasses.replace(request, seed=6))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
     calls = []
@@ -260,9 +263,9 @@ def test_progress_seed_and_interrupt(t5_pipeline):
         return len(calls) > 4  # a few block checks into the second step
 
     with pytest.raises(SamplingInterrupted):
-        sample(models, cond, ref, width=64, height=64, steps=4, seed=5, interrupt=stop_during_step_two)
+        sample(models, cond, ref, request, interrupt=stop_during_step_two)
     # hooks are removed: the next run is unaffected
-    again = sample(models, cond, ref, width=64, height=64, steps=4, seed=5)
+    again = sample(models, cond, ref, request)
     assert torch.equal(a, again)
 
 
@@ -337,6 +340,7 @@ def test_two_references_change_the_edit(t5_pipeline):
     cond = t5_pipeline.conditioning(noise_image(64, 64), INSTRUCTION, "t5")
     one = prepare_reference(noise_image(64, 64, seed=1), "keep")
     two = prepare_reference(noise_image(48, 64, seed=2), "keep")
-    single = sample(models, cond, one, width=64, height=64, steps=2, seed=3)
-    double = sample(models, cond, [one, two], width=64, height=64, steps=2, seed=3)
+    request = resolve_edit(image_width=64, image_height=64, width=64, height=64, steps=2, seed=3)
+    single = sample(models, cond, one, request)
+    double = sample(models, cond, [one, two], request)
     assert single.shape == double.shape and not torch.allclose(single, double)

@@ -694,6 +694,7 @@ def test_native_reference_latents_are_kontext_references_and_combine_is_refused(
     """ReferenceLatent (native) on our conditioning: its latent becomes a second Kontext reference,
     exactly as if the engine were given both images (placed side by side, native's default)."""
     from gie_core.imaging.images import prepare_reference
+    from gie_core.engine.request import resolve_edit
     from gie_core.engine.sampler import KontextModels, sample
 
     img, other = image(64, 48, seed=1), image(64, 48, seed=2)
@@ -709,7 +710,8 @@ def test_native_reference_latents_are_kontext_references_and_combine_is_refused(
 
     engine = sample(KontextModels(loaded.gie_kontext.transformer, vae, loaded.gie_kontext.scheduler),
                     Conditioning.from_comfy(cond), [prepare_reference(img, "keep"), prepare_reference(other, "keep")],
-                    width=64, height=48, steps=2, seed=3, reference_method="offset")
+                    resolve_edit(image_width=64, image_height=48, width=64, height=48, steps=2, seed=3,
+                                 reference_resize="keep", reference_method="offset"))
     assert torch.allclose(both, engine, atol=1e-5)
     combined = [cond[0], [cond[0][0] * 0.5, dict(cond[0][1])]]
     with pytest.raises(ValueError, match="2 entries \\(ConditioningCombine"):

@@ -19,6 +19,7 @@ from gie_core.weights.gguf import GGUF_WRITE_TYPES, gguf_metadata, load_gguf_tra
 from gie_core.weights.loading import load_gie_checkpoint, load_kontext_dir
 from gie_core.engine.components import module_bytes as resident_bytes
 from gie_core.weights.quantize import QWEN_QUANTIZATIONS, TRANSFORMER_QUANTIZATIONS, check_quantization
+from gie_core.engine.request import resolve_edit
 from gie_core.engine.sampler import KontextModels, sample
 from gie_core.weights.reader import CheckpointError
 
@@ -51,7 +52,8 @@ def run(transformer, base, steps=6):
     g = torch.Generator().manual_seed(0)
     cond = Conditioning(torch.randn(1, 8, 32, generator=g), torch.randn(1, 64, generator=g))
     ref = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
-    return sample(KontextModels(transformer, base.vae, base.scheduler), cond, ref, width=64, height=64, steps=steps, seed=1)
+    request = resolve_edit(image_width=64, image_height=64, width=64, height=64, steps=steps, seed=1)
+    return sample(KontextModels(transformer, base.vae, base.scheduler), cond, ref, request)
 
 
 def psnr(a, b) -> float:

@@ -15,6 +15,7 @@ from gie_core.engine import modes
 from gie_core.engine.connector import Connector, QwenFeatures, TextFeatures, fuse
 from gie_core.weights.loading import load_kontext_dir
 from gie_core.engine.modes import FUSION_MODE_TABLE, FusionMode, fusion_mode
+from gie_core.engine.request import resolve_edit
 from gie_core.engine.sampler import KontextModels, decode, denoise, prepare, sample
 from gie_core.engine.schedule import Schedule, shift_mu, shift_sigmas
 
@@ -134,8 +135,9 @@ def test_sample_is_prepare_denoise_decode(kontext):
     cond = Conditioning(torch.randn(1, 6, cfg.joint_attention_dim, generator=g),
                         torch.randn(1, cfg.pooled_projection_dim, generator=g))
     ref = torch.rand(1, 3, 32, 48, generator=g) * 2 - 1
-    whole = sample(kontext, cond, ref, width=48, height=32, steps=2, seed=5)
-    run = prepare(kontext, cond, ref, width=48, height=32, steps=2, seed=5)
+    request = resolve_edit(image_width=48, image_height=32, width=48, height=32, steps=2, seed=5)
+    whole = sample(kontext, cond, ref, request)
+    run = prepare(kontext, cond, ref, request)
     assert run.schedule.steps == 2 and run.n_target == (32 // 16) * (48 // 16)
     latents = denoise(kontext.transformer, run)
     assert torch.equal(decode(kontext.vae, latents), whole)
@@ -146,10 +148,11 @@ def test_sample_checks_values_when_called_directly(kontext):
 
     cfg = kontext.transformer.config
     cond = Conditioning(torch.zeros(1, 4, cfg.joint_attention_dim), torch.zeros(1, cfg.pooled_projection_dim))
+    size = dict(image_width=32, image_height=32, width=32, height=32)
     with pytest.raises(ValueError, match="guidance is nan"):
-        sample(kontext, cond, None, width=32, height=32, steps=1, guidance=float("nan"))
+        sample(kontext, cond, None, resolve_edit(**size, steps=1, guidance=float("nan")))
     with pytest.raises(ValueError, match="seed is -1"):
-        sample(kontext, cond, None, width=32, height=32, steps=1, seed=-1)
+        sample(kontext, cond, None, resolve_edit(**size, steps=1, seed=-1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +207,8 @@ def test_previews_get_the_predicted_clean_latents(kontext):
     cfg = kontext.transformer.config
     cond = Conditioning(torch.randn(1, 4, cfg.joint_attention_dim), torch.randn(1, cfg.pooled_projection_dim))
     seen = []
-    latents = sample(kontext, cond, None, width=32, height=32, steps=3, output="latent",
+    request = resolve_edit(image_width=32, image_height=32, width=32, height=32, steps=3)
+    latents = sample(kontext, cond, None, request, output="latent",
                      preview=lambda done, total, x0: seen.append((done, total, x0)))
     assert [(d, t) for d, t, _ in seen] == [(1, 3), (2, 3), (3, 3)]
     assert seen[-1][2].shape == latents.shape and torch.allclose(seen[-1][2], latents.float(), atol=1e-5)

@@ -7,6 +7,7 @@ behind, and what cannot run here falls back with a clear message.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -66,9 +67,15 @@ class AttentionCalls:
         self.handle.remove()
 
 
-def run(kontext, inputs, acceleration=None, **kw):
+def request(**kw):
+    """A 64x64 run of STEPS steps, seed 1, with resolve_edit's other ``kw``."""
+    return resolve_edit(image_width=64, image_height=64, width=64, height=64, steps=STEPS, seed=1, **kw)
+
+
+def run(kontext, inputs, acceleration=None):
     cond, neg, ref = inputs
-    return sample(kontext, cond, ref, width=64, height=64, steps=STEPS, seed=1, acceleration=acceleration, **kw)
+    run_request = request() if acceleration is None else dataclasses.replace(request(), acceleration=acceleration)
+    return sample(kontext, cond, ref, run_request)
 
 
 def psnr(a, b) -> float:
@@ -104,16 +111,15 @@ def test_cache_state_does_not_leak_between_runs(kontext, inputs):
     first = run(kontext, inputs, acc)
     assert torch.equal(run(kontext, inputs, acc), first)
     cond, _, ref = inputs
-    sample(kontext, cond, ref, width=64, height=64, steps=5, seed=1, acceleration=acc)
+    sample(kontext, cond, ref, dataclasses.replace(request(), steps=5, acceleration=acc))
     assert torch.equal(run(kontext, inputs, acc), first)
 
 
 def test_cache_with_true_cfg_keeps_cond_and_uncond_apart(kontext, inputs):
     cond, neg, ref = inputs
-    kw = dict(width=64, height=64, steps=STEPS, seed=1, true_cfg=3.0, negative=neg)
-    base = sample(kontext, cond, ref, **kw, cfg_batch=False)
+    base = sample(kontext, cond, ref, request(true_cfg=3.0, cfg_batch=False), negative=neg)
     for cfg_batch in (False, True):
-        out = sample(kontext, cond, ref, **kw, cfg_batch=cfg_batch, acceleration=resolve_acceleration("taylorseer"))
+        out = sample(kontext, cond, ref, request(true_cfg=3.0, cfg_batch=cfg_batch, cache="taylorseer"), negative=neg)
         assert psnr(out, base) >= 30
 
 

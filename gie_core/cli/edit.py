@@ -14,8 +14,10 @@ before any weight is read.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from gie_core.cli.common import HelpFormatter, device_and_dtype, load_input, output_paths, quiet_library_warnings, run_command, save_image
@@ -169,7 +171,7 @@ def parse_size(text: str) -> tuple[int, int]:
 def parse_lora(text: str) -> tuple[str, float]:
     """'file.safetensors' or 'file.safetensors:0.8' -> (path, strength), the strength finite and in range."""
     from gie_core.constants import LORA_STRENGTH_RANGE
-    from gie_core.engine.request import check_float
+    from gie_core.checks import check_float
 
     path, sep, strength = text.rpartition(":")
     if sep and path.endswith(".safetensors"):
@@ -200,103 +202,148 @@ def main(argv: list[str] | None = None) -> int:
     return run_command("gie-edit", lambda: run(args))
 
 
+@dataclass(frozen=True)
+class EditInputs:
+    """What ``gie-edit`` was asked, checked before any image or weight is read: the edit's own
+    inputs, the values :func:`edit_request` gives the resolver, and the loading options."""
+
+    demo: bool  # no weights given: the tiny random models and the bundled sample
+    input_path: str | None  # one edit (None with --jobs)
+    instruction: str | None
+    mode: str
+    gie_dir: str | None
+    kontext_dir: str | None
+    reference_resize: str
+    size: tuple[int, int]  # (width, height), 0 = auto / follow the aspect
+    background: str  # what transparent inputs are composited on
+    device: object  # torch.device
+    dtype: str
+    load: dict  # EditPipeline.from_paths' storage options (LoRAs, quantizations)
+
+
 def run(args) -> int:
-    from gie_core.constants import DEFAULT_TARGET_AREA
-    from gie_core.engine.encoders import check_instruction
+    """gie-edit's steps: check every input, resolve the request(s) (reading only the images),
+    load the models once, edit, write."""
+    inputs = check_inputs(args)
+    if args.jobs is not None:
+        return _edit_jobs(args, inputs)
+    return _edit_one(args, inputs)
+
+
+def check_inputs(args) -> EditInputs:
+    """Every command-line input checked (combinations, paths, numbers, choices, device); nothing read."""
     from gie_core.engine.modes import DEFAULT_FUSION_MODE, STOCK_FUSION_MODE
-    from gie_core.weights.quantize import check_quantization
-    from gie_core.engine.request import resolve_edit
 
     demo = not any((args.model, args.kontext, args.transformer, args.vae, args.t5, args.clip, args.qwen))
-    jobs_mode = args.jobs is not None
-    if jobs_mode:
+    _check_combinations(args)
+    input_path, instruction = _input_and_instruction(args, demo)
+    gie_dir, kontext_dir = (None, None) if demo else (args.model, args.kontext)
+    mode = args.mode or (DEFAULT_FUSION_MODE if (gie_dir or demo or args.qwen) else STOCK_FUSION_MODE)
+    _check_weight_paths(args)
+    device, dtype = device_and_dtype(args.device, args.dtype)
+    size = parse_size(args.size)
+    return EditInputs(
+        demo=demo, input_path=input_path, instruction=instruction, mode=mode, gie_dir=gie_dir,
+        kontext_dir=kontext_dir, reference_resize=args.reference_size or ("keep" if demo else "preferred"),
+        size=size, background=args.pad_color if args.snap and args.pad_color != "edge" else "white",
+        device=device, dtype=dtype, load=_check_loading(args, device),
+    )
+
+
+def edit_request(args, inputs: EditInputs, image, seed: int):
+    """The :class:`gie_core.engine.request.EditRequest` of these options for one input ``image``
+    (PIL) and ``seed``: the CLI's one call of the resolver."""
+    from gie_core.constants import DEFAULT_TARGET_AREA
+    from gie_core.engine.request import resolve_edit  # start-up time: torch
+
+    width, height = inputs.size
+    return resolve_edit(
+        image_width=image.width, image_height=image.height, mode=inputs.mode, steps=args.steps,
+        guidance=args.guidance, seed=seed, width=width, height=height,
+        area=DEMO_AREA if inputs.demo else DEFAULT_TARGET_AREA, batch_size=args.batch, true_cfg=args.true_cfg,
+        snap=args.snap, pad_color=args.pad_color, reference_resize=inputs.reference_resize,
+        reference_resample=args.reference_resample, cache=args.cache, attention=args.attention, compile=args.compile,
+    )
+
+
+def _check_combinations(args) -> None:
+    if args.jobs is not None:
         if args.input or args.instruction is not None:
             raise ValueError("give either INPUT and INSTRUCTION or --jobs, not both")
         if args.rewrite:
             raise ValueError("--rewrite works on one edit at a time; it is not available with --jobs")
     elif args.seeds is not None:
         raise ValueError("--seeds goes with --jobs; for one edit use --seed")
-    input_path = instruction = None
+
+
+def _input_and_instruction(args, demo: bool) -> tuple[str | None, str | None]:
+    """The one edit's input path and instruction (None, None with --jobs); the demo's sample and
+    instruction stand in for missing ones."""
+    from gie_core.engine.encoders import check_instruction  # start-up time: transformers
+
+    if args.jobs is not None:
+        return None, None
     if demo:
-        if not jobs_mode:
-            input_path = args.input or str(Path(__file__).resolve().parent.parent / "assets" / "sample.png")
-            if args.instruction is None:
-                instruction = DEMO_INSTRUCTION
-                print(f"gie-edit: demo: no instruction given, using '{DEMO_INSTRUCTION}'", file=sys.stderr)
-            else:
-                instruction = args.instruction  # an empty one is refused below, never replaced
-        reference_resize = args.reference_size or "keep"
-        gie_dir = kontext_dir = None
+        input_path = args.input or str(Path(__file__).resolve().parent.parent / "assets" / "sample.png")
+        instruction = args.instruction  # an empty one is refused below, never replaced
+        if instruction is None:
+            instruction = DEMO_INSTRUCTION
+            print(f"gie-edit: demo: no instruction given, using '{DEMO_INSTRUCTION}'", file=sys.stderr)
     else:
-        if not jobs_mode and (not args.input or args.instruction is None):
+        if not args.input or args.instruction is None:
             raise ValueError("give the INPUT image and the INSTRUCTION (or --jobs LIST)")
         input_path, instruction = args.input, args.instruction
-        reference_resize = args.reference_size or "preferred"
-        gie_dir, kontext_dir = args.model, args.kontext
-    if not jobs_mode:
-        check_instruction(instruction)
+    check_instruction(instruction)
+    return input_path, instruction
 
-    mode = args.mode or (DEFAULT_FUSION_MODE if (gie_dir or demo or args.qwen) else STOCK_FUSION_MODE)
 
-    # --- every input is checked here, before any weight is read --------------------------
+def _check_weight_paths(args) -> None:
     for flag, value, kind in (("--qwen", args.qwen, "file"), ("--qwen-tokenizer", args.qwen_tokenizer, "dir"),
                               ("--connector", args.connector, "file")):
         if value is not None and not (Path(value).is_file() if kind == "file" else Path(value).is_dir()):
             raise ValueError(f"{flag} {value} is not {'a file' if kind == 'file' else 'a folder'}")
-    device, dtype = device_and_dtype(args.device, args.dtype)
-    width, height = parse_size(args.size)
+
+
+def _check_loading(args, device) -> dict:
+    """The storage options of the load (LoRAs, quantizations), checked for ``device``."""
+    from gie_core.weights.quantize import check_quantization  # start-up time: torch
+
     loras = tuple(parse_lora(v) for v in args.lora)
     transformer_quantize = check_quantization("transformer", args.quantize_transformer, device)
     qwen_quantize = check_quantization("qwen", args.quantize_qwen, device)
     if args.transformer and str(args.transformer).lower().endswith(".gguf") and transformer_quantize != "none":
         raise ValueError(f"--transformer {args.transformer} is a GGUF file, quantised already; drop --quantize-transformer")
-    background = args.pad_color if args.snap and args.pad_color != "edge" else "white"
+    return dict(lora_files=loras, transformer_quantize=transformer_quantize, qwen_quantize=qwen_quantize)
 
-    def resolve(image, seed):
-        return resolve_edit(
-            image_width=image.width, image_height=image.height, mode=mode, steps=args.steps, guidance=args.guidance,
-            seed=seed, width=width, height=height, area=DEMO_AREA if demo else DEFAULT_TARGET_AREA,
-            batch_size=args.batch, true_cfg=args.true_cfg, snap=args.snap, pad_color=args.pad_color,
-            reference_resize=reference_resize, reference_resample=args.reference_resample,
-            cache=args.cache, attention=args.attention, compile=args.compile,
+
+def _check_rewrite(args, inputs: EditInputs) -> None:
+    if not args.rewrite:
+        return
+    from gie_core.engine.modes import fusion_mode
+    from gie_core.engine.rewrite import check_rewrite_options  # start-up time: torch
+
+    if (not inputs.demo and not inputs.gie_dir and not args.qwen) or not fusion_mode(inputs.mode).needs_qwen:
+        raise ValueError(
+            "--rewrite needs the Qwen2.5-VL of a GPT-Image-Edit checkpoint: give --model and a mode that uses the VLM (not 't5')"
         )
+    check_rewrite_options(args.rewrite_max_tokens, 0.0, 0, 1.0)
 
-    if jobs_mode:
-        plan, requests = _plan_jobs(args, resolve, background)
-        acceleration = next(iter(requests.values())).acceleration
-    else:
-        image = load_input(input_path, background=background)
-        request = resolve(image, args.seed)
-        outs = output_paths(args.output, request.batch_size)
-        acceleration = request.acceleration
-    if args.rewrite:
-        from gie_core.engine.modes import fusion_mode
-        from gie_core.engine.rewrite import check_rewrite_options
 
-        if (not demo and not gie_dir and not args.qwen) or not fusion_mode(mode).needs_qwen:
-            raise ValueError(
-                "--rewrite needs the Qwen2.5-VL of a GPT-Image-Edit checkpoint: give --model and a mode that uses the VLM (not 't5')"
-            )
-        check_rewrite_options(args.rewrite_max_tokens, 0.0, 0, 1.0)
-    # what this machine cannot run falls back to the default, said once, before loading
+def _runnable(acceleration, device):
+    """The speed choices this machine can run: what it cannot falls back to the default, said
+    once, before loading."""
     effective = acceleration.effective(device, log=False)
     for note in effective.notes:
         print(f"gie-edit: note: {note}", file=sys.stderr)
-    if jobs_mode:
-        requests = {job: dataclasses.replace(r, acceleration=effective) for job, r in requests.items()}
-        todo = [item for item in plan if not item.done]
-        made = len(plan) - len(todo)
-        if made:
-            print(f"gie-edit: {made} of {len(plan)} outputs exist already (kept); {len(todo)} to make", file=sys.stderr)
-        if not todo:
-            return 0  # nothing to do: nothing is loaded
-    else:
-        request = dataclasses.replace(request, acceleration=effective)
+    return effective
 
-    # --- load and run ------------------------------------------------------------------
-    from gie_core.engine.pipeline import EditPipeline
 
-    if demo:
+def _load_pipeline(args, inputs: EditInputs):
+    """The models, loaded once (the demo's tiny random set is built into the cache first)."""
+    from gie_core.engine.pipeline import EditPipeline  # start-up time: torch, diffusers
+
+    gie_dir, kontext_dir = inputs.gie_dir, inputs.kontext_dir
+    if inputs.demo:
         from gie_core.testing.tiny import build_tiny_model_set, default_tiny_root
 
         print(
@@ -307,22 +354,22 @@ def run(args) -> int:
         )
         tiny = build_tiny_model_set(default_tiny_root())
         gie_dir, kontext_dir = tiny.gie_dir, tiny.kontext_dir
-    pipe = EditPipeline.from_paths(
+    return EditPipeline.from_paths(
         gie_dir=gie_dir, kontext_dir=kontext_dir, transformer_file=args.transformer, vae_file=args.vae,
         t5_file=args.t5, clip_file=args.clip, tokenizer_dir=args.tokenizers, connector_file=args.connector, qwen_file=args.qwen,
-        qwen_tokenizer_dir=args.qwen_tokenizer,
-        lora_files=loras, mode=mode, dtype=dtype, device=device, offload=args.offload,
-        transformer_quantize=transformer_quantize, qwen_quantize=qwen_quantize,
+        qwen_tokenizer_dir=args.qwen_tokenizer, mode=inputs.mode, dtype=inputs.dtype, device=inputs.device,
+        offload=args.offload, **inputs.load,
     )
-    if jobs_mode:
-        return _run_jobs(args, pipe, plan, requests, background)
-    if args.rewrite:
-        instruction = rewrite_for_edit(pipe, image, instruction, args.rewrite_max_tokens)
-    bar = None
-    if not args.quiet:
-        from tqdm import tqdm
 
-        bar = tqdm(total=request.steps, desc="sampling", unit="step", file=sys.stderr)
+
+@contextlib.contextmanager
+def _progress_bar(quiet: bool, total: int, desc: str):
+    """A ``progress(done, total)`` callback drawing a bar on stderr (none with --quiet)."""
+    bar = None
+    if not quiet:
+        from tqdm import tqdm  # start-up time
+
+        bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr)
 
     def progress(done, total):
         if bar is not None:
@@ -331,14 +378,42 @@ def run(args) -> int:
             bar.refresh()
 
     try:
-        result = pipe.edit(image, instruction, request=request, negative_instruction=args.negative, progress=progress)
+        yield progress
     finally:
         if bar is not None:
             bar.close()
+
+
+def _edit_one(args, inputs: EditInputs) -> int:
+    image = load_input(inputs.input_path, background=inputs.background)
+    request = edit_request(args, inputs, image, args.seed)
+    outs = output_paths(args.output, request.batch_size)
+    _check_rewrite(args, inputs)
+    request = dataclasses.replace(request, acceleration=_runnable(request.acceleration, inputs.device))
+    pipe = _load_pipeline(args, inputs)
+    instruction = inputs.instruction
+    if args.rewrite:
+        instruction = rewrite_for_edit(pipe, image, instruction, args.rewrite_max_tokens)
+    with _progress_bar(args.quiet, request.steps, "sampling") as progress:
+        result = pipe.edit(image, instruction, request=request, negative_instruction=args.negative, progress=progress)
     for im, path in zip(result.images, outs):
         save_image(im, path)
         print(path)
     return 0
+
+
+def _edit_jobs(args, inputs: EditInputs) -> int:
+    plan, requests = _plan_jobs(args, lambda image, seed: edit_request(args, inputs, image, seed), inputs.background)
+    effective = _runnable(next(iter(requests.values())).acceleration, inputs.device)
+    requests = {job: dataclasses.replace(r, acceleration=effective) for job, r in requests.items()}
+    todo = [item for item in plan if not item.done]
+    made = len(plan) - len(todo)
+    if made:
+        print(f"gie-edit: {made} of {len(plan)} outputs exist already (kept); {len(todo)} to make", file=sys.stderr)
+    if not todo:
+        return 0  # nothing to do: nothing is loaded
+    pipe = _load_pipeline(args, inputs)
+    return _run_jobs(args, pipe, plan, requests, inputs.background)
 
 
 def _plan_jobs(args, resolve, background):
@@ -370,25 +445,11 @@ def _plan_jobs(args, resolve, background):
 def _run_jobs(args, pipe, plan, requests, background) -> int:
     from gie_core.engine.jobs import run_jobs
 
-    bar = None
-    if not args.quiet:
-        from tqdm import tqdm
-
-        todo = [item for item in plan if not item.done]
-        bar = tqdm(total=sum(requests[i.job].steps for i in todo), desc=f"{len(todo)} edits", unit="step", file=sys.stderr)
-
-    def progress(done, total):
-        if bar is not None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
-    try:
+    todo = [item for item in plan if not item.done]
+    total = sum(requests[i.job].steps for i in todo)
+    with _progress_bar(args.quiet, total, f"{len(todo)} edits") as progress:
         run_jobs(pipe, plan, requests, load_image=lambda job: load_input(str(job.image), background=background),
                  save=save_image, progress=progress, written=lambda path: print(path, flush=True))
-    finally:
-        if bar is not None:
-            bar.close()
     return 0
 
 

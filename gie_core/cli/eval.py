@@ -163,7 +163,7 @@ def _split(text: str | None) -> tuple[str, ...]:
 def _selection(args, recorded: dict | None = None):
     """The sample selection: options given now win over the recorded run's, then the defaults."""
     from gie_core.eval.benchmarks import SelectOptions
-    from gie_core.engine.request import check_int
+    from gie_core.checks import check_int
 
     base = SelectOptions.from_dict(recorded or {})
     limit = base.limit if args.limit is None else check_int("--limit", args.limit, 0, None)
@@ -348,7 +348,7 @@ def score(args) -> int:
 
 def compare(args) -> int:
     from gie_core.eval.compare import write_comparison
-    from gie_core.engine.request import check_int
+    from gie_core.checks import check_int
 
     if len(args.runs) < 2:
         raise ValueError("give two or more run folders to compare")

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gie_core.checks import check_float, check_int
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -117,8 +119,6 @@ class StepCache:
 def check_cache(method: str, value: float | None = None) -> StepCache:
     """``method`` and ``value`` (None: the method's default) as a :class:`StepCache`, or
     ``ValueError`` naming what is wrong."""
-    from gie_core.engine.request import check_float, check_int
-
     row = cache_method(method)
     if value is None:
         value = row.default

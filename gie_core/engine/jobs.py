@@ -73,7 +73,7 @@ class JobOutput:
 
 def parse_seeds(text: str | int | Sequence[int], what: str = "seeds") -> tuple[int, ...]:
     """'7', '1,2,3', '0-3' (inclusive) or a list -> seeds, each in the seed range, no repeats."""
-    from gie_core.engine.request import check_int
+    from gie_core.checks import check_int
 
     if isinstance(text, bool):
         raise ValueError(f"{what} is {text!r} but must be whole numbers")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import os
 from dataclasses import dataclass, field
 
@@ -27,15 +28,15 @@ from PIL import Image
 from gie_core.engine.conditioning import Conditioning
 from gie_core.engine.connector import Connector, fuse
 from gie_core.engine.components import Placement, default_scheduler, fixed_device, load_text_encoder_files
-from gie_core.engine.acceleration import DEFAULT_ATTENTION
-from gie_core.constants import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_TRUE_CFG
+from gie_core.checks import check_int
+from gie_core.constants import SEED_RANGE
 from gie_core.engine.encoders import QwenVLEncoder, TextEncoders, check_instruction
 from gie_core.imaging.images import ImageLike, prepare_reference, to_pil, to_rgb, to_tensor
 from gie_core.weights.loading import load_gie_checkpoint, load_kontext_dir, parse_dtype
 from gie_core.engine.modes import DEFAULT_FUSION_MODE, fusion_mode
 from gie_core.imaging.ratio import PadRecord, apply_padding, crop_padding
 from gie_core.engine.request import EditRequest, resolve_device, resolve_edit
-from gie_core.engine.sampler import InterruptFn, KontextModels, ProgressFn, encode_reference, sample_request
+from gie_core.engine.sampler import InterruptFn, KontextModels, ProgressFn, encode_reference, sample
 
 
 @dataclass
@@ -316,15 +317,12 @@ class EditPipeline:
 
         request = encoded.request
         if seed is not None and seed != request.seed:
-            from gie_core.constants import SEED_RANGE
-            from gie_core.engine.request import check_int
-
             request = dataclasses.replace(request, seed=check_int("seed", seed, *SEED_RANGE))
         # only take charge of the adapters when this pipeline was given LoRAs
         loras = activated(self.transformer, self.loras) if self.loras else contextlib.nullcontext()
         with self.on_device(self.transformer, self.vae), loras:
-            out = sample_request(
-                KontextModels(self.transformer, self.vae, self.scheduler), request, encoded.positive, None,
+            out = sample(
+                KontextModels(self.transformer, self.vae, self.scheduler), encoded.positive, None, request,
                 reference_latents=[encoded.reference_latents], negative=encoded.negative, device=self.device,
                 progress=progress, interrupt=interrupt,
             ).cpu()
@@ -339,51 +337,47 @@ class EditPipeline:
         instruction: str,
         *,
         request: EditRequest | None = None,
-        mode: str = DEFAULT_FUSION_MODE,
-        steps: int = DEFAULT_STEPS,
-        guidance: float = DEFAULT_GUIDANCE,
-        seed: int = DEFAULT_SEED,
-        size: tuple[int, int] | None = None,
-        batch_size: int = 1,
-        snap: str | None = None,
-        pad_color: str = "white",
         negative_instruction: str | None = None,
-        true_cfg: float = DEFAULT_TRUE_CFG,
-        reference_resize: str = "preferred",
-        reference_resample: str = "lanczos",
-        cache=None,
-        attention: str = DEFAULT_ATTENTION,
-        compile: bool = False,
         progress: ProgressFn | None = None,
         interrupt: InterruptFn | None = None,
+        **options,
     ) -> EditResult:
-        """Edit ``image`` by ``instruction``.
+        """Edit ``image`` by ``instruction``: ``pipe.edit(image, "make it winter", steps=4, seed=1)``.
 
-        Either pass a ``request`` from :func:`gie_core.engine.request.resolve_edit` (as ``gie-edit`` does,
-        having checked everything before loading), or the options, which are resolved the same
-        way here. ``size`` is (width, height), a 0 side following the aspect; None = auto.
-        ``snap`` (a ratio set, e.g. "default") pads the image to the nearest ratio first and
-        crops the padding from the result, back to the original size. ``cache``
-        ("magcache", "taylorseer:3", ...), ``attention`` ("sdpa", "flash", ...) and ``compile``
-        are the speed choices of :mod:`gie_core.engine.acceleration` (default: none, SDPA, eager).
+        The run is one :class:`gie_core.engine.request.EditRequest`: pass a ``request`` from
+        :func:`gie_core.engine.request.resolve_edit` (as ``gie-edit`` does, having checked everything
+        before loading), or its keyword ``options``, which go to :func:`resolve_edit` once (the
+        image's size and batch filled in): ``mode``, ``steps``, ``guidance``, ``seed``, ``width``/
+        ``height`` or ``size`` = (width, height) (0 = follow the aspect; None = auto), ``batch_size``,
+        ``true_cfg``, ``snap`` (a ratio set, e.g. "default": pad the image to the nearest ratio first
+        and crop the padding from the result, back to the original size), ``pad_color``,
+        ``reference_resize``, ``reference_resample``, ``cache`` ("magcache", "taylorseer:3", ...),
+        ``attention`` ("sdpa", "flash", ...), ``compile``... Their defaults are ``resolve_edit``'s.
+        ``negative_instruction``: the negative prompt for true CFG (" " when none is given).
         """
-        if request is None:
-            options = dict(mode=mode, steps=steps, guidance=guidance, seed=seed, size=size, batch_size=batch_size,
-                           snap=snap, pad_color=pad_color, true_cfg=true_cfg, reference_resize=reference_resize,
-                           reference_resample=reference_resample, cache=cache, attention=attention, compile=compile)
-            encoded = self.encode(image, instruction, negative_instruction=negative_instruction, **options)
-        else:
-            encoded = self.encode(image, instruction, request=request, negative_instruction=negative_instruction)
+        encoded = self.encode(image, instruction, request=request, negative_instruction=negative_instruction, **options)
         return self.render(encoded, progress=progress, interrupt=interrupt)
 
 
+# What the image itself decides, so EditPipeline.edit's options cannot set it.
+_FROM_THE_IMAGE = ("image_width", "image_height", "n_images")
+
+
 def _resolve_options(checked: torch.Tensor, n_images: int, options: dict) -> EditRequest:
-    """An :class:`EditRequest` from :meth:`EditPipeline.edit`'s keyword options."""
+    """The :class:`EditRequest` of :meth:`EditPipeline.edit`'s keyword options: ``resolve_edit``'s
+    keywords (``size`` = (width, height) as a shorthand), the image's size and batch added."""
     options = dict(options)
+    known = set(inspect.signature(resolve_edit).parameters) - set(_FROM_THE_IMAGE)
+    unknown = sorted(set(options) - known - {"size"})
+    if unknown:
+        raise TypeError(f"unknown edit option(s) {', '.join(unknown)}; the options are size and resolve_edit's: "
+                        f"{', '.join(sorted(known))}")
     size = options.pop("size", None)
-    width, height = size if size is not None else (0, 0)
-    return resolve_edit(image_width=checked.shape[2], image_height=checked.shape[1], n_images=n_images,
-                        width=width, height=height, **options)
+    if size is not None:
+        if "width" in options or "height" in options:
+            raise TypeError("give size=(width, height) or width/height, not both")
+        options["width"], options["height"] = size
+    return resolve_edit(image_width=checked.shape[2], image_height=checked.shape[1], n_images=n_images, **options)
 
 
 def _single_file_text(text, clip_file, t5_file, tokenizer_dir, kontext_dir, dtype) -> TextEncoders:

@@ -2,10 +2,11 @@
 
 The rules every face shares live here and nowhere else: the output size (auto, one side 0 =
 follow the aspect, explicit), the batch rules, the reference resize, the aspect an output
-must keep when the input is padded to a ratio, and every range check (finite floats, integer
-ranges, known choices). ``gie-edit``, :meth:`gie_core.engine.pipeline.EditPipeline.edit` and the
-ComfyUI Kontext Sampler node all call :func:`resolve_edit`; the sampler below trusts what it
-is given.
+must keep when the input is padded to a ratio; the range checks themselves are
+:mod:`gie_core.checks`. ``gie-edit``, :meth:`gie_core.engine.pipeline.EditPipeline.edit` and the
+ComfyUI Kontext Sampler node all call :func:`resolve_edit`, and the :class:`EditRequest` it
+returns is the run: it travels whole to :func:`gie_core.engine.sampler.sample` and the step loop,
+which trust it and check nothing again.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from gie_core.engine.acceleration import DEFAULT_ATTENTION, Acceleration, resolve_acceleration
+from gie_core.checks import check_choice, check_float, check_int
 from gie_core.constants import (
     BATCH_RANGE,
     DEFAULT_GUIDANCE,
+    DEFAULT_REFERENCE_METHOD,
     DEFAULT_REFERENCE_RESAMPLE,
     DEFAULT_SEED,
     DEFAULT_STEPS,
@@ -27,6 +29,7 @@ from gie_core.constants import (
     DEFAULT_TRUE_CFG,
     GUIDANCE_RANGE,
     MAX_IMAGE_SIDE,
+    REFERENCE_METHODS,
     REFERENCE_RESAMPLE_MODES,
     REFERENCE_RESIZE_MODES,
     SEED_RANGE,
@@ -34,64 +37,20 @@ from gie_core.constants import (
     STEPS_RANGE,
     TRUE_CFG_RANGE,
 )
-from gie_core.imaging.images import check_size, reference_size
+from gie_core.engine.acceleration import DEFAULT_ATTENTION, Acceleration, resolve_acceleration
 from gie_core.engine.modes import DEFAULT_FUSION_MODE, fusion_mode
+from gie_core.imaging.images import check_size, reference_size
 from gie_core.imaging.ratio import PadRecord, aspect_fits, parse_color, parse_ratios, plan_padding
 
 __all__ = [
     "EditRequest",
     "auto_output_size",
-    "check_choice",
-    "check_float",
-    "check_int",
     "check_output_size",
     "resolve_batch",
     "resolve_device",
     "resolve_edit",
     "resolve_output_size",
 ]
-
-
-# --------------------------------------------------------------------------------------------
-# Scalars
-# --------------------------------------------------------------------------------------------
-
-
-def check_int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
-    """``value`` as an int in ``lo..hi`` (inclusive), else ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-            value = int(value)
-        else:
-            raise ValueError(f"{name} is {value!r} but must be a whole number")
-    value = int(value)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ValueError(f"{name} is {value} but must be in {_span(lo, hi)}")
-    return value
-
-
-def check_float(name: str, value, lo: float | None = None, hi: float | None = None) -> float:
-    """``value`` as a finite float in ``lo..hi`` (inclusive), else ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} is {value!r} but must be a number")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} is {value} but must be a finite number in {_span(lo, hi)}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ValueError(f"{name} is {value:g} but must be in {_span(lo, hi)}")
-    return value
-
-
-def check_choice(name: str, value, choices) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} is {value!r} but must be one of {', '.join(map(str, choices))}")
-    return value
-
-
-def _span(lo, hi) -> str:
-    if lo is not None and hi is not None:
-        return f"{lo}..{hi}"
-    return f">= {lo}" if lo is not None else f"<= {hi}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,9 +159,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 @dataclass(frozen=True)
 class EditRequest:
-    """Everything one edit run needs to know, checked. Sizes are in pixels."""
+    """Every value of one edit run, checked: what :func:`resolve_edit` returns and what
+    :func:`gie_core.engine.sampler.sample` and its step loop read (whole, never re-spelled).
+    Sizes are in pixels. Tensors (conditioning, reference latents), the instruction and the
+    callbacks (progress, interrupt, previews) are not values of a run and travel beside it."""
 
-    mode: str
+    mode: str  # fusion mode (see gie_core.engine.modes)
     width: int  # output size
     height: int
     steps: int
@@ -219,6 +181,8 @@ class EditRequest:
     input_height: int
     pad: PadRecord | None = None  # set when snapping: the input is padded to this record first
     pad_color: str | tuple = "white"
+    reference_method: str = DEFAULT_REFERENCE_METHOD  # how several references are placed
+    cfg_batch: bool = True  # true CFG: positive and negative in one batch when their lengths match
     acceleration: Acceleration = Acceleration()  # step cache, attention backend, compiled blocks
 
     @property
@@ -255,18 +219,28 @@ def resolve_edit(
     placement: str = "center",
     reference_resize: str | tuple[int, int] = "preferred",
     reference_resample: str = DEFAULT_REFERENCE_RESAMPLE,
+    reference_method: str = DEFAULT_REFERENCE_METHOD,
+    cfg_batch: bool = True,
     cache=None,
     attention: str = DEFAULT_ATTENTION,
     compile: bool = False,
 ) -> EditRequest:
     """Check every input and work out the run, with no model and no pixels needed.
 
+    These keywords are the one list of a run's options and their defaults: every face (and
+    :meth:`gie_core.engine.pipeline.EditPipeline.edit`'s ``**options``) passes its values here.
+
+    ``image_width``/``image_height``/``n_images``: the input image (batch) as given.
     ``width``/``height``: None or 0 = auto (see :func:`resolve_output_size`); the aspect is the
     input's, or the padded image's when ``snap`` (a ratio set) is given. ``has_negative``:
     whether a negative conditioning exists (the CLI always makes one: " " by default).
-    ``cache`` ("NAME[:VALUE]", a :class:`gie_core.engine.acceleration.StepCache` or None), ``attention``
-    and ``compile``: the speed choices of :mod:`gie_core.engine.acceleration` (names and values checked
-    here; what this machine cannot run falls back to the default when sampling, with a note).
+    ``reference_method``: how several references are placed ("index" or "offset", see
+    :func:`gie_core.engine.sampler.reference_tokens`). ``cfg_batch``: with true CFG, run the
+    positive and negative predictions as one batch when their token counts match (off halves
+    activation memory on small cards). ``cache`` ("NAME[:VALUE]", a
+    :class:`gie_core.engine.acceleration.StepCache` or None), ``attention`` and ``compile``: the
+    speed choices of :mod:`gie_core.engine.acceleration` (names and values checked here; what this
+    machine cannot run falls back to the default when sampling, with a note).
     """
     acceleration = resolve_acceleration(cache, attention, compile)
     mode = fusion_mode(mode).name
@@ -276,14 +250,28 @@ def resolve_edit(
     true_cfg = check_float("true CFG scale", true_cfg, *TRUE_CFG_RANGE)
     if true_cfg > 1.0 and not has_negative:
         raise ValueError(f"true CFG scale is {true_cfg:g} but no negative conditioning is given (1 turns true CFG off)")
-    area = check_int("target area", area, SIZE_MULTIPLE * SIZE_MULTIPLE, MAX_IMAGE_SIDE * MAX_IMAGE_SIDE)
     n_images = check_int("image batch", n_images, 1, None)
     check_size(image_width, image_height, "input image")
     total = resolve_batch(n_images, batch_size)
     if isinstance(reference_resize, str):
         check_choice("reference resize", reference_resize, REFERENCE_RESIZE_MODES)
     check_choice("reference resample", reference_resample, REFERENCE_RESAMPLE_MODES)
+    check_choice("reference method", reference_method, REFERENCE_METHODS)
+    if not isinstance(cfg_batch, bool):
+        raise ValueError(f"cfg batch is {cfg_batch!r} but must be true or false")
+    sizes = _resolve_sizes(image_width, image_height, width, height, area, snap, pad_color, placement, reference_resize)
+    return EditRequest(
+        mode=mode, steps=steps, guidance=guidance, seed=seed, batch_size=total,
+        n_images=n_images, true_cfg=true_cfg, reference_resize=reference_resize,
+        reference_resample=reference_resample, input_width=image_width, input_height=image_height,
+        pad_color=pad_color, reference_method=reference_method, cfg_batch=cfg_batch, acceleration=acceleration, **sizes,
+    )
 
+
+def _resolve_sizes(image_width, image_height, width, height, area, snap, pad_color, placement, reference_resize) -> dict:
+    """The run's geometry: the pad record when snapping, the output size and the reference size
+    (the ``EditRequest`` fields ``pad``, ``width``, ``height``, ``reference_width``/``_height``)."""
+    area = check_int("target area", area, SIZE_MULTIPLE * SIZE_MULTIPLE, MAX_IMAGE_SIDE * MAX_IMAGE_SIDE)
     record = None
     if snap:
         parse_ratios(snap)  # a bad list fails here, naming the bad entry
@@ -300,10 +288,4 @@ def resolve_edit(
             f"use an automatic size, one side 0, or a {rw}:{rh} size (e.g. {rw * 16 * 4}x{rh * 16 * 4})"
         )
     ref_w, ref_h = reference_size(edited_w, edited_h, reference_resize)
-    return EditRequest(
-        mode=mode, width=out_w, height=out_h, steps=steps, guidance=guidance, seed=seed, batch_size=total,
-        n_images=n_images, true_cfg=true_cfg, reference_resize=reference_resize,
-        reference_resample=reference_resample, reference_width=ref_w, reference_height=ref_h,
-        input_width=image_width, input_height=image_height, pad=record, pad_color=pad_color,
-        acceleration=acceleration,
-    )
+    return dict(pad=record, width=out_w, height=out_h, reference_width=ref_w, reference_height=ref_h)

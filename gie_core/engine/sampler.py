@@ -7,9 +7,11 @@ shift on the target tokens only, a guidance embedding, optional true CFG, and ca
 progress and interruption instead of any UI import.
 
 A run is three parts: :func:`prepare` (noise, ids, reference tokens, the :class:`Schedule`),
-:func:`denoise` (the step loop) and :func:`decode`; :func:`sample` chains them. Inputs come
-checked by :func:`gie_core.engine.request.resolve_edit` (or :func:`check_sampling` for direct callers).
-The step loop runs under the speed choices of :mod:`gie_core.engine.acceleration` (step cache,
+:func:`denoise` (the step loop) and :func:`decode`; :func:`sample` chains them. The run's values
+come whole in one :class:`gie_core.engine.request.EditRequest` from
+:func:`gie_core.engine.request.resolve_edit`, checked there and trusted here; only tensors
+(conditioning, references, noise), the device and the callbacks travel beside it. The step loop
+runs under the request's speed choices (:mod:`gie_core.engine.acceleration`: step cache,
 attention backend, compiled blocks); with the defaults it is the plain loop.
 """
 
@@ -20,29 +22,15 @@ from dataclasses import dataclass
 
 import torch
 
-from gie_core.engine.acceleration import Acceleration, accelerated
+from gie_core.constants import DEFAULT_REFERENCE_METHOD, FLUX_VAE_SCALING, FLUX_VAE_SHIFT, REFERENCE_METHODS
+from gie_core.engine.acceleration import accelerated
 from gie_core.engine.conditioning import Conditioning
-from gie_core.constants import (
-    BATCH_RANGE,
-    FLUX_VAE_SCALING,
-    FLUX_VAE_SHIFT,
-    DEFAULT_GUIDANCE,
-    DEFAULT_SEED,
-    DEFAULT_STEPS,
-    DEFAULT_TRUE_CFG,
-    GUIDANCE_RANGE,
-    SEED_RANGE,
-    STEPS_RANGE,
-    TRUE_CFG_RANGE,
-)
-from gie_core.engine.request import check_float, check_int, check_output_size
+from gie_core.engine.request import EditRequest
 from gie_core.engine.schedule import Schedule
 
 ProgressFn = Callable[[int, int], None]  # (steps done, total steps)
 PreviewFn = Callable[[int, int, torch.Tensor], None]  # (steps done, total, predicted clean latents [B, 16, h, w])
 InterruptFn = Callable[[], bool]  # True to stop (or raise its own exception)
-
-REFERENCE_METHODS = ("index", "offset")
 
 
 class SamplingInterrupted(RuntimeError):
@@ -125,7 +113,7 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 
 
 def reference_tokens(
-    reference_latents: Sequence[torch.Tensor], method: str = "index"
+    reference_latents: Sequence[torch.Tensor], method: str = DEFAULT_REFERENCE_METHOD
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack reference latents [B, 16, h, w] into tokens [B, N, 64] and ids [N, 3].
 
@@ -216,24 +204,12 @@ def make_noise(batch_size: int, channels: int, latent_height: int, latent_width:
     return torch.randn((batch_size, channels, latent_height, latent_width), generator=generator, dtype=torch.float32)
 
 
-def check_sampling(*, width, height, steps, guidance, seed, batch_size, true_cfg, negative) -> None:
-    """The range checks of :func:`gie_core.engine.request.resolve_edit`, for callers of :func:`sample`
-    that did not resolve a request (the rules are the same functions)."""
-    check_output_size(width, height)
-    check_int("steps", steps, *STEPS_RANGE)
-    check_float("guidance", guidance, *GUIDANCE_RANGE)
-    check_int("seed", seed, *SEED_RANGE)
-    check_int("batch size", batch_size, *BATCH_RANGE)
-    check_float("true CFG scale", true_cfg, *TRUE_CFG_RANGE)
-    if true_cfg > 1.0 and negative is None:
-        raise ValueError(f"true CFG scale {true_cfg} needs a negative conditioning")
-
-
 @dataclass
 class Prepared:
-    """Everything the step loop needs, on the device. Token shapes: latents [B, N_target, 64],
-    reference tokens [B, N_ref, 64], ids [N_target + N_ref, 3]."""
+    """Everything the step loop needs, on the device, and the request it runs. Token shapes:
+    latents [B, N_target, 64], reference tokens [B, N_ref, 64], ids [N_target + N_ref, 3]."""
 
+    request: EditRequest
     latents: torch.Tensor
     ref_tokens: torch.Tensor | None
     ids: torch.Tensor
@@ -242,20 +218,21 @@ class Prepared:
     positive: Conditioning
     negative: Conditioning | None
     guidance: torch.Tensor | None  # [B] float32, None when the model has no guidance embedding
-    true_cfg: float
-    cfg_batch: bool
     schedule: Schedule
     latent_height: int
     latent_width: int
-    batch_size: int
 
     @property
     def n_target(self) -> int:
         return self.latents.shape[1]
 
     @property
+    def batch_size(self) -> int:
+        return self.request.batch_size
+
+    @property
     def do_cfg(self) -> bool:
-        return self.true_cfg > 1.0
+        return self.request.do_true_cfg
 
 
 @torch.inference_mode()
@@ -263,39 +240,62 @@ def prepare(
     models: KontextModels,
     positive: Conditioning,
     references: torch.Tensor | Sequence[torch.Tensor] | None,
+    request: EditRequest,
     *,
-    width: int,
-    height: int,
-    steps: int = DEFAULT_STEPS,
-    guidance: float = DEFAULT_GUIDANCE,
-    seed: int = DEFAULT_SEED,
-    batch_size: int = 1,
-    true_cfg: float = DEFAULT_TRUE_CFG,
     negative: Conditioning | None = None,
-    reference_method: str = "index",
-    cfg_batch: bool = True,
     device: torch.device | str | None = None,
     noise: torch.Tensor | None = None,
     reference_latents: Sequence[torch.Tensor] | None = None,
 ) -> Prepared:
-    """Noise, ids, reference tokens (VAE-encoded once) and the schedule of one run.
+    """Noise, ids, reference tokens (VAE-encoded once) and the schedule of one ``request``.
 
+    ``negative``: the negative conditioning (needed when the request has true CFG).
     ``reference_latents``: references already encoded (normalised latents [B, 16, h, w], e.g.
-    from ComfyUI's ReferenceLatent), placed after the ``references`` images'."""
-    transformer, vae = models.transformer, models.vae
+    from ComfyUI's ReferenceLatent), placed after the ``references`` images'. ``noise``: the
+    initial noise [B, 16, h, w] instead of the request seed's."""
+    if not isinstance(request, EditRequest):
+        raise TypeError(f"request must be an EditRequest from gie_core.engine.request.resolve_edit, not {type(request).__name__}")
+    if request.do_true_cfg and negative is None:
+        raise ValueError(f"the request has true CFG scale {request.true_cfg:g} but no negative conditioning is given")
+    transformer, batch = models.transformer, request.batch_size
     device = torch.device(device) if device is not None else next(transformer.parameters()).device
     dtype = next(transformer.parameters()).dtype
-    factor = _vae_factor(vae)
+    factor = _vae_factor(models.vae)
     channels = transformer.config.in_channels // 4
-    lat_h, lat_w = 2 * (height // (factor * 2)), 2 * (width // (factor * 2))
-    do_cfg = true_cfg > 1.0
+    lat_h, lat_w = 2 * (request.height // (factor * 2)), 2 * (request.width // (factor * 2))
 
-    pos = positive.expand(batch_size).to(device, dtype)
-    neg = negative.expand(batch_size).to(device, dtype) if do_cfg else None
+    pos = positive.expand(batch).to(device, dtype)
+    neg = negative.expand(batch).to(device, dtype) if request.do_true_cfg else None
+    ref_tokens, ref_ids = _reference_inputs(models.vae, references, reference_latents, request, channels, device, dtype)
+    if noise is None:
+        noise = make_noise(batch, channels, lat_h, lat_w, request.seed)
+    latents = pack_latents(noise.to(device=device, dtype=dtype))  # [B, N_target, 64]
+    ids = latent_ids(lat_h // 2, lat_w // 2).to(device, dtype)
+    if ref_ids is not None:
+        ids = torch.cat([ids, ref_ids], dim=0)  # target first, references after
+    txt_ids = torch.zeros(pos.context.shape[1], 3, device=device, dtype=dtype)
+    neg_txt_ids = torch.zeros(neg.context.shape[1], 3, device=device, dtype=dtype) if neg is not None else None
+    schedule = Schedule.create(models.scheduler, request.steps, latents.shape[1], device)
+    guidance = _guidance_vector(transformer, positive, request, device)
+    return Prepared(request, latents, ref_tokens, ids, txt_ids, neg_txt_ids, pos, neg, guidance, schedule, lat_h, lat_w)
+
+
+def _guidance_vector(transformer, positive: Conditioning, request: EditRequest, device) -> torch.Tensor | None:
+    """The guidance embedding's input [B] (float32), None when the model has no guidance embedding.
+    A guidance set on the conditioning (ComfyUI's FluxGuidance) wins over the request's."""
+    if not transformer.config.guidance_embeds:
+        return None
+    guidance = request.guidance
     if positive.extra.get("guidance") is not None:
-        guidance = float(positive.extra["guidance"])  # ComfyUI's FluxGuidance sets it on the conditioning
+        guidance = float(positive.extra["guidance"])
+    return torch.full([request.batch_size], guidance, device=device, dtype=torch.float32)
 
-    ref_tokens = ref_ids = None
+
+def _reference_inputs(vae, references, reference_latents, request: EditRequest, channels: int, device, dtype):
+    """Reference tokens [B, N_ref, 64] and ids [N_ref, 3] (None, None without references): the
+    images VAE-encoded, then the latents given encoded, each a shared one or one per image made,
+    placed by the request's reference method."""
+    batch = request.batch_size
     ref_list = [] if references is None else [references] if torch.is_tensor(references) else list(references)
     latents_list = []
     for i, ref in enumerate(ref_list):
@@ -310,29 +310,50 @@ def prepare(
             )
         latents_list.append(lat.to(device=device, dtype=dtype))
     for i, lat in enumerate(latents_list):
-        if lat.shape[0] not in (1, batch_size):
-            raise ValueError(f"reference {i} has batch {lat.shape[0]} but {batch_size} images are being made")
-        latents_list[i] = lat.expand(batch_size, -1, -1, -1) if lat.shape[0] == 1 else lat
-    if latents_list:
-        ref_tokens, ref_ids = reference_tokens(latents_list, reference_method)
-        ref_tokens, ref_ids = ref_tokens.to(device, dtype), ref_ids.to(device, dtype)
+        if lat.shape[0] not in (1, batch):
+            raise ValueError(f"reference {i} has batch {lat.shape[0]} but {batch} images are being made")
+        latents_list[i] = lat.expand(batch, -1, -1, -1) if lat.shape[0] == 1 else lat
+    if not latents_list:
+        return None, None
+    tokens, ids = reference_tokens(latents_list, request.reference_method)
+    return tokens.to(device, dtype), ids.to(device, dtype)
 
-    if noise is None:
-        noise = make_noise(batch_size, channels, lat_h, lat_w, seed)
-    latents = pack_latents(noise.to(device=device, dtype=dtype))  # [B, N_target, 64]
-    ids = latent_ids(lat_h // 2, lat_w // 2).to(device, dtype)
-    if ref_ids is not None:
-        ids = torch.cat([ids, ref_ids], dim=0)  # target first, references after
-    txt_ids = torch.zeros(pos.context.shape[1], 3, device=device, dtype=dtype)
-    neg_txt_ids = torch.zeros(neg.context.shape[1], 3, device=device, dtype=dtype) if do_cfg else None
-    schedule = Schedule.create(models.scheduler, steps, latents.shape[1], device)
-    guidance_vec = (
-        torch.full([batch_size], guidance, device=device, dtype=torch.float32)
-        if transformer.config.guidance_embeds
-        else None
-    )
-    return Prepared(latents, ref_tokens, ids, txt_ids, neg_txt_ids, pos, neg, guidance_vec, true_cfg, cfg_batch,
-                    schedule, lat_h, lat_w, batch_size)
+
+def _joint_cfg_inputs(run: Prepared):
+    """With true CFG and the request's ``cfg_batch``, the positive and negative conditioning as
+    one batch (context [2B, L, D], pooled [2B, P], guidance [2B]) when their token counts match;
+    None when the two predictions run apart."""
+    pos, neg = run.positive, run.negative
+    if not (run.do_cfg and run.request.cfg_batch and neg.context.shape[1] == pos.context.shape[1]):
+        return None
+    guidance = run.guidance.repeat(2) if run.guidance is not None else None
+    return torch.cat([pos.context, neg.context]), torch.cat([pos.pooled, neg.pooled]), guidance
+
+
+def _velocity(transformer, run: Prepared, fast, i: int, t: torch.Tensor, latents: torch.Tensor, joint) -> torch.Tensor:
+    """The velocity of step ``i`` at timestep ``t`` for the target tokens [B, N_target, 64],
+    true-CFG guided when the request asks for it (``joint``: see :func:`_joint_cfg_inputs`)."""
+    batch, dtype = run.batch_size, run.latents.dtype
+    model_input = latents if run.ref_tokens is None else torch.cat([latents, run.ref_tokens], dim=1)
+
+    def predict(x, tt, context, pooled, tids, guid, call="cond"):
+        with fast.call(call, i, tt):  # the step cache's context: which call, which step
+            out = transformer(hidden_states=x, timestep=tt / 1000, guidance=guid, pooled_projections=pooled,
+                              encoder_hidden_states=context, txt_ids=tids, img_ids=run.ids, return_dict=False)[0]
+        return out[:, :run.n_target]  # slice the prediction back to the target tokens
+
+    if joint is not None:
+        context, pooled, guidance = joint
+        tt = t.expand(2 * batch).to(dtype)
+        pred, neg_pred = predict(model_input.repeat(2, 1, 1), tt, context, pooled, run.txt_ids, guidance).chunk(2)
+    else:
+        tt = t.expand(batch).to(dtype)
+        pred = predict(model_input, tt, run.positive.context, run.positive.pooled, run.txt_ids, run.guidance)
+        if not run.do_cfg:
+            return pred
+        neg = run.negative
+        neg_pred = predict(model_input, tt, neg.context, neg.pooled, run.neg_txt_ids, run.guidance, "uncond")
+    return neg_pred + run.request.true_cfg * (pred - neg_pred)
 
 
 @torch.inference_mode()
@@ -343,62 +364,27 @@ def denoise(
     progress: ProgressFn | None = None,
     interrupt: InterruptFn | None = None,
     preview: PreviewFn | None = None,
-    acceleration: Acceleration | None = None,
 ) -> torch.Tensor:
-    """The step loop. Returns the normalised latents [B, 16, H/8, W/8].
+    """The step loop of ``run`` (under its request's speed choices: step cache, attention
+    backend, compiled blocks, see :mod:`gie_core.engine.acceleration`). Returns the normalised
+    latents [B, 16, H/8, W/8].
 
     ``preview`` gets, after each step, the clean latents the step predicts
-    (``x0 = x_t - sigma * velocity``, normalised, as ComfyUI's previewers take them).
-    ``acceleration``: step cache, attention backend, compiled blocks (see
-    :mod:`gie_core.engine.acceleration`); None = the plain loop."""
-    pos, neg, n_target, dtype = run.positive, run.negative, run.n_target, run.latents.dtype
-    batch_size, latents = run.batch_size, run.latents
-
-    def predict(model_input, t, context, pooled, tids, guid, call="cond"):
-        with fast.call(call, i, t):  # the step cache's context: which call, which step
-            out = transformer(
-                hidden_states=model_input,
-                timestep=t / 1000,
-                guidance=guid,
-                pooled_projections=pooled,
-                encoder_hidden_states=context,
-                txt_ids=tids,
-                img_ids=run.ids,
-                return_dict=False,
-            )[0]
-        return out[:, :n_target]  # slice the prediction back to the target tokens
-
-    joint_cfg = run.do_cfg and run.cfg_batch and neg.context.shape[1] == pos.context.shape[1]
-    if joint_cfg:
-        both_context = torch.cat([pos.context, neg.context])  # [2B, L, D]
-        both_pooled = torch.cat([pos.pooled, neg.pooled])
-        both_guidance = run.guidance.repeat(2) if run.guidance is not None else None
-
+    (``x0 = x_t - sigma * velocity``, normalised, as ComfyUI's previewers take them)."""
+    latents = run.latents
+    joint = _joint_cfg_inputs(run)
     timesteps = run.schedule.timesteps
     total = len(timesteps)
-    device = run.latents.device
     with _InterruptHooks(transformer, interrupt), _RopeCache(transformer), \
-            accelerated(transformer, acceleration, steps=total, device=device) as fast:
+            accelerated(transformer, run.request.acceleration, steps=total, device=latents.device) as fast:
         for i, t in enumerate(timesteps):
             if interrupt is not None and interrupt():
                 raise SamplingInterrupted("sampling was interrupted")
-            model_input = latents if run.ref_tokens is None else torch.cat([latents, run.ref_tokens], dim=1)
-            if joint_cfg:
-                tt = t.expand(2 * batch_size).to(dtype)
-                noise_pred, neg_pred = predict(
-                    model_input.repeat(2, 1, 1), tt, both_context, both_pooled, run.txt_ids, both_guidance
-                ).chunk(2)
-                noise_pred = neg_pred + run.true_cfg * (noise_pred - neg_pred)
-            else:
-                tt = t.expand(batch_size).to(dtype)
-                noise_pred = predict(model_input, tt, pos.context, pos.pooled, run.txt_ids, run.guidance)
-                if run.do_cfg:
-                    neg_pred = predict(model_input, tt, neg.context, neg.pooled, run.neg_txt_ids, run.guidance, "uncond")
-                    noise_pred = neg_pred + run.true_cfg * (noise_pred - neg_pred)
+            velocity = _velocity(transformer, run, fast, i, t, latents, joint)
             if preview is not None:  # x_t = (1 - s) x0 + s eps and v = eps - x0, so x0 = x_t - s v
-                x0 = latents.float() - (t.float() / 1000) * noise_pred.float()
+                x0 = latents.float() - (t.float() / 1000) * velocity.float()
                 preview(i + 1, total, unpack_latents(x0, run.latent_height, run.latent_width))
-            latents = run.schedule.step(noise_pred, t, latents)
+            latents = run.schedule.step(velocity, t, latents)
             if progress is not None:
                 progress(i + 1, total)
     return unpack_latents(latents, run.latent_height, run.latent_width)
@@ -411,72 +397,31 @@ def sample(
     models: KontextModels,
     positive: Conditioning,
     references: torch.Tensor | Sequence[torch.Tensor] | None,
+    request: EditRequest,
     *,
-    width: int,
-    height: int,
-    steps: int = DEFAULT_STEPS,
-    guidance: float = DEFAULT_GUIDANCE,
-    seed: int = DEFAULT_SEED,
-    batch_size: int = 1,
-    true_cfg: float = DEFAULT_TRUE_CFG,
     negative: Conditioning | None = None,
-    reference_method: str = "index",
-    cfg_batch: bool = True,
     device: torch.device | str | None = None,
     noise: torch.Tensor | None = None,
+    reference_latents: Sequence[torch.Tensor] | None = None,
+    output: str = "image",
     progress: ProgressFn | None = None,
     interrupt: InterruptFn | None = None,
-    output: str = "image",
-    checked: bool = False,
-    reference_latents: Sequence[torch.Tensor] | None = None,
     preview: PreviewFn | None = None,
-    acceleration: Acceleration | None = None,
 ) -> torch.Tensor:
-    """Edit: denoise a ``width`` x ``height`` image conditioned on ``positive`` and the references.
+    """Edit: denoise the ``request``'s image conditioned on ``positive`` and the references.
 
-    ``references``: [B_ref, 3, H, W] in [-1, 1] (see ``images.prepare_reference``), or a list of
-    such for several references per image, or None for plain text-to-image. ``B_ref`` is 1
-    (shared) or ``batch_size``. Returns images [B, H, W, 3] in 0..1 (``output="latent"``: the
-    normalised latents [B, 16, H/8, W/8]). With true CFG and ``cfg_batch``, the positive and
-    negative predictions run as one batch when their token counts match (turn it off to halve
-    activation memory on small cards). ``checked``: the values come from
-    :func:`gie_core.engine.request.resolve_edit`, so they are not checked again. ``acceleration``:
-    the speed choices of :mod:`gie_core.engine.acceleration` (None: no cache, SDPA, eager).
+    ``request``: a :class:`gie_core.engine.request.EditRequest` from
+    :func:`gie_core.engine.request.resolve_edit`, carrying every value of the run (size, steps,
+    guidance, seed, batch, true CFG, reference method, speed choices); it was checked there and
+    is not checked again. ``references``: [B_ref, 3, H, W] in [-1, 1] (see
+    ``images.prepare_reference``), or a list of such for several references per image, or None
+    for plain text-to-image. ``B_ref`` is 1 (shared) or the request's batch. ``negative``: the
+    negative conditioning for true CFG. Returns images [B, H, W, 3] in 0..1
+    (``output="latent"``: the normalised latents [B, 16, H/8, W/8]).
     """
-    if not checked:
-        check_sampling(width=width, height=height, steps=steps, guidance=guidance, seed=seed,
-                       batch_size=batch_size, true_cfg=true_cfg, negative=negative)
     if output not in ("image", "latent"):
         raise ValueError(f"output '{output}' is unknown; expected 'image' or 'latent'")
-    run = prepare(models, positive, references, width=width, height=height, steps=steps, guidance=guidance,
-                  seed=seed, batch_size=batch_size, true_cfg=true_cfg, negative=negative,
-                  reference_method=reference_method, cfg_batch=cfg_batch, device=device, noise=noise,
+    run = prepare(models, positive, references, request, negative=negative, device=device, noise=noise,
                   reference_latents=reference_latents)
-    latents = denoise(models.transformer, run, progress=progress, interrupt=interrupt, preview=preview,
-                      acceleration=acceleration)
+    latents = denoise(models.transformer, run, progress=progress, interrupt=interrupt, preview=preview)
     return latents if output == "latent" else decode(models.vae, latents)
-
-
-def sample_request(
-    models: KontextModels,
-    request,
-    positive: Conditioning,
-    references: torch.Tensor | Sequence[torch.Tensor] | None,
-    *,
-    negative: Conditioning | None = None,
-    device: torch.device | str | None = None,
-    progress: ProgressFn | None = None,
-    interrupt: InterruptFn | None = None,
-    reference_latents: Sequence[torch.Tensor] | None = None,
-    reference_method: str = "index",
-    preview: PreviewFn | None = None,
-) -> torch.Tensor:
-    """:func:`sample` with the values of a resolved :class:`gie_core.engine.request.EditRequest` (checked
-    once, at the edge; not again here). Returns images [B, H, W, 3] in 0..1."""
-    return sample(
-        models, positive, references, width=request.width, height=request.height, steps=request.steps,
-        guidance=request.guidance, seed=request.seed, batch_size=request.batch_size, true_cfg=request.true_cfg,
-        negative=negative, device=device, progress=progress, interrupt=interrupt, checked=True,
-        reference_latents=reference_latents, reference_method=reference_method, preview=preview,
-        acceleration=request.acceleration,
-    )

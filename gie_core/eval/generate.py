@@ -77,7 +77,7 @@ class GenerateSettings:
 
     def check(self) -> None:
         """Check every setting before any weight loads (a 1024x1024 stand-in image for the sizes)."""
-        from gie_core.engine.request import check_choice
+        from gie_core.checks import check_choice
 
         check_choice("geometry", self.geometry, GEOMETRIES)
         self.request(Image.new("RGB", (1024, 1024)), "check")

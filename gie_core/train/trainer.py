@@ -43,6 +43,7 @@ from gie_core.engine.connector import QwenFeatures, TextFeatures, fuse
 from gie_core.files import atomic_write, atomic_write_text
 from gie_core.imaging.images import load_image, prepare_reference, to_pil
 from gie_core.engine.modes import fusion_mode
+from gie_core.engine.request import resolve_edit
 from gie_core.engine.sampler import KontextModels, encode_reference, sample
 from gie_core.weights.reader import CheckpointReader
 from gie_core.train import checkpoint as ckpt
@@ -664,9 +665,12 @@ class Trainer:
                         if vlm is None:
                             vlm = self.components.qwen.encode([item["image"]], item["instruction"], queries=connector.queries)
                         cond = fuse(self.mode, connector, vlm, item["text"])
+                        w, h = item["size"]
+                        request = resolve_edit(image_width=w, image_height=h, width=w, height=h, mode=self.mode,
+                                               steps=cfg.validation.steps, guidance=cfg.validation.guidance,
+                                               seed=cfg.validation.seed)
                         out = sample(KontextModels(transformer, self.components.vae, scheduler), cond, item["reference"],
-                                     width=item["size"][0], height=item["size"][1], steps=cfg.validation.steps,
-                                     guidance=cfg.validation.guidance, seed=cfg.validation.seed, device=self.device)
+                                     request, device=self.device)
                         pil = to_pil(out.float().cpu())[0]
                         path = folder / f"{i}.png"
                         atomic_write(path, lambda tmp, image=pil: image.save(tmp, format="PNG"))
