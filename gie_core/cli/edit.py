@@ -39,10 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
         STEPS_RANGE,
         TRUE_CFG_RANGE,
     )
+    from gie_core.constants import AUTO_DTYPE, DTYPE_NAMES, LOAD_DEFAULTS
     from gie_core.engine.acceleration import ATTENTION_TABLE, CACHE_TABLE, DEFAULT_ATTENTION, NO_CACHE
-    from gie_core.weights.loading import DTYPES
     from gie_core.engine.modes import FUSION_MODES
-    from gie_core.weights.quantize import QUANTIZATION_TABLE, QWEN_QUANTIZATIONS, TRANSFORMER_QUANTIZATIONS
+    from gie_core.weights.quantize import NO_QUANTIZATION, STORAGE_TABLE, quantize_choices
     from gie_core.engine.rewrite import DEFAULT_MAX_NEW_TOKENS
 
     p = argparse.ArgumentParser(
@@ -130,12 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "run falls back to sdpa with a note")
     q.add_argument("--compile", action="store_true",
                    help="torch.compile the repeated transformer blocks (regional; the first edit compiles, later ones gain)")
-    q.add_argument("--quantize-transformer", default="none", choices=TRANSFORMER_QUANTIZATIONS,
+    q.add_argument("--quantize-transformer", default=NO_QUANTIZATION, choices=quantize_choices("transformer"),
                    help="store the Kontext transformer lighter: fp8 = float8 storage, layers upcast while they run "
                         "(~0.5x the bytes of bf16); for GGUF pass a .gguf --transformer")
-    q.add_argument("--quantize-qwen", default="none", choices=QWEN_QUANTIZATIONS,
-                   help="store Qwen2.5-VL lighter: " + "; ".join(f"{r.name} = {r.description}" for r in QUANTIZATION_TABLE
-                                                                if "qwen" in r.parts and r.name != "none"))
+    q.add_argument("--quantize-qwen", default=NO_QUANTIZATION, choices=quantize_choices("qwen"),
+                   help="store Qwen2.5-VL lighter: " + "; ".join(f"{n} = {STORAGE_TABLE[n].description}"
+                                                                for n in quantize_choices("qwen") if n != NO_QUANTIZATION))
     w2 = p.add_argument_group("instruction rewriting")
     w2.add_argument("--rewrite", action="store_true",
                     help="first rewrite the instruction into an explicit one with the checkpoint's Qwen2.5-VL (as gie-rewrite; "
@@ -143,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     w2.add_argument("--rewrite-max-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                     help=f"bound on the rewriting answer's length (default {DEFAULT_MAX_NEW_TOKENS})")
     r = p.add_argument_group("runtime")
-    r.add_argument("--dtype", choices=list(DTYPES), help="compute dtype of the weights (default bf16 on GPU, fp32 on CPU)")
-    r.add_argument("--offload", choices=OFFLOAD_MODES, default="none",
+    r.add_argument("--dtype", choices=[AUTO_DTYPE, *DTYPE_NAMES], default=LOAD_DEFAULTS["cli"].dtype,
+                   help="compute dtype of the weights (default bf16 on GPU, fp32 on CPU)")
+    r.add_argument("--offload", choices=OFFLOAD_MODES, default=LOAD_DEFAULTS["cli"].offload,
                    help="none (all on the GPU), model (encoders leave the GPU before the transformer runs), "
                         "sequential (also stream transformer blocks: for 24 GB cards)")
     r.add_argument("--device", default=None, help="torch device (default: cuda if present, else mps, else cpu)")
@@ -204,7 +205,7 @@ def run(args) -> int:
     from gie_core.constants import DEFAULT_TARGET_AREA
     from gie_core.engine.encoders import check_instruction
     from gie_core.engine.modes import DEFAULT_FUSION_MODE, STOCK_FUSION_MODE
-    from gie_core.weights.quantize import check_quantization
+    from gie_core.engine.pipeline import plan_paths
     from gie_core.engine.request import resolve_edit
 
     demo = not any((args.model, args.kontext, args.transformer, args.vae, args.t5, args.clip, args.qwen))
@@ -246,10 +247,14 @@ def run(args) -> int:
     device, dtype = device_and_dtype(args.device, args.dtype)
     width, height = parse_size(args.size)
     loras = tuple(parse_lora(v) for v in args.lora)
-    transformer_quantize = check_quantization("transformer", args.quantize_transformer, device)
-    qwen_quantize = check_quantization("qwen", args.quantize_qwen, device)
-    if args.transformer and str(args.transformer).lower().endswith(".gguf") and transformer_quantize != "none":
-        raise ValueError(f"--transformer {args.transformer} is a GGUF file, quantised already; drop --quantize-transformer")
+    weights = dict(
+        transformer_file=args.transformer, vae_file=args.vae, t5_file=args.t5, clip_file=args.clip,
+        tokenizer_dir=args.tokenizers, connector_file=args.connector, qwen_file=args.qwen,
+        qwen_tokenizer_dir=args.qwen_tokenizer, lora_files=loras, mode=mode, dtype=dtype, device=device,
+        transformer_quantize=args.quantize_transformer, qwen_quantize=args.quantize_qwen,
+    )
+    if not demo:  # every weight choice checked against its source (headers only); the demo's are built below
+        plan_paths(gie_dir=gie_dir, kontext_dir=kontext_dir, **weights)
     background = args.pad_color if args.snap and args.pad_color != "edge" else "white"
 
     def resolve(image, seed):
@@ -307,13 +312,7 @@ def run(args) -> int:
         )
         tiny = build_tiny_model_set(default_tiny_root())
         gie_dir, kontext_dir = tiny.gie_dir, tiny.kontext_dir
-    pipe = EditPipeline.from_paths(
-        gie_dir=gie_dir, kontext_dir=kontext_dir, transformer_file=args.transformer, vae_file=args.vae,
-        t5_file=args.t5, clip_file=args.clip, tokenizer_dir=args.tokenizers, connector_file=args.connector, qwen_file=args.qwen,
-        qwen_tokenizer_dir=args.qwen_tokenizer,
-        lora_files=loras, mode=mode, dtype=dtype, device=device, offload=args.offload,
-        transformer_quantize=transformer_quantize, qwen_quantize=qwen_quantize,
-    )
+    pipe = EditPipeline.from_paths(gie_dir=gie_dir, kontext_dir=kontext_dir, offload=args.offload, **weights)
     if jobs_mode:
         return _run_jobs(args, pipe, plan, requests, background)
     if args.rewrite:

@@ -175,7 +175,7 @@ class StorageDtype:
     """A storage format of frozen weights (``memory.*_dtype``)."""
 
     name: str
-    quantization: str | None  # the row of gie_core.weights.quantize.QUANTIZATION_TABLE it uses (None: the compute dtype)
+    quantization: str | None  # the row of gie_core.weights.quantize.STORAGE_TABLE it uses (None: the compute dtype)
     bytes_per_element: int | None  # None: those of the compute dtype
     help: str
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from gie_core.constants import AUTO_DTYPE, LOAD_DEFAULTS, T5_MAX_LENGTH
+from gie_core.constants import AUTO_DTYPE, DTYPE_TABLE, LOAD_DEFAULTS, T5_MAX_LENGTH
 from gie_core.engine.components import default_scheduler
 from gie_core.engine.encoders import TextEncoders
 from gie_core.weights import gguf as gguf_files
@@ -61,6 +61,7 @@ __all__ = [
     "Source",
     "check_load",
     "check_quantization",
+    "dtype_name",
     "load_part",
     "load_text_encoders",
     "quantize_choices",
@@ -217,13 +218,23 @@ def _folder_source(p: Path) -> Source:
 # --------------------------------------------------------------------------------------------
 
 
+def dtype_name(dtype: str, device: str | torch.device | None = None) -> str:
+    """A dtype name of :data:`gie_core.constants.DTYPE_TABLE`; "auto" becomes bf16 on a GPU and
+    fp32 on the CPU (where bf16 matmuls are slow)."""
+    if dtype == AUTO_DTYPE:
+        return "fp32" if torch.device(device or "cpu").type == "cpu" else "bf16"
+    if dtype not in DTYPE_TABLE:
+        raise ValueError(f"dtype '{dtype}' is unknown; expected {AUTO_DTYPE} or one of {', '.join(DTYPE_TABLE)}")
+    return dtype
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
-    """The compute dtype: a name of :data:`gie_core.constants.DTYPE_TABLE` or a torch dtype;
-    "auto" is bf16 on a GPU and fp32 on the CPU; None is the library's default."""
+    """The compute dtype: a name of :data:`gie_core.constants.DTYPE_TABLE` (or "auto", see
+    :func:`dtype_name`) or a torch dtype; None is the library's default."""
     if dtype is None:
         dtype = LOAD_DEFAULTS["library"].dtype
-    if dtype == AUTO_DTYPE:
-        dtype = "fp32" if torch.device(device or "cpu").type == "cpu" else "bf16"
+    if isinstance(dtype, str) and dtype.lower() in (AUTO_DTYPE, *DTYPE_TABLE):
+        dtype = dtype_name(dtype.lower(), device)
     return loading.parse_dtype(dtype)
 
 
