@@ -35,11 +35,13 @@ from gie_core.engine.encoders import QwenVLEncoder, TextEncoders, check_instruct
 from gie_core.imaging.images import ImageLike, prepare_reference, to_pil, to_rgb, to_tensor
 from gie_core.weights.parts import (
     LoadPlan,
+    Source,
     check_load,
     check_quantization,
     load,
     load_part,
     load_text_encoders,
+    require_source,
     resolve_source,
     scheduler_from,
 )
@@ -306,7 +308,7 @@ class PipelineLoads:
     """What :meth:`EditPipeline.from_paths` loads: one checked plan per part (nothing read yet)."""
 
     plans: dict[str, LoadPlan]  # transformer, vae, clip and, as the mode needs, t5, qwen, connector
-    scheduler_source: str | os.PathLike | None  # the Kontext folder's scheduler, else FLUX's shipped one
+    scheduler_source: Source | None  # the Kontext folder's scheduler, else FLUX's shipped one
     loras: tuple[tuple[str | os.PathLike, float], ...] = ()
 
 
@@ -338,7 +340,10 @@ def plan_paths(
     run_device = resolve_device(device)
     check_quantization("transformer", transformer_quantize, run_device)
     check_quantization("qwen", qwen_quantize, run_device)
+    gie_dir = require_source(gie_dir, "gie_dir") if gie_dir is not None else None
+    kontext_dir = require_source(kontext_dir, "kontext_dir") if kontext_dir is not None else None
     common = {"dtype": dtype, "device": "cpu", "run_device": run_device}
+    vlm = _plan_vlm(spec, mode, gie_dir, qwen_file, qwen_tokenizer_dir, connector_file, qwen_quantize, common)
     missing = [part for part, given in (("transformer", transformer_file or gie_dir), ("vae", vae_file),
                                         ("clip", clip_file), ("t5", t5_file or not spec.needs_t5)) if not given]
     if kontext_dir is None and missing:
@@ -346,9 +351,9 @@ def plan_paths(
     plans = {
         "transformer": check_load("transformer", transformer_file or gie_dir or kontext_dir, transformer_quantize, **common),
         "vae": check_load("vae", vae_file or kontext_dir, **common),
+        **_plan_text(spec, kontext_dir, clip_file, t5_file if spec.needs_t5 else None, tokenizer_dir, common),
+        **vlm,
     }
-    plans.update(_plan_text(spec, kontext_dir, clip_file, t5_file if spec.needs_t5 else None, tokenizer_dir, common))
-    plans.update(_plan_vlm(spec, mode, gie_dir, qwen_file, qwen_tokenizer_dir, connector_file, qwen_quantize, common))
     for path, _ in lora_files:
         resolve_source(path, "lora")
     return PipelineLoads(plans, kontext_dir, tuple(lora_files))
@@ -357,7 +362,7 @@ def plan_paths(
 def _plan_text(spec, kontext_dir, clip_file, t5_file, tokenizer_dir, common) -> dict[str, LoadPlan]:
     """CLIP (always: the pooled vector) and T5 (when the mode reads it), from single files with
     the tokenizers of ``tokenizer_dir`` (or the Kontext folder's), else from the Kontext folder."""
-    tok_root = tokenizer_dir or kontext_dir
+    tok_root = tokenizer_dir or (kontext_dir.path if kontext_dir is not None else None)
     if (clip_file is not None or t5_file is not None) and tok_root is None:
         raise ValueError(
             "single-file text encoders need their tokenizers: pass --tokenizers DIR "
@@ -389,6 +394,6 @@ def _plan_vlm(spec, mode, gie_dir, qwen_file, qwen_tokenizer_dir, connector_file
     if connector_file is not None or spec.needs_qwen:
         plans["connector"] = check_load("connector", connector_file or gie_dir, **common)
     if spec.needs_qwen:
-        options = {"tokenizer_dir": qwen_tokenizer_dir or gie_dir} if qwen_file is not None else {}
+        options = {"tokenizer_dir": qwen_tokenizer_dir or gie_dir.path} if qwen_file is not None else {}
         plans["qwen"] = check_load("qwen", qwen_file or gie_dir, qwen_quantize, **common, **options)
     return plans

@@ -32,6 +32,7 @@ import torch
 
 from gie_core.files import atomic_write, check_output_path
 from gie_core.weights.loading import GIE_DENOISER_PREFIX, GIE_PROJECTOR_PREFIX, gie_config, released_qwen_key
+from gie_core.weights.parts import resolve_source
 from gie_core.weights.single_file import (
     _BFL_DOUBLE_MODULES,
     _BFL_DOUBLE_QKV,
@@ -165,8 +166,11 @@ def open_source(path: str | os.PathLike) -> ConversionSource:
             "stock Kontext single files come from Black Forest Labs / ComfyUI's model pages"
         )
     if (p / "config.json").is_file():
-        cfg = gie_config(p)  # raises naming what the folder is instead (e.g. a FLUX.1-Kontext folder)
-        return ConversionSource(p, "released", (p, GIE_DENOISER_PREFIX), p, (p, GIE_PROJECTOR_PREFIX), cfg)
+        folder = resolve_source(p)  # what the folder is, said by parts (raises naming it otherwise)
+        if folder.kind != "gie_dir":
+            raise CheckpointError(f"source {folder.describe()} is not a GPT-Image-Edit checkpoint; gie-convert takes the "
+                                  "released final_checkpoint/ folder or a gie-train export folder")
+        return ConversionSource(p, "released", (p, GIE_DENOISER_PREFIX), p, (p, GIE_PROJECTOR_PREFIX), gie_config(p))
     if (p / "gpt-image-edit" / "config.json").is_file():
         return open_source(p / "gpt-image-edit")
     transformer = p / "transformer.safetensors"

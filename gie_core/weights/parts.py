@@ -65,6 +65,7 @@ __all__ = [
     "load_part",
     "load_text_encoders",
     "quantize_choices",
+    "require_source",
     "resolve_dtype",
     "resolve_source",
     "scheduler_from",
@@ -84,6 +85,8 @@ _SOURCE_HOLDS: dict[str, tuple[str, ...]] = {
     "qwen_dir": ("qwen",),
     "gguf": ("transformer",),
 }
+# The checks of folders that have one (they name what a folder is instead).
+_FOLDER_CHECKS = {"gie_dir": loading.gie_config, "kontext_dir": loading.kontext_index}
 # single_file's detected layouts -> the part they are.
 _LAYOUT_PART = {"bfl_transformer": "transformer", "diffusers_transformer": "transformer", "vae": "vae", "t5": "t5",
                 "clip": "clip", "qwen2.5-vl": "qwen", "connector": "connector"}
@@ -189,6 +192,18 @@ def resolve_source(path: str | os.PathLike | Source, part: str | None = None) ->
     layouts = [k for k in single_file.KINDS if k in kinds]
     holds = tuple(dict.fromkeys(_LAYOUT_PART[k] for k in layouts))
     return Source(p, "file", holds, layouts[0] if layouts else "")
+
+
+def require_source(path: str | os.PathLike | Source, kind: str) -> Source:
+    """``path`` as a source of ``kind``, for a caller that gives a path a role (``--model`` is a
+    GPT-Image-Edit checkpoint, ``--kontext`` a FLUX.1-Kontext folder): a CheckpointError saying
+    what it is otherwise."""
+    if not isinstance(path, Source) and kind in _FOLDER_CHECKS:
+        _FOLDER_CHECKS[kind](Path(path).expanduser())  # the folder's own check names what it is instead
+    src = resolve_source(path)
+    if src.kind != kind:
+        raise CheckpointError(f"{src.describe()} is not {SOURCE_KINDS[kind]}")
+    return src
 
 
 def _folder_source(p: Path) -> Source:
