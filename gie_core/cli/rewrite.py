@@ -56,7 +56,7 @@ def run(args) -> int:
     import sys
 
     from gie_core.engine.encoders import check_instruction
-    from gie_core.weights.loading import load_gie_checkpoint
+    from gie_core.weights.parts import load_part
     from gie_core.engine.rewrite import check_rewrite_options, rewrite_instruction
 
     quiet_library_warnings()
@@ -64,7 +64,7 @@ def run(args) -> int:
     check_rewrite_options(args.max_new_tokens, args.temperature, args.seed, args.top_p)
     image = load_input(args.image)
     device, dtype = device_and_dtype(args.device, args.dtype)
-    encoder = load_gie_checkpoint(args.model, dtype=dtype, device="cpu", parts=("encoder",)).encoder
+    encoder = load_part("qwen", args.model, dtype=dtype).module
     encoder.model.to(device)
     result = rewrite_instruction(
         encoder, image, args.instruction, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

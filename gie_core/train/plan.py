@@ -346,7 +346,7 @@ _SIM_CACHE: dict[tuple, tuple[int, int, int]] = {}
 def _feature_dtype(cfg: TrainConfig, dtype: torch.dtype) -> torch.dtype:
     """The dtype Qwen / T5 features reach the connector in: the cache's, or the encoders' compute dtype."""
     if cfg.data.use_cache:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.data.cache_dtype]
+        return parse_dtype(cfg.data.cache_dtype)
     return dtype
 
 
