@@ -48,8 +48,8 @@ from gie_core.weights.quantize import (
     package_available,
     prepare_fp8_storage,
     quantize_choices,
-    storage,
 )
+from gie_core.weights.quantize import storage as storage_row
 from gie_core.weights.reader import CheckpointError
 
 __all__ = [
@@ -62,6 +62,7 @@ __all__ = [
     "check_load",
     "check_quantization",
     "dtype_name",
+    "load",
     "load_part",
     "load_text_encoders",
     "quantize_choices",
@@ -301,7 +302,7 @@ def _check_options(part: Part, src: Source, options: dict) -> dict:
     return {k: v for k, v in options.items() if v is not None}
 
 
-def check_load(part: str, source: str | os.PathLike | Source, storage_name: str | None = "auto", *,
+def check_load(part: str, source: str | os.PathLike | Source, storage: str | None = "auto", *,
                dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
                run_device: str | torch.device | None = None, **options) -> LoadPlan:
     """Check one load before any weight is read; returns the :class:`LoadPlan` that
@@ -315,8 +316,8 @@ def check_load(part: str, source: str | os.PathLike | Source, storage_name: str 
     if part not in src.holds:
         held = ", ".join(src.holds) or f"no part we load ({single_file.describe_file(src.path)})"
         raise CheckpointError(f"{src.describe()} holds no {part}: expected {PART_TABLE[part].description}; it holds {held}")
-    name = NO_QUANTIZATION if storage_name in (None, "") else storage_name
-    row = storage(name)
+    name = NO_QUANTIZATION if storage in (None, "") else storage
+    row = storage_row(name)
     if row.method == "auto" and src.kind == "gguf":
         row = STORAGE_TABLE["gguf"]
     _check_storage(part, row, name, src, run_device)
@@ -337,7 +338,7 @@ def check_quantization(part: str, name: str | None, device: str | torch.device |
     name = NO_QUANTIZATION if name in (None, "") else name
     if part not in PART_TABLE:
         raise ValueError(f"model part '{part}' is unknown; expected one of {', '.join(PART_TABLE)}")
-    row = storage(name)
+    row = storage_row(name)
     any_source = Source(Path("."), row.sources[0], (part,))
     _check_storage(part, row, name, any_source, device)
     return name
