@@ -14,6 +14,7 @@ from gie_core.cli.common import device_and_dtype, load_input, quiet_library_warn
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gie_core.constants import AUTO_DTYPE, DTYPE_NAMES
     from gie_core.engine.rewrite import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT
 
     p = argparse.ArgumentParser(
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed; same seed, same text (default 0)")
     p.add_argument("--json", action="store_true", help="print the whole result (fields, raw answer, fallback) as JSON")
     p.add_argument("--device", default=None, help="torch device (default: cuda if present, else mps, else cpu)")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="weights dtype (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--dtype", choices=(AUTO_DTYPE, *DTYPE_NAMES), help="weights dtype (default bf16 on GPU, fp32 on CPU)")
     return p
 
 

@@ -33,6 +33,7 @@ from gie_core.constants import (
     DEFAULT_GUIDANCE,
     DEFAULT_SEED,
     DEFAULT_STEPS,
+    DTYPE_NAMES,
     GUIDANCE_RANGE,
     LOAD_DEFAULTS,
     METAQUERY_TOKENS,
@@ -61,7 +62,6 @@ BUCKETING = ("ratio", "square")
 REGION_WEIGHTING = ("auto", "on", "off")
 WEIGHT_SCHEMES = ("log", "exp")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-DTYPE_NAMES = ("bf16", "fp16", "fp32")
 
 
 # ------------------------------------------------------------------------------------------

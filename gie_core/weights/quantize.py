@@ -27,11 +27,14 @@ import torch
 
 __all__ = [
     "FP8_KEEP",
+    "NO_QUANTIZATION",
     "STORAGE_TABLE",
     "Storage",
     "adapters_in_compute_dtype",
     "bnb_config",
+    "package_available",
     "prepare_fp8_storage",
+    "quantize_choices",
     "storage",
 ]
 
