@@ -166,10 +166,15 @@ def test_every_choice_is_checked_before_a_weight_is_read(files, gie_dir, kontext
     assert plan.storage.name == "fp8" and plan.dtype == torch.bfloat16 and plan.device == torch.device("cpu")
 
 
-def test_bitsandbytes_loads_where_it_runs():
-    """A bnb row loads straight onto the run device (its weights cannot move); others on the CPU."""
-    assert STORAGE_TABLE["int8"].run_device and STORAGE_TABLE["nf4"].run_device
-    assert not any(STORAGE_TABLE[n].run_device for n in ("auto", "bf16", "fp8", "gguf"))
+def test_bitsandbytes_loads_where_it_runs(gie_dir, monkeypatch):
+    """A bnb row loads straight onto the run device (its weights cannot move afterwards); other
+    storages load on the CPU and visit the device when used; a device bnb cannot run is refused."""
+    monkeypatch.setattr(parts, "package_available", lambda name: True)  # the plan only; nothing loads
+    assert check_load("qwen", gie_dir, "int8", run_device="cuda:0").device == torch.device("cuda:0")
+    assert check_load("qwen", gie_dir, "nf4", run_device="cuda:0").device == torch.device("cuda:0")
+    assert check_load("qwen", gie_dir, "fp8", run_device="cuda:0").device == torch.device("cpu")
+    with pytest.raises(ValueError, match="qwen quantization 'int8' \\(bitsandbytes\\) runs on cuda or cpu devices, not on 'mps'"):
+        check_load("qwen", gie_dir, "int8", run_device="mps")
 
 
 def test_a_folder_with_only_bin_weights_is_refused(tmp_path, kontext_dir):
