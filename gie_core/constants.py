@@ -5,6 +5,8 @@ Nodes, the command line and the trainer import these; nothing else redefines the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 # Aspect-ratio buckets the GPT-Image-Edit-1.5M data was generated at, as (width, height) ratios.
 DEFAULT_RATIOS: tuple[tuple[int, int], ...] = ((1, 1), (3, 2), (2, 3))
 
@@ -92,3 +94,42 @@ DEFAULT_REFERENCE_METHOD = "index"
 
 # Images with transparency are composited on this colour (the pad colour when snapping).
 DEFAULT_BACKGROUND = "white"
+
+# Weight dtypes by the names every door offers (the CLIs' --dtype, the nodes' dtype dropdown,
+# the library's dtype=), as torch attribute names (this module stays importable without torch;
+# gie_core.weights.loading.parse_dtype turns them into torch dtypes). The trainer's
+# train.mixed_precision names the same dtypes its own way: "no" is full precision.
+DTYPE_TABLE: dict[str, str] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DTYPE_NAMES: tuple[str, ...] = tuple(DTYPE_TABLE)
+MIXED_PRECISION_DTYPES: dict[str, str] = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
+AUTO_DTYPE = "auto"  # bf16 on a GPU, fp32 on the CPU (where bf16 matmuls are slow and fp16 ones missing)
+
+
+@dataclass(frozen=True)
+class DoorDefaults:
+    """The loading defaults of one door (a way in: the library, the CLI, the nodes, the trainer)."""
+
+    door: str
+    dtype: str  # a DTYPE_NAMES name, or AUTO_DTYPE
+    offload: str  # an OFFLOAD_MODES name
+    reason: str
+
+
+# One default per choice and door; where doors differ, the reason is here, once.
+LOAD_DEFAULTS: dict[str, DoorDefaults] = {
+    d.door: d
+    for d in (
+        DoorDefaults("library", "bf16", "none",
+                     "EditPipeline.from_paths / load_part: bf16 halves the memory of fp32 and is what the weights "
+                     "were trained in; a program picks its own offload"),
+        DoorDefaults("cli", AUTO_DTYPE, "none",
+                     "gie-* commands run on whatever machine they find: 'auto' is bf16 on a GPU and fp32 on the CPU "
+                     "(bf16 matmuls are slow there); everything stays on the device unless --offload says otherwise"),
+        DoorDefaults("nodes", "bf16", "model",
+                     "ComfyUI users run on GPUs beside other models: bf16, and each part visits the GPU only while "
+                     "it is in use so ComfyUI can keep its own models resident"),
+        DoorDefaults("trainer", "bf16", "none",
+                     "train.mixed_precision: bf16 compute with fp32 trained weights (the reference recipe); the "
+                     "trainer places the parts itself (memory.* options), it has no offload"),
+    )
+}

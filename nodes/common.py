@@ -6,8 +6,7 @@ import torch
 
 from gie_core.engine.components import Placement
 from gie_core.imaging.images import to_tensor
-from gie_core.weights.loading import DTYPES
-from gie_core.constants import OFFLOAD_MODES
+from gie_core.constants import DTYPE_NAMES, LOAD_DEFAULTS, OFFLOAD_MODES
 
 from . import comfy
 
@@ -30,10 +29,11 @@ QWEN_FEATURES = "GIE_QWEN_FEATURES"  # connector.QwenFeatures
 TEXT_FEATURES = "GIE_TEXT_FEATURES"  # connector.TextFeatures
 PAD_RECORD = "GIE_PAD_RECORD"  # ratio.PadRecord
 
+# The defaults are the nodes' row of gie_core.constants.LOAD_DEFAULTS (its reason says why).
 DTYPE_INPUT = (
-    list(DTYPES),
+    list(DTYPE_NAMES),
     {
-        "default": "bf16",
+        "default": LOAD_DEFAULTS["nodes"].dtype,
         "tooltip": "Weights precision: bf16 (recommended on GPUs), fp16, or fp32 (CPU, debugging; twice the memory).",
     },
 )
@@ -41,7 +41,7 @@ DTYPE_INPUT = (
 OFFLOAD_INPUT = (
     list(OFFLOAD_MODES),
     {
-        "default": "model",
+        "default": LOAD_DEFAULTS["nodes"].offload,
         "tooltip": (
             "Where the weights wait between uses. none: stay on the GPU after the first run (fastest; "
             "needs memory for every part at once, e.g. 80 GB cards). model: visit the GPU only while "

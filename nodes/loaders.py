@@ -1,20 +1,19 @@
 """Loaders: every model comes from ComfyUI's model folders through a dropdown, never a typed path.
 
-Weights load to the CPU; each part visits the device when a node uses it (see the ``offload``
-input). ComfyUI caches node outputs, so a loaded model stays loaded between runs until its
-inputs change.
+Each node names a part and its file or folder; :func:`gie_core.weights.parts.load_part` decides
+everything about the format (as ComfyUI-GGUF's nodes call its loader). Weights load to the CPU
+(bitsandbytes ones where they run); each part visits the device when a node uses it (see the
+``offload`` input). ComfyUI caches node outputs, so a loaded model stays loaded between runs
+until its inputs change.
 """
 
 from __future__ import annotations
 
 from gie_core.constants import LORA_STRENGTH_RANGE
-from gie_core.engine.components import KontextModel, PlacedModel, default_scheduler, load_text_encoder_files
-from gie_core.weights.loading import load_gie_checkpoint, load_kontext_dir, parse_dtype
-from gie_core.weights.lora import load_lora
-from gie_core.weights.gguf import is_gguf, load_gguf_transformer
-from gie_core.weights.quantize import check_quantization, prepare_fp8_storage
 from gie_core.checks import check_float
-from gie_core.weights.single_file import load_bfl_transformer, load_bfl_vae, load_connector_file, load_qwen_file
+from gie_core.engine.components import KontextModel, PlacedModel
+from gie_core.weights.parts import check_load, load, load_part, load_text_encoders, quantize_choices, scheduler_from
+from gie_core.weights.quantize import NO_QUANTIZATION, STORAGE_TABLE
 
 from . import comfy
 from .common import (
@@ -33,20 +32,13 @@ from .common import (
 COMFY_TOKENIZERS = "comfyui (bundled)"
 
 
-def _qwen_load_device(qwen_quantize: str, place):
-    """bitsandbytes weights cannot move after loading: they load where they run."""
-    from gie_core.weights.quantize import quantization
-
-    return place.device if quantization(qwen_quantize).kind == "bnb" else "cpu"
-
-
 def _quant_input(part: str) -> tuple:
-    """An optional dropdown of the part's weight storage (gie_core.weights.quantize's table)."""
-    from gie_core.weights.quantize import QUANTIZATION_TABLE
-
-    rows = [q for q in QUANTIZATION_TABLE if part in q.parts]
-    return ([q.name for q in rows], {"default": "none", "tooltip": f"How the {part} weights are stored: "
-            + "; ".join(f"{q.name}: {q.description}" for q in rows) + "."})
+    """An optional dropdown of the part's lighter storage (rows of gie_core.weights.quantize.STORAGE_TABLE)."""
+    names = quantize_choices(part)
+    described = [f"{NO_QUANTIZATION}: {STORAGE_TABLE['auto'].description}"] + [
+        f"{n}: {STORAGE_TABLE[n].description}" for n in names if n != NO_QUANTIZATION]
+    return (list(names), {"default": NO_QUANTIZATION,
+                          "tooltip": f"How the {part} weights are stored: " + "; ".join(described) + "."})
 QWEN_LM_HEAD = ("if present", "never", "required")
 NO_T5 = "none"
 
@@ -92,19 +84,16 @@ class GIECheckpointLoader:
             },
         }
 
-    def load(self, checkpoint, dtype, offload, transformer_quantize="none", qwen_quantize="none"):
+    def load(self, checkpoint, dtype, offload, transformer_quantize=NO_QUANTIZATION, qwen_quantize=NO_QUANTIZATION):
         path = comfy.resolve_model_dir(comfy.GIE_FOLDER, checkpoint)
         place = placement(offload)
-        check_quantization("transformer", transformer_quantize, place.device)
-        check_quantization("qwen", qwen_quantize, place.device)
-        ck = load_gie_checkpoint(path, dtype=parse_dtype(dtype), device=_qwen_load_device(qwen_quantize, place),
-                                 transformer_quantize=transformer_quantize, qwen_quantize=qwen_quantize)
-        kontext = KontextModel(ck.transformer, default_scheduler(), place, source=f"gpt_image_edit/{checkpoint}")
-        return (
-            PlacedModel(ck.encoder, place, f"gpt_image_edit/{checkpoint}"),
-            PlacedModel(ck.connector, place, f"gpt_image_edit/{checkpoint}"),
-            kontext,
-        )
+        common = {"dtype": dtype, "run_device": place.device}
+        plans = [check_load("qwen", path, qwen_quantize, **common), check_load("connector", path, **common),
+                 check_load("transformer", path, transformer_quantize, **common)]  # all checked, then loaded
+        qwen, connector, transformer = (load(plan).module for plan in plans)
+        source = f"gpt_image_edit/{checkpoint}"
+        kontext = KontextModel(transformer, scheduler_from(), place, source=source)
+        return PlacedModel(qwen, place, source), PlacedModel(connector, place, source), kontext
 
 
 class GIEKontextDiffusersLoader:
@@ -153,18 +142,22 @@ class GIEKontextDiffusersLoader:
             "optional": {"transformer_quantize": _quant_input("transformer")},
         }
 
-    def load(self, kontext, load_transformer, load_t5, dtype, offload, transformer_quantize="none"):
+    def load(self, kontext, load_transformer, load_t5, dtype, offload, transformer_quantize=NO_QUANTIZATION):
         path = comfy.resolve_model_dir("diffusers", kontext)
-        check_quantization("transformer", transformer_quantize)
-        parts = ["vae", "scheduler", "clip"] + (["transformer"] if load_transformer else []) + (["t5"] if load_t5 else [])
-        comps = load_kontext_dir(path, dtype=parse_dtype(dtype), device="cpu", parts=tuple(parts),
-                                 transformer_quantize=transformer_quantize)
         place = placement(offload)
+        common = {"dtype": dtype, "run_device": place.device}
+        plans = {"vae": check_load("vae", path, **common), "clip": check_load("clip", path, **common)}
+        if load_transformer:
+            plans["transformer"] = check_load("transformer", path, transformer_quantize, **common)
+        if load_t5:
+            plans["t5"] = check_load("t5", path, **common)
+        transformer = load(plans["transformer"]).module if load_transformer else None
+        text = load_text_encoders(plans["clip"], plans.get("t5"))
         source = f"diffusers/{kontext}"
         return (
-            KontextModel(comps.transformer, comps.scheduler, place, source=source),
-            PlacedModel(comps.vae, place, source),
-            PlacedModel(comps.text, place, source),
+            KontextModel(transformer, scheduler_from(path), place, source=source),
+            PlacedModel(load(plans["vae"]).module, place, source),
+            PlacedModel(text, place, source),
         )
 
 
@@ -194,17 +187,11 @@ class GIEKontextModelLoader:
             "optional": {"transformer_quantize": _quant_input("transformer")},
         }
 
-    def load(self, model_name, dtype, offload, transformer_quantize="none"):
+    def load(self, model_name, dtype, offload, transformer_quantize=NO_QUANTIZATION):
         path = comfy.resolve_model_file("diffusion_models", model_name)
-        check_quantization("transformer", transformer_quantize)
-        if is_gguf(path):  # quantised by the file (Q4/Q5/Q8), dequantised per layer by diffusers
-            transformer = load_gguf_transformer(path, dtype=parse_dtype(dtype), device="cpu")
-        else:
-            transformer = load_bfl_transformer(path, dtype=parse_dtype(dtype), device="cpu")
-            if transformer_quantize == "fp8":
-                prepare_fp8_storage(transformer, parse_dtype(dtype), "transformer")
-        transformer.requires_grad_(False)
-        return (KontextModel(transformer, default_scheduler(), placement(offload), source=f"diffusion_models/{model_name}"),)
+        place = placement(offload)
+        transformer = load_part("transformer", path, transformer_quantize, dtype=dtype, run_device=place.device).module
+        return (KontextModel(transformer, scheduler_from(), place, source=f"diffusion_models/{model_name}"),)
 
 
 class GIEVAELoader:
@@ -226,8 +213,7 @@ class GIEVAELoader:
         }
 
     def load(self, vae_name, dtype, offload):
-        path = comfy.resolve_model_file("vae", vae_name)
-        vae = load_bfl_vae(path, dtype=parse_dtype(dtype), device="cpu").requires_grad_(False)
+        vae = load_part("vae", comfy.resolve_model_file("vae", vae_name), dtype=dtype).module
         return (PlacedModel(vae, placement(offload), f"vae/{vae_name}"),)
 
 
@@ -281,15 +267,11 @@ class GIETextEncodersLoader:
         else:
             root = comfy.resolve_model_dir("diffusers", tokenizers)
             clip_tok, t5_tok = root / "tokenizer", root / "tokenizer_2"
-        t5_path = None if t5_name == NO_T5 else comfy.resolve_model_file("text_encoders", t5_name)
-        text = load_text_encoder_files(
-            comfy.resolve_model_file("text_encoders", clip_name),
-            t5_path,
-            clip_tok,
-            t5_tok,
-            dtype=parse_dtype(dtype),
-            device="cpu",
-        )
+        clip = check_load("clip", comfy.resolve_model_file("text_encoders", clip_name), dtype=dtype, tokenizer_dir=clip_tok)
+        t5 = None
+        if t5_name != NO_T5:
+            t5 = check_load("t5", comfy.resolve_model_file("text_encoders", t5_name), dtype=dtype, tokenizer_dir=t5_tok)
+        text = load_text_encoders(clip, t5)
         return (PlacedModel(text, placement(offload), f"text_encoders/{clip_name}+{t5_name}"),)
 
 
@@ -330,7 +312,7 @@ class GIELoraLoader:
         model = require(kontext_model, "kontext_model", "a Kontext model loader")
         strength = check_float("strength", strength, *LORA_STRENGTH_RANGE)
         transformer = model.require_transformer()
-        name = load_lora(transformer, comfy.resolve_model_file("loras", lora_name))
+        name = load_part("lora", comfy.resolve_model_file("loras", lora_name), transformer=transformer).adapter
         return (model.with_lora(name, strength),)
 
 
@@ -373,7 +355,7 @@ class GIEQwenVLLoader:
             "optional": {"qwen_quantize": _quant_input("qwen")},
         }
 
-    def load(self, qwen_name, tokenizer, lm_head, dtype, offload, qwen_quantize="none"):
+    def load(self, qwen_name, tokenizer, lm_head, dtype, offload, qwen_quantize=NO_QUANTIZATION):
         path = comfy.resolve_model_file("text_encoders", qwen_name)
         if tokenizer == COMFY_TOKENIZERS:
             tok_dir = comfy.bundled_qwen_tokenizer_dir()
@@ -386,13 +368,8 @@ class GIEQwenVLLoader:
             tok_dir = comfy.resolve_model_dir(comfy.GIE_FOLDER, tokenizer)
         head = {"if present": None, "never": False, "required": True}[lm_head]
         place = placement(offload)
-        check_quantization("qwen", qwen_quantize, place.device)
-        if qwen_quantize not in ("none", "fp8"):
-            raise ValueError(f"qwen_quantize '{qwen_quantize}' (bitsandbytes) needs the checkpoint folder loader; "
-                             "a single Qwen file takes none or fp8")
-        encoder = load_qwen_file(path, tokenizer_dir=tok_dir, dtype=parse_dtype(dtype), device="cpu", lm_head=head)
-        if qwen_quantize == "fp8":
-            prepare_fp8_storage(encoder.model, parse_dtype(dtype), "qwen")
+        encoder = load_part("qwen", path, qwen_quantize, dtype=dtype, run_device=place.device, tokenizer_dir=tok_dir,
+                            lm_head=head).module
         return (PlacedModel(encoder, place, f"text_encoders/{qwen_name}"),)
 
 
@@ -421,8 +398,7 @@ class GIEConnectorLoader:
         }
 
     def load(self, connector_name, dtype, offload):
-        path = comfy.resolve_model_file(comfy.CONNECTOR_FOLDER, connector_name)
-        conn = load_connector_file(path, dtype=parse_dtype(dtype), device="cpu")
+        conn = load_part("connector", comfy.resolve_model_file(comfy.CONNECTOR_FOLDER, connector_name), dtype=dtype).module
         return (PlacedModel(conn, placement(offload), f"{comfy.CONNECTOR_FOLDER}/{connector_name}"),)
 
 

@@ -18,9 +18,9 @@ from PIL import Image
 from gie_core.weights import convert as conv
 from gie_core.cli.convert import main
 from gie_core.weights.convert import bfl_transformer_plan, compare_qwen, convert
-from gie_core.weights.loading import load_gie_checkpoint, load_kontext_dir
+from gie_core.weights.loading import load_connector, load_gie_checkpoint, load_kontext_dir
 from gie_core.engine.pipeline import EditPipeline
-from gie_core.weights.single_file import load_bfl_transformer, load_connector_file, load_qwen_file
+from gie_core.weights.single_file import load_bfl_transformer, load_qwen_file
 from gie_core.weights.reader import CheckpointError, CheckpointReader
 
 
@@ -72,7 +72,7 @@ def test_every_tensor_maps_back_to_the_folders(split_fp32, folder, gie_dir):
     _equal_state(folder.encoder.model, qwen.model, skip=("lm_head.",))
     with CheckpointReader.open(gie_dir) as r:
         assert torch.equal(qwen.model.lm_head.weight, r.read("lm_head.weight").float())
-    _equal_state(folder.connector, load_connector_file(split_fp32["connector"], dtype=torch.float32))
+    _equal_state(folder.connector, load_connector(split_fp32["connector"], dtype=torch.float32))
     assert compare_qwen(gie_dir, split_fp32["qwen"], lm_head=True).equal
 
 
@@ -84,7 +84,7 @@ def test_an_edit_from_the_split_files_equals_the_folders(split_fp32, gie_dir, ko
         transformer=load_bfl_transformer(split_fp32["transformer"], dtype=torch.float32), vae=comps.vae,
         scheduler=comps.scheduler, text=comps.text,
         qwen=load_qwen_file(split_fp32["qwen"], tokenizer_dir=gie_dir, dtype=torch.float32, lm_head=False),
-        connector=load_connector_file(split_fp32["connector"], dtype=torch.float32), device="cpu",
+        connector=load_connector(split_fp32["connector"], dtype=torch.float32), device="cpu",
     )
     kw = dict(steps=2, size=(64, 48), reference_resize="keep", seed=3)
     # every weight is equal (test above); the folder's are the file's mapped pages (8-byte aligned), the

@@ -18,10 +18,13 @@ from gie_core.engine.conditioning import Conditioning
 from gie_core.weights.gguf import GGUF_WRITE_TYPES, gguf_metadata, load_gguf_transformer, write_gguf
 from gie_core.weights.loading import load_gie_checkpoint, load_kontext_dir
 from gie_core.engine.components import module_bytes as resident_bytes
-from gie_core.weights.quantize import QWEN_QUANTIZATIONS, TRANSFORMER_QUANTIZATIONS, check_quantization
+from gie_core.weights.parts import check_quantization, quantize_choices
 from gie_core.engine.request import resolve_edit
 from gie_core.engine.sampler import KontextModels, sample
 from gie_core.weights.reader import CheckpointError
+
+TRANSFORMER_QUANTIZATIONS = quantize_choices("transformer")
+QWEN_QUANTIZATIONS = quantize_choices("qwen")
 
 FP8 = torch.float8_e4m3fn
 

@@ -115,12 +115,14 @@ def save_image(image, path: Path) -> None:
 
 
 def device_and_dtype(device: str | None, dtype: str | None):
-    """The checked device (a missing CUDA is refused here, before loading) and the dtype:
-    bf16 on GPUs, fp32 on the CPU unless given."""
+    """The checked device (a missing CUDA is refused here, before loading) and the dtype name:
+    the CLI's default (``LOAD_DEFAULTS["cli"]``: "auto", bf16 on GPUs, fp32 on the CPU) unless given."""
+    from gie_core.constants import LOAD_DEFAULTS
     from gie_core.engine.request import resolve_device
+    from gie_core.weights.parts import dtype_name
 
     dev = resolve_device(device)
-    return dev, dtype or ("fp32" if dev.type == "cpu" else "bf16")
+    return dev, dtype_name(dtype or LOAD_DEFAULTS["cli"].dtype, dev)
 
 
 def quiet_library_warnings() -> None:

@@ -41,10 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
         STEPS_RANGE,
         TRUE_CFG_RANGE,
     )
+    from gie_core.constants import AUTO_DTYPE, DTYPE_NAMES, LOAD_DEFAULTS
     from gie_core.engine.acceleration import ATTENTION_TABLE, CACHE_TABLE, DEFAULT_ATTENTION, NO_CACHE
-    from gie_core.weights.loading import DTYPES
     from gie_core.engine.modes import FUSION_MODES
-    from gie_core.weights.quantize import QUANTIZATION_TABLE, QWEN_QUANTIZATIONS, TRANSFORMER_QUANTIZATIONS
+    from gie_core.weights.quantize import NO_QUANTIZATION, STORAGE_TABLE, quantize_choices
     from gie_core.engine.rewrite import DEFAULT_MAX_NEW_TOKENS
 
     p = argparse.ArgumentParser(
@@ -132,12 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "run falls back to sdpa with a note")
     q.add_argument("--compile", action="store_true",
                    help="torch.compile the repeated transformer blocks (regional; the first edit compiles, later ones gain)")
-    q.add_argument("--quantize-transformer", default="none", choices=TRANSFORMER_QUANTIZATIONS,
+    q.add_argument("--quantize-transformer", default=NO_QUANTIZATION, choices=quantize_choices("transformer"),
                    help="store the Kontext transformer lighter: fp8 = float8 storage, layers upcast while they run "
                         "(~0.5x the bytes of bf16); for GGUF pass a .gguf --transformer")
-    q.add_argument("--quantize-qwen", default="none", choices=QWEN_QUANTIZATIONS,
-                   help="store Qwen2.5-VL lighter: " + "; ".join(f"{r.name} = {r.description}" for r in QUANTIZATION_TABLE
-                                                                if "qwen" in r.parts and r.name != "none"))
+    q.add_argument("--quantize-qwen", default=NO_QUANTIZATION, choices=quantize_choices("qwen"),
+                   help="store Qwen2.5-VL lighter: " + "; ".join(f"{n} = {STORAGE_TABLE[n].description}"
+                                                                for n in quantize_choices("qwen") if n != NO_QUANTIZATION))
     w2 = p.add_argument_group("instruction rewriting")
     w2.add_argument("--rewrite", action="store_true",
                     help="first rewrite the instruction into an explicit one with the checkpoint's Qwen2.5-VL (as gie-rewrite; "
@@ -145,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     w2.add_argument("--rewrite-max-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                     help=f"bound on the rewriting answer's length (default {DEFAULT_MAX_NEW_TOKENS})")
     r = p.add_argument_group("runtime")
-    r.add_argument("--dtype", choices=list(DTYPES), help="compute dtype of the weights (default bf16 on GPU, fp32 on CPU)")
-    r.add_argument("--offload", choices=OFFLOAD_MODES, default="none",
+    r.add_argument("--dtype", choices=[AUTO_DTYPE, *DTYPE_NAMES], default=LOAD_DEFAULTS["cli"].dtype,
+                   help="compute dtype of the weights (default bf16 on GPU, fp32 on CPU)")
+    r.add_argument("--offload", choices=OFFLOAD_MODES, default=LOAD_DEFAULTS["cli"].offload,
                    help="none (all on the GPU), model (encoders leave the GPU before the transformer runs), "
                         "sequential (also stream transformer blocks: for 24 GB cards)")
     r.add_argument("--device", default=None, help="torch device (default: cuda if present, else mps, else cpu)")
@@ -246,7 +247,7 @@ def check_inputs(args) -> EditInputs:
         demo=demo, input_path=input_path, instruction=instruction, mode=mode, gie_dir=gie_dir,
         kontext_dir=kontext_dir, reference_resize=args.reference_size or ("keep" if demo else "preferred"),
         size=size, background=args.pad_color if args.snap and args.pad_color != "edge" else "white",
-        device=device, dtype=dtype, load=_check_loading(args, device),
+        device=device, dtype=dtype, load=_check_loading(args, demo, gie_dir, kontext_dir, mode, dtype, device),
     )
 
 
@@ -304,16 +305,21 @@ def _check_weight_paths(args) -> None:
             raise ValueError(f"{flag} {value} is not {'a file' if kind == 'file' else 'a folder'}")
 
 
-def _check_loading(args, device) -> dict:
-    """The storage options of the load (LoRAs, quantizations), checked for ``device``."""
-    from gie_core.weights.quantize import check_quantization  # start-up time: torch
+def _check_loading(args, demo: bool, gie_dir, kontext_dir, mode: str, dtype, device) -> dict:
+    """The weight sources and storage choices of the load (files, LoRAs, quantizations), each
+    checked against its source by :func:`gie_core.engine.pipeline.plan_paths` (headers only)."""
+    from gie_core.engine.pipeline import plan_paths  # start-up time: torch, diffusers
 
     loras = tuple(parse_lora(v) for v in args.lora)
-    transformer_quantize = check_quantization("transformer", args.quantize_transformer, device)
-    qwen_quantize = check_quantization("qwen", args.quantize_qwen, device)
-    if args.transformer and str(args.transformer).lower().endswith(".gguf") and transformer_quantize != "none":
-        raise ValueError(f"--transformer {args.transformer} is a GGUF file, quantised already; drop --quantize-transformer")
-    return dict(lora_files=loras, transformer_quantize=transformer_quantize, qwen_quantize=qwen_quantize)
+    weights = dict(
+        transformer_file=args.transformer, vae_file=args.vae, t5_file=args.t5, clip_file=args.clip,
+        tokenizer_dir=args.tokenizers, connector_file=args.connector, qwen_file=args.qwen,
+        qwen_tokenizer_dir=args.qwen_tokenizer, lora_files=loras, mode=mode, dtype=dtype, device=device,
+        transformer_quantize=args.quantize_transformer, qwen_quantize=args.quantize_qwen,
+    )
+    if not demo:  # every weight choice checked against its source (headers only); the demo's are built below
+        plan_paths(gie_dir=gie_dir, kontext_dir=kontext_dir, **weights)
+    return weights
 
 
 def _check_rewrite(args, inputs: EditInputs) -> None:
@@ -354,12 +360,7 @@ def _load_pipeline(args, inputs: EditInputs):
         )
         tiny = build_tiny_model_set(default_tiny_root())
         gie_dir, kontext_dir = tiny.gie_dir, tiny.kontext_dir
-    return EditPipeline.from_paths(
-        gie_dir=gie_dir, kontext_dir=kontext_dir, transformer_file=args.transformer, vae_file=args.vae,
-        t5_file=args.t5, clip_file=args.clip, tokenizer_dir=args.tokenizers, connector_file=args.connector, qwen_file=args.qwen,
-        qwen_tokenizer_dir=args.qwen_tokenizer, mode=inputs.mode, dtype=inputs.dtype, device=inputs.device,
-        offload=args.offload, **inputs.load,
-    )
+    return EditPipeline.from_paths(gie_dir=gie_dir, kontext_dir=kontext_dir, offload=args.offload, **inputs.load)
 
 
 @contextlib.contextmanager

@@ -41,9 +41,12 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from gie_core.constants import (
+        AUTO_DTYPE,
         DEFAULT_GUIDANCE,
         DEFAULT_SEED,
         DEFAULT_STEPS,
+        DTYPE_NAMES,
+        LOAD_DEFAULTS,
         OFFLOAD_MODES,
         REFERENCE_RESAMPLE_MODES,
         REFERENCE_RESIZE_MODES,
@@ -103,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "(the paper's 'rewritten' scores; the rewrite is logged)")
     e.add_argument("--rewrite-max-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="bound on a rewrite's length")
     r = g.add_argument_group("runtime")
-    r.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="weights dtype (default bf16 on GPU, fp32 on CPU)")
-    r.add_argument("--offload", choices=OFFLOAD_MODES, default="none", help="as gie-edit")
+    r.add_argument("--dtype", choices=(AUTO_DTYPE, *DTYPE_NAMES), help="weights dtype (default bf16 on GPU, fp32 on CPU)")
+    r.add_argument("--offload", choices=OFFLOAD_MODES, default=LOAD_DEFAULTS["cli"].offload, help="as gie-edit")
     r.add_argument("--device", default=None, help="torch device (default: the process's GPU under accelerate, else cuda/mps/cpu)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -128,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"bound on each judge answer (default {DEFAULT_JUDGE_MAX_NEW_TOKENS})")
     s.add_argument("--judge-max-pixels", type=int, default=DEFAULT_JUDGE_MAX_PIXELS,
                    help=f"images are scaled down to at most this many pixels for the judge (default {DEFAULT_JUDGE_MAX_PIXELS})")
-    s.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="judge dtype (default bf16 on GPU, fp32 on CPU)")
+    s.add_argument("--dtype", choices=(AUTO_DTYPE, *DTYPE_NAMES), help="judge dtype (default bf16 on GPU, fp32 on CPU)")
     s.add_argument("--device", default=None, help="torch device (default: the process's GPU under accelerate, else cuda/mps/cpu)")
     s.add_argument("--quiet", action="store_true", help="no progress bar, no table on stdout")
 

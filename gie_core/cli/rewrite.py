@@ -14,6 +14,7 @@ from gie_core.cli.common import HelpFormatter, device_and_dtype, load_input, qui
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gie_core.constants import AUTO_DTYPE, DTYPE_NAMES
     from gie_core.engine.rewrite import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT
 
     p = argparse.ArgumentParser(
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed; same seed, same text (default 0)")
     p.add_argument("--json", action="store_true", help="print the whole result (fields, raw answer, fallback) as JSON")
     p.add_argument("--device", default=None, help="torch device (default: cuda if present, else mps, else cpu)")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="weights dtype (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--dtype", choices=(AUTO_DTYPE, *DTYPE_NAMES), help="weights dtype (default bf16 on GPU, fp32 on CPU)")
     return p
 
 
@@ -56,7 +57,7 @@ def run(args) -> int:
     import sys
 
     from gie_core.engine.encoders import check_instruction
-    from gie_core.weights.loading import load_gie_checkpoint
+    from gie_core.weights.parts import load_part
     from gie_core.engine.rewrite import check_rewrite_options, rewrite_instruction
 
     quiet_library_warnings()
@@ -64,7 +65,7 @@ def run(args) -> int:
     check_rewrite_options(args.max_new_tokens, args.temperature, args.seed, args.top_p)
     image = load_input(args.image)
     device, dtype = device_and_dtype(args.device, args.dtype)
-    encoder = load_gie_checkpoint(args.model, dtype=dtype, device="cpu", parts=("encoder",)).encoder
+    encoder = load_part("qwen", args.model, dtype=dtype).module
     encoder.model.to(device)
     result = rewrite_instruction(
         encoder, image, args.instruction, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

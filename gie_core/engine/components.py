@@ -11,10 +11,8 @@ host such as ComfyUI can evict its own models first; nothing here imports it.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -210,54 +208,12 @@ def default_scheduler():
     return FlowMatchEulerDiscreteScheduler.from_config(model_kwargs(load_config(SCHEDULER_CONFIG)))
 
 
-def load_text_encoder_files(
-    clip_file: str | os.PathLike | None,
-    t5_file: str | os.PathLike | None,
-    clip_tokenizer_dir: str | os.PathLike | None,
-    t5_tokenizer_dir: str | os.PathLike | None,
-    *,
-    dtype: torch.dtype = torch.bfloat16,
-    device: str | torch.device = "cpu",
-):
-    """CLIP-L (and T5-XXL) from single files, each with its own tokenizer directory.
-
-    Returns ``encoders.TextEncoders``; without ``t5_file`` it holds CLIP only (enough for the
-    ``vlm`` fusion mode, whose pooled vector is CLIP's); without ``clip_file``, T5 only.
-    """
-    from transformers import AutoTokenizer
-
-    from gie_core.engine.encoders import TextEncoders
-    from gie_core.weights.single_file import load_clip_text, load_t5_encoder
-    from gie_core.weights.reader import CheckpointError
-
-    def tokenizer(path, what):
-        p = Path(path)
-        if not p.is_dir():
-            raise CheckpointError(f"{what} tokenizer directory {p} does not exist")
-        try:
-            return AutoTokenizer.from_pretrained(p, local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{p} holds no usable {what} tokenizer: {exc}") from None
-
-    clip = clip_tok = t5 = t5_tok = None
-    if clip_file is not None:
-        clip_tok = tokenizer(clip_tokenizer_dir, "CLIP")
-        clip = load_clip_text(clip_file, dtype=dtype, device=device, eos_token_id=clip_tok.eos_token_id).requires_grad_(False)
-    if t5_file is not None:
-        if t5_tokenizer_dir is None:
-            raise ValueError("a T5 encoder file needs its tokenizer directory")
-        t5_tok = tokenizer(t5_tokenizer_dir, "T5")
-        t5 = load_t5_encoder(t5_file, dtype=dtype, device=device)
-    return TextEncoders(clip, clip_tok, t5.requires_grad_(False) if t5 is not None else None, t5_tok)
-
-
 __all__ = [
     "KontextModel",
     "Placement",
     "PlacedModel",
     "default_scheduler",
     "fixed_device",
-    "load_text_encoder_files",
     "module_bytes",
     "torch_modules",
 ]

@@ -7,8 +7,9 @@ Offload modes, for cards smaller than the models:
 - ``sequential``: as ``model``, and the transformer itself streams its blocks to the device
   one group at a time (diffusers group offloading): the mode for 24 GB cards at 1 MP.
 
-Lighter weights (:mod:`gie_core.weights.quantize`): ``transformer_quantize="fp8"`` / ``qwen_quantize``
-("fp8", or bitsandbytes "int8"/"nf4"), or a GGUF transformer file (:mod:`gie_core.weights.gguf`).
+Weights come in through :mod:`gie_core.weights.parts` (one way in: this module names the
+sources, never a file format). Lighter weights: ``transformer_quantize="fp8"`` / ``qwen_quantize``
+("fp8", or bitsandbytes "int8"/"nf4"), or a GGUF transformer file.
 Faster sampling (:mod:`gie_core.engine.acceleration`): ``cache``, ``attention``, ``compile`` of each
 edit. Many edits with one load: :meth:`EditPipeline.encode` once per image and instruction,
 then :meth:`EditPipeline.render` per seed (what ``gie-edit --jobs`` does).
@@ -21,18 +22,30 @@ import dataclasses
 import inspect
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from PIL import Image
 
 from gie_core.engine.conditioning import Conditioning
 from gie_core.engine.connector import Connector, fuse
-from gie_core.engine.components import Placement, default_scheduler, fixed_device, load_text_encoder_files
+from gie_core.engine.components import Placement, fixed_device
 from gie_core.checks import check_int
-from gie_core.constants import SEED_RANGE
+from gie_core.constants import LOAD_DEFAULTS, SEED_RANGE
 from gie_core.engine.encoders import QwenVLEncoder, TextEncoders, check_instruction
 from gie_core.imaging.images import ImageLike, prepare_reference, to_pil, to_rgb, to_tensor
-from gie_core.weights.loading import load_gie_checkpoint, load_kontext_dir, parse_dtype
+from gie_core.weights.parts import (
+    LoadPlan,
+    Source,
+    check_load,
+    check_quantization,
+    load,
+    load_part,
+    load_text_encoders,
+    require_source,
+    resolve_source,
+    scheduler_from,
+)
 from gie_core.engine.modes import DEFAULT_FUSION_MODE, fusion_mode
 from gie_core.imaging.ratio import PadRecord, apply_padding, crop_padding
 from gie_core.engine.request import EditRequest, resolve_device, resolve_edit
@@ -101,140 +114,39 @@ class EditPipeline:
     def from_paths(
         cls,
         *,
-        gie_dir: str | os.PathLike | None = None,
-        kontext_dir: str | os.PathLike | None = None,
-        transformer_file: str | os.PathLike | None = None,
-        vae_file: str | os.PathLike | None = None,
-        t5_file: str | os.PathLike | None = None,
-        clip_file: str | os.PathLike | None = None,
-        tokenizer_dir: str | os.PathLike | None = None,
-        connector_file: str | os.PathLike | None = None,
-        lora_files: tuple[tuple[str | os.PathLike, float], ...] = (),
-        mode: str = DEFAULT_FUSION_MODE,
-        dtype: str | torch.dtype = "bf16",
         device: str | torch.device | None = None,
-        offload: str = "none",
-        transformer_quantize: str = "none",
-        qwen_quantize: str = "none",
-        qwen_file: str | os.PathLike | None = None,
-        qwen_tokenizer_dir: str | os.PathLike | None = None,
+        offload: str = LOAD_DEFAULTS["library"].offload,
+        **sources,
     ) -> EditPipeline:
-        """Load what ``mode`` needs from a GPT-Image-Edit directory, a FLUX.1-Kontext directory
-        and/or single files (single files override the directory's parts).
+        """Load what the fusion mode needs from a GPT-Image-Edit directory, a FLUX.1-Kontext
+        directory and/or single files (single files override the directories' parts): the
+        keyword arguments of :func:`plan_paths`, which checks every one before a weight is read.
 
-        The transformer is the GPT-Image-Edit fine-tune when ``gie_dir`` is given (else the
-        single file, else the Kontext directory's stock one). ``tokenizer_dir`` is a folder with
-        ``tokenizer/`` (CLIP) and ``tokenizer_2/`` (T5) for single-file text encoders (a
-        FLUX.1 diffusers directory has them). ``connector_file`` replaces the checkpoint's
-        connector (e.g. one trained by ``gie-train``); ``lora_files`` are ``(path, strength)``
-        LoRAs applied to the transformer for every edit. ``qwen_file`` is a single Qwen2.5-VL file
-        (``gie-convert``'s, or ComfyUI's stock ``qwen_2.5_vl_7b*.safetensors``), its tokenizer from
-        ``qwen_tokenizer_dir`` (else ``gie_dir``); with it and ``connector_file``, the VLM modes run
-        from split files without the checkpoint folder.
-
-        ``transformer_file`` may be a GGUF file (``.gguf``: community Q8/Q5/Q4 Kontext files, or
-        one written by ``gie-convert``), kept quantised. ``transformer_quantize`` ("none"/"fp8")
-        and ``qwen_quantize`` ("none"/"fp8"/"int8"/"nf4") store those parts lighter (see
-        :mod:`gie_core.weights.quantize`); LoRAs and the connector work on top of every choice.
+        The transformer is the single file when given (a ``.gguf`` one is kept quantised), else the
+        GPT-Image-Edit fine-tune, else the Kontext directory's stock one. ``connector_file``
+        replaces the checkpoint's connector; ``lora_files`` are ``(path, strength)`` LoRAs
+        applied to the transformer for every edit; with ``qwen_file`` and ``connector_file`` the
+        VLM modes run from split files without the checkpoint folder. ``transformer_quantize``
+        / ``qwen_quantize`` store those parts lighter (rows of
+        :data:`gie_core.weights.quantize.STORAGE_TABLE`); LoRAs and the connector work on top of
+        every choice. ``offload`` as :class:`gie_core.engine.components.Placement` takes it.
         """
-        from gie_core.weights import single_file as sf
-        from gie_core.weights.gguf import is_gguf, load_gguf_transformer
-        from gie_core.weights.quantize import check_quantization, prepare_fp8_storage, quantization
+        return cls.from_plan(plan_paths(device=device, **sources), device=device, offload=offload)
 
-        spec = fusion_mode(mode)
-        dtype = parse_dtype(dtype)
-        run_device = resolve_device(device)
-        transformer_quantize = check_quantization("transformer", transformer_quantize, run_device)
-        qwen_quantize = check_quantization("qwen", qwen_quantize, run_device)
-        if transformer_file is not None and is_gguf(transformer_file) and transformer_quantize != "none":
-            raise ValueError(f"the transformer {transformer_file} is a GGUF file, quantised already; "
-                             f"drop the transformer quantization '{transformer_quantize}'")
-        load_dev = "cpu"
-        needs_vlm, needs_t5 = spec.needs_qwen, spec.needs_t5
-        split_vlm = qwen_file is not None and connector_file is not None
-        if needs_vlm and gie_dir is None and not split_vlm:
-            raise ValueError(
-                f"fusion mode '{mode}' needs a GPT-Image-Edit checkpoint (--model), or its split files (--qwen and "
-                "--connector); mode 't5' runs stock Kontext"
-            )
-        if qwen_file is not None:
-            if qwen_tokenizer_dir is None and gie_dir is None:
-                raise ValueError("a single Qwen2.5-VL file needs its tokenizer: pass --qwen-tokenizer DIR (a Qwen2.5-VL "
-                                 "folder, or ComfyUI's comfy/text_encoders/qwen25_tokenizer)")
-            if quantization(qwen_quantize).kind == "bnb":
-                raise ValueError(f"Qwen quantization '{qwen_quantize}' (bitsandbytes) needs the checkpoint folder; a single "
-                                 "Qwen file takes none or fp8")
-        qwen = connector = transformer = None
-        if gie_dir is not None:
-            parts = ["transformer"] if transformer_file is None else []
-            if needs_vlm:
-                parts += ["encoder", "connector"]
-            if connector_file is not None and "connector" in parts:
-                parts.remove("connector")
-            if qwen_file is not None and "encoder" in parts:
-                parts.remove("encoder")
-            bnb_qwen = "encoder" in parts and quantization(qwen_quantize).kind == "bnb"
-            if bnb_qwen:  # bitsandbytes quantises onto the run device: load the encoder there
-                parts.remove("encoder")
-                qwen = load_gie_checkpoint(gie_dir, dtype=dtype, device=run_device, parts=("encoder",),
-                                           qwen_quantize=qwen_quantize).encoder
-            ck = load_gie_checkpoint(gie_dir, dtype=dtype, device=load_dev, parts=tuple(parts),
-                                     transformer_quantize=transformer_quantize,
-                                     qwen_quantize="none" if bnb_qwen else qwen_quantize)
-            connector, transformer = ck.connector, ck.transformer
-            if not bnb_qwen:
-                qwen = ck.encoder
-        if connector_file is not None:
-            from gie_core.weights.loading import load_connector
-
-            connector = load_connector(connector_file, dtype=dtype, device=load_dev)
-        if qwen_file is not None and needs_vlm:
-            qwen = sf.load_qwen_file(qwen_file, tokenizer_dir=qwen_tokenizer_dir or gie_dir, dtype=dtype, device=load_dev)
-            if qwen_quantize == "fp8":
-                prepare_fp8_storage(qwen.model, dtype, "qwen")
-        if transformer_file is not None:
-            if is_gguf(transformer_file):
-                transformer = load_gguf_transformer(transformer_file, dtype=dtype, device=load_dev)
-            else:
-                transformer = sf.load_bfl_transformer(transformer_file, dtype=dtype, device=load_dev)
-                if quantization(transformer_quantize).kind == "layerwise":
-                    prepare_fp8_storage(transformer, dtype, "transformer")
-
-        k_parts = []
-        if transformer is None:
-            k_parts.append("transformer")
-        if vae_file is None:
-            k_parts.append("vae")
-        k_parts.append("scheduler")
-        if clip_file is None:
-            k_parts.append("clip")
-        if needs_t5 and t5_file is None:
-            k_parts.append("t5")
-        comps = None
-        if kontext_dir is not None:
-            comps = load_kontext_dir(kontext_dir, dtype=dtype, device=load_dev, parts=tuple(k_parts),
-                                     transformer_quantize=transformer_quantize)
-        elif set(k_parts) - {"scheduler"}:
-            missing = ", ".join(sorted(set(k_parts) - {"scheduler"}))
-            raise ValueError(f"no FLUX.1-Kontext directory given (--kontext) and no single files for: {missing}")
-        if transformer is None:
-            transformer = comps.transformer
-        vae = comps.vae if vae_file is None else sf.load_bfl_vae(vae_file, dtype=dtype, device=load_dev)
-        if comps is not None:
-            scheduler = comps.scheduler
-        else:
-            scheduler = default_scheduler()
-        text = comps.text if comps is not None else None
-        if clip_file is not None or (needs_t5 and t5_file is not None):
-            text = _single_file_text(text, clip_file, t5_file if needs_t5 else None, tokenizer_dir, kontext_dir, dtype)
-        loras = ()
-        if lora_files:
-            from gie_core.weights.lora import load_lora
-
-            loras = tuple((load_lora(transformer, path), float(strength)) for path, strength in lora_files)
+    @classmethod
+    def from_plan(cls, loads: PipelineLoads, *, device: str | torch.device | None = None,
+                  offload: str = LOAD_DEFAULTS["library"].offload) -> EditPipeline:
+        """Load the parts of a checked :class:`PipelineLoads` (see :func:`plan_paths`)."""
+        plans = loads.plans
+        loaded = {name: load(plan) for name, plan in plans.items() if name not in ("clip", "t5")}
+        text = load_text_encoders(plans["clip"], plans.get("t5"))
+        transformer = loaded["transformer"].module
+        loras = tuple((load_part("lora", path, transformer=transformer).adapter, float(strength))
+                      for path, strength in loads.loras)
+        module = {name: part.module for name, part in loaded.items()}
         return cls(
-            transformer=transformer, vae=vae, scheduler=scheduler, text=text, qwen=qwen, connector=connector,
-            device=device, offload=offload, loras=loras,
+            transformer=transformer, vae=module["vae"], scheduler=scheduler_from(loads.scheduler_source), text=text,
+            qwen=module.get("qwen"), connector=module.get("connector"), device=device, offload=offload, loras=loras,
         )
 
     # ------------------------------------------------------------------
@@ -380,22 +292,102 @@ def _resolve_options(checked: torch.Tensor, n_images: int, options: dict) -> Edi
     return resolve_edit(image_width=checked.shape[2], image_height=checked.shape[1], n_images=n_images, **options)
 
 
-def _single_file_text(text, clip_file, t5_file, tokenizer_dir, kontext_dir, dtype) -> TextEncoders:
-    """CLIP / T5 from single files, with tokenizers from ``tokenizer_dir`` (or the Kontext dir);
-    a part without a file comes from the Kontext directory's ``text``."""
-    from pathlib import Path
+# ----------------------------------------------------------------------
+# What from_paths loads, checked first
+# ----------------------------------------------------------------------
 
-    tok_root = tokenizer_dir or kontext_dir
-    if tok_root is None:
+
+@dataclass(frozen=True)
+class PipelineLoads:
+    """What :meth:`EditPipeline.from_paths` loads: one checked plan per part (nothing read yet)."""
+
+    plans: dict[str, LoadPlan]  # transformer, vae, clip and, as the mode needs, t5, qwen, connector
+    scheduler_source: Source | None  # the Kontext folder's scheduler, else FLUX's shipped one
+    loras: tuple[tuple[str | os.PathLike, float], ...] = ()
+
+
+def plan_paths(
+    *,
+    gie_dir: str | os.PathLike | None = None,
+    kontext_dir: str | os.PathLike | None = None,
+    transformer_file: str | os.PathLike | None = None,
+    vae_file: str | os.PathLike | None = None,
+    t5_file: str | os.PathLike | None = None,
+    clip_file: str | os.PathLike | None = None,
+    tokenizer_dir: str | os.PathLike | None = None,
+    connector_file: str | os.PathLike | None = None,
+    lora_files: tuple[tuple[str | os.PathLike, float], ...] = (),
+    mode: str = DEFAULT_FUSION_MODE,
+    dtype: str | torch.dtype = LOAD_DEFAULTS["library"].dtype,
+    device: str | torch.device | None = None,
+    transformer_quantize: str = "none",
+    qwen_quantize: str = "none",
+    qwen_file: str | os.PathLike | None = None,
+    qwen_tokenizer_dir: str | os.PathLike | None = None,
+) -> PipelineLoads:
+    """Which source gives each part ``mode`` needs, every choice checked by
+    :func:`gie_core.weights.parts.check_load` before a weight is read (``gie-edit`` calls this
+    up front). ``tokenizer_dir``: a folder with ``tokenizer/`` (CLIP) and ``tokenizer_2/`` (T5)
+    for single-file text encoders (default: ``kontext_dir``); ``qwen_tokenizer_dir``: the
+    tokenizer of ``qwen_file`` (default: ``gie_dir``)."""
+    spec = fusion_mode(mode)
+    run_device = resolve_device(device)
+    check_quantization("transformer", transformer_quantize, run_device)
+    check_quantization("qwen", qwen_quantize, run_device)
+    gie_dir = require_source(gie_dir, "gie_dir") if gie_dir is not None else None
+    kontext_dir = require_source(kontext_dir, "kontext_dir") if kontext_dir is not None else None
+    common = {"dtype": dtype, "device": "cpu", "run_device": run_device}
+    vlm = _plan_vlm(spec, mode, gie_dir, qwen_file, qwen_tokenizer_dir, connector_file, qwen_quantize, common)
+    missing = [part for part, given in (("transformer", transformer_file or gie_dir), ("vae", vae_file),
+                                        ("clip", clip_file), ("t5", t5_file or not spec.needs_t5)) if not given]
+    if kontext_dir is None and missing:
+        raise ValueError(f"no FLUX.1-Kontext directory given (--kontext) and no single files for: {', '.join(sorted(missing))}")
+    plans = {
+        "transformer": check_load("transformer", transformer_file or gie_dir or kontext_dir, transformer_quantize, **common),
+        "vae": check_load("vae", vae_file or kontext_dir, **common),
+        **_plan_text(spec, kontext_dir, clip_file, t5_file if spec.needs_t5 else None, tokenizer_dir, common),
+        **vlm,
+    }
+    for path, _ in lora_files:
+        resolve_source(path, "lora")
+    return PipelineLoads(plans, kontext_dir, tuple(lora_files))
+
+
+def _plan_text(spec, kontext_dir, clip_file, t5_file, tokenizer_dir, common) -> dict[str, LoadPlan]:
+    """CLIP (always: the pooled vector) and T5 (when the mode reads it), from single files with
+    the tokenizers of ``tokenizer_dir`` (or the Kontext folder's), else from the Kontext folder."""
+    tok_root = tokenizer_dir or (kontext_dir.path if kontext_dir is not None else None)
+    if (clip_file is not None or t5_file is not None) and tok_root is None:
         raise ValueError(
             "single-file text encoders need their tokenizers: pass --tokenizers DIR "
             "(a FLUX.1 diffusers folder, or any folder with tokenizer/ (CLIP) and tokenizer_2/ (T5))"
         )
-    tok_root = Path(tok_root)
-    if clip_file is None:  # only T5 from a file: CLIP comes from the directory
-        t5_only = load_text_encoder_files(None, t5_file, None, tok_root / "tokenizer_2", dtype=dtype)
-        return TextEncoders(text.clip, text.clip_tokenizer, t5_only.t5, t5_only.t5_tokenizer)
-    loaded = load_text_encoder_files(clip_file, t5_file, tok_root / "tokenizer", tok_root / "tokenizer_2", dtype=dtype)
-    if t5_file is None and text is not None and text.t5 is not None:
-        loaded.t5, loaded.t5_tokenizer = text.t5, text.t5_tokenizer
-    return loaded
+
+    def plan(part, file, sub):
+        options = {"tokenizer_dir": Path(tok_root) / sub} if file is not None else {}
+        return check_load(part, file or kontext_dir, **common, **options)
+
+    plans = {"clip": plan("clip", clip_file, "tokenizer")}
+    if spec.needs_t5:
+        plans["t5"] = plan("t5", t5_file, "tokenizer_2")
+    return plans
+
+
+def _plan_vlm(spec, mode, gie_dir, qwen_file, qwen_tokenizer_dir, connector_file, qwen_quantize,
+              common) -> dict[str, LoadPlan]:
+    """Qwen2.5-VL and the connector for the VLM modes: split files, else the checkpoint's."""
+    if spec.needs_qwen and gie_dir is None and not (qwen_file is not None and connector_file is not None):
+        raise ValueError(
+            f"fusion mode '{mode}' needs a GPT-Image-Edit checkpoint (--model), or its split files (--qwen and "
+            "--connector); mode 't5' runs stock Kontext"
+        )
+    if qwen_file is not None and qwen_tokenizer_dir is None and gie_dir is None:
+        raise ValueError("a single Qwen2.5-VL file needs its tokenizer: pass --qwen-tokenizer DIR (a Qwen2.5-VL "
+                         "folder, or ComfyUI's comfy/text_encoders/qwen25_tokenizer)")
+    plans = {}
+    if connector_file is not None or spec.needs_qwen:
+        plans["connector"] = check_load("connector", connector_file or gie_dir, **common)
+    if spec.needs_qwen:
+        options = {"tokenizer_dir": qwen_tokenizer_dir or gie_dir.path} if qwen_file is not None else {}
+        plans["qwen"] = check_load("qwen", qwen_file or gie_dir, qwen_quantize, **common, **options)
+    return plans

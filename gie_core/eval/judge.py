@@ -477,8 +477,7 @@ class QwenJudge:
 def load_judge(path: str | os.PathLike, *, dtype="bf16", device="cpu", **options) -> QwenJudge:
     """The judge from ``path``: a GPT-Image-Edit checkpoint folder (its Qwen2.5-VL-7B, with the
     generation head) or a stock Qwen2.5-VL folder (7B, 32B, 72B...), local files only."""
-    from gie_core.weights.loading import load_gie_checkpoint, load_qwen_processing, parse_dtype, quiet_transformers
-    from gie_core.weights.reader import CheckpointError
+    from gie_core.weights.parts import load_part
 
     p = Path(path)
     if not p.is_dir():
@@ -489,24 +488,9 @@ def load_judge(path: str | os.PathLike, *, dtype="bf16", device="cpu", **options
         cfg = json.loads((p / "config.json").read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"judge '{p}/config.json' is not valid JSON: {exc.msg}") from None
-    if "denoise_tower" in cfg:
-        encoder = load_gie_checkpoint(p, dtype=dtype, device=device, parts=("encoder",)).encoder
-    else:
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        from gie_core.engine.encoders import QwenVLEncoder
-
-        if "qwen2_5_vl" not in str(cfg.get("model_type", "")):
-            raise ValueError(f"judge '{p}' is a '{cfg.get('model_type')}' model, not Qwen2.5-VL")
-        try:
-            with quiet_transformers():
-                model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                    p, local_files_only=True, dtype=parse_dtype(dtype), attn_implementation="sdpa",
-                )
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"could not load the judge from {p}: {exc}") from None
-        model = model.to(device).eval().requires_grad_(False)
-        encoder = QwenVLEncoder(model, *load_qwen_processing(p))
+    if "denoise_tower" not in cfg and "qwen2_5_vl" not in str(cfg.get("model_type", "")):
+        raise ValueError(f"judge '{p}' is a '{cfg.get('model_type')}' model, not Qwen2.5-VL")
+    encoder = load_part("qwen", p, dtype=dtype, device=device).module  # the checkpoint's Qwen, or a stock folder
     return QwenJudge(encoder, name=str(p), **options)
 
 

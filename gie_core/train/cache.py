@@ -145,7 +145,7 @@ def build_cache(cfg, *, progress: bool = True) -> dict:
         raise ValueError("data.cache_dir is not set")
     state = PartialState()
     device = state.device
-    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.mixed_precision]
+    weight_dtype = parse_dtype(cfg.train.mixed_precision)
     if device.type == "cpu" and weight_dtype != torch.float32:
         weight_dtype = torch.float32
     cache = FeatureCache(cfg.data.cache_dir, cfg.data.cache_dtype)

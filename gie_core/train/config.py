@@ -33,8 +33,11 @@ from gie_core.constants import (
     DEFAULT_GUIDANCE,
     DEFAULT_SEED,
     DEFAULT_STEPS,
+    DTYPE_NAMES,
     GUIDANCE_RANGE,
+    LOAD_DEFAULTS,
     METAQUERY_TOKENS,
+    MIXED_PRECISION_DTYPES,
     SEED_RANGE,
     SIZE_MULTIPLE,
     STEPS_RANGE,
@@ -54,12 +57,11 @@ def _opt(default, help: str, **kw):
 
 STAGES = (1, 2)
 TRAINABLE_SETS = ("connector", "image_attention", "full", "lora")
-MIXED_PRECISION = ("no", "bf16", "fp16")
+MIXED_PRECISION = tuple(MIXED_PRECISION_DTYPES)
 BUCKETING = ("ratio", "square")
 REGION_WEIGHTING = ("auto", "on", "off")
 WEIGHT_SCHEMES = ("log", "exp")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-DTYPE_NAMES = ("bf16", "fp16", "fp32")
 
 
 # ------------------------------------------------------------------------------------------
@@ -173,7 +175,7 @@ class StorageDtype:
     """A storage format of frozen weights (``memory.*_dtype``)."""
 
     name: str
-    quantization: str | None  # the row of gie_core.weights.quantize.QUANTIZATION_TABLE it uses (None: the compute dtype)
+    quantization: str | None  # the row of gie_core.weights.quantize.STORAGE_TABLE it uses (None: the compute dtype)
     bytes_per_element: int | None  # None: those of the compute dtype
     help: str
 
@@ -225,7 +227,7 @@ class TrainOptions:
     trainable: str = _opt("auto", "stage 2 trainable transformer set: image_attention (released), full, lora; auto = connector (stage 1) / image_attention (stage 2)")
     train_connector: bool = _opt(True, "stage 2: train the connector along with the transformer")
     layers: list[int] | None = _opt(None, "image_attention: block indices to train (double blocks first, then single; default all)")
-    mixed_precision: str = _opt("bf16", "no, bf16 or fp16 (trainable weights stay fp32, frozen ones are stored in this dtype)")
+    mixed_precision: str = _opt(LOAD_DEFAULTS["trainer"].dtype, "no, bf16 or fp16 (trainable weights stay fp32, frozen ones are stored in this dtype)")
     gradient_checkpointing: bool | None = _opt(None, "recompute transformer activations in backward (default: on in stage 2, "
                                                   "with an fp8 transformer and with block swap)")
     gradient_accumulation: int = _opt(1, "micro-batches per optimizer step")

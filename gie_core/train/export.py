@@ -133,9 +133,9 @@ def export_lora(transformer, path: str | os.PathLike, *, dtype="bf16", adapter_n
 
 def load_transformer_file(path: str | os.PathLike, *, dtype="bf16", device="cpu"):
     """A transformer written by :func:`export_transformer` (the engine's single-file loader reads it)."""
-    from gie_core.weights.single_file import load_bfl_transformer
+    from gie_core.weights.parts import load_part
 
-    return load_bfl_transformer(path, dtype=parse_dtype(dtype), device=device)
+    return load_part("transformer", path, dtype=parse_dtype(dtype), device=device).module
 
 
 # ------------------------------------------------------------------------------------------

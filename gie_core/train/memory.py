@@ -37,6 +37,9 @@ import torch
 from torch import nn
 
 from gie_core.train.config import STORAGE_DTYPE_TABLE, TrainConfig
+from gie_core.weights.parts import resolve_source
+from gie_core.weights.quantize import FP8_KEEP, STORAGE_TABLE
+from gie_core.weights.reader import FLOAT8_DTYPES, CheckpointReader
 
 logger = logging.getLogger("gie_core.train")
 
@@ -68,14 +71,13 @@ class MemorySettings:
 
 def transformer_file_storage(path: str | os.PathLike) -> str | None:
     """How a ``model.init_transformer`` file stores its block weights: "gguf", "fp8" (plain or
-    ComfyUI-scaled float8 safetensors), or None (bf16/fp16/fp32). Reads the header only."""
-    p = Path(path)
-    if p.suffix.lower() == ".gguf":
-        return "gguf"
-    if p.suffix.lower() != ".safetensors" or not p.is_file():
+    ComfyUI-scaled float8 safetensors), or None (bf16/fp16/fp32). Reads the header only; what
+    the file is, :func:`gie_core.weights.parts.resolve_source` says."""
+    p = Path(path).expanduser()
+    if not p.is_file():
         return None
-    from gie_core.weights.reader import FLOAT8_DTYPES, CheckpointReader
-
+    if resolve_source(p, "transformer").kind == "gguf":
+        return "gguf"
     with CheckpointReader.open(p) as reader:
         weights = [k for k in reader.keys() if k.endswith(".weight") and len(reader.shape(k)) == 2 and "blocks." in k]
         if weights and all(reader.dtype(k) in FLOAT8_DTYPES for k in weights[:16]):
@@ -118,8 +120,6 @@ def resolve_memory(cfg: TrainConfig) -> MemorySettings:
 
 def fp8_keep(part: str) -> tuple[str, ...]:
     """Module-name patterns kept in the compute dtype under fp8 storage for ``part``."""
-    from gie_core.weights.quantize import FP8_KEEP
-
     return tuple(FP8_KEEP.get(part, ())) + EXTRA_FP8_KEEP.get(part, ()) + (
         _DIFFUSERS_DEFAULT_KEEP if part not in FP8_KEEP else ())
 
@@ -149,10 +149,8 @@ def store_fp8(module: nn.Module, part: str, compute_dtype: torch.dtype) -> nn.Mo
     the first layer stay as they are. Returns ``module``."""
     from diffusers.hooks import apply_layerwise_casting
 
-    from gie_core.weights.quantize import quantization
-
     keep = fp8_keep(part) + trained_module_patterns(module) + _first_weight_module(module)
-    apply_layerwise_casting(module, storage_dtype=quantization("fp8").storage, compute_dtype=compute_dtype,
+    apply_layerwise_casting(module, storage_dtype=STORAGE_TABLE["fp8"].store, compute_dtype=compute_dtype,
                             skip_modules_pattern=keep, skip_modules_classes=None)
     return module
 

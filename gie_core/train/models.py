@@ -1,6 +1,7 @@
-"""The parts a training run needs, loaded with the engine's loaders, and the trained module.
+"""The parts a training run needs, loaded through :func:`gie_core.weights.parts.load_part`, and the
+trained module.
 
-Sources (local paths only):
+Sources (local paths only; what each file or folder is, parts decides):
 - a FLUX.1-Kontext-dev diffusers directory: VAE, CLIP-L, T5-XXL, scheduler, stock transformer;
 - a GPT-Image-Edit checkpoint directory (released layout): Qwen2.5-VL, connector, fine-tuned transformer;
 - a stock Qwen2.5-VL directory, when there is no GPT-Image-Edit directory;
@@ -22,8 +23,8 @@ from torch import nn
 
 from gie_core.engine.connector import Connector, QwenFeatures, TextFeatures, fuse
 from gie_core.engine.encoders import QwenVLEncoder, TextEncoders
-from gie_core.weights.loading import load_connector, load_gie_checkpoint, load_kontext_dir, load_qwen_processing
 from gie_core.engine.modes import fusion_mode
+from gie_core.weights.parts import load_part, load_text_encoders, scheduler_from
 from gie_core.train.config import ConfigError, TrainConfig
 from gie_core.train.loss import flow_matching_loss
 from gie_core.train.memory import MemorySettings, resolve_memory, store_fp8
@@ -56,17 +57,6 @@ def seeded(*parts, device: torch.device | str | None = None) -> Iterator[None]:
             with torch.cuda.device(dev):
                 torch.cuda.manual_seed(seed)
         yield
-
-
-def load_qwen_dir(path: str | Path, *, dtype: torch.dtype, device="cpu") -> QwenVLEncoder:
-    """A stock Qwen2.5-VL transformers directory (e.g. Qwen2.5-VL-7B-Instruct) as the engine's encoder."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"model.qwen {p} is not a transformers model directory (no config.json)")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(p, local_files_only=True, dtype=dtype, attn_implementation="sdpa")
-    return QwenVLEncoder(model.to(device).eval().requires_grad_(False), *load_qwen_processing(p))
 
 
 def qwen_hidden_size(cfg: TrainConfig) -> int | None:
@@ -179,70 +169,63 @@ def load_components(
 
     An fp8 transformer streams straight into float8 when no layer of it will train (stage 1, LoRA);
     otherwise the trainer casts it once the trained set is known (:func:`.memory.store_fp8`)."""
-    from gie_core.weights.single_file import load_bfl_transformer
-
     memory = memory or resolve_memory(cfg)
-    sources = {}
-    t_src = _transformer_source(cfg)
-    c_src = _connector_source(cfg)
-    stream_fp8 = memory.transformer == "fp8" and cfg.trainable_set in ("connector", "lora")
-    t_quant = "fp8" if stream_fp8 else "none"
-    q_quant = "fp8" if memory.encoders == "fp8" else "none"
-    gie_parts = []
-    if t_src == "gie":
-        gie_parts.append("transformer")
-    if need_qwen and cfg.model.gie:
-        gie_parts.append("encoder")
-    transformer = connector = qwen = None
-    if gie_parts:
-        if not cfg.model.gie:  # pragma: no cover - config.check rejects this first
-            raise ValueError("model.gie (a GPT-Image-Edit checkpoint directory) is needed for " + ", ".join(gie_parts))
-        ck = load_gie_checkpoint(cfg.model.gie, dtype=weight_dtype, parts=tuple(gie_parts),
-                                 transformer_quantize=t_quant, qwen_quantize=q_quant)
-        transformer, qwen = ck.transformer, ck.encoder
-        for part in gie_parts:
-            sources[part] = str(cfg.model.gie)
-    if need_qwen and qwen is None:
-        if not cfg.model.qwen:
-            raise ValueError("the Qwen2.5-VL encoder is needed: set model.gie or model.qwen")
-        qwen = load_qwen_dir(cfg.model.qwen, dtype=weight_dtype)
-        if memory.encoders == "fp8":
-            store_fp8(qwen.model, "qwen", weight_dtype)
-        sources["encoder"] = str(cfg.model.qwen)
-
-    k_parts = ["scheduler"]
-    if t_src == "kontext":
-        k_parts.append("transformer")
-    if need_clip:
-        k_parts.append("clip")
-    if need_t5:
-        k_parts.append("t5")
-    comps = load_kontext_dir(cfg.model.kontext, dtype=weight_dtype, parts=tuple(k_parts),
-                             transformer_quantize=t_quant if t_src == "kontext" else "none")
-    if t_src == "kontext":
-        transformer = comps.transformer
-        sources["transformer"] = str(cfg.model.kontext)
-    elif t_src not in ("gie",):
-        if memory.transformer == "gguf":
-            from gie_core.weights.gguf import load_gguf_transformer
-
-            transformer = load_gguf_transformer(t_src, dtype=weight_dtype)
-        else:
-            transformer = load_bfl_transformer(t_src, dtype=weight_dtype)
-        sources["transformer"] = t_src
-    if memory.encoders == "fp8" and comps.text is not None:
-        for part, module in (("t5", comps.text.t5), ("clip", comps.text.clip)):
-            if module is not None:
-                store_fp8(module, part, weight_dtype)
+    sources: dict[str, str] = {}
+    transformer = _load_transformer(cfg, weight_dtype, memory, sources)
+    qwen = _load_qwen(cfg, weight_dtype, memory, sources) if need_qwen else None
+    text = _load_text(cfg, weight_dtype, memory, need_clip, need_t5)
     vae = None
     if need_vae:
-        vae = load_kontext_dir(cfg.model.kontext, dtype=torch.float32, parts=("vae",)).vae
+        vae = load_part("vae", cfg.model.kontext, "fp32").module
         if memory.vae == "fp8":
             store_fp8(vae, "vae", torch.float32)
-    transformer.requires_grad_(False)
-
-    joint_dim = transformer.config.joint_attention_dim
     hidden = qwen.hidden_size if qwen is not None else (qwen_hidden or qwen_hidden_size(cfg))
+    connector = _load_connector(cfg, transformer.config.joint_attention_dim, hidden, sources)
+    return TrainingComponents(
+        transformer=transformer, connector=connector, scheduler=scheduler_from(cfg.model.kontext), vae=vae, qwen=qwen,
+        text=text, sources=sources,
+    )
+
+
+def _load_transformer(cfg: TrainConfig, weight_dtype: torch.dtype, memory: MemorySettings, sources: dict) -> nn.Module:
+    """The transformer to start from (``model.init_transformer``), frozen; fp8 streamed in when
+    no layer of it trains, a GGUF file as stored."""
+    t_src = _transformer_source(cfg)
+    where = {"gie": cfg.model.gie, "kontext": cfg.model.kontext}.get(t_src, t_src)
+    if not where:  # pragma: no cover - config.check rejects this first
+        raise ValueError(f"model.init_transformer '{t_src}' needs model.{t_src}")
+    stream_fp8 = memory.transformer == "fp8" and cfg.trainable_set in ("connector", "lora")
+    transformer = load_part("transformer", where, "fp8" if stream_fp8 else "auto", dtype=weight_dtype).module
+    sources["transformer"] = str(where)
+    return transformer.requires_grad_(False)
+
+
+def _load_qwen(cfg: TrainConfig, weight_dtype: torch.dtype, memory: MemorySettings, sources: dict) -> QwenVLEncoder:
+    """Qwen2.5-VL from the GPT-Image-Edit checkpoint, else the stock Qwen folder (``model.qwen``)."""
+    where = cfg.model.gie or cfg.model.qwen
+    if not where:
+        raise ValueError("the Qwen2.5-VL encoder is needed: set model.gie or model.qwen")
+    sources["encoder"] = str(where)
+    return load_part("qwen", where, "fp8" if memory.encoders == "fp8" else "auto", dtype=weight_dtype).module
+
+
+def _load_text(cfg: TrainConfig, weight_dtype: torch.dtype, memory: MemorySettings, need_clip: bool,
+               need_t5: bool) -> TextEncoders | None:
+    """CLIP-L / T5-XXL of the Kontext folder, when the run encodes text (fp8-stored as ``memory`` says)."""
+    if not (need_clip or need_t5):
+        return None
+    parts = {p: load_part(p, cfg.model.kontext, dtype=weight_dtype) for p, need in (("clip", need_clip), ("t5", need_t5))
+             if need}
+    if memory.encoders == "fp8":
+        for part, loaded in parts.items():
+            store_fp8(loaded.module, part, weight_dtype)
+    return load_text_encoders(parts.get("clip"), parts.get("t5"))
+
+
+def _load_connector(cfg: TrainConfig, joint_dim: int, hidden: int | None, sources: dict) -> Connector:
+    """The connector to start from (``model.init_connector``: fresh and seeded, or a file / the
+    checkpoint's), fitted to the mode, fp32, checked against the transformer and the encoder."""
+    c_src = _connector_source(cfg)
     if c_src == "fresh":
         if hidden is None:
             raise ValueError("cannot size a fresh connector: no Qwen encoder, cache info or model.gie/model.qwen config")
@@ -253,7 +236,7 @@ def load_components(
         where = cfg.model.gie if c_src == "gie" else c_src
         if not where:
             raise ValueError("model.init_connector is 'gie' but model.gie is not set")
-        connector = load_connector(where, dtype="fp32")  # trained weights stay fp32
+        connector = load_part("connector", where, "fp32").module  # trained weights stay fp32
         sources["connector"] = str(where)
     connector = _fit_connector_to_mode(connector, cfg, sources["connector"]).float()
     if connector.output_hidden_size != joint_dim:
@@ -263,10 +246,7 @@ def load_components(
         )
     if hidden is not None and connector.input_hidden_size != hidden:
         raise ValueError(f"the connector takes {connector.input_hidden_size}-wide Qwen features but the encoder gives {hidden}")
-    return TrainingComponents(
-        transformer=transformer, connector=connector, scheduler=comps.scheduler, vae=vae, qwen=qwen,
-        text=comps.text, sources=sources,
-    )
+    return connector
 
 
 def prepare_for_training(transformer: nn.Module, connector: Connector, cfg: TrainConfig, memory: MemorySettings,

@@ -41,6 +41,7 @@ from gie_core.constants import QWEN_IMAGE_SIZE, T5_MAX_LENGTH
 from gie_core.engine.modes import fusion_mode
 from gie_core.train.config import OPTIMIZER_TABLE, TrainConfig
 from gie_core.train.memory import MemorySettings, resolve_memory, store_fp8, swappable_blocks, transformer_blocks
+from gie_core.weights.loading import parse_dtype
 
 GIB = 2**30
 CUDA_RESERVE = 1 * GIB  # CUDA context, cuBLAS workspace, allocator slack: outside the tensors counted
@@ -48,7 +49,6 @@ QWEN_IMAGE_TOKENS = (QWEN_IMAGE_SIZE // 28) ** 2  # 448 px, 14 px patches merged
 QWEN_TEMPLATE_TOKENS = 11  # <|im_start|>user\n<|vision_start|> ... <|vision_end|> ... <|im_end|>\n<|im_start|>assistant\n
 PLAN_INSTRUCTION_TOKENS = 64  # an instruction's tokens, assumed (the dataset's are mostly 10-60)
 SHARDINGS = ("none", "zero2", "zero3")
-_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,7 +346,7 @@ _SIM_CACHE: dict[tuple, tuple[int, int, int]] = {}
 def _feature_dtype(cfg: TrainConfig, dtype: torch.dtype) -> torch.dtype:
     """The dtype Qwen / T5 features reach the connector in: the cache's, or the encoders' compute dtype."""
     if cfg.data.use_cache:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.data.cache_dtype]
+        return parse_dtype(cfg.data.cache_dtype)
     return dtype
 
 
@@ -489,7 +489,7 @@ def plan_memory(cfg: TrainConfig, *, device: str = "cuda", processes: int = 1, s
         raise ValueError(f"processes is {processes} but must be at least 1")
     arch = arch or read_architecture(cfg)
     memory = resolve_memory(cfg)
-    dtype = _DTYPES[cfg.train.mixed_precision]
+    dtype = parse_dtype(cfg.train.mixed_precision)
     validating = cfg.validation.every > 0 and bool(cfg.validation.pairs)
     need = needed_parts(cfg, data=True, validating=validating)
 

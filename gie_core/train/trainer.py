@@ -39,12 +39,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from gie_core.constants import MIXED_PRECISION_DTYPES
 from gie_core.engine.connector import QwenFeatures, TextFeatures, fuse
 from gie_core.files import atomic_write, atomic_write_text
 from gie_core.imaging.images import load_image, prepare_reference, to_pil
 from gie_core.engine.modes import fusion_mode
 from gie_core.engine.request import resolve_edit
 from gie_core.engine.sampler import KontextModels, encode_reference, sample
+from gie_core.weights.loading import parse_dtype
+from gie_core.weights.parts import load_part
 from gie_core.weights.reader import CheckpointReader
 from gie_core.train import checkpoint as ckpt
 from gie_core.train.cache import FeatureCache, cache_info_for, cached_contents
@@ -83,10 +86,6 @@ class TrainResult:
     exported: dict[str, Path] = field(default_factory=dict)
     problems: str = ""
     steps_per_second: float = 0.0
-
-
-def _weight_dtype(mixed_precision: str) -> torch.dtype:
-    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
 
 
 def make_accelerator(cfg: TrainConfig, output_dir: Path):
@@ -144,6 +143,26 @@ class Trainer:
         """Load data, models, optimizer; resume if asked. ``data=False`` prepares only what
         exporting a checkpoint needs (no dataset, no encoders)."""
         cfg = self.cfg
+        # Everything up to the models is checked before any weight is read.
+        resume, on_main = self._setup_run(data)
+        validation_images = self._load_validation_images() if on_main else []
+        cache_info = self._setup_data(data)
+        comps = self._setup_models(data, on_main, cache_info)
+        self._setup_optimizer(comps)
+        self._setup_fixed_inputs(data, on_main, validation_images)
+        if resume is not None:
+            self.load_checkpoint(resume)
+        elif cfg.checkpoint.resume == "latest" and self.accelerator.is_main_process:
+            logger.info("no checkpoint in %s yet: starting a new run", self.checkpoint_dir)
+        if cfg.log.tensorboard:
+            self.accelerator.init_trackers("gie-train", config=_flat_config(cfg))
+        self.ready = True
+        return self
+
+    def _setup_run(self, data: bool) -> tuple[Path | None, bool]:
+        """The checked config, the accelerator, dtypes and memory settings, the checkpoint to
+        resume; returns it and whether this process makes validation edits."""
+        cfg = self.cfg
         cfg.check(for_training=data)  # a config built by hand is checked as a file's is
         check_model_paths(cfg)
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -151,9 +170,10 @@ class Trainer:
         self.device = acc.device
         # fp32 trained norm weights meet bf16 activations under autocast: correct, just not fused
         warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
-        self.weight_dtype = _weight_dtype(acc.mixed_precision if acc.mixed_precision in ("no", "bf16", "fp16") else "no")
-        mode = self.mode = cfg.model.mode
-        spec = self.spec = fusion_mode(mode)
+        # frozen weights in the compute dtype of mixed precision (accelerate's fp8 computes in full precision)
+        self.weight_dtype = parse_dtype(acc.mixed_precision if acc.mixed_precision in MIXED_PRECISION_DTYPES else "no")
+        self.mode = cfg.model.mode
+        self.spec = fusion_mode(self.mode)
         self.trainable_set = cfg.trainable_set
         self._deepspeed = acc.distributed_type.name == "DEEPSPEED"
         self.memory = resolve_memory(cfg)  # reads a transformer file's header at most
@@ -164,46 +184,53 @@ class Trainer:
                            self.memory.transformer)
         if acc.is_main_process:
             ckpt.recover(self.checkpoint_dir)
-        # Everything below up to the models is checked before any weight is read.
         resume = ckpt.resolve_resume(cfg.checkpoint.resume, self.checkpoint_dir)
         validating = data and cfg.validation.every > 0 and bool(cfg.validation.pairs)
         if validating and (self._fsdp or self._zero3):
             logger.warning("validation edits are off under FSDP and ZeRO-3 (the transformer is sharded); export and run gie-edit instead")
             validating = False
-        on_main = validating and acc.is_main_process
-        validation_images = self._load_validation_images() if on_main else []
+        return resume, validating and acc.is_main_process
 
-        # Data
+    def _setup_data(self, data: bool) -> dict:
+        """The feature cache (checked against the run) and the dataset; returns the cache's info."""
+        cfg = self.cfg
         self.cache = None
         cache_info = {}
         if data and cfg.data.use_cache:
             self.cache = FeatureCache(cfg.data.cache_dir, cfg.data.cache_dtype)
-            cache_info = self.cache.check_compatible({**cache_info_for(cfg), "contents": list(cached_contents(mode))})
+            cache_info = self.cache.check_compatible({**cache_info_for(cfg), "contents": list(cached_contents(self.mode))})
         self.dataset = self.batcher = None
         if data:
-            self._setup_data()
+            self._setup_dataset()
+        return cache_info
 
-        # Models: encoders only where features are not cached (and for validation, on the main process)
-        use_cache = self.cache is not None
+    def _setup_models(self, data: bool, on_main: bool, cache_info: dict):
+        """Encoders only where features are not cached (and for validation, on the main process),
+        the transformer and connector made trainable, the frozen parts on the device."""
+        cfg = self.cfg
         with seeded(cfg.train.seed, "models"):  # any random init while loading: seeded, the caller's RNG untouched
             comps = self.components = load_components(
                 cfg, weight_dtype=self.weight_dtype, **needed_parts(cfg, data=data, validating=on_main),
                 qwen_hidden=cache_info.get("qwen_hidden"), memory=self.memory,
             )
-        transformer, connector = comps.transformer, comps.connector
-        self.trainable_names = prepare_for_training(transformer, connector, cfg, self.memory, self.weight_dtype)
+        self.trainable_names = prepare_for_training(comps.transformer, comps.connector, cfg, self.memory, self.weight_dtype)
         for part in (comps.vae, comps.qwen.model if comps.qwen else None,
                      comps.text.clip if comps.text else None, comps.text.t5 if comps.text else None):
             if part is not None:
                 part.to(self.device)
         self.scheduler_config = dict(comps.scheduler.config)
-        if use_cache:  # shift/scale of the VAE that made the cache
+        if self.cache is not None:  # shift/scale of the VAE that made the cache
             vae = cache_info["vae"]
             self.vae_normalisation = SimpleNamespace(shift_factor=vae["shift_factor"], scaling_factor=vae["scaling_factor"])
         else:
             self.vae_normalisation = comps.vae.config if comps.vae is not None else None
+        return comps
 
-        model = EditModel(connector, transformer, mode, guidance=cfg.train.guidance)
+    def _setup_optimizer(self, comps) -> None:
+        """The trained module, optimizer, LR schedule, block swap and EMA, prepared by accelerate."""
+        cfg, acc = self.cfg, self.accelerator
+        transformer = comps.transformer
+        model = EditModel(comps.connector, transformer, self.mode, guidance=cfg.train.guidance)
         model.train()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -247,33 +274,26 @@ class Trainer:
         acc.register_save_state_pre_hook(self._save_hook)
         acc.register_load_state_pre_hook(self._load_hook)
 
-        # Fixed inputs
+    def _setup_fixed_inputs(self, data: bool, on_main: bool, validation_images: list) -> None:
+        """CLIP("") for the steps, the validation pairs' encodings; encoders only the cache lacks stay."""
+        comps = self.components
         self.pooled_empty = None
-        if use_cache:
+        if self.cache is not None:
             self.pooled_empty = self.cache.read_empty_pooled().to(self.device)
         elif data:
             self.pooled_empty = comps.text.clip_pooled([""]).float().to(self.device)  # [1, P]: CLIP("")
         self.validation_inputs = self._prepare_validation(validation_images) if on_main else []
-        if use_cache:  # the encoders were loaded only to encode the validation pairs
+        if self.cache is not None:  # the encoders were loaded only to encode the validation pairs
             comps.text = None
-            if not spec.queries:  # learned queries read Qwen at every step
+            if not self.spec.queries:  # learned queries read Qwen at every step
                 comps.qwen = None
-
-        if resume is not None:
-            self.load_checkpoint(resume)
-        elif cfg.checkpoint.resume == "latest" and acc.is_main_process:
-            logger.info("no checkpoint in %s yet: starting a new run", self.checkpoint_dir)
-        if cfg.log.tensorboard:
-            acc.init_trackers("gie-train", config=_flat_config(cfg))
-        self.ready = True
-        return self
 
     def _load_validation_images(self) -> list:
         """The validation images, loaded (and so checked) before any weight; an error names the pair."""
         return [load_image(Path(pair["image"]).expanduser(), what=f"validation.pairs[{i}].image")
                 for i, pair in enumerate(self.cfg.validation.pairs)]
 
-    def _setup_data(self) -> None:
+    def _setup_dataset(self) -> None:
         cfg, acc = self.cfg, self.accelerator
         records = read_dataset(cfg.data.data_txt, self.problems, cfg.data.region_weighting)
         with acc.main_process_first():
@@ -735,9 +755,7 @@ class Trainer:
                 loaded = self.components.qwen and not cfg.model.gie and self.memory.encoders == "compute"
                 qwen_model = self.components.qwen.model if loaded else None
                 if not cfg.model.gie and qwen_model is None:
-                    from gie_core.train.models import load_qwen_dir
-
-                    qwen_model = load_qwen_dir(cfg.model.qwen, dtype=self.weight_dtype).model
+                    qwen_model = load_part("qwen", cfg.model.qwen, dtype=self.weight_dtype).module.model
                 files["released_dir"] = ex.export_released_dir(
                     out / ex.RELEASED_DIR, connector=connector, transformer=transformer,
                     gie_dir=cfg.model.gie, qwen_model=qwen_model,

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from gie_core.files import atomic_write, check_output_path
-from gie_core.weights.loading import GIE_DENOISER_PREFIX, GIE_PROJECTOR_PREFIX, gie_config, released_qwen_key
+from gie_core.weights.loading import DTYPES, GIE_DENOISER_PREFIX, GIE_PROJECTOR_PREFIX, gie_config, released_qwen_key
+from gie_core.weights.parts import resolve_source
 from gie_core.weights.single_file import (
     _BFL_DOUBLE_MODULES,
     _BFL_DOUBLE_QKV,
@@ -61,7 +62,7 @@ FORMATS = ("bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_scaled")
 # the transformer also as GGUF (ComfyUI-GGUF's loader and ours read it; written with the gguf package)
 GGUF_FORMATS = {"gguf_q8_0": "Q8_0"}
 TRANSFORMER_FORMATS = FORMATS + tuple(GGUF_FORMATS)
-_PLAIN = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_PLAIN = DTYPES  # the plain formats are the dtype names every door uses
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FOLDERS = {"transformer": "diffusion_models", "qwen": "text_encoders", "connector": "gie_connectors"}
 GENERATOR = "gpt-image-edit gie-convert"
@@ -165,8 +166,11 @@ def open_source(path: str | os.PathLike) -> ConversionSource:
             "stock Kontext single files come from Black Forest Labs / ComfyUI's model pages"
         )
     if (p / "config.json").is_file():
-        cfg = gie_config(p)  # raises naming what the folder is instead (e.g. a FLUX.1-Kontext folder)
-        return ConversionSource(p, "released", (p, GIE_DENOISER_PREFIX), p, (p, GIE_PROJECTOR_PREFIX), cfg)
+        folder = resolve_source(p)  # what the folder is, said by parts (raises naming it otherwise)
+        if folder.kind != "gie_dir":
+            raise CheckpointError(f"source {folder.describe()} is not a GPT-Image-Edit checkpoint; gie-convert takes the "
+                                  "released final_checkpoint/ folder or a gie-train export folder")
+        return ConversionSource(p, "released", (p, GIE_DENOISER_PREFIX), p, (p, GIE_PROJECTOR_PREFIX), gie_config(p))
     if (p / "gpt-image-edit" / "config.json").is_file():
         return open_source(p / "gpt-image-edit")
     transformer = p / "transformer.safetensors"

@@ -30,7 +30,7 @@ import torch
 
 from gie_core.weights.reader import CheckpointError
 
-__all__ = ["GGUF_WRITE_TYPES", "gguf_metadata", "is_gguf", "load_gguf_transformer", "write_gguf"]
+__all__ = ["GGUF_WRITE_TYPES", "gguf_metadata", "is_gguf", "load_gguf_transformer", "open_checked", "write_gguf"]
 
 # What write_gguf can store: block quantisations the gguf package encodes, and plain floats.
 GGUF_WRITE_TYPES: tuple[str, ...] = ("Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "BF16", "F16", "F32")
@@ -60,6 +60,7 @@ def is_gguf(path: str | os.PathLike) -> bool:
 
 
 def _check_file(path: Path) -> None:
+    """The file exists and starts with the GGUF magic number (4 bytes read)."""
     if not path.is_file():
         raise CheckpointError(f"GGUF file {path} does not exist")
     with open(path, "rb") as fh:
@@ -68,12 +69,35 @@ def _check_file(path: Path) -> None:
         raise CheckpointError(f"{path} is not a GGUF file (it does not start with the GGUF magic number)")
 
 
-def gguf_metadata(path: str | os.PathLike) -> dict[str, object]:
-    """The key/value metadata of a GGUF file (strings, numbers, booleans; arrays left out)."""
+def open_checked(path: str | os.PathLike):
+    """A ``gguf.GGUFReader`` of a complete GGUF file (its header parses and every tensor's data
+    lies inside the file), or a :class:`CheckpointError` naming the file and what is wrong: a
+    truncated download otherwise fails deep inside numpy ("cannot reshape array")."""
     gguf = _require_gguf()
     p = Path(path)
     _check_file(p)
-    reader = gguf.GGUFReader(p)
+    size = p.stat().st_size
+    try:
+        reader = gguf.GGUFReader(p)
+    except (ValueError, IndexError, KeyError, OverflowError):  # numpy reading past the end of a cut file
+        raise CheckpointError(
+            f"{p} is truncated or damaged: its header or tensor data run past the end of the file ({size} bytes); "
+            "download or convert it again"
+        ) from None
+    for tensor in reader.tensors:
+        end = int(tensor.data_offset) + int(tensor.n_bytes)
+        if end > size:
+            raise CheckpointError(
+                f"{p} is truncated: tensor '{tensor.name}' needs bytes up to {end} but the file has {size}; "
+                "download or convert it again"
+            )
+    return reader
+
+
+def gguf_metadata(path: str | os.PathLike) -> dict[str, object]:
+    """The key/value metadata of a GGUF file (strings, numbers, booleans; arrays left out)."""
+    gguf = _require_gguf()
+    reader = open_checked(path)
     out: dict[str, object] = {}
     for name, field in reader.fields.items():
         if name.startswith("GGUF.") or not field.types or field.types[0] == gguf.GGUFValueType.ARRAY:
@@ -121,9 +145,8 @@ def load_gguf_transformer(
     from gie_core.weights.loading import _dtype_kwarg
     from gie_core.weights.single_file import _flux_config_from_shapes, bfl_flux_key_to_diffusers
 
-    _require_gguf()
     p = Path(path)
-    _check_file(p)
+    open_checked(p)  # complete, before diffusers reads it
     try:
         raw = load_gguf_checkpoint(str(p))
     except ValueError as exc:  # an unsupported quantisation type, named by diffusers

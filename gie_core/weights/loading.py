@@ -4,9 +4,12 @@
   Qwen2.5-VL encoder, the connector and the fine-tuned Kontext transformer, streamed tensor by
   tensor on any current transformers (old ``visual.*`` / ``model.*`` names are mapped);
 - a FLUX.1-Kontext-dev diffusers directory;
-- connector / LoRA files written by the trainer.
+- a stock Qwen2.5-VL transformers directory;
+- connector files (ours, ``gie-convert``'s, the trainer's) and the released connector.
 
-Single-file checkpoints as ComfyUI users keep them are in :mod:`gie_core.weights.single_file`.
+This is the low layer: callers name a part and a source through :mod:`gie_core.weights.parts`,
+which checks every choice and dispatches here. Single-file checkpoints as ComfyUI users keep
+them are in :mod:`gie_core.weights.single_file`.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from pathlib import Path
 
 import torch
 
+from gie_core.constants import DTYPE_TABLE, MIXED_PRECISION_DTYPES
 from gie_core.engine.connector import Connector
+from gie_core.weights.quantize import bnb_config, prepare_fp8_storage, storage
 from gie_core.weights.reader import CheckpointError, CheckpointReader, assign_weights, empty_weights
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {name: getattr(torch, attr) for name, attr in DTYPE_TABLE.items()}
 
 GIE_PROJECTOR_PREFIX = "denoise_tower.denoise_projector."
 GIE_DENOISER_PREFIX = "denoise_tower.denoiser."
@@ -45,11 +50,13 @@ def quiet_transformers():
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """'bf16' / 'fp16' / 'fp32' (or a torch dtype) -> torch dtype."""
+    """'bf16' / 'fp16' / 'fp32' (or a torch dtype; or the trainer's mixed-precision name "no")
+    -> torch dtype (:data:`gie_core.constants.DTYPE_TABLE`)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    name = str(dtype).lower()
     try:
-        return DTYPES[str(dtype).lower()]
+        return DTYPES[MIXED_PRECISION_DTYPES.get(name, name)]
     except KeyError:
         raise ValueError(f"dtype '{dtype}' is unknown; expected one of {', '.join(DTYPES)}") from None
 
@@ -180,14 +187,12 @@ def load_qwen_from_gie(
 
     ``lm_head`` False (default): the output head is read only when text is generated (see
     :class:`OnDemandLMHead`); encoding never needs it. ``quantize``: a row of
-    :data:`gie_core.weights.quantize.QUANTIZATION_TABLE` for the qwen part ("fp8" streams straight into
-    float8 storage; "int8"/"nf4" load through bitsandbytes)."""
+    :data:`gie_core.weights.quantize.STORAGE_TABLE` ("fp8" streams straight into float8 storage;
+    "int8"/"nf4" load through bitsandbytes)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from gie_core.weights.quantize import prepare_fp8_storage, quantization
-
-    q = quantization(quantize)
-    if q.kind == "bnb":
+    q = storage(quantize)
+    if q.method == "bnb":
         return _load_qwen_bnb(path, cfg, dtype, device, quantize, lm_head)
     config = qwen_config_from_gie(cfg)
     with empty_weights():
@@ -197,8 +202,8 @@ def load_qwen_from_gie(
     if lazy_head:
         head = model.lm_head
         model.lm_head = OnDemandLMHead(head.in_features, head.out_features, _read_lm_head(path, "lm_head.weight"))
-    if q.kind == "layerwise":
-        prepare_fp8_storage(model, dtype, "qwen", q.storage)
+    if q.method == "layerwise":
+        prepare_fp8_storage(model, dtype, "qwen", q.store)
     model_keys = set(model.state_dict())
 
     keys = [k for k in reader.keys() if not k.startswith(_GIE_NON_QWEN_PREFIX) and not (lazy_head and k == "lm_head.weight")]
@@ -219,13 +224,11 @@ def _load_qwen_bnb(path: Path, cfg: dict, dtype: torch.dtype, device, quantize: 
     the released names and ignores the ``denoise_tower.*`` tensors)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from gie_core.weights.quantize import bnb_config
-
     device = torch.device(device)
     with quiet_transformers():
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             path, config=qwen_config_from_gie(cfg), quantization_config=bnb_config(quantize, dtype),
-            device_map={"": str(device)}, local_files_only=True, **_dtype_kwarg(Qwen2_5_VLForConditionalGeneration, dtype),
+            device_map={"": str(device)}, local_files_only=True, use_safetensors=True, **_dtype_kwarg(Qwen2_5_VLForConditionalGeneration, dtype),
         )
     if not lm_head and isinstance(model.lm_head, torch.nn.Linear) and not getattr(model.config, "tie_word_embeddings", False):
         head = model.lm_head  # transformers reads it with the rest; free it until something generates
@@ -272,16 +275,12 @@ def load_flux_transformer_from_reader(reader: CheckpointReader, prefix: str, con
     (``quantize="fp8"``: streamed straight into float8 storage)."""
     from diffusers import FluxTransformer2DModel
 
-    from gie_core.weights.quantize import prepare_fp8_storage, quantization
-
-    q = quantization(quantize)
-    if "transformer" not in q.parts:
-        raise ValueError(f"transformer quantization '{quantize}' is not available for the transformer")
+    q = storage(quantize)
     cfg = {k: v for k, v in config.items() if not k.startswith("_")}
     with empty_weights():
         transformer = FluxTransformer2DModel.from_config(cfg)
-    if q.kind == "layerwise":
-        prepare_fp8_storage(transformer, dtype, "transformer", q.storage)
+    if q.method == "layerwise":
+        prepare_fp8_storage(transformer, dtype, "transformer", q.store)
     keys = [k for k in reader.keys() if k.startswith(prefix)]
     pairs = ((k[len(prefix):], t) for k, t in reader.iter_loaded(keys, dtype, device))
     assign_weights(transformer, pairs, dtype=dtype, device=device, what=what)
@@ -313,18 +312,16 @@ def load_gie_checkpoint(
 
     ``parts`` picks what to load; ``processor_dir`` supplies the Qwen tokenizer and image
     processor when the checkpoint directory lacks them. ``transformer_quantize`` /
-    ``qwen_quantize``: rows of :data:`gie_core.weights.quantize.QUANTIZATION_TABLE` ("fp8"; "int8"/"nf4"
-    for Qwen via bitsandbytes). ``lm_head``: read Qwen's output head now (by default it is read
-    the first time text is generated, i.e. only for instruction rewriting).
+    ``qwen_quantize``: rows of :data:`gie_core.weights.quantize.STORAGE_TABLE` ("fp8"; "int8"/"nf4"
+    for Qwen via bitsandbytes), checked by :func:`gie_core.weights.parts.check_load` (this is
+    the low layer it dispatches to). ``lm_head``: read Qwen's output head now (by default it is
+    read the first time text is generated, i.e. only for instruction rewriting).
     """
     from gie_core.engine.encoders import QwenVLEncoder
-    from gie_core.weights.quantize import check_quantization
 
     p = Path(path)
     cfg = gie_config(p)
     dtype = parse_dtype(dtype)
-    check_quantization("transformer", transformer_quantize, device)
-    check_quantization("qwen", qwen_quantize, device)
     unknown = set(parts) - {"encoder", "connector", "transformer"}
     if unknown:
         raise ValueError(f"parts {sorted(unknown)} are unknown; expected encoder, connector, transformer")
@@ -421,10 +418,8 @@ def load_kontext_dir(
     """Load components of a FLUX.1-Kontext-dev diffusers directory (local files only).
 
     ``transformer_quantize="fp8"`` stores the transformer's layers in float8 (see
-    :mod:`gie_core.weights.quantize`)."""
-    from gie_core.weights.quantize import check_quantization, prepare_fp8_storage, quantization
-
-    check_quantization("transformer", transformer_quantize, device)
+    :mod:`gie_core.weights.quantize`). Weights are read from safetensors only: a folder holding
+    ``.bin`` files alone is refused, naming it."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
@@ -446,6 +441,7 @@ def load_kontext_dir(
 
     def model(cls, name):
         kw = _dtype_kwarg(cls, dtype)
+        require_safetensors(sub(name))
         try:
             m = cls.from_pretrained(sub(name), local_files_only=True, use_safetensors=True, **kw)
         except (OSError, ValueError, EnvironmentError) as exc:
@@ -453,8 +449,9 @@ def load_kontext_dir(
         return m.to(device).eval().requires_grad_(False)
 
     transformer = model(FluxTransformer2DModel, "transformer") if "transformer" in parts else None
-    if transformer is not None and quantization(transformer_quantize).kind == "layerwise":
-        prepare_fp8_storage(transformer, dtype, "transformer")
+    q = storage(transformer_quantize)
+    if transformer is not None and q.method == "layerwise":
+        prepare_fp8_storage(transformer, dtype, "transformer", q.store)
     vae = model(AutoencoderKL, "vae") if "vae" in parts else None
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(sub("scheduler")) if "scheduler" in parts else None
     text = None
@@ -473,12 +470,62 @@ def load_kontext_dir(
 
 
 def load_connector(path: str | os.PathLike, *, dtype="bf16", device="cpu") -> Connector:
-    """A connector from a safetensors file (ours: ``denoise_projector.*``; or any file holding
-    the released ``denoise_tower.denoise_projector.*`` keys) or a GPT-Image-Edit directory."""
+    """The one connector loader (the CLI, the trainer, the nodes and the library alike): a
+    connector file (``gie-convert``'s, ``gie-train``'s export, or any file holding the
+    ``denoise_projector.*`` keys, also under the released ``denoise_tower.`` prefix) or a
+    GPT-Image-Edit checkpoint directory, streamed into place. Its widths come from the shapes;
+    the fusion mode a file's metadata names (``gie_fusion_mode``), if any, is kept as
+    ``.default_mode``."""
     p = Path(path)
     dtype = parse_dtype(dtype)
     if p.is_dir():
         gie_config(p)
     with CheckpointReader.open(p) as reader:
         prefix = GIE_PROJECTOR_PREFIX if any(k.startswith(GIE_PROJECTOR_PREFIX) for k in reader.keys()) else ""
-        return load_connector_from_reader(reader, prefix, str(p), dtype=dtype, device=device)
+        conn = load_connector_from_reader(reader, prefix, str(p), dtype=dtype, device=device)
+        conn.default_mode = reader.metadata.get("gie_fusion_mode") or None
+    return conn
+
+
+# --------------------------------------------------------------------------------------------
+# A stock Qwen2.5-VL transformers directory
+# --------------------------------------------------------------------------------------------
+
+
+def require_safetensors(folder: Path) -> None:
+    """Refuse a model folder whose weights are ``.bin`` only (we read safetensors, never pickles)."""
+    if any(folder.glob("*.safetensors")):
+        return
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.ckpt")):
+        raise CheckpointError(
+            f"{folder} holds its weights as .bin/.pt pickles only; only safetensors are read "
+            "(convert the folder to safetensors, e.g. with transformers' save_pretrained(safe_serialization=True))"
+        )
+
+
+def load_qwen_dir(path: str | os.PathLike, *, dtype: str | torch.dtype = "bf16", device="cpu", quantize: str = "none"):
+    """A stock Qwen2.5-VL transformers directory (e.g. Qwen2.5-VL-7B-Instruct) as the engine's
+    :class:`gie_core.engine.encoders.QwenVLEncoder` (safetensors only; ``quantize="fp8"``:
+    float8 storage with per-layer upcast)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from gie_core.engine.encoders import QwenVLEncoder
+
+    p = _check_dir(path, "Qwen2.5-VL directory")
+    if not (p / "config.json").is_file():
+        raise CheckpointError(f"{p} is not a transformers model directory (no config.json)")
+    require_safetensors(p)
+    dtype = parse_dtype(dtype)
+    try:
+        with quiet_transformers():
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                p, local_files_only=True, use_safetensors=True, attn_implementation="sdpa",
+                **_dtype_kwarg(Qwen2_5_VLForConditionalGeneration, dtype),
+            )
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"could not load the Qwen2.5-VL in {p}: {exc}") from None
+    model = model.to(device).eval().requires_grad_(False)
+    q = storage(quantize)
+    if q.method == "layerwise":
+        prepare_fp8_storage(model, dtype, "qwen", q.store)
+    return QwenVLEncoder(model, *load_qwen_processing(p))

@@ -1,18 +1,21 @@
-"""Lighter weights: the quantisation choices of each model part, as one table, and their wiring.
+"""How a part's weights are stored: the one table of storage kinds, and their mechanics.
 
-Every choice is a library's own mechanism, wired in, never a private copy:
+:data:`STORAGE_TABLE` is the only place a storage kind is described: its name, what it does,
+which parts and which sources take it, what it needs (a package, a device, loading straight onto
+the run device). :mod:`gie_core.weights.parts` checks every choice against it before a weight is
+read and dispatches; the low-level loaders below parts apply a row's ``method``. Every method is a
+library's own mechanism, wired in, never a private copy:
 
-- ``fp8``: weights stored as float8 (e4m3fn), each layer upcast to the compute dtype only while
-  it runs (diffusers' layerwise casting, :func:`diffusers.hooks.apply_layerwise_casting`); for
-  the Kontext transformer and for Qwen2.5-VL. About half the bytes of bf16.
-- ``int8`` / ``nf4``: Qwen2.5-VL through bitsandbytes (transformers' ``BitsAndBytesConfig``);
-  an optional extra (``pip install "gpt-image-edit-nodes[bnb]"``), made for CUDA GPUs.
-- GGUF files (Q8_0, Q5/Q4 ...) of the Kontext transformer are a *file* choice, not an option:
-  :mod:`gie_core.weights.gguf` loads them through diffusers' GGUF quantizer.
+- ``compute``: weights in the compute dtype (bf16/fp16/fp32);
+- ``layerwise``: weights stored in ``store`` (float8 e4m3fn), each layer upcast to the compute
+  dtype only while it runs (diffusers' layerwise casting, :func:`diffusers.hooks.apply_layerwise_casting`);
+- ``bnb``: bitsandbytes int8 / nf4 through transformers' ``BitsAndBytesConfig`` (an optional
+  extra, made for CUDA GPUs), quantised while loading onto the run device;
+- ``gguf``: a GGUF file's own block quantisation (Q8_0, Q5/Q4 ...), kept as stored and dequantised
+  per layer by diffusers' GGUF quantizer (:mod:`gie_core.weights.gguf`).
 
-The table (:data:`QUANTIZATION_TABLE`) says which part takes which choice; the CLI, the
-loaders and the nodes read it. Precision-critical small layers stay in the compute dtype (see
-``FP8_KEEP``), as in ComfyUI's fp8 files.
+Precision-critical small layers stay in the compute dtype under fp8 (see ``FP8_KEEP``), as in
+ComfyUI's fp8 files. (fp8 compute, i.e. fp8 matmuls, is not implemented: no row pretends it is.)
 """
 
 from __future__ import annotations
@@ -24,44 +27,83 @@ import torch
 
 __all__ = [
     "FP8_KEEP",
+    "NO_QUANTIZATION",
+    "STORAGE_TABLE",
+    "Storage",
     "adapters_in_compute_dtype",
-    "QUANTIZATION_TABLE",
-    "QWEN_QUANTIZATIONS",
-    "TRANSFORMER_QUANTIZATIONS",
-    "Quantization",
     "bnb_config",
-    "check_quantization",
+    "package_available",
     "prepare_fp8_storage",
-    "quantization",
+    "quantize_choices",
+    "storage",
 ]
 
-PARTS = ("transformer", "qwen")
+# Every part :mod:`gie_core.weights.parts` loads (the task head joins as one more name when it exists).
+ALL_PARTS = ("transformer", "qwen", "t5", "clip", "vae", "connector", "lora")
+WEIGHT_PARTS = tuple(p for p in ALL_PARTS if p != "lora")  # a LoRA takes its transformer's storage
+# Kinds of sources (see gie_core.weights.parts.Source).
+ALL_SOURCES = ("gie_dir", "kontext_dir", "qwen_dir", "file", "gguf")
+TENSOR_SOURCES = tuple(s for s in ALL_SOURCES if s != "gguf")
 
 
 @dataclass(frozen=True)
-class Quantization:
-    """One row: how a part's weights are stored."""
+class Storage:
+    """One row: a way a part's weights are stored."""
 
     name: str
-    parts: tuple[str, ...]  # the model parts that accept it
-    kind: str  # "none", "layerwise" (diffusers layerwise casting) or "bnb" (bitsandbytes)
-    storage: torch.dtype | None = None  # layerwise: the stored dtype
+    description: str
+    parts: tuple[str, ...]  # the parts that accept it
+    sources: tuple[str, ...]  # the source kinds it applies to
+    method: str  # "auto", "compute", "layerwise", "bnb" or "gguf" (see the module docstring)
+    store: torch.dtype | None = None  # compute: the dtype itself; layerwise: the stored dtype
     bits: int = 0  # bnb: 8 or 4
-    description: str = ""
+    package: str = ""  # an optional package it needs
+    devices: tuple[str, ...] = ()  # device types it runs on (empty: any)
+    run_device: bool = False  # loads straight onto the run device (its weights cannot move afterwards)
+    quantizes: bool = False  # a "lighter weights" choice the faces offer beside "none"
 
 
-QUANTIZATION_TABLE: tuple[Quantization, ...] = (
-    Quantization("none", PARTS, "none", description="weights in the compute dtype (bf16 on GPUs)"),
-    Quantization("fp8", PARTS, "layerwise", storage=torch.float8_e4m3fn,
-                 description="float8 e4m3fn storage, each layer upcast while it runs (~0.5x the bytes of bf16)"),
-    Quantization("int8", ("qwen",), "bnb", bits=8,
-                 description="bitsandbytes LLM.int8 (optional extra 'bnb'; CUDA)"),
-    Quantization("nf4", ("qwen",), "bnb", bits=4,
-                 description="bitsandbytes 4-bit NF4, compute in the model dtype (optional extra 'bnb'; CUDA)"),
-)
-_BY_NAME = {q.name: q for q in QUANTIZATION_TABLE}
-TRANSFORMER_QUANTIZATIONS: tuple[str, ...] = tuple(q.name for q in QUANTIZATION_TABLE if "transformer" in q.parts)
-QWEN_QUANTIZATIONS: tuple[str, ...] = tuple(q.name for q in QUANTIZATION_TABLE if "qwen" in q.parts)
+STORAGE_TABLE: dict[str, Storage] = {
+    s.name: s
+    for s in (
+        Storage("auto", "the compute dtype; a GGUF file as stored", ALL_PARTS, ALL_SOURCES, "auto"),
+        Storage("bf16", "bfloat16 weights, computed in bfloat16", WEIGHT_PARTS, TENSOR_SOURCES, "compute", torch.bfloat16),
+        Storage("fp16", "float16 weights, computed in float16", WEIGHT_PARTS, TENSOR_SOURCES, "compute", torch.float16),
+        Storage("fp32", "float32 weights, computed in float32", WEIGHT_PARTS, TENSOR_SOURCES, "compute", torch.float32),
+        Storage("fp8", "float8 e4m3fn storage, each layer upcast while it runs (~0.5x the bytes of bf16)",
+                ("transformer", "qwen"), TENSOR_SOURCES, "layerwise", torch.float8_e4m3fn, quantizes=True),
+        Storage("int8", "bitsandbytes LLM.int8 (optional extra 'bnb'; CUDA)", ("qwen",), ("gie_dir",), "bnb", bits=8,
+                package="bitsandbytes", devices=("cuda", "cpu"), run_device=True, quantizes=True),
+        Storage("nf4", "bitsandbytes 4-bit NF4, compute in the model dtype (optional extra 'bnb'; CUDA)", ("qwen",),
+                ("gie_dir",), "bnb", bits=4, package="bitsandbytes", devices=("cuda", "cpu"), run_device=True,
+                quantizes=True),
+        Storage("gguf", "a GGUF file's block quantisation, kept as stored, dequantised per layer", ("transformer",),
+                ("gguf",), "gguf", package="gguf"),
+    )
+}
+# The word the faces (gie-edit --quantize-*, the loader nodes' *_quantize) use for "no quantisation".
+NO_QUANTIZATION = "none"
+
+
+def storage(name: str | None) -> Storage:
+    """The row of ``name`` ("none" and None mean "auto"), or ``ValueError`` naming the choices."""
+    key = "auto" if name in (None, "", NO_QUANTIZATION) else name
+    try:
+        return STORAGE_TABLE[key]
+    except KeyError:
+        raise ValueError(f"quantization '{name}' is unknown; expected one of "
+                         f"{', '.join((NO_QUANTIZATION, *STORAGE_TABLE))}") from None
+
+
+def quantize_choices(part: str) -> tuple[str, ...]:
+    """What the faces offer for ``part``'s "quantize" option: "none" and the lighter rows."""
+    return (NO_QUANTIZATION, *(s.name for s in STORAGE_TABLE.values() if s.quantizes and part in s.parts))
+
+
+def package_available(name: str) -> bool:
+    """Whether an optional package is installed (without importing it)."""
+    return importlib.util.find_spec(name) is not None
+
 
 # Layers kept in the compute dtype under fp8 storage (regular expressions searched in module
 # names). Transformer: the input embedders, the timestep/guidance/pooled MLPs, the final
@@ -75,40 +117,6 @@ FP8_KEEP: dict[str, tuple[str, ...]] = {
 }
 
 
-def quantization(name: str) -> Quantization:
-    """The row of ``name``, or ``ValueError`` naming the choices."""
-    try:
-        return _BY_NAME[name]
-    except KeyError:
-        raise ValueError(f"quantization '{name}' is unknown; expected one of {', '.join(_BY_NAME)}") from None
-
-
-def check_quantization(part: str, name: str | None, device: torch.device | str | None = None) -> str:
-    """``name`` checked for ``part`` ("transformer" or "qwen") on ``device``, before anything
-    loads: a choice the part does not take, bitsandbytes missing or an unsupported device is a
-    ``ValueError`` saying what to do. None means "none"."""
-    name = "none" if name in (None, "") else name
-    if part not in PARTS:
-        raise ValueError(f"model part '{part}' is unknown; expected one of {', '.join(PARTS)}")
-    q = quantization(name)
-    if part not in q.parts:
-        allowed = TRANSFORMER_QUANTIZATIONS if part == "transformer" else QWEN_QUANTIZATIONS
-        raise ValueError(f"{part} quantization '{name}' is not available for the {part}; expected one of {', '.join(allowed)}"
-                         + (" (GGUF transformers are chosen by the file: pass a .gguf file)" if part == "transformer" else ""))
-    if q.kind == "layerwise" and not hasattr(torch, "float8_e4m3fn"):
-        raise ValueError(f"{part} quantization '{name}' needs a torch with float8 dtypes (torch {torch.__version__} has none)")
-    if q.kind == "bnb":
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ValueError(
-                f"{part} quantization '{name}' needs bitsandbytes, which is not installed: "
-                "pip install \"gpt-image-edit-nodes[bnb]\" (CUDA GPUs), or use 'fp8'"
-            )
-        dev = torch.device(device) if device is not None else None
-        if dev is not None and dev.type not in ("cuda", "cpu"):
-            raise ValueError(f"{part} quantization '{name}' (bitsandbytes) runs on CUDA GPUs, not on '{dev}'; use 'fp8'")
-    return name
-
-
 def prepare_fp8_storage(model: torch.nn.Module, compute_dtype: torch.dtype, part: str,
                         storage: torch.dtype | None = None) -> torch.nn.Module:
     """Store ``model``'s layers in float8 and upcast each to ``compute_dtype`` while it runs
@@ -120,7 +128,7 @@ def prepare_fp8_storage(model: torch.nn.Module, compute_dtype: torch.dtype, part
     """
     from diffusers.hooks import apply_layerwise_casting
 
-    storage = storage or quantization("fp8").storage
+    storage = storage or STORAGE_TABLE["fp8"].store
     if compute_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         raise ValueError("the compute dtype of fp8 storage must be bf16, fp16 or fp32")
     apply_layerwise_casting(model, storage_dtype=storage, compute_dtype=compute_dtype,
@@ -156,10 +164,10 @@ def adapters_in_compute_dtype(model: torch.nn.Module) -> int:
 def bnb_config(name: str, compute_dtype: torch.dtype):
     """transformers' ``BitsAndBytesConfig`` of a bnb row (the output head and vision tower
     stay in ``compute_dtype``)."""
-    from transformers import BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig  # optional: bitsandbytes behind it
 
-    q = quantization(name)
-    if q.kind != "bnb":
+    q = storage(name)
+    if q.method != "bnb":
         raise ValueError(f"quantization '{name}' is not a bitsandbytes one")
     # transformers 5 matches from the module path's start ("model.visual"), 4.x anywhere ("visual")
     skip = ["lm_head", "model.visual", "visual"]

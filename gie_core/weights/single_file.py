@@ -143,7 +143,21 @@ def detect_single_file_kind(path: str | os.PathLike) -> str:
         return _detect(reader, path)[0]
 
 
-def _require_kind(reader: CheckpointReader, path, wanted: tuple[str, ...]) -> tuple[str, str]:
+def file_kinds(path: str | os.PathLike) -> dict[str, str]:
+    """``{kind: key prefix}`` of every model kind a safetensors file holds (header only; an
+    all-in-one checkpoint holds several). Raises :class:`CheckpointError` for a missing or
+    corrupt file."""
+    with CheckpointReader.open(path) as reader:
+        return _find_components(reader)
+
+
+def describe_file(path: str | os.PathLike) -> str:
+    """What a file that holds none of :data:`KINDS` starts with, for error messages."""
+    with CheckpointReader.open(path) as reader:
+        return _describe_keys(reader)
+
+
+def require_kind(reader: CheckpointReader, path, wanted: tuple[str, ...]) -> tuple[str, str]:
     """``(kind, prefix)`` of the wanted component, or a CheckpointError saying what the file is."""
     found = _find_components(reader)
     for kind in wanted:
@@ -432,7 +446,7 @@ def load_bfl_transformer(
     from diffusers import FluxTransformer2DModel
 
     with CheckpointReader.open(path) as reader:
-        kind, prefix = _require_kind(reader, path, ("bfl_transformer", "diffusers_transformer"))
+        kind, prefix = require_kind(reader, path, ("bfl_transformer", "diffusers_transformer"))
         _check_quant_formats(reader, path)
         bfl = kind == "bfl_transformer"
         config, mlp_hidden = _flux_config_from_shapes(reader, prefix, path, bfl=bfl)
@@ -550,7 +564,7 @@ def load_bfl_vae(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     from diffusers import AutoencoderKL
 
     with CheckpointReader.open(path) as reader:
-        _, prefix = _require_kind(reader, path, ("vae",))
+        _, prefix = require_kind(reader, path, ("vae",))
         _check_quant_formats(reader, path)
         ldm = prefix + "encoder.down.0.block.0.conv1.weight" in reader
         config = _vae_config_from_shapes(reader, prefix, path, ldm=ldm)
@@ -588,7 +602,7 @@ def load_t5_encoder(path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloa
     from transformers import T5Config, T5EncoderModel
 
     with CheckpointReader.open(path) as reader:
-        _, prefix = _require_kind(reader, path, ("t5",))
+        _, prefix = require_kind(reader, path, ("t5",))
         _check_quant_formats(reader, path)
         keys = [k[len(prefix):] for k in reader.keys() if k.startswith(prefix)]
 
@@ -660,7 +674,7 @@ def load_clip_text(
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with CheckpointReader.open(path) as reader:
-        _, base = _require_kind(reader, path, ("clip",))
+        _, base = require_kind(reader, path, ("clip",))
         _check_quant_formats(reader, path)
         keys = [k[len(base):] for k in reader.keys() if k.startswith(base)]
 
@@ -705,6 +719,7 @@ __all__ = [
     "KINDS",
     "bfl_flux_key_to_diffusers",
     "detect_single_file_kind",
+    "file_kinds",
     "ldm_vae_key_to_diffusers",
     "load_bfl_transformer",
     "load_bfl_vae",
@@ -713,6 +728,7 @@ __all__ = [
     "load_t5_encoder",
     "model_kwargs",
     "read_upcast",
+    "require_kind",
 ]
 
 
@@ -802,7 +818,7 @@ def load_qwen_file(
 
     tokenizer, image_processor, processor = qwen_processing(tokenizer_dir, preprocessor_dir)
     with CheckpointReader.open(path) as reader:
-        _require_kind(reader, path, ("qwen2.5-vl",))
+        require_kind(reader, path, ("qwen2.5-vl",))
         _check_quant_formats(reader, path)
         has_head = "lm_head.weight" in reader
         if lm_head and not has_head:
@@ -831,15 +847,3 @@ def load_qwen_file(
     return QwenVLEncoder(model.eval().requires_grad_(False), tokenizer, image_processor, processor)
 
 
-def load_connector_file(path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16, device="cpu"):
-    """A connector from one file (``gie-convert``'s, ``gie-train``'s export, or any file with the
-    ``denoise_projector.*`` keys); its metadata's fusion mode, if any, is kept as ``.default_mode``."""
-    from gie_core.engine.connector import Connector
-
-    with CheckpointReader.open(path) as reader:
-        _require_kind(reader, path, ("connector",))
-        state = {k: reader.read(k) for k in reader.keys()}
-        mode = reader.metadata.get("gie_fusion_mode")
-    conn = Connector.from_state_dict(state).to(device=device, dtype=dtype).eval().requires_grad_(False)
-    conn.default_mode = mode
-    return conn
