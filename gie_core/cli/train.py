@@ -127,7 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted; resume with --checkpoint.resume latest")
         return 130
-    except (ValueError, FileNotFoundError, OSError) as exc:
+    except OSError as exc:  # a full disk names its path: see gie_core.files.describe_os_error
+        from gie_core.files import describe_os_error
+
+        log.error("%s", describe_os_error(exc))
+        return 2
+    except ValueError as exc:
         log.error("%s", exc)
         return 2
 

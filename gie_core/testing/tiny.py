@@ -21,12 +21,11 @@ import inspect
 import json
 import os
 import re
-import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from gie_core.files import atomic_folder
 from gie_core.testing.tiny_configs import (
     TINY_CLIP_TEXT,
     TINY_CONNECTOR,
@@ -810,9 +809,9 @@ def build_tiny_model_set(root: Path) -> TinyModelSet:
     """Build (or reuse) the whole tiny set under ``root`` and return its paths.
 
     Idempotent: a ``.complete`` marker holding the set's version string means the set is reused
-    as is. Otherwise everything is built in a temporary sibling directory and renamed into place,
-    so an interrupted build never leaves a half set. A ``root`` that exists with other contents
-    and no marker is refused rather than deleted.
+    as is. Otherwise everything is built in a temporary sibling directory and swapped into place
+    (:func:`gie_core.files.atomic_folder`), so an interrupted build never leaves a half set. A
+    ``root`` that exists with other contents and no marker is refused rather than deleted.
     """
     root = Path(root).expanduser()
     version = _set_version()
@@ -825,26 +824,13 @@ def build_tiny_model_set(root: Path) -> TinyModelSet:
                 f"tiny model root {root} exists and is not a tiny model set (no {MARKER_NAME} "
                 "marker); remove it or choose another directory"
             )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+    # another process may finish the same build meanwhile: then its set is kept and ours dropped
+    with atomic_folder(root, fsync=False, keep_existing=lambda: _is_complete(root, version)) as tmp:
         built = _layout(tmp)
         build_tokenizers(tmp / "tokenizers")
         build_kontext_dir(built.kontext_dir, seed=0)
         build_gie_checkpoint(built.gie_dir, kontext_dir=built.kontext_dir, seed=1)
         (tmp / MARKER_NAME).write_text(version + "\n", encoding="utf-8")
-        if _is_complete(root, version):  # another process finished the same build meanwhile
-            return _layout(root)
-        if root.exists():  # stale version or empty directory
-            shutil.rmtree(root)
-        try:
-            os.replace(tmp, root)
-        except OSError:
-            # Another process finished the same build first: use theirs.
-            if not _is_complete(root, version):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return _layout(root)
 
 

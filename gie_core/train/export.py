@@ -14,8 +14,9 @@
   names), read by :func:`gie_core.weights.loading.load_gie_checkpoint` and ``gie-edit --model``.
 
 Every file is written through :func:`gie_core.files.atomic_write` (a temporary file beside the
-target, renamed when complete, normal permissions); the released-layout directory is built in a
-sibling folder (made with ``mkdir``, so normal permissions too) and renamed into place.
+target, renamed when complete, normal permissions); the released-layout directory is built by
+:func:`gie_core.files.atomic_folder` (a hidden sibling folder, flushed and swapped into place, the
+old one removed only after the new is there).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from gie_core.files import atomic_write, atomic_write_text, temporary_path
+from gie_core.files import atomic_folder, atomic_write, atomic_write_text, temporary_path
 from gie_core.weights.loading import GIE_DENOISER_PREFIX, GIE_PROJECTOR_PREFIX, gie_config, parse_dtype, released_qwen_key
 from gie_core.weights.reader import CheckpointReader
 from gie_core.train.checkpoint import save_safetensors
@@ -195,17 +196,13 @@ def export_released_dir(
 
     The Qwen2.5-VL part is streamed from ``gie_dir`` (names kept) or taken from ``qwen_model``
     (renamed to the release's pre-4.52 names); the processor files come from ``processor_dir``
-    (default ``gie_dir``). The directory is built beside ``out_dir`` and renamed into place.
+    (default ``gie_dir``). The directory appears complete or not at all (:func:`gie_core.files.atomic_folder`).
     """
     out = Path(out_dir)
     dt = parse_dtype(dtype)
     if gie_dir is None and qwen_model is None:
         raise ValueError("a released-layout export needs the Qwen2.5-VL weights: a GPT-Image-Edit directory or a loaded model")
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(out) as tmp:
         writer = _ShardWriter(tmp, max_shard_bytes)
         if gie_dir is not None:
             base = gie_config(gie_dir)
@@ -245,10 +242,4 @@ def export_released_dir(
             for name in _PROCESSOR_FILES:
                 if (src / name).is_file():
                     shutil.copy2(src / name, tmp / name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
