@@ -1,7 +1,8 @@
 """What the ``gie-*`` commands share: the error contract, input images, outputs, device and dtype.
 
 Exit codes: 0 done; 2 bad input (a message naming the input, nothing written); 1 a failure
-while running (e.g. the output folder became unwritable); 130 interrupted (nothing written).
+while running (e.g. the output folder became unwritable, the disk full); 130 interrupted (nothing
+written, or, for ``--jobs``, a message counting the complete outputs written and where).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ def run_command(prog: str, run: Callable[[], int]) -> int:
     except (ValueError, TypeError) as exc:  # CheckpointError, DataError, ConfigError are ValueErrors
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; no output written", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # a run that wrote some outputs says so (e.g. engine.jobs.JobsInterrupted)
+        print(f"{prog}: interrupted {exc}" if str(exc) else f"{prog}: interrupted; no output written", file=sys.stderr)
         return 130
     except OSError as exc:  # disk full, folder removed or made read-only while running
         print(f"{prog}: error: {describe_os_error(exc)}; no partial output was left", file=sys.stderr)
