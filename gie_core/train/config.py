@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+import yaml
+
 from gie_core.constants import (
     DEFAULT_GUIDANCE,
     DEFAULT_SEED,
@@ -40,6 +42,7 @@ from gie_core.constants import (
     STEPS_RANGE,
 )
 from gie_core.engine.modes import FUSION_MODE_TABLE, TRAINABLE_MODES, fusion_mode
+from gie_core.files import read_text
 
 
 class ConfigError(ValueError):
@@ -97,21 +100,21 @@ def _prodigy_state(shape: tuple[int, ...]) -> int:
 
 
 def _build_adamw(params, cfg: TrainConfig, **_):
-    import torch
+    import torch  # start-up: gie-train --help and config checks run without loading torch
 
     return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                              weight_decay=cfg.optim.weight_decay)
 
 
 def _build_adamw8bit(params, cfg: TrainConfig, **_):
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # optional: bitsandbytes (the bnb extra)
 
     return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                weight_decay=cfg.optim.weight_decay, min_8bit_size=BNB_MIN_8BIT_SIZE)
 
 
 def _build_adafactor(params, cfg: TrainConfig, **_):
-    from transformers.optimization import Adafactor
+    from transformers.optimization import Adafactor  # start-up: only a run with this optimizer needs it
 
     # a fixed learning rate (the schedule is optim.lr_scheduler's), no first moment (the memory saving)
     return Adafactor(params, lr=cfg.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False,
@@ -119,7 +122,7 @@ def _build_adafactor(params, cfg: TrainConfig, **_):
 
 
 def _build_prodigy(params, cfg: TrainConfig, sharded: bool = False, **_):
-    from prodigyopt import Prodigy
+    from prodigyopt import Prodigy  # start-up: only a run with this optimizer needs it
 
     return Prodigy(params, lr=cfg.learning_rate, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
                    eps=cfg.optim.eps, fsdp_in_use=sharded)
@@ -495,7 +498,7 @@ class TrainConfig:
 
 
 def _torch_has(name: str) -> bool:
-    import torch
+    import torch  # start-up: see _build_adamw
 
     return hasattr(torch, name)
 
@@ -624,8 +627,6 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):
-                import yaml
-
                 try:
                     value = yaml.safe_load(text)
                 except yaml.YAMLError as exc:
@@ -656,10 +657,13 @@ def read_config_file(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = read_text(p, "config file")
+    except ValueError as exc:  # not UTF-8: the file and where
+        raise ConfigError(str(exc)) from None
     if p.suffix.lower() == ".toml":
         try:
-            import tomllib
+            import tomllib  # optional: Python 3.11+, else the tomli package
         except ImportError:  # Python 3.10
             try:
                 import tomli as tomllib
@@ -670,8 +674,6 @@ def read_config_file(path: str | Path) -> dict:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{p} is not valid TOML: {exc}") from None
     if p.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageChops, UnidentifiedImageError
 
 from gie_core.constants import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, QWEN_IMAGE_SIZE, SIZE_MULTIPLE
-from gie_core.files import atomic_write_text
+from gie_core.files import atomic_write_text, read_text
 from gie_core.imaging.images import load_image
 from gie_core.imaging.ratio import nearest_ratio, parse_ratios
 
@@ -155,6 +155,13 @@ class DataSource:
     line: int = 0
 
 
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return read_text(path, what)
+    except ValueError as exc:  # not UTF-8 (the file, line and byte named) or unreadable
+        raise DataError(str(exc)) from None
+
+
 def _resolve(path: str, base: Path) -> Path:
     p = Path(path).expanduser()
     if p.is_absolute():
@@ -174,7 +181,7 @@ def read_data_txt(path: str | os.PathLike) -> list[DataSource]:
     if not p.is_file():
         raise DataError(f"data.txt {p} does not exist")
     sources = []
-    for n, raw in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, raw in enumerate(_read_text(p, "data.txt").splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -264,7 +271,7 @@ def parse_record(obj, image_root: Path, region_weighting: bool) -> EditRecord:
 
 def _iter_annotation_objects(path: Path, problems: ProblemLog):
     """Yield (where, object) from a JSON list/object file or a JSON-lines file."""
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = _read_text(path, "annotation file")  # a file not UTF-8 is a setup error: its instructions would be garbled
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
