@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 
 COMMANDS = ("train", "cache", "export", "plan")
@@ -65,6 +66,31 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     return p
 
 
+def layering_hint(command: str, argv: list[str], config_files: list[str]) -> str:
+    """For a config file given without the one it is layered over (its opening comment says
+    "layered over training/stage2.yaml", as training/24gb_stage2.yaml does): what it is layered
+    over, and the exact command with that file put before it. "" when nothing is missing."""
+    from gie_core.train.config import missing_bases
+
+    missing = missing_bases(config_files)
+    if not missing:
+        return ""
+    fixed = list(argv)
+    for overlay, base in missing:
+        if f"--config={overlay}" in fixed:
+            i = fixed.index(f"--config={overlay}")
+            fixed[i:i] = [f"--config={base}"]
+        elif overlay in fixed:
+            i = fixed.index(overlay)
+            if i > 0 and fixed[i - 1] == "--config":
+                fixed[i - 1:i - 1] = ["--config", str(base)]
+            else:
+                fixed[i:i] = [str(base)]
+    prog = "gie-train" if command == "train" else f"gie-train {command}"
+    what = "; ".join(f"{overlay} is layered over {base}" for overlay, base in missing)
+    return f"{what}; give that first:\n  {prog} {shlex.join(fixed)}"
+
+
 def _setup_logging() -> None:
     main_process = int(os.environ.get("RANK", "0")) == 0  # other processes of a launch report only problems
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -83,13 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     args, extras = parser.parse_known_args(argv)
     if command == "plan":
         args.config = list(args.config_files) + list(args.config)
+    layering = layering_hint(command, argv, args.config)
     try:
         reject_unknown_arguments(extras)
         cfg = config_from_args(args, for_training=command not in ("export", "plan"))
     except ConfigError as exc:
-        parser.error(str(exc))
+        parser.error(f"{exc}\nnote: {layering}" if layering else str(exc))
     if command == "plan":
+        if layering:
+            print(f"note: {layering}")
         return _plan(parser, args, cfg)
+    if layering:
+        print(f"gie-train: note: {layering}", file=sys.stderr)
     _setup_logging()
     log = logging.getLogger("gie_core.train")
     try:

@@ -23,6 +23,8 @@ import difflib
 import json
 import importlib.util
 import math
+import os
+import re
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -140,6 +142,17 @@ class OptimizerSpec:
     step_bytes_per_param: int  # transient bytes per trained parameter during step() (torch's foreach AdamW: a sqrt copy)
     build: Callable  # (params, cfg, sharded=False) -> torch.optim.Optimizer
     help: str
+
+    @property
+    def installed(self) -> bool:
+        """Whether its package can be imported here (only a training run needs it; ``gie-train
+        plan`` suggests only installed ones)."""
+        return self.package is None or importlib.util.find_spec(self.package) is not None
+
+    @property
+    def missing(self) -> str:
+        """Why it cannot run here ("" when it can)."""
+        return "" if self.installed else f"{self.package} is not installed ({self.install})"
 
 
 OPTIMIZER_TABLE: dict[str, OptimizerSpec] = {
@@ -401,8 +414,8 @@ class TrainConfig:
         choice("export.dtype", DTYPE_NAMES)
         opt = optimizer_spec(self.optim.optimizer)
         # planning and exporting run no optimizer: only a training run needs its package
-        if for_training and opt.package and importlib.util.find_spec(opt.package) is None:
-            raise ConfigError(f"optim.optimizer is '{opt.name}' but {opt.package} is not installed ({opt.install})")
+        if for_training and opt.missing:
+            raise ConfigError(f"optim.optimizer is '{opt.name}' but {opt.missing}")
         if self.train.stage == 1 and self.trainable_set != "connector":
             raise ConfigError(
                 f"train.trainable is '{self.train.trainable}' but stage 1 trains only the connector; "
@@ -680,6 +693,46 @@ def read_config_file(path: str | Path) -> dict:
             raise ConfigError(f"{p} is not valid YAML: {exc}") from None
         return data or {}
     raise ConfigError(f"config file {p} must end in .yaml, .yml or .toml")
+
+
+# An overlay config says in its opening comment what it is layered over ("layered over
+# training/stage2.yaml"): gie-train reads that to say how to run it when it is given alone.
+_LAYERED_OVER = re.compile(r"layered over\s+(\S+?\.(?:ya?ml|toml))\b")
+
+
+def layered_over(path: str | Path) -> Path | None:
+    """The config file that ``path`` says, in its opening comment lines, it is layered over
+    (a path as written, found from the working directory or a folder above ``path``), or None."""
+    p = Path(path)
+    try:
+        text = read_text(p, "config file")
+    except ValueError:
+        return None
+    head = []
+    for line in text.splitlines():
+        if not line.lstrip().startswith("#"):
+            break
+        head.append(line)
+    m = _LAYERED_OVER.search(" ".join(head))
+    if not m:
+        return None
+    base = Path(m.group(1))
+    for folder in (Path.cwd(), *p.resolve().parents):
+        if (folder / base).is_file() and (folder / base).resolve() != p.resolve():
+            return base if folder == Path.cwd() else Path(os.path.relpath(folder / base))
+    return None
+
+
+def missing_bases(paths: list[str]) -> list[tuple[str, Path]]:
+    """(overlay, base) for each config file of ``paths`` (in order) that is layered over a file
+    not given before it."""
+    missing, given = [], []
+    for path in paths:
+        base = layered_over(path)
+        if base is not None and base.resolve() not in given:
+            missing.append((str(path), base))
+        given.append(Path(path).resolve())
+    return missing
 
 
 def option_flags(key: str) -> list[str]:
