@@ -384,34 +384,9 @@ class TrainConfig:
         return self.train.stage == 1 or self.train.train_connector
 
     def check(self, for_training: bool = True) -> TrainConfig:
-        """Reject inconsistent options, naming them."""
-        def choice(key, choices):
-            v = self.get(key)
-            if v not in choices:
-                raise ConfigError(f"{key} is '{v}'; expected one of {', '.join(map(str, choices))}")
-
-        choice("train.stage", STAGES)
-        trainable_modes = [n for n, m in FUSION_MODE_TABLE.items() if m.trainable]  # the table, as it is now
-        if self.model.mode not in trainable_modes:
-            if self.model.mode not in FUSION_MODE_TABLE:
-                raise ConfigError(f"model.mode is '{self.model.mode}'; expected one of {', '.join(trainable_modes)}")
-            raise ConfigError(
-                f"model.mode is '{self.model.mode}' but that mode has no connector to train; "
-                f"expected one of {', '.join(trainable_modes)}"
-            )
-        spec = fusion_mode(self.model.mode)
-        choice("train.trainable", ("auto",) + TRAINABLE_SETS)
-        choice("optim.optimizer", OPTIMIZERS)
-        choice("train.mixed_precision", MIXED_PRECISION)
-        for key in ("memory.transformer_dtype", "memory.encoder_dtype", "memory.vae_dtype"):
-            choice(key, STORAGE_DTYPES)
-        self._check_memory()
-        choice("data.bucketing", BUCKETING)
-        choice("data.region_weighting", REGION_WEIGHTING)
-        choice("train.weight_scheme", WEIGHT_SCHEMES)
-        choice("optim.lr_scheduler", LR_SCHEDULERS)
-        choice("data.cache_dtype", DTYPE_NAMES)
-        choice("export.dtype", DTYPE_NAMES)
+        """Reject inconsistent options, naming them (``for_training``: also what only a training
+        run needs: its optimizer's package, data.txt, the model folders)."""
+        self._check_choices()
         opt = optimizer_spec(self.optim.optimizer)
         # planning and exporting run no optimizer: only a training run needs its package
         if for_training and opt.missing:
@@ -423,6 +398,45 @@ class TrainConfig:
             )
         if self.train.stage == 2 and self.trainable_set == "connector" and not self.train.train_connector:
             raise ConfigError("stage 2 with train.trainable 'connector' and train.train_connector false trains nothing")
+        self._check_numbers()
+        if self.model.init_transformer == "gie" and not self.model.gie:
+            raise ConfigError("model.init_transformer is 'gie' but model.gie (a GPT-Image-Edit directory) is not set")
+        if fusion_mode(self.model.mode).queries and self.model.num_queries < 1:
+            raise ConfigError(f"model.num_queries must be at least 1 for mode '{self.model.mode}' (it learns query tokens)")
+        self._check_validation_pairs()
+        if for_training:
+            self._check_run_inputs()
+        return self
+
+    def _choice(self, key: str, choices) -> None:
+        v = self.get(key)
+        if v not in choices:
+            raise ConfigError(f"{key} is '{v}'; expected one of {', '.join(map(str, choices))}")
+
+    def _check_choices(self) -> None:
+        """Every option with a fixed set of values (and the mode: one with a connector to train)."""
+        self._choice("train.stage", STAGES)
+        trainable_modes = [n for n, m in FUSION_MODE_TABLE.items() if m.trainable]  # the table, as it is now
+        if self.model.mode not in trainable_modes:
+            if self.model.mode not in FUSION_MODE_TABLE:
+                raise ConfigError(f"model.mode is '{self.model.mode}'; expected one of {', '.join(trainable_modes)}")
+            raise ConfigError(
+                f"model.mode is '{self.model.mode}' but that mode has no connector to train; "
+                f"expected one of {', '.join(trainable_modes)}"
+            )
+        self._choice("train.trainable", ("auto",) + TRAINABLE_SETS)
+        self._choice("optim.optimizer", OPTIMIZERS)
+        self._choice("train.mixed_precision", MIXED_PRECISION)
+        for key in ("memory.transformer_dtype", "memory.encoder_dtype", "memory.vae_dtype"):
+            self._choice(key, STORAGE_DTYPES)
+        self._check_memory()
+        for key, choices in (("data.bucketing", BUCKETING), ("data.region_weighting", REGION_WEIGHTING),
+                             ("train.weight_scheme", WEIGHT_SCHEMES), ("optim.lr_scheduler", LR_SCHEDULERS),
+                             ("data.cache_dtype", DTYPE_NAMES), ("export.dtype", DTYPE_NAMES)):
+            self._choice(key, choices)
+
+    def _check_numbers(self) -> None:
+        """Counts, ranges and rates."""
         for key in ("data.batch_size", "train.max_steps", "train.gradient_accumulation", "data.resolution", "lora.rank"):
             if self.get(key) < 1:
                 raise ConfigError(f"{key} is {self.get(key)} but must be at least 1")
@@ -444,10 +458,8 @@ class TrainConfig:
             raise ConfigError(f"lora.dropout is {self.lora.dropout} but must be in [0, 1)")
         if self.learning_rate <= 0:
             raise ConfigError(f"optim.lr is {self.learning_rate} but must be positive")
-        if self.model.init_transformer == "gie" and not self.model.gie:
-            raise ConfigError("model.init_transformer is 'gie' but model.gie (a GPT-Image-Edit directory) is not set")
-        if spec.queries and self.model.num_queries < 1:
-            raise ConfigError(f"model.num_queries must be at least 1 for mode '{self.model.mode}' (it learns query tokens)")
+
+    def _check_validation_pairs(self) -> None:
         for i, pair in enumerate(self.validation.pairs):
             if not isinstance(pair, dict) or set(pair) != {"image", "instruction"}:
                 raise ConfigError(f"validation.pairs[{i}] must be {{image: PATH, instruction: TEXT}}, not {pair!r}")
@@ -455,18 +467,19 @@ class TrainConfig:
                 raise ConfigError(f"validation.pairs[{i}].image must be a path, not {pair['image']!r}")
             if not isinstance(pair["instruction"], str) or not pair["instruction"].strip():
                 raise ConfigError(f"validation.pairs[{i}].instruction must be a non-empty text, not {pair['instruction']!r}")
-        if for_training:
-            if not self.data.data_txt:
-                raise ConfigError("data.data_txt is not set (the data.txt listing image roots and annotation files)")
-            if not self.model.kontext:
-                raise ConfigError("model.kontext is not set (a FLUX.1-Kontext-dev diffusers directory: VAE, CLIP, T5, scheduler)")
-            # Qwen runs when features are encoded on the fly, when learned queries read it, and for validation
-            needs_qwen = not self.data.use_cache or spec.queries or self.validation.every > 0
-            if needs_qwen and not (self.model.gie or self.model.qwen):
-                raise ConfigError("the Qwen2.5-VL encoder is needed: set model.gie (GPT-Image-Edit directory) or model.qwen")
-            if self.data.use_cache and not self.data.cache_dir:
-                raise ConfigError("data.use_cache is true but data.cache_dir is not set")
-        return self
+
+    def _check_run_inputs(self) -> None:
+        """What a training run reads: data.txt, the Kontext folder, a Qwen2.5-VL, the cache folder."""
+        if not self.data.data_txt:
+            raise ConfigError("data.data_txt is not set (the data.txt listing image roots and annotation files)")
+        if not self.model.kontext:
+            raise ConfigError("model.kontext is not set (a FLUX.1-Kontext-dev diffusers directory: VAE, CLIP, T5, scheduler)")
+        # Qwen runs when features are encoded on the fly, when learned queries read it, and for validation
+        needs_qwen = not self.data.use_cache or fusion_mode(self.model.mode).queries or self.validation.every > 0
+        if needs_qwen and not (self.model.gie or self.model.qwen):
+            raise ConfigError("the Qwen2.5-VL encoder is needed: set model.gie (GPT-Image-Edit directory) or model.qwen")
+        if self.data.use_cache and not self.data.cache_dir:
+            raise ConfigError("data.use_cache is true but data.cache_dir is not set")
 
     def _check_memory(self) -> None:
         """The memory options against the rest (the distributed engine is checked by the trainer)."""
