@@ -695,27 +695,9 @@ def build_gie_checkpoint(path: Path, kontext_dir: Path | None = None, seed: int 
     qwen = _build_qwen_model(flat)
     state = {_to_released_name(k): v.detach().clone() for k, v in qwen.state_dict().items()}
     del qwen
-
     in_dim, out_dim = TINY_CONNECTOR["input_hidden_size"], TINY_CONNECTOR["output_hidden_size"]
-    std = 0.02
-    state["denoise_tower.denoise_projector.0.weight"] = torch.randn(3 * out_dim, in_dim, generator=gen) * std
-    state["denoise_tower.denoise_projector.0.bias"] = torch.randn(3 * out_dim, generator=gen) * std
-    state["denoise_tower.denoise_projector.2.weight"] = torch.randn(out_dim, 3 * out_dim, generator=gen) * std
-    state["denoise_tower.denoise_projector.2.bias"] = torch.randn(out_dim, generator=gen) * std
-
-    if kontext_dir is not None:
-        denoiser_config, denoiser_state = _load_kontext_transformer(Path(kontext_dir))
-        denoiser_state = {
-            k: v + 0.01 * torch.randn(v.shape, generator=gen, dtype=v.dtype) if v.is_floating_point() else v
-            for k, v in denoiser_state.items()
-        }
-    else:
-        from diffusers import FluxTransformer2DModel
-
-        denoiser = FluxTransformer2DModel(**TINY_TRANSFORMER)
-        denoiser_config = json.loads(denoiser.to_json_string())
-        denoiser_state = {k: v.detach().clone() for k, v in denoiser.state_dict().items()}
-        del denoiser
+    state.update(_random_projector(in_dim, out_dim, gen))  # drawn before the denoiser's noise (same seeds as before)
+    denoiser_config, denoiser_state = _tiny_denoiser(kontext_dir, gen)
     if denoiser_config["joint_attention_dim"] != out_dim:
         raise ValueError(
             f"connector output is {out_dim} but the denoiser's joint_attention_dim is "
@@ -723,7 +705,42 @@ def build_gie_checkpoint(path: Path, kontext_dir: Path | None = None, seed: int 
         )
     for k, v in denoiser_state.items():
         state["denoise_tower.denoiser." + k] = v
+    _write_gie_configs(path, flat, special_ids, in_dim, out_dim, denoiser_config)
+    _write_sharded_safetensors(path, state, _parse_size(max_shard_size))
+    _save_qwen_processor_files(path)
+    return path
 
+
+def _random_projector(in_dim: int, out_dim: int, gen) -> dict:
+    """The released connector's ``mlp2x_gelu`` weights (``denoise_projector.{0,2}``), small random values."""
+    import torch
+
+    std = 0.02
+    return {
+        "denoise_tower.denoise_projector.0.weight": torch.randn(3 * out_dim, in_dim, generator=gen) * std,
+        "denoise_tower.denoise_projector.0.bias": torch.randn(3 * out_dim, generator=gen) * std,
+        "denoise_tower.denoise_projector.2.weight": torch.randn(out_dim, 3 * out_dim, generator=gen) * std,
+        "denoise_tower.denoise_projector.2.bias": torch.randn(out_dim, generator=gen) * std,
+    }
+
+
+def _tiny_denoiser(kontext_dir: Path | None, gen) -> tuple[dict, dict]:
+    """(config, state) of the checkpoint's denoiser: ``kontext_dir``'s transformer with small
+    noise on every float tensor (a "fine-tuned" Kontext), else a fresh random one."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    if kontext_dir is not None:
+        config, state = _load_kontext_transformer(Path(kontext_dir))
+        return config, {k: v + 0.01 * torch.randn(v.shape, generator=gen, dtype=v.dtype) if v.is_floating_point() else v
+                        for k, v in state.items()}
+    denoiser = FluxTransformer2DModel(**TINY_TRANSFORMER)
+    return json.loads(denoiser.to_json_string()), {k: v.detach().clone() for k, v in denoiser.state_dict().items()}
+
+
+def _write_gie_configs(path: Path, flat: dict, special_ids: dict, in_dim: int, out_dim: int, denoiser_config: dict) -> None:
+    """``config.json`` (flat Qwen2.5-VL config + ``denoise_tower``) and ``generation_config.json``
+    as the release has them."""
     config = {
         **flat,
         "architectures": ["UnivaQwen2p5VLForConditionalGeneration"],
@@ -752,9 +769,6 @@ def build_gie_checkpoint(path: Path, kontext_dir: Path | None = None, seed: int 
             "transformers_version": "4.50.0",
         },
     )
-    _write_sharded_safetensors(path, state, _parse_size(max_shard_size))
-    _save_qwen_processor_files(path)
-    return path
 
 
 # --------------------------------------------------------------------------------------------
