@@ -21,6 +21,8 @@ import os
 import shlex
 import sys
 
+from gie_core.files import describe_os_error
+
 COMMANDS = ("train", "cache", "export", "plan")
 EXIT_DOES_NOT_FIT = 3  # gie-train plan --budget: the run does not fit
 
@@ -124,48 +126,48 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     log = logging.getLogger("gie_core.train")
     try:
-        from gie_core.train.engine import check_requested_engine
-
-        check_requested_engine()  # before the heavy imports: a DeepSpeed/FSDP launch on a machine without GPUs
-        if command == "cache":
-            from gie_core.train.cache import build_cache
-
-            if not cfg.data.cache_dir:
-                parser.error("data.cache_dir is not set (where to write the cache)")
-            counts = build_cache(cfg, progress=cfg.log.progress)
-            log.info("cache: %(pairs)d pairs, %(written)d written, %(bad)d bad", counts)
-            return 0
-        if command == "export":
-            from gie_core.train.trainer import Trainer
-
-            if not cfg.model.kontext:
-                parser.error("model.kontext is not set (the FLUX.1-Kontext-dev directory of the run)")
-            cfg.checkpoint.resume = args.checkpoint
-            trainer = Trainer(cfg).setup(data=False)
-            if trainer.last_checkpoint is None:
-                parser.error(f"no checkpoint found for --checkpoint {args.checkpoint} in {trainer.checkpoint_dir}")
-            files = trainer.export(args.out)
-            for kind, path in files.items():
-                log.info("exported %s: %s", kind, path)
-            return 0
-        from gie_core.train.trainer import Trainer
-
-        result = Trainer(cfg).train()
-        log.info("finished at step %d (%.2f steps/s); %s", result.step, result.steps_per_second, result.problems)
-        for kind, path in result.exported.items():
-            log.info("exported %s: %s", kind, path)
-        return 0
+        return _run(command, parser, args, cfg, log)
     except KeyboardInterrupt:
         log.error("interrupted; resume with --checkpoint.resume latest")
         return 130
-    except OSError as exc:  # a full disk names its path: see gie_core.files.describe_os_error
-        from gie_core.files import describe_os_error
-
+    except OSError as exc:  # a full disk names its path
         log.error("%s", describe_os_error(exc))
         return 2
     except ValueError as exc:
         log.error("%s", exc)
         return 2
+
+
+def _run(command: str, parser: argparse.ArgumentParser, args: argparse.Namespace, cfg, log: logging.Logger) -> int:
+    """``gie-train``, ``gie-train cache`` or ``gie-train export`` with the checked config."""
+    from gie_core.train.engine import check_requested_engine
+
+    check_requested_engine()  # before the heavy imports: a DeepSpeed/FSDP launch on a machine without GPUs
+    if command == "cache":
+        from gie_core.train.cache import build_cache
+
+        if not cfg.data.cache_dir:
+            parser.error("data.cache_dir is not set (where to write the cache)")
+        counts = build_cache(cfg, progress=cfg.log.progress)
+        log.info("cache: %(pairs)d pairs, %(written)d written, %(bad)d bad", counts)
+        return 0
+    from gie_core.train.trainer import Trainer
+
+    if command == "export":
+        if not cfg.model.kontext:
+            parser.error("model.kontext is not set (the FLUX.1-Kontext-dev directory of the run)")
+        cfg.checkpoint.resume = args.checkpoint
+        trainer = Trainer(cfg).setup(data=False)
+        if trainer.last_checkpoint is None:
+            parser.error(f"no checkpoint found for --checkpoint {args.checkpoint} in {trainer.checkpoint_dir}")
+        for kind, path in trainer.export(args.out).items():
+            log.info("exported %s: %s", kind, path)
+        return 0
+    result = Trainer(cfg).train()
+    log.info("finished at step %d (%.2f steps/s); %s", result.step, result.steps_per_second, result.problems)
+    for kind, path in result.exported.items():
+        log.info("exported %s: %s", kind, path)
+    return 0
 
 
 def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> int:

@@ -602,6 +602,27 @@ _TRUE_WORDS = {"true", "yes", "on", "1"}
 _FALSE_WORDS = {"false", "no", "off", "0"}
 
 
+def _coerce_list(value: Any, item_type: Any, key: str, source: str) -> list:
+    """A list option: a list, a YAML list text ('[1, 2]') or comma-separated text ('1,2')."""
+    bad = lambda what: ConfigError(f"{key} in {source} is {value!r} but must be {what}")  # noqa: E731
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise bad(f"a list ({exc})") from None
+        elif item_type is dict:
+            raise bad("a list of mappings, e.g. [{image: a.png, instruction: make it red}]")
+        else:
+            value = [v.strip() for v in text.split(",") if v.strip()]
+    if isinstance(value, tuple):
+        value = list(value)
+    if not isinstance(value, list):
+        raise bad("a list")
+    return [_coerce(v, item_type, f"{key}[{i}]", source) for i, v in enumerate(value)]
+
+
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     origin, args = get_origin(tp), get_args(tp)
     bad = lambda what: ConfigError(f"{key} in {source} is {value!r} but must be {what}")  # noqa: E731
@@ -649,23 +670,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             return str(value)
         raise bad("a string")
     if origin is list:
-        (item_type,) = args
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                try:
-                    value = yaml.safe_load(text)
-                except yaml.YAMLError as exc:
-                    raise bad(f"a list ({exc})") from None
-            elif item_type is dict:
-                raise bad("a list of mappings, e.g. [{image: a.png, instruction: make it red}]")
-            else:
-                value = [v.strip() for v in text.split(",") if v.strip()]
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise bad("a list")
-        return [_coerce(v, item_type, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return _coerce_list(value, args[0], key, source)
     if tp is dict:
         if isinstance(value, dict):
             return dict(value)

@@ -21,6 +21,7 @@ old one removed only after the new is there).
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -28,10 +29,17 @@ from pathlib import Path
 
 import torch
 
+# the LoRA mixin itself, not FluxKontextPipeline: importing the pipelines makes transformers
+# probe torchvision for image processors the trainer never uses, printing warnings
+from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict
+
 from gie_core.files import atomic_folder, atomic_write, atomic_write_text, temporary_path
+from gie_core.train.checkpoint import save_safetensors
 from gie_core.weights.loading import GIE_DENOISER_PREFIX, GIE_PROJECTOR_PREFIX, gie_config, parse_dtype, released_qwen_key
 from gie_core.weights.reader import CheckpointReader
-from gie_core.train.checkpoint import save_safetensors
+from gie_core.weights.single_file import load_bfl_transformer
 
 CONNECTOR_FILE = "connector.safetensors"
 TRANSFORMER_FILE = "transformer.safetensors"
@@ -68,8 +76,6 @@ def transformer_state_dict(transformer, dtype: torch.dtype | None = None) -> dic
     The merge is computed on copies (base weight upcast to fp32, plus the adapter's delta, then
     cast), so the model is never touched: merging into a bf16 or fp8 base weight in place and
     unmerging after would not restore it exactly."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     deltas: dict[str, torch.Tensor] = {}
     for name, module in transformer.named_modules():
         if isinstance(module, BaseTunerLayer) and not module.disable_adapters:
@@ -109,13 +115,6 @@ def _transformer_config(transformer) -> dict:
 
 def export_lora(transformer, path: str | os.PathLike, *, dtype="bf16", adapter_name: str = "default") -> Path:
     """Write the LoRA as diffusers' ``save_lora_weights`` does (``transformer.`` keys, adapter metadata)."""
-    import inspect
-
-    # the LoRA mixin itself, not FluxKontextPipeline: importing the pipelines makes transformers
-    # probe torchvision for image processors the trainer never uses, printing warnings
-    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
-    from peft.utils import get_peft_model_state_dict
-
     path = Path(path)
     layers = _cast(get_peft_model_state_dict(transformer, adapter_name=adapter_name), parse_dtype(dtype))
     kwargs = {}
@@ -134,8 +133,6 @@ def export_lora(transformer, path: str | os.PathLike, *, dtype="bf16", adapter_n
 
 def load_transformer_file(path: str | os.PathLike, *, dtype="bf16", device="cpu"):
     """A transformer written by :func:`export_transformer` (the engine's single-file loader reads it)."""
-    from gie_core.weights.single_file import load_bfl_transformer
-
     return load_bfl_transformer(path, dtype=parse_dtype(dtype), device=device)
 
 
@@ -181,6 +178,25 @@ class _ShardWriter:
         atomic_write_text(self.dir / "model.safetensors.index.json", json.dumps(index, indent=2))
 
 
+def _released_config(base: dict, connector, transformer, dt: torch.dtype) -> dict:
+    """The released ``config.json``: the Qwen2.5-VL config plus ``denoise_tower`` (the connector's
+    sizes and the transformer's diffusers config)."""
+    return {
+        **base,
+        "architectures": ["UnivaQwen2p5VLForConditionalGeneration"],
+        "model_type": "univa_qwen2p5vl",
+        "torch_dtype": {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dt, "float32"),
+        "denoise_tower": {
+            **(base.get("denoise_tower") or {}),
+            "denoiser_type": "flux",
+            "denoise_projector_type": "mlp2x_gelu",
+            "input_hidden_size": connector.input_hidden_size,
+            "output_hidden_size": connector.output_hidden_size,
+            "denoiser_config": _transformer_config(transformer),
+        },
+    }
+
+
 def export_released_dir(
     out_dir: str | os.PathLike,
     *,
@@ -222,21 +238,7 @@ def export_released_dir(
         for key, t in transformer_state_dict(transformer, dt).items():
             writer.add(GIE_DENOISER_PREFIX + key, t)
         writer.close()
-        config = {
-            **base,
-            "architectures": ["UnivaQwen2p5VLForConditionalGeneration"],
-            "model_type": "univa_qwen2p5vl",
-            "torch_dtype": {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dt, "float32"),
-            "denoise_tower": {
-                **(base.get("denoise_tower") or {}),
-                "denoiser_type": "flux",
-                "denoise_projector_type": "mlp2x_gelu",
-                "input_hidden_size": connector.input_hidden_size,
-                "output_hidden_size": connector.output_hidden_size,
-                "denoiser_config": _transformer_config(transformer),
-            },
-        }
-        atomic_write_text(tmp / "config.json", json.dumps(config, indent=2))
+        atomic_write_text(tmp / "config.json", json.dumps(_released_config(base, connector, transformer, dt), indent=2))
         src = Path(processor_dir or gie_dir) if (processor_dir or gie_dir) else None
         if src is not None:
             for name in _PROCESSOR_FILES:
