@@ -273,3 +273,21 @@ def test_ctrl_c_during_jobs_counts_what_was_written_and_where(tmp_path, folder, 
     err = capsys.readouterr().err
     assert f"interrupted after writing 2 of 6 images to {out}; run the same command again to resume" in err
     assert "no output written" not in err and len(os.listdir(out)) == 2
+
+
+def test_a_full_disk_during_jobs_names_the_file_and_the_free_space(tmp_path, folder, kontext_dir, monkeypatch, capsys):
+    import errno
+
+    import gie_core.cli.edit as edit_cli
+    from gie_core.files import atomic_write
+
+    def full(tmp):
+        tmp.write_bytes(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(edit_cli, "save_image", lambda image, path: atomic_write(path, full))
+    out = tmp_path / "out"
+    assert main(["--jobs", str(folder), "-o", str(out), "--kontext", str(kontext_dir), "--mode", "t5", *COMMON]) == 1
+    err = capsys.readouterr().err
+    assert f"the disk is full (No space left on device): could not write '{out / 'img0_s42.png'}'" in err
+    assert "free there" in err and "Traceback" not in err and os.listdir(out) == []
