@@ -76,9 +76,8 @@ class JobOutput:
 
 
 def _seed_range(part: str, text: str, what: str) -> range:
-    """'0-3' -> range(0, 4); a range that goes down or holds too many seeds is refused, saying
-    the rule (seeds are counted against MAX_SEEDS: a typo such as 1-100000 must not start a
-    run of a day)."""
+    """'0-3' -> range(0, 4). A range that goes down, or holds more than MAX_SEEDS seeds (a typo
+    such as 1-100000 must not start a day-long run), is refused saying the rule."""
     lo, _, hi = part.partition("-")
     try:
         a, b = int(lo), int(hi)
@@ -93,6 +92,7 @@ def _seed_range(part: str, text: str, what: str) -> range:
 
 
 def _seed_values(text: str, what: str) -> list:
+    """The seeds of a text such as '1,2,5-8' (not yet range-checked)."""
     values: list = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
