@@ -52,6 +52,7 @@ GUIDANCE_RANGE = (0.0, 100.0)
 TRUE_CFG_RANGE = (1.0, 30.0)
 SEED_RANGE = (0, 0xFFFFFFFFFFFFFFFF)  # ComfyUI's seed widget; torch generators take 64 bits
 BATCH_RANGE = (1, 64)
+MAX_SEEDS = 10000  # seeds of one list or range (gie-edit --seeds 1-100 and job lists)
 LORA_STRENGTH_RANGE = (-10.0, 10.0)
 
 # Output size when none is given: about one megapixel at the reference's aspect ratio.

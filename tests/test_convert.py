@@ -7,6 +7,7 @@ own converter reads at real width, and bad input or an interrupted conversion le
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 
@@ -168,6 +169,27 @@ def test_an_interrupted_conversion_leaves_no_partial_file(gie_dir, tmp_path, mon
     monkeypatch.setattr(conv, "read_upcast", dies)
     with pytest.raises(KeyboardInterrupt):
         convert(gie_dir, tmp_path, parts=("transformer",))
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_a_disk_too_small_or_full_is_reported_with_real_sizes_and_the_path(gie_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(conv, "free_space", lambda path: 300_000)  # the tiny transformer needs ~1.1 MB
+    assert main([str(gie_dir), "--out", str(tmp_path / "models"), "--parts", "transformer"]) == 2
+    err = capsys.readouterr().err
+    assert "needs 1." in err and " MB but only 300 kB is free on that disk" in err and "0.00 GB" not in err
+    assert "diffusion_models" in err and str(tmp_path) in err
+    monkeypatch.undo()
+    real_open = open
+
+    def full_disk(path, mode="r", *a, **k):  # the disk fills up while the file is written
+        if "w" in mode and str(path).endswith(".partial"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    assert main([str(gie_dir), "--out", str(tmp_path / "models"), "--parts", "connector"]) == 1
+    err = capsys.readouterr().err
+    assert "the disk is full" in err and "gie_connectors" in err and "free there" in err and "Traceback" not in err
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 

@@ -185,3 +185,109 @@ def test_cli_jobs_resume_after_kill_9(tmp_path, folder, kontext_dir):
     final = sorted(os.listdir(out))
     assert final == sorted(f"img{i}_s{s}.png" for i in range(2) for s in range(1, 7))  # no temporaries left
     assert all((out / n).read_bytes() == b for n, b in kept.items())
+
+
+# --- what a new user hits -----------------------------------------------------------------------
+
+
+def test_a_job_list_that_is_not_utf8_is_named_with_where(tmp_path, folder, kontext_dir, capsys):
+    (tmp_path / "jobs.tsv").write_bytes("jobs/img0.png\tcaf\xe9 hat\n".encode("latin-1"))
+    rc = main(["--jobs", str(tmp_path / "jobs.tsv"), "-o", str(tmp_path / "out"), "--kontext", str(kontext_dir), *COMMON])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert f"job list {tmp_path / 'jobs.tsv'} is not UTF-8 text: byte 0xe9 at line 1, column 18" in err
+    (folder / "img1.txt").write_bytes("make it caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"instruction file .*img1.txt is not UTF-8 text: byte 0xe9 at line 1"):
+        read_jobs(folder)
+
+
+@pytest.mark.parametrize("seeds, message", [
+    ("1-100000", "'1-100000' is 100000 seeds but at most 10000 are allowed (seeds are whole numbers from 0 to "),
+    ("5-1", "'5-1' goes down; a range must go from low to high, e.g. 1-5"),
+    ("1,3-2", "'3-2' goes down; a range must go from low to high, e.g. 2-3"),
+])
+def test_a_seed_range_says_the_limit_and_the_order(seeds, message):
+    with pytest.raises(ValueError) as err:
+        parse_seeds(seeds, "--seeds")
+    assert f"--seeds '{seeds}': {message}" in str(err.value)
+    from gie_core.constants import MAX_SEEDS
+
+    assert len(parse_seeds(f"0-{MAX_SEEDS - 1}")) == MAX_SEEDS
+
+
+def test_a_job_folder_reports_every_problem_at_once_before_loading(tmp_path, folder, kontext_dir, monkeypatch, capsys):
+    from gie_core.engine.pipeline import EditPipeline
+
+    monkeypatch.setattr(EditPipeline, "from_paths", lambda *a, **k: pytest.fail("weights were loaded"))
+    _photo(folder / "img2.png", 2)  # no instruction file
+    _photo(folder / "img3.png", 3)
+    (folder / "img3.txt").write_text("  \n")  # an empty instruction
+    (folder / "img4.png").write_bytes(b"not an image")
+    (folder / "img4.txt").write_text("add a hat\n")
+    rc = main(["--jobs", str(folder), "-o", str(tmp_path / "out"), "--kontext", str(kontext_dir), *COMMON])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert f"job list {folder} has 3 problems (nothing was run)" in err
+    assert "img2.png has no instruction file img2.txt" in err and "img3.txt: the instruction is empty" in err
+    assert f"{folder / 'img4.png'}: " in err
+    (tmp_path / "bad.jsonl").write_text('{"image": "jobs/img0.png"}\nnot json\n'
+                                        '{"image": "jobs/img1.png", "instruction": "x", "seeds": "5-1"}\n')
+    with pytest.raises(ValueError) as info:
+        read_jobs(tmp_path / "bad.jsonl")
+    text = str(info.value)
+    assert "has 3 problems" in text and "bad.jsonl:1: 'instruction'" in text and "bad.jsonl:2 is not valid JSON" in text
+    assert "bad.jsonl:3: seeds '5-1'" in text
+
+
+def test_a_given_name_is_never_renamed_and_automatic_names_avoid_it(tmp_path, folder):
+    lines = [{"image": "jobs/img0.png", "instruction": "a"},
+             {"image": "jobs/img0.png", "instruction": "b"},
+             {"image": "jobs/img1.png", "instruction": "c", "name": "img0-2"},
+             {"image": "jobs/img1.png", "instruction": "d", "name": "IMG0"}]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in lines[:3]) + "\n")
+    assert [j.name for j in read_jobs(tmp_path / "a.jsonl")] == ["img0", "img0-3", "img0-2"]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    assert [j.name for j in read_jobs(tmp_path / "a.jsonl")][:3] == ["img0-3", "img0-4", "img0-2"]
+    lines.append({"image": "jobs/img1.png", "instruction": "e", "name": "img0-2"})
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    with pytest.raises(ValueError, match=r"a.jsonl:5: output name 'img0-2' is given to .*a.jsonl:3 already"):
+        read_jobs(tmp_path / "a.jsonl")
+
+
+def test_ctrl_c_during_jobs_counts_what_was_written_and_where(tmp_path, folder, kontext_dir, monkeypatch, capsys):
+    import gie_core.cli.edit as edit_cli
+
+    out = tmp_path / "out"
+    real_save = edit_cli.save_image
+    calls = []
+
+    def save_then_ctrl_c(image, path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real_save(image, path)
+
+    monkeypatch.setattr(edit_cli, "save_image", save_then_ctrl_c)
+    args = ["--jobs", str(folder), "-o", str(out), "--kontext", str(kontext_dir), "--mode", "t5", "--seeds", "1-3", *COMMON]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted after writing 2 of 6 images to {out}; run the same command again to resume" in err
+    assert "no output written" not in err and len(os.listdir(out)) == 2
+
+
+def test_a_full_disk_during_jobs_names_the_file_and_the_free_space(tmp_path, folder, kontext_dir, monkeypatch, capsys):
+    import errno
+
+    import gie_core.cli.edit as edit_cli
+    from gie_core.files import atomic_write
+
+    def full(tmp):
+        tmp.write_bytes(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(edit_cli, "save_image", lambda image, path: atomic_write(path, full))
+    out = tmp_path / "out"
+    assert main(["--jobs", str(folder), "-o", str(out), "--kontext", str(kontext_dir), "--mode", "t5", *COMMON]) == 1
+    err = capsys.readouterr().err
+    assert f"the disk is full (No space left on device): could not write '{out / 'img0_s42.png'}'" in err
+    assert "free there" in err and "Traceback" not in err and os.listdir(out) == []

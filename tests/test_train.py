@@ -415,6 +415,28 @@ def test_bad_samples_are_skipped_and_counted_in_a_run(tmp_path, kontext_dir, gie
     assert "1 unreadable image" in result.problems
 
 
+def _truncate(path: Path) -> None:
+    """Keep the header (the size scan passes) but cut the pixels (loading fails)."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_bad_pair_alone_in_its_bucket_is_skipped_and_the_run_goes_on(tmp_path, kontext_dir, gie_dir):
+    from gie_core.train.data import DataError
+
+    data = write_dataset(tmp_path / "data", [(64, 64), (64, 64), (96, 64)], region=False)
+    _truncate(tmp_path / "data/img/t2.png")  # the only pair of the 3:2 bucket
+    cfg = make_config(tmp_path / "run", kontext_dir, gie_dir, data, **{"train.max_steps": 4})
+    result = Trainer(cfg).train()
+    assert result.step == 4
+    assert "1 unreadable image" in result.problems and "skipped 1 batch whose bucket had no pair that loads" in result.problems
+    for name in ("s0", "t0", "s1", "t1"):
+        _truncate(tmp_path / f"data/img/{name}.png")  # now no pair loads at all
+    cfg = make_config(tmp_path / "run2", kontext_dir, gie_dir, data, **{"train.max_steps": 2})
+    with pytest.raises(DataError, match=rf"no pair of {data} could be loaded: 3 batches in a row were skipped, a whole epoch"):
+        Trainer(cfg).train()
+
+
 def test_training_from_the_cache_equals_encoding_on_the_fly(tmp_path, kontext_dir, gie_dir, data_txt):
     from gie_core.train.cache import build_cache
 

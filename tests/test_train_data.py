@@ -414,6 +414,31 @@ def test_data_txt_lines_need_all_three_fields(tmp_path):
         read_data_txt(data)
 
 
+def test_config_and_data_files_that_are_not_utf8_are_named_with_where(tmp_path, capsys):
+    from gie_core.cli.train import main
+
+    config = tmp_path / "run.yaml"
+    config.write_bytes("output_dir: runs/caf\xe9\n".encode("latin-1"))
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", str(config)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert f"config file {config} is not UTF-8 text: byte 0xe9 at line 1, column 21" in err
+    with pytest.raises(SystemExit):
+        main(["plan", str(config)])
+    assert f"config file {config} is not UTF-8" in capsys.readouterr().err
+    write_pairs(tmp_path / "a", [(64, 64)])
+    data = tmp_path / "data.txt"
+    data.write_bytes("# caf\xe9\na,a/ann.json,false\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"data.txt .*data.txt is not UTF-8 text: byte 0xe9 at line 1, column 6"):
+        read_data_txt(data)
+    data.write_text("a,a/ann.json,false\n")
+    ann = tmp_path / "a" / "ann.json"
+    ann.write_bytes(ann.read_bytes().replace(b"invert corner", "caf\xe9".encode("latin-1")))
+    with pytest.raises(DataError, match=r"annotation file .*ann.json is not UTF-8 text: byte 0xe9"):
+        read_dataset(data, ProblemLog())
+
+
 def test_trainer_defaults_come_from_the_shared_constants():
     """Patch the constants before the trainer is imported: its defaults must follow (a subprocess,
     so this process's modules are left alone)."""

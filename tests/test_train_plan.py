@@ -125,6 +125,40 @@ def test_plan_at_real_width_for_the_released_configs(capsys):
     assert "8 processes (zero2)" in s8 and _gib(s8, "optimizer state") < 4.5
 
 
+def test_an_overlay_given_alone_says_what_it_layers_over_with_the_exact_command(capsys, monkeypatch):
+    from gie_core.cli.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", "training/24gb_stage2.yaml", "--budget", "24GB"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert "training/24gb_stage2.yaml is layered over training/stage2.yaml; give that first:" in err
+    assert "gie-train plan training/stage2.yaml training/24gb_stage2.yaml --budget 24GB" in err
+    main(["plan", "training/24gb_stage1.yaml"])
+    out = capsys.readouterr().out
+    assert "gie-train plan training/stage1.yaml training/24gb_stage1.yaml" in out
+    main(["plan", "training/stage1.yaml", "training/24gb_stage1.yaml"])
+    assert "layered over" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--config", "training/24gb_stage1.yaml", "--train.max_steps", "1"])
+    assert "gie-train --config training/stage1.yaml --config training/24gb_stage1.yaml --train.max_steps 1" in \
+        capsys.readouterr().err
+
+
+def test_plan_suggests_the_8bit_optimizer_only_where_bitsandbytes_imports(capsys, monkeypatch):
+    import importlib.util
+
+    from gie_core.cli.train import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    main(["plan", "training/stage1.yaml", "--budget", "8GB"])
+    out = capsys.readouterr().out
+    assert "to fit, change" in out and "--optim.optimizer" not in out
+    main(["plan", "training/stage1.yaml", "training/24gb_stage1.yaml"])
+    assert "note: optimizer adamw8bit cannot run here: bitsandbytes is not installed" in capsys.readouterr().out
+
+
 def test_budget_sizes_and_errors(capsys):
     from gie_core.cli.train import main
 

@@ -1,7 +1,8 @@
 """What the ``gie-*`` commands share: the error contract, help text, input images, outputs, device and dtype.
 
 Exit codes: 0 done; 2 bad input (a message naming the input, nothing written); 1 a failure
-while running (e.g. the output folder became unwritable); 130 interrupted (nothing written).
+while running (e.g. the output folder became unwritable, the disk full); 130 interrupted (nothing
+written, or, for ``--jobs``, a message counting the complete outputs written and where).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
+from gie_core.files import atomic_write, check_output_path, describe_os_error
+
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -26,12 +29,11 @@ def run_command(prog: str, run: Callable[[], int]) -> int:
     except (ValueError, TypeError) as exc:  # CheckpointError, DataError, ConfigError are ValueErrors
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; no output written", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # a run that wrote some outputs says so (e.g. engine.jobs.JobsInterrupted)
+        print(f"{prog}: interrupted {exc}" if str(exc) else f"{prog}: interrupted; no output written", file=sys.stderr)
         return 130
     except OSError as exc:  # disk full, folder removed or made read-only while running
-        where = f" '{exc.filename}'" if getattr(exc, "filename", None) else ""
-        print(f"{prog}: error: {exc.strerror or exc}{where}; no partial output was left", file=sys.stderr)
+        print(f"{prog}: error: {describe_os_error(exc)}; no partial output was left", file=sys.stderr)
         return 1
 
 
@@ -95,8 +97,6 @@ def load_input(path: str, what: str = "input image", background="white"):
 def output_paths(output: str, count: int) -> list[Path]:
     """The files one run writes: ``output`` itself, or ``stem_0.png`` ... for several images.
     Every one is checked writable now, before anything loads."""
-    from gie_core.files import check_output_path
-
     out = Path(output)
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ValueError(f"output '{output}' must end in {', '.join(OUTPUT_SUFFIXES)}")
@@ -108,8 +108,6 @@ def output_paths(output: str, count: int) -> list[Path]:
 
 def save_image(image, path: Path) -> None:
     """Write an image atomically (a failed save never leaves a partial file or replaces a good one)."""
-    from gie_core.files import atomic_write
-
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}[path.suffix.lower()]
     atomic_write(path, lambda tmp: image.save(tmp, format=fmt))
 

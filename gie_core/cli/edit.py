@@ -430,15 +430,13 @@ def _plan_jobs(args, resolve, background):
         raise ValueError(f"with --jobs, -o is the output folder, not a file ('{args.output}')")
     check_output_path(out_dir / "gie-edit-probe.png", "output folder")
     seeds = parse_seeds(args.seeds, "--seeds") if args.seeds is not None else parse_seeds(args.seed, "--seed")
-    jobs = read_jobs(args.jobs, default_seeds=seeds)
     requests = {}
-    for job in jobs:
-        try:
-            check_instruction(job.instruction)
-            image = load_input(str(job.image), background=background)
-            requests[job] = resolve(image, job.seeds[0])
-        except ValueError as exc:
-            raise ValueError(f"{job.where}: {exc}") from None
+
+    def check(job):  # every job's problems are gathered by read_jobs and reported together
+        check_instruction(job.instruction)
+        requests[job] = resolve(load_input(str(job.image), background=background), job.seeds[0])
+
+    jobs = read_jobs(args.jobs, default_seeds=seeds, check=check)
     batch = next(iter(requests.values())).batch_size
     return plan_outputs(jobs, out_dir, batch), requests
 

@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 
 from gie_core.cli.common import HelpFormatter, help_with_default
+from gie_core.files import describe_os_error
 
 COMMANDS = ("train", "cache", "export", "plan")
 EXIT_DOES_NOT_FIT = 3  # gie-train plan --budget: the run does not fit
@@ -67,6 +69,31 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     return p
 
 
+def layering_hint(command: str, argv: list[str], config_files: list[str]) -> str:
+    """For a config file given without the one it is layered over (its opening comment says
+    "layered over training/stage2.yaml", as training/24gb_stage2.yaml does): what it is layered
+    over, and the exact command with that file put before it. "" when nothing is missing."""
+    from gie_core.train.config import missing_bases
+
+    missing = missing_bases(config_files)
+    if not missing:
+        return ""
+    fixed = list(argv)
+    for overlay, base in missing:
+        if f"--config={overlay}" in fixed:
+            i = fixed.index(f"--config={overlay}")
+            fixed[i:i] = [f"--config={base}"]
+        elif overlay in fixed:
+            i = fixed.index(overlay)
+            if i > 0 and fixed[i - 1] == "--config":
+                fixed[i - 1:i - 1] = ["--config", str(base)]
+            else:
+                fixed[i:i] = [str(base)]
+    prog = "gie-train" if command == "train" else f"gie-train {command}"
+    what = "; ".join(f"{overlay} is layered over {base}" for overlay, base in missing)
+    return f"{what}; give that first:\n  {prog} {shlex.join(fixed)}"
+
+
 def _setup_logging() -> None:
     main_process = int(os.environ.get("RANK", "0")) == 0  # other processes of a launch report only problems
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -85,53 +112,63 @@ def main(argv: list[str] | None = None) -> int:
     args, extras = parser.parse_known_args(argv)
     if command == "plan":
         args.config = list(args.config_files) + list(args.config)
+    layering = layering_hint(command, argv, args.config)
     try:
         reject_unknown_arguments(extras)
         cfg = config_from_args(args, for_training=command not in ("export", "plan"))
     except ConfigError as exc:
-        parser.error(str(exc))
+        parser.error(f"{exc}\nnote: {layering}" if layering else str(exc))
     if command == "plan":
+        if layering:
+            print(f"note: {layering}")
         return _plan(parser, args, cfg)
+    if layering:
+        print(f"gie-train: note: {layering}", file=sys.stderr)
     _setup_logging()
     log = logging.getLogger("gie_core.train")
     try:
-        from gie_core.train.engine import check_requested_engine
-
-        check_requested_engine()  # before the heavy imports: a DeepSpeed/FSDP launch on a machine without GPUs
-        if command == "cache":
-            from gie_core.train.cache import build_cache
-
-            if not cfg.data.cache_dir:
-                parser.error("data.cache_dir is not set (where to write the cache)")
-            counts = build_cache(cfg, progress=cfg.log.progress)
-            log.info("cache: %(pairs)d pairs, %(written)d written, %(bad)d bad", counts)
-            return 0
-        if command == "export":
-            from gie_core.train.trainer import Trainer
-
-            if not cfg.model.kontext:
-                parser.error("model.kontext is not set (the FLUX.1-Kontext-dev directory of the run)")
-            cfg.checkpoint.resume = args.checkpoint
-            trainer = Trainer(cfg).setup(data=False)
-            if trainer.last_checkpoint is None:
-                parser.error(f"no checkpoint found for --checkpoint {args.checkpoint} in {trainer.checkpoint_dir}")
-            files = trainer.export(args.out)
-            for kind, path in files.items():
-                log.info("exported %s: %s", kind, path)
-            return 0
-        from gie_core.train.trainer import Trainer
-
-        result = Trainer(cfg).train()
-        log.info("finished at step %d (%.2f steps/s); %s", result.step, result.steps_per_second, result.problems)
-        for kind, path in result.exported.items():
-            log.info("exported %s: %s", kind, path)
-        return 0
+        return _run(command, parser, args, cfg, log)
     except KeyboardInterrupt:
         log.error("interrupted; resume with --checkpoint.resume latest")
         return 130
-    except (ValueError, FileNotFoundError, OSError) as exc:
+    except OSError as exc:  # a full disk names its path
+        log.error("%s", describe_os_error(exc))
+        return 2
+    except ValueError as exc:
         log.error("%s", exc)
         return 2
+
+
+def _run(command: str, parser: argparse.ArgumentParser, args: argparse.Namespace, cfg, log: logging.Logger) -> int:
+    """``gie-train``, ``gie-train cache`` or ``gie-train export`` with the checked config."""
+    from gie_core.train.engine import check_requested_engine
+
+    check_requested_engine()  # before the heavy imports: a DeepSpeed/FSDP launch on a machine without GPUs
+    if command == "cache":
+        from gie_core.train.cache import build_cache
+
+        if not cfg.data.cache_dir:
+            parser.error("data.cache_dir is not set (where to write the cache)")
+        counts = build_cache(cfg, progress=cfg.log.progress)
+        log.info("cache: %(pairs)d pairs, %(written)d written, %(bad)d bad", counts)
+        return 0
+    from gie_core.train.trainer import Trainer
+
+    if command == "export":
+        if not cfg.model.kontext:
+            parser.error("model.kontext is not set (the FLUX.1-Kontext-dev directory of the run)")
+        cfg.checkpoint.resume = args.checkpoint
+        trainer = Trainer(cfg).setup(data=False)
+        if trainer.last_checkpoint is None:
+            parser.error(f"no checkpoint found for --checkpoint {args.checkpoint} in {trainer.checkpoint_dir}")
+        for kind, path in trainer.export(args.out).items():
+            log.info("exported %s: %s", kind, path)
+        return 0
+    result = Trainer(cfg).train()
+    log.info("finished at step %d (%.2f steps/s); %s", result.step, result.steps_per_second, result.problems)
+    for kind, path in result.exported.items():
+        log.info("exported %s: %s", kind, path)
+    return 0
 
 
 def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> int:

@@ -21,12 +21,11 @@ import inspect
 import json
 import os
 import re
-import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from gie_core.files import atomic_folder
 from gie_core.testing.tiny_configs import (
     TINY_CLIP_TEXT,
     TINY_CONNECTOR,
@@ -696,27 +695,9 @@ def build_gie_checkpoint(path: Path, kontext_dir: Path | None = None, seed: int 
     qwen = _build_qwen_model(flat)
     state = {_to_released_name(k): v.detach().clone() for k, v in qwen.state_dict().items()}
     del qwen
-
     in_dim, out_dim = TINY_CONNECTOR["input_hidden_size"], TINY_CONNECTOR["output_hidden_size"]
-    std = 0.02
-    state["denoise_tower.denoise_projector.0.weight"] = torch.randn(3 * out_dim, in_dim, generator=gen) * std
-    state["denoise_tower.denoise_projector.0.bias"] = torch.randn(3 * out_dim, generator=gen) * std
-    state["denoise_tower.denoise_projector.2.weight"] = torch.randn(out_dim, 3 * out_dim, generator=gen) * std
-    state["denoise_tower.denoise_projector.2.bias"] = torch.randn(out_dim, generator=gen) * std
-
-    if kontext_dir is not None:
-        denoiser_config, denoiser_state = _load_kontext_transformer(Path(kontext_dir))
-        denoiser_state = {
-            k: v + 0.01 * torch.randn(v.shape, generator=gen, dtype=v.dtype) if v.is_floating_point() else v
-            for k, v in denoiser_state.items()
-        }
-    else:
-        from diffusers import FluxTransformer2DModel
-
-        denoiser = FluxTransformer2DModel(**TINY_TRANSFORMER)
-        denoiser_config = json.loads(denoiser.to_json_string())
-        denoiser_state = {k: v.detach().clone() for k, v in denoiser.state_dict().items()}
-        del denoiser
+    state.update(_random_projector(in_dim, out_dim, gen))  # drawn before the denoiser's noise (same seeds as before)
+    denoiser_config, denoiser_state = _tiny_denoiser(kontext_dir, gen)
     if denoiser_config["joint_attention_dim"] != out_dim:
         raise ValueError(
             f"connector output is {out_dim} but the denoiser's joint_attention_dim is "
@@ -724,7 +705,42 @@ def build_gie_checkpoint(path: Path, kontext_dir: Path | None = None, seed: int 
         )
     for k, v in denoiser_state.items():
         state["denoise_tower.denoiser." + k] = v
+    _write_gie_configs(path, flat, special_ids, in_dim, out_dim, denoiser_config)
+    _write_sharded_safetensors(path, state, _parse_size(max_shard_size))
+    _save_qwen_processor_files(path)
+    return path
 
+
+def _random_projector(in_dim: int, out_dim: int, gen) -> dict:
+    """The released connector's ``mlp2x_gelu`` weights (``denoise_projector.{0,2}``), small random values."""
+    import torch
+
+    std = 0.02
+    return {
+        "denoise_tower.denoise_projector.0.weight": torch.randn(3 * out_dim, in_dim, generator=gen) * std,
+        "denoise_tower.denoise_projector.0.bias": torch.randn(3 * out_dim, generator=gen) * std,
+        "denoise_tower.denoise_projector.2.weight": torch.randn(out_dim, 3 * out_dim, generator=gen) * std,
+        "denoise_tower.denoise_projector.2.bias": torch.randn(out_dim, generator=gen) * std,
+    }
+
+
+def _tiny_denoiser(kontext_dir: Path | None, gen) -> tuple[dict, dict]:
+    """(config, state) of the checkpoint's denoiser: ``kontext_dir``'s transformer with small
+    noise on every float tensor (a "fine-tuned" Kontext), else a fresh random one."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    if kontext_dir is not None:
+        config, state = _load_kontext_transformer(Path(kontext_dir))
+        return config, {k: v + 0.01 * torch.randn(v.shape, generator=gen, dtype=v.dtype) if v.is_floating_point() else v
+                        for k, v in state.items()}
+    denoiser = FluxTransformer2DModel(**TINY_TRANSFORMER)
+    return json.loads(denoiser.to_json_string()), {k: v.detach().clone() for k, v in denoiser.state_dict().items()}
+
+
+def _write_gie_configs(path: Path, flat: dict, special_ids: dict, in_dim: int, out_dim: int, denoiser_config: dict) -> None:
+    """``config.json`` (flat Qwen2.5-VL config + ``denoise_tower``) and ``generation_config.json``
+    as the release has them."""
     config = {
         **flat,
         "architectures": ["UnivaQwen2p5VLForConditionalGeneration"],
@@ -753,9 +769,6 @@ def build_gie_checkpoint(path: Path, kontext_dir: Path | None = None, seed: int 
             "transformers_version": "4.50.0",
         },
     )
-    _write_sharded_safetensors(path, state, _parse_size(max_shard_size))
-    _save_qwen_processor_files(path)
-    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -810,9 +823,9 @@ def build_tiny_model_set(root: Path) -> TinyModelSet:
     """Build (or reuse) the whole tiny set under ``root`` and return its paths.
 
     Idempotent: a ``.complete`` marker holding the set's version string means the set is reused
-    as is. Otherwise everything is built in a temporary sibling directory and renamed into place,
-    so an interrupted build never leaves a half set. A ``root`` that exists with other contents
-    and no marker is refused rather than deleted.
+    as is. Otherwise everything is built in a temporary sibling directory and swapped into place
+    (:func:`gie_core.files.atomic_folder`), so an interrupted build never leaves a half set. A
+    ``root`` that exists with other contents and no marker is refused rather than deleted.
     """
     root = Path(root).expanduser()
     version = _set_version()
@@ -825,26 +838,13 @@ def build_tiny_model_set(root: Path) -> TinyModelSet:
                 f"tiny model root {root} exists and is not a tiny model set (no {MARKER_NAME} "
                 "marker); remove it or choose another directory"
             )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+    # another process may finish the same build meanwhile: then its set is kept and ours dropped
+    with atomic_folder(root, fsync=False, keep_existing=lambda: _is_complete(root, version)) as tmp:
         built = _layout(tmp)
         build_tokenizers(tmp / "tokenizers")
         build_kontext_dir(built.kontext_dir, seed=0)
         build_gie_checkpoint(built.gie_dir, kontext_dir=built.kontext_dir, seed=1)
         (tmp / MARKER_NAME).write_text(version + "\n", encoding="utf-8")
-        if _is_complete(root, version):  # another process finished the same build meanwhile
-            return _layout(root)
-        if root.exists():  # stale version or empty directory
-            shutil.rmtree(root)
-        try:
-            os.replace(tmp, root)
-        except OSError:
-            # Another process finished the same build first: use theirs.
-            if not _is_complete(root, version):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return _layout(root)
 
 

@@ -28,12 +28,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gie_core.files import atomic_write_text
-from gie_core.weights.loading import parse_dtype
+from accelerate import PartialState
+from tqdm.auto import tqdm
+
 from gie_core.engine.modes import fusion_mode
-from gie_core.weights.reader import CheckpointError, CheckpointReader
+from gie_core.engine.sampler import encode_reference
+from gie_core.files import atomic_write_text
 from gie_core.train.checkpoint import save_safetensors
-from gie_core.train.data import EditRecord
+from gie_core.train.data import EditDataset, EditRecord, ProblemLog, collate, read_dataset, usable_pairs
+from gie_core.train.models import load_components
+from gie_core.weights.loading import parse_dtype
+from gie_core.weights.reader import CheckpointError, CheckpointReader
 
 logger = logging.getLogger("gie_core.train")
 
@@ -134,19 +139,11 @@ def build_cache(cfg, *, progress: bool = True) -> dict:
     Runs on every process of an ``accelerate launch`` (pairs are split between them); existing
     files are kept, so an interrupted run resumes. Returns counts.
     """
-    from accelerate import PartialState
-    from tqdm.auto import tqdm
-
-    from gie_core.engine.sampler import encode_reference
-    from gie_core.train.data import EditDataset, ProblemLog, collate, read_dataset, usable_pairs
-    from gie_core.train.models import load_components
-
     if not cfg.data.cache_dir:
         raise ValueError("data.cache_dir is not set")
     state = PartialState()
-    device = state.device
     weight_dtype = parse_dtype(cfg.train.mixed_precision)
-    if device.type == "cpu" and weight_dtype != torch.float32:
+    if state.device.type == "cpu" and weight_dtype != torch.float32:
         weight_dtype = torch.float32
     cache = FeatureCache(cfg.data.cache_dir, cfg.data.cache_dtype)
     problems = ProblemLog()
@@ -154,29 +151,16 @@ def build_cache(cfg, *, progress: bool = True) -> dict:
     with state.main_process_first():
         records, buckets = usable_pairs(records, problems, cfg.data.bucketing, cfg.data.resolution, cfg.data.ratios,
                                         Path(cfg.data.cache_dir) / "data_index")
-
-    mode = cfg.model.mode
-    spec = fusion_mode(mode)
-    contents = cached_contents(mode)
-    comps = load_components(cfg, weight_dtype=weight_dtype, need_qwen="qwen" in contents, need_clip=True,
-                            need_t5=spec.needs_t5, need_vae=True)
-    vae = comps.vae.to(device)
-    text = comps.text
-    text.clip.to(device)
-    if text.t5 is not None:
-        text.t5.to(device)
-    qwen = comps.qwen
-    if qwen is not None:
-        qwen.model.to(device)
-
+    contents = cached_contents(cfg.model.mode)
+    comps = _load_encoders(cfg, weight_dtype, contents, state.device)
     if state.is_main_process:
-        cache.write_empty_pooled(text.clip_pooled([""])[0:1])
+        cache.write_empty_pooled(comps.text.clip_pooled([""])[0:1])
         cache.write_info({
             **cache_info_for(cfg),
-            "mode": mode,
+            "mode": cfg.model.mode,
             "contents": list(contents),
             "qwen_hidden": comps.connector.input_hidden_size,
-            "vae": {"shift_factor": vae.config.shift_factor, "scaling_factor": vae.config.scaling_factor},
+            "vae": {"shift_factor": comps.vae.config.shift_factor, "scaling_factor": comps.vae.config.scaling_factor},
             "models": {k: v for k, v in comps.sources.items()} | {"kontext": str(cfg.model.kontext)},
         })
 
@@ -189,29 +173,50 @@ def build_cache(cfg, *, progress: bool = True) -> dict:
     with torch.no_grad():
         for batch in tqdm(loader, total=len(todo), desc="caching", disable=not (progress and state.is_local_main_process)):
             problems.extend(batch["bad"])
-            i = batch["index"][0]
-            rec, size = records[i], buckets[i]
-            if cache.has(rec, size):  # a replacement pair that is already done
+            if batch["skipped"]:  # no pair of its bucket loads (reported above): nothing to cache
                 continue
-            instruction = batch["instruction"][0]
-            dist = vae.encode(batch["target"].to(device, vae.dtype)).latent_dist
-            tensors = {
-                "target_moments": dist.parameters[0],
-                "reference": encode_reference(vae, batch["source"], device)[0],
-            }
-            if "qwen" in contents:
-                tensors["qwen"] = qwen.encode(batch["qwen_image"], instruction).hidden[0]
-            elif "qwen_pixels" in contents:  # learned queries: the Qwen input itself (the queries change while training)
-                tensors["qwen_pixels"] = torch.from_numpy(np.asarray(batch["qwen_image"][0], dtype=np.uint8).copy())
-            if "t5" in contents:
-                tensors["t5"] = text.t5_tokens([instruction])[0]
-            if "pooled" in contents:
-                tensors["pooled"] = text.clip_pooled([instruction])[0]
-            if batch["region_weight"] is not None:
-                tensors["region_weight"] = batch["region_weight"][0]
-            cache.write(rec, size, tensors)
+            i = batch["index"][0]
+            if cache.has(records[i], buckets[i]):  # a replacement pair that is already done
+                continue
+            cache.write(records[i], buckets[i], _encode_pair(batch, comps, contents, state.device))
             written += 1
     state.wait_for_everyone()
     if problems.total:
         logger.warning(problems.summary())
     return {"pairs": len(records), "written": written, "bad": problems.total}
+
+
+def _load_encoders(cfg, weight_dtype: torch.dtype, contents: tuple[str, ...], device: torch.device):
+    """The encoders the cache needs (VAE, CLIP, T5 if the mode uses it, Qwen if its features are
+    cached), on ``device``."""
+    comps = load_components(cfg, weight_dtype=weight_dtype, need_qwen="qwen" in contents, need_clip=True,
+                            need_t5=fusion_mode(cfg.model.mode).needs_t5, need_vae=True)
+    comps.vae.to(device)
+    comps.text.clip.to(device)
+    if comps.text.t5 is not None:
+        comps.text.t5.to(device)
+    if comps.qwen is not None:
+        comps.qwen.model.to(device)
+    return comps
+
+
+def _encode_pair(batch: dict, comps, contents: tuple[str, ...], device: torch.device) -> dict[str, torch.Tensor]:
+    """The cached tensors of the one pair of ``batch`` (a :func:`collate` batch of size 1)."""
+    instruction = batch["instruction"][0]
+    vae, text = comps.vae, comps.text
+    dist = vae.encode(batch["target"].to(device, vae.dtype)).latent_dist
+    tensors = {
+        "target_moments": dist.parameters[0],
+        "reference": encode_reference(vae, batch["source"], device)[0],
+    }
+    if "qwen" in contents:
+        tensors["qwen"] = comps.qwen.encode(batch["qwen_image"], instruction).hidden[0]
+    elif "qwen_pixels" in contents:  # learned queries: the Qwen input itself (the queries change while training)
+        tensors["qwen_pixels"] = torch.from_numpy(np.asarray(batch["qwen_image"][0], dtype=np.uint8).copy())
+    if "t5" in contents:
+        tensors["t5"] = text.t5_tokens([instruction])[0]
+    if "pooled" in contents:
+        tensors["pooled"] = text.clip_pooled([instruction])[0]
+    if batch["region_weight"] is not None:
+        tensors["region_weight"] = batch["region_weight"][0]
+    return tensors

@@ -13,7 +13,6 @@ folders 0o777, less the umask), never ``mkstemp``'s 0600.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -21,7 +20,9 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-from gie_core.files import atomic_write, atomic_write_text
+from safetensors.torch import save_file
+
+from gie_core.files import atomic_write, atomic_write_text, replace_folder
 
 STATE_FILE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -38,8 +39,6 @@ def save_safetensors(
 ) -> Path:
     """Write a safetensors file atomically with normal permissions (:func:`gie_core.files.atomic_write`),
     flushed to disk before the rename unless ``fsync`` is false."""
-    from safetensors.torch import save_file
-
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = dict(metadata or {"format": "pt"})
 
@@ -96,27 +95,6 @@ def read_state(path: str | os.PathLike) -> dict:
     return json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8"))
 
 
-def _fsync_tree(path: Path) -> None:
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            with contextlib.suppress(OSError):
-                fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def recover(root: str | os.PathLike) -> None:
     """Tidy after a crash: restore a checkpoint set aside by an interrupted overwrite, drop
     unfinished ``.tmp`` saves."""
@@ -155,18 +133,8 @@ def commit(tmp: Path) -> Path:
     final = tmp.with_name(tmp.name[: -len(".tmp")])
     if not is_complete(tmp):
         raise RuntimeError(f"checkpoint {tmp} is incomplete and was not committed")
-    _fsync_tree(tmp)
-    old = None
-    if final.exists():  # saving the same step again (after resuming from an earlier one)
-        old = final.with_name(final.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    # the old folder is set aside as checkpoint-<step>.old (restored by recover() after a crash)
+    return replace_folder(tmp, final, aside=final.with_name(final.name + ".old"), fsync=True)
 
 
 def prune(root: str | os.PathLike, keep_last: int) -> list[Path]:

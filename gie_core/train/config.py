@@ -23,11 +23,15 @@ import difflib
 import json
 import importlib.util
 import math
+import os
+import re
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
 
 from gie_core.constants import (
     DEFAULT_GUIDANCE,
@@ -43,6 +47,7 @@ from gie_core.constants import (
     STEPS_RANGE,
 )
 from gie_core.engine.modes import FUSION_MODE_TABLE, TRAINABLE_MODES, fusion_mode
+from gie_core.files import read_text
 
 
 class ConfigError(ValueError):
@@ -99,21 +104,21 @@ def _prodigy_state(shape: tuple[int, ...]) -> int:
 
 
 def _build_adamw(params, cfg: TrainConfig, **_):
-    import torch
+    import torch  # start-up: gie-train --help and config checks run without loading torch
 
     return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                              weight_decay=cfg.optim.weight_decay)
 
 
 def _build_adamw8bit(params, cfg: TrainConfig, **_):
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # optional: bitsandbytes (the bnb extra)
 
     return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                weight_decay=cfg.optim.weight_decay, min_8bit_size=BNB_MIN_8BIT_SIZE)
 
 
 def _build_adafactor(params, cfg: TrainConfig, **_):
-    from transformers.optimization import Adafactor
+    from transformers.optimization import Adafactor  # start-up: only a run with this optimizer needs it
 
     # a fixed learning rate (the schedule is optim.lr_scheduler's), no first moment (the memory saving)
     return Adafactor(params, lr=cfg.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False,
@@ -121,7 +126,7 @@ def _build_adafactor(params, cfg: TrainConfig, **_):
 
 
 def _build_prodigy(params, cfg: TrainConfig, sharded: bool = False, **_):
-    from prodigyopt import Prodigy
+    from prodigyopt import Prodigy  # start-up: only a run with this optimizer needs it
 
     return Prodigy(params, lr=cfg.learning_rate, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
                    eps=cfg.optim.eps, fsdp_in_use=sharded)
@@ -139,6 +144,17 @@ class OptimizerSpec:
     step_bytes_per_param: int  # transient bytes per trained parameter during step() (torch's foreach AdamW: a sqrt copy)
     build: Callable  # (params, cfg, sharded=False) -> torch.optim.Optimizer
     help: str
+
+    @property
+    def installed(self) -> bool:
+        """Whether its package can be imported here (only a training run needs it; ``gie-train
+        plan`` suggests only installed ones)."""
+        return self.package is None or importlib.util.find_spec(self.package) is not None
+
+    @property
+    def missing(self) -> str:
+        """Why it cannot run here ("" when it can)."""
+        return "" if self.installed else f"{self.package} is not installed ({self.install})"
 
 
 OPTIMIZER_TABLE: dict[str, OptimizerSpec] = {
@@ -370,13 +386,38 @@ class TrainConfig:
         return self.train.stage == 1 or self.train.train_connector
 
     def check(self, for_training: bool = True) -> TrainConfig:
-        """Reject inconsistent options, naming them."""
-        def choice(key, choices):
-            v = self.get(key)
-            if v not in choices:
-                raise ConfigError(f"{key} is '{v}'; expected one of {', '.join(map(str, choices))}")
+        """Reject inconsistent options, naming them (``for_training``: also what only a training
+        run needs: its optimizer's package, data.txt, the model folders)."""
+        self._check_choices()
+        opt = optimizer_spec(self.optim.optimizer)
+        # planning and exporting run no optimizer: only a training run needs its package
+        if for_training and opt.missing:
+            raise ConfigError(f"optim.optimizer is '{opt.name}' but {opt.missing}")
+        if self.train.stage == 1 and self.trainable_set != "connector":
+            raise ConfigError(
+                f"train.trainable is '{self.train.trainable}' but stage 1 trains only the connector; "
+                "use train.stage 2 to train transformer weights"
+            )
+        if self.train.stage == 2 and self.trainable_set == "connector" and not self.train.train_connector:
+            raise ConfigError("stage 2 with train.trainable 'connector' and train.train_connector false trains nothing")
+        self._check_numbers()
+        if self.model.init_transformer == "gie" and not self.model.gie:
+            raise ConfigError("model.init_transformer is 'gie' but model.gie (a GPT-Image-Edit directory) is not set")
+        if fusion_mode(self.model.mode).queries and self.model.num_queries < 1:
+            raise ConfigError(f"model.num_queries must be at least 1 for mode '{self.model.mode}' (it learns query tokens)")
+        self._check_validation_pairs()
+        if for_training:
+            self._check_run_inputs()
+        return self
 
-        choice("train.stage", STAGES)
+    def _choice(self, key: str, choices) -> None:
+        v = self.get(key)
+        if v not in choices:
+            raise ConfigError(f"{key} is '{v}'; expected one of {', '.join(map(str, choices))}")
+
+    def _check_choices(self) -> None:
+        """Every option with a fixed set of values (and the mode: one with a connector to train)."""
+        self._choice("train.stage", STAGES)
         trainable_modes = [n for n, m in FUSION_MODE_TABLE.items() if m.trainable]  # the table, as it is now
         if self.model.mode not in trainable_modes:
             if self.model.mode not in FUSION_MODE_TABLE:
@@ -385,30 +426,19 @@ class TrainConfig:
                 f"model.mode is '{self.model.mode}' but that mode has no connector to train; "
                 f"expected one of {', '.join(trainable_modes)}"
             )
-        spec = fusion_mode(self.model.mode)
-        choice("train.trainable", ("auto",) + TRAINABLE_SETS)
-        choice("optim.optimizer", OPTIMIZERS)
-        choice("train.mixed_precision", MIXED_PRECISION)
+        self._choice("train.trainable", ("auto",) + TRAINABLE_SETS)
+        self._choice("optim.optimizer", OPTIMIZERS)
+        self._choice("train.mixed_precision", MIXED_PRECISION)
         for key in ("memory.transformer_dtype", "memory.encoder_dtype", "memory.vae_dtype"):
-            choice(key, STORAGE_DTYPES)
+            self._choice(key, STORAGE_DTYPES)
         self._check_memory()
-        choice("data.bucketing", BUCKETING)
-        choice("data.region_weighting", REGION_WEIGHTING)
-        choice("train.weight_scheme", WEIGHT_SCHEMES)
-        choice("optim.lr_scheduler", LR_SCHEDULERS)
-        choice("data.cache_dtype", DTYPE_NAMES)
-        choice("export.dtype", DTYPE_NAMES)
-        opt = optimizer_spec(self.optim.optimizer)
-        # planning and exporting run no optimizer: only a training run needs its package
-        if for_training and opt.package and importlib.util.find_spec(opt.package) is None:
-            raise ConfigError(f"optim.optimizer is '{opt.name}' but {opt.package} is not installed ({opt.install})")
-        if self.train.stage == 1 and self.trainable_set != "connector":
-            raise ConfigError(
-                f"train.trainable is '{self.train.trainable}' but stage 1 trains only the connector; "
-                "use train.stage 2 to train transformer weights"
-            )
-        if self.train.stage == 2 and self.trainable_set == "connector" and not self.train.train_connector:
-            raise ConfigError("stage 2 with train.trainable 'connector' and train.train_connector false trains nothing")
+        for key, choices in (("data.bucketing", BUCKETING), ("data.region_weighting", REGION_WEIGHTING),
+                             ("train.weight_scheme", WEIGHT_SCHEMES), ("optim.lr_scheduler", LR_SCHEDULERS),
+                             ("data.cache_dtype", DTYPE_NAMES), ("export.dtype", DTYPE_NAMES)):
+            self._choice(key, choices)
+
+    def _check_numbers(self) -> None:
+        """Counts, ranges and rates."""
         for key in ("data.batch_size", "train.max_steps", "train.gradient_accumulation", "data.resolution", "lora.rank"):
             if self.get(key) < 1:
                 raise ConfigError(f"{key} is {self.get(key)} but must be at least 1")
@@ -430,10 +460,8 @@ class TrainConfig:
             raise ConfigError(f"lora.dropout is {self.lora.dropout} but must be in [0, 1)")
         if self.learning_rate <= 0:
             raise ConfigError(f"optim.lr is {self.learning_rate} but must be positive")
-        if self.model.init_transformer == "gie" and not self.model.gie:
-            raise ConfigError("model.init_transformer is 'gie' but model.gie (a GPT-Image-Edit directory) is not set")
-        if spec.queries and self.model.num_queries < 1:
-            raise ConfigError(f"model.num_queries must be at least 1 for mode '{self.model.mode}' (it learns query tokens)")
+
+    def _check_validation_pairs(self) -> None:
         for i, pair in enumerate(self.validation.pairs):
             if not isinstance(pair, dict) or set(pair) != {"image", "instruction"}:
                 raise ConfigError(f"validation.pairs[{i}] must be {{image: PATH, instruction: TEXT}}, not {pair!r}")
@@ -441,18 +469,19 @@ class TrainConfig:
                 raise ConfigError(f"validation.pairs[{i}].image must be a path, not {pair['image']!r}")
             if not isinstance(pair["instruction"], str) or not pair["instruction"].strip():
                 raise ConfigError(f"validation.pairs[{i}].instruction must be a non-empty text, not {pair['instruction']!r}")
-        if for_training:
-            if not self.data.data_txt:
-                raise ConfigError("data.data_txt is not set (the data.txt listing image roots and annotation files)")
-            if not self.model.kontext:
-                raise ConfigError("model.kontext is not set (a FLUX.1-Kontext-dev diffusers directory: VAE, CLIP, T5, scheduler)")
-            # Qwen runs when features are encoded on the fly, when learned queries read it, and for validation
-            needs_qwen = not self.data.use_cache or spec.queries or self.validation.every > 0
-            if needs_qwen and not (self.model.gie or self.model.qwen):
-                raise ConfigError("the Qwen2.5-VL encoder is needed: set model.gie (GPT-Image-Edit directory) or model.qwen")
-            if self.data.use_cache and not self.data.cache_dir:
-                raise ConfigError("data.use_cache is true but data.cache_dir is not set")
-        return self
+
+    def _check_run_inputs(self) -> None:
+        """What a training run reads: data.txt, the Kontext folder, a Qwen2.5-VL, the cache folder."""
+        if not self.data.data_txt:
+            raise ConfigError("data.data_txt is not set (the data.txt listing image roots and annotation files)")
+        if not self.model.kontext:
+            raise ConfigError("model.kontext is not set (a FLUX.1-Kontext-dev diffusers directory: VAE, CLIP, T5, scheduler)")
+        # Qwen runs when features are encoded on the fly, when learned queries read it, and for validation
+        needs_qwen = not self.data.use_cache or fusion_mode(self.model.mode).queries or self.validation.every > 0
+        if needs_qwen and not (self.model.gie or self.model.qwen):
+            raise ConfigError("the Qwen2.5-VL encoder is needed: set model.gie (GPT-Image-Edit directory) or model.qwen")
+        if self.data.use_cache and not self.data.cache_dir:
+            raise ConfigError("data.use_cache is true but data.cache_dir is not set")
 
     def _check_memory(self) -> None:
         """The memory options against the rest (the distributed engine is checked by the trainer)."""
@@ -497,7 +526,7 @@ class TrainConfig:
 
 
 def _torch_has(name: str) -> bool:
-    import torch
+    import torch  # start-up: see _build_adamw
 
     return hasattr(torch, name)
 
@@ -575,6 +604,27 @@ _TRUE_WORDS = {"true", "yes", "on", "1"}
 _FALSE_WORDS = {"false", "no", "off", "0"}
 
 
+def _coerce_list(value: Any, item_type: Any, key: str, source: str) -> list:
+    """A list option: a list, a YAML list text ('[1, 2]') or comma-separated text ('1,2')."""
+    bad = lambda what: ConfigError(f"{key} in {source} is {value!r} but must be {what}")  # noqa: E731
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise bad(f"a list ({exc})") from None
+        elif item_type is dict:
+            raise bad("a list of mappings, e.g. [{image: a.png, instruction: make it red}]")
+        else:
+            value = [v.strip() for v in text.split(",") if v.strip()]
+    if isinstance(value, tuple):
+        value = list(value)
+    if not isinstance(value, list):
+        raise bad("a list")
+    return [_coerce(v, item_type, f"{key}[{i}]", source) for i, v in enumerate(value)]
+
+
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     origin, args = get_origin(tp), get_args(tp)
     bad = lambda what: ConfigError(f"{key} in {source} is {value!r} but must be {what}")  # noqa: E731
@@ -622,25 +672,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             return str(value)
         raise bad("a string")
     if origin is list:
-        (item_type,) = args
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                import yaml
-
-                try:
-                    value = yaml.safe_load(text)
-                except yaml.YAMLError as exc:
-                    raise bad(f"a list ({exc})") from None
-            elif item_type is dict:
-                raise bad("a list of mappings, e.g. [{image: a.png, instruction: make it red}]")
-            else:
-                value = [v.strip() for v in text.split(",") if v.strip()]
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise bad("a list")
-        return [_coerce(v, item_type, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return _coerce_list(value, args[0], key, source)
     if tp is dict:
         if isinstance(value, dict):
             return dict(value)
@@ -658,10 +690,13 @@ def read_config_file(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = read_text(p, "config file")
+    except ValueError as exc:  # not UTF-8: the file and where
+        raise ConfigError(str(exc)) from None
     if p.suffix.lower() == ".toml":
         try:
-            import tomllib
+            import tomllib  # optional: Python 3.11+, else the tomli package
         except ImportError:  # Python 3.10
             try:
                 import tomli as tomllib
@@ -672,14 +707,52 @@ def read_config_file(path: str | Path) -> dict:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{p} is not valid TOML: {exc}") from None
     if p.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p} is not valid YAML: {exc}") from None
         return data or {}
     raise ConfigError(f"config file {p} must end in .yaml, .yml or .toml")
+
+
+# An overlay config says in its opening comment what it is layered over ("layered over
+# training/stage2.yaml"): gie-train reads that to say how to run it when it is given alone.
+_LAYERED_OVER = re.compile(r"layered over\s+(\S+?\.(?:ya?ml|toml))\b")
+
+
+def layered_over(path: str | Path) -> Path | None:
+    """The config file that ``path`` says, in its opening comment lines, it is layered over
+    (a path as written, found from the working directory or a folder above ``path``), or None."""
+    p = Path(path)
+    try:
+        text = read_text(p, "config file")
+    except ValueError:
+        return None
+    head = []
+    for line in text.splitlines():
+        if not line.lstrip().startswith("#"):
+            break
+        head.append(line)
+    m = _LAYERED_OVER.search(" ".join(head))
+    if not m:
+        return None
+    base = Path(m.group(1))
+    for folder in (Path.cwd(), *p.resolve().parents):
+        if (folder / base).is_file() and (folder / base).resolve() != p.resolve():
+            return base if folder == Path.cwd() else Path(os.path.relpath(folder / base))
+    return None
+
+
+def missing_bases(paths: list[str]) -> list[tuple[str, Path]]:
+    """(overlay, base) for each config file of ``paths`` (in order) that is layered over a file
+    not given before it."""
+    missing, given = [], []
+    for path in paths:
+        base = layered_over(path)
+        if base is not None and base.resolve() not in given:
+            missing.append((str(path), base))
+        given.append(Path(path).resolve())
+    return missing
 
 
 def option_flags(key: str) -> list[str]:

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageChops, UnidentifiedImageError
 
 from gie_core.constants import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, QWEN_IMAGE_SIZE, SIZE_MULTIPLE
-from gie_core.files import atomic_write_text
+from gie_core.files import atomic_write_text, read_text
 from gie_core.imaging.images import load_image
 from gie_core.imaging.ratio import nearest_ratio, parse_ratios
 
@@ -79,6 +79,8 @@ class ProblemLog:
         self.counts: Counter[str] = Counter()
         self.warnings: Counter[str] = Counter()
         self.seen: set[tuple[str, str]] = set()
+        self.skipped_batches = 0  # batches none of whose bucket's pairs loaded (see skip_batch)
+        self._skipped_in_a_row = 0
         self._lock = threading.Lock()
 
     def _add(self, counter: Counter, kind: str, where: str) -> int | None:
@@ -110,6 +112,25 @@ class ProblemLog:
         for kind, where, reason in items:
             self.report(kind, where, reason)
 
+    def skip_batch(self, batch: dict, batches_per_epoch: int, data: str | os.PathLike) -> bool:
+        """Whether to skip ``batch`` (a :func:`collate` result): true for a batch none of whose
+        pairs could be loaded, nor any stand-in from its bucket (a bad pair alone in its bucket).
+        Such a batch is counted and logged, and the run goes on, as for any bad sample; when a
+        whole epoch of batches in a row is skipped, no pair of ``data`` loads at all and
+        :class:`DataError` says so, naming it."""
+        if not batch.get("skipped"):
+            self._skipped_in_a_row = 0
+            return False
+        self.skipped_batches += 1
+        self._skipped_in_a_row += 1
+        w, h = batch["bucket"]
+        if self._skipped_in_a_row >= batches_per_epoch:
+            raise DataError(f"no pair of {data} could be loaded: {self._skipped_in_a_row} batches in a row were "
+                            f"skipped, a whole epoch ({self.summary()}); check the images it lists")
+        n = len(self.counts) + self.skipped_batches
+        self._log(n, "skipping a batch of the %dx%d bucket: none of its pairs could be loaded", w, h)
+        return True
+
     @property
     def total(self) -> int:
         """Skipped samples (warnings are not counted here)."""
@@ -126,18 +147,23 @@ class ProblemLog:
             parts.append(f"skipped {self.total} bad samples: {kinds}")
         else:
             parts.append("no bad samples")
+        if self.skipped_batches:
+            parts.append(f"skipped {self.skipped_batches} batch{'es' if self.skipped_batches > 1 else ''} "
+                         "whose bucket had no pair that loads")
         if self.warnings:
             kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.warnings.items()))
             parts.append(f"trained {self.total_warnings} pairs with warnings: {kinds}")
         return "; ".join(parts)
 
     def to_dict(self) -> dict:
-        return {"counts": dict(self.counts), "warnings": dict(self.warnings), "seen": sorted(list(s) for s in self.seen)}
+        return {"counts": dict(self.counts), "warnings": dict(self.warnings), "seen": sorted(list(s) for s in self.seen),
+                "skipped_batches": self.skipped_batches}
 
     def load_dict(self, d: dict) -> None:
         self.counts = Counter(d.get("counts", {}))
         self.warnings = Counter(d.get("warnings", {}))
         self.seen = {tuple(s) for s in d.get("seen", [])}
+        self.skipped_batches = int(d.get("skipped_batches", 0))
 
 
 # ------------------------------------------------------------------------------------------
@@ -153,6 +179,13 @@ class DataSource:
     annotation: Path
     region_weighting: bool
     line: int = 0
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return read_text(path, what)
+    except ValueError as exc:  # not UTF-8 (the file, line and byte named) or unreadable
+        raise DataError(str(exc)) from None
 
 
 def _resolve(path: str, base: Path) -> Path:
@@ -174,7 +207,7 @@ def read_data_txt(path: str | os.PathLike) -> list[DataSource]:
     if not p.is_file():
         raise DataError(f"data.txt {p} does not exist")
     sources = []
-    for n, raw in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, raw in enumerate(_read_text(p, "data.txt").splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -264,7 +297,7 @@ def parse_record(obj, image_root: Path, region_weighting: bool) -> EditRecord:
 
 def _iter_annotation_objects(path: Path, problems: ProblemLog):
     """Yield (where, object) from a JSON list/object file or a JSON-lines file."""
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = _read_text(path, "annotation file")  # a file not UTF-8 is a setup error: its instructions would be garbled
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -600,7 +633,9 @@ def pil_to_unit_range(image: Image.Image) -> torch.Tensor:
 
 class EditDataset(torch.utils.data.Dataset):
     """Pairs at their bucket size; a pair that fails to load is replaced by the next pair of the
-    same bucket (so batches stay full and processes stay in step) and reported in the item."""
+    same bucket (so batches stay full and processes stay in step) and reported in the item. When
+    no pair of the bucket loads (a bad pair alone in its bucket), the item says so (``unloadable``)
+    and :func:`collate` marks its batch ``skipped`` (see :meth:`ProblemLog.skip_batch`)."""
 
     MAX_REPLACEMENTS = 64
 
@@ -657,36 +692,43 @@ class EditDataset(torch.utils.data.Dataset):
         pos = self._position[index]
         for attempt in range(min(len(members), self.MAX_REPLACEMENTS)):
             i = members[(pos + attempt) % len(members)]
-            rec = self.records[i]
             try:
                 item = self.load(i)
-            except ImageProblem as exc:
-                bad.append((exc.kind, str(exc.path), exc.reason))
-            except FileNotFoundError as exc:
-                bad.append(("missing image", str(getattr(exc, "filename", None) or rec.source), "no such file"))
-            except RegionTooSmall as exc:
-                bad.append(("region too small", str(rec.target), str(exc)))
-            except KeyError as exc:  # not in the feature cache
-                bad.append(("not cached", str(rec.target), str(exc)))
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-                where = getattr(exc, "filename", None) or f"{rec.source} / {rec.target}"
-                bad.append(("unreadable image", str(where), f"{type(exc).__name__}: {exc}"))
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, KeyError) as exc:
+                bad.append(_load_problem(exc, self.records[i]))
             else:
                 item["bad"] = bad
                 return item
-        raise RuntimeError(
-            f"{len(bad)} pairs in a row of the {self.buckets[index][0]}x{self.buckets[index][1]} bucket could not be "
-            f"loaded (last: {bad[-1][0]} {bad[-1][1]}: {bad[-1][2]}); check the data"
-        )
+        return {"index": index, "unloadable": True, "bucket": self.buckets[index], "bad": bad}
+
+
+def _load_problem(exc: Exception, rec: EditRecord) -> tuple[str, str, str]:
+    """(kind, where, reason) of a pair that failed to load, for the problem log."""
+    if isinstance(exc, ImageProblem):
+        return exc.kind, str(exc.path), exc.reason
+    if isinstance(exc, FileNotFoundError):
+        return "missing image", str(getattr(exc, "filename", None) or rec.source), "no such file"
+    if isinstance(exc, RegionTooSmall):
+        return "region too small", str(rec.target), str(exc)
+    if isinstance(exc, KeyError):  # not in the feature cache
+        return "not cached", str(rec.target), str(exc)
+    where = getattr(exc, "filename", None) or f"{rec.source} / {rec.target}"
+    return "unreadable image", str(where), f"{type(exc).__name__}: {exc}"
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack a batch of one bucket; PIL images and strings stay lists."""
+    """Stack a batch of one bucket; PIL images and strings stay lists. A batch with a pair that
+    could not be loaded nor replaced is ``{"skipped": True, "bucket", "bad"}`` (never trained)."""
+    bad = [b for it in items for b in it["bad"]]
+    unloadable = [it for it in items if it.get("unloadable")]
+    if unloadable:
+        return {"skipped": True, "bucket": unloadable[0]["bucket"], "bad": bad, "index": [it["index"] for it in items]}
     out: dict = {
+        "skipped": False,
         "index": [it["index"] for it in items],
         "key": [it["key"] for it in items],
         "instruction": [it["instruction"] for it in items],
-        "bad": [b for it in items for b in it["bad"]],
+        "bad": bad,
     }
     if "cached" in items[0]:
         out["cached"] = [it["cached"] for it in items]

@@ -14,12 +14,14 @@
   names), read by :func:`gie_core.weights.loading.load_gie_checkpoint` and ``gie-edit --model``.
 
 Every file is written through :func:`gie_core.files.atomic_write` (a temporary file beside the
-target, renamed when complete, normal permissions); the released-layout directory is built in a
-sibling folder (made with ``mkdir``, so normal permissions too) and renamed into place.
+target, renamed when complete, normal permissions); the released-layout directory is built by
+:func:`gie_core.files.atomic_folder` (a hidden sibling folder, flushed and swapped into place, the
+old one removed only after the new is there).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -27,10 +29,17 @@ from pathlib import Path
 
 import torch
 
-from gie_core.files import atomic_write, atomic_write_text, temporary_path
+# the LoRA mixin itself, not FluxKontextPipeline: importing the pipelines makes transformers
+# probe torchvision for image processors the trainer never uses, printing warnings
+from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict
+
+from gie_core.files import atomic_folder, atomic_write, atomic_write_text, temporary_path
+from gie_core.train.checkpoint import save_safetensors
 from gie_core.weights.loading import GIE_DENOISER_PREFIX, GIE_PROJECTOR_PREFIX, gie_config, parse_dtype, released_qwen_key
 from gie_core.weights.reader import CheckpointReader
-from gie_core.train.checkpoint import save_safetensors
+from gie_core.weights.parts import load_part
 
 CONNECTOR_FILE = "connector.safetensors"
 TRANSFORMER_FILE = "transformer.safetensors"
@@ -67,8 +76,6 @@ def transformer_state_dict(transformer, dtype: torch.dtype | None = None) -> dic
     The merge is computed on copies (base weight upcast to fp32, plus the adapter's delta, then
     cast), so the model is never touched: merging into a bf16 or fp8 base weight in place and
     unmerging after would not restore it exactly."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     deltas: dict[str, torch.Tensor] = {}
     for name, module in transformer.named_modules():
         if isinstance(module, BaseTunerLayer) and not module.disable_adapters:
@@ -108,13 +115,6 @@ def _transformer_config(transformer) -> dict:
 
 def export_lora(transformer, path: str | os.PathLike, *, dtype="bf16", adapter_name: str = "default") -> Path:
     """Write the LoRA as diffusers' ``save_lora_weights`` does (``transformer.`` keys, adapter metadata)."""
-    import inspect
-
-    # the LoRA mixin itself, not FluxKontextPipeline: importing the pipelines makes transformers
-    # probe torchvision for image processors the trainer never uses, printing warnings
-    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
-    from peft.utils import get_peft_model_state_dict
-
     path = Path(path)
     layers = _cast(get_peft_model_state_dict(transformer, adapter_name=adapter_name), parse_dtype(dtype))
     kwargs = {}
@@ -133,8 +133,6 @@ def export_lora(transformer, path: str | os.PathLike, *, dtype="bf16", adapter_n
 
 def load_transformer_file(path: str | os.PathLike, *, dtype="bf16", device="cpu"):
     """A transformer written by :func:`export_transformer` (the engine's single-file loader reads it)."""
-    from gie_core.weights.parts import load_part
-
     return load_part("transformer", path, dtype=parse_dtype(dtype), device=device).module
 
 
@@ -180,6 +178,25 @@ class _ShardWriter:
         atomic_write_text(self.dir / "model.safetensors.index.json", json.dumps(index, indent=2))
 
 
+def _released_config(base: dict, connector, transformer, dt: torch.dtype) -> dict:
+    """The released ``config.json``: the Qwen2.5-VL config plus ``denoise_tower`` (the connector's
+    sizes and the transformer's diffusers config)."""
+    return {
+        **base,
+        "architectures": ["UnivaQwen2p5VLForConditionalGeneration"],
+        "model_type": "univa_qwen2p5vl",
+        "torch_dtype": {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dt, "float32"),
+        "denoise_tower": {
+            **(base.get("denoise_tower") or {}),
+            "denoiser_type": "flux",
+            "denoise_projector_type": "mlp2x_gelu",
+            "input_hidden_size": connector.input_hidden_size,
+            "output_hidden_size": connector.output_hidden_size,
+            "denoiser_config": _transformer_config(transformer),
+        },
+    }
+
+
 def export_released_dir(
     out_dir: str | os.PathLike,
     *,
@@ -195,17 +212,13 @@ def export_released_dir(
 
     The Qwen2.5-VL part is streamed from ``gie_dir`` (names kept) or taken from ``qwen_model``
     (renamed to the release's pre-4.52 names); the processor files come from ``processor_dir``
-    (default ``gie_dir``). The directory is built beside ``out_dir`` and renamed into place.
+    (default ``gie_dir``). The directory appears complete or not at all (:func:`gie_core.files.atomic_folder`).
     """
     out = Path(out_dir)
     dt = parse_dtype(dtype)
     if gie_dir is None and qwen_model is None:
         raise ValueError("a released-layout export needs the Qwen2.5-VL weights: a GPT-Image-Edit directory or a loaded model")
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(out) as tmp:
         writer = _ShardWriter(tmp, max_shard_bytes)
         if gie_dir is not None:
             base = gie_config(gie_dir)
@@ -225,30 +238,10 @@ def export_released_dir(
         for key, t in transformer_state_dict(transformer, dt).items():
             writer.add(GIE_DENOISER_PREFIX + key, t)
         writer.close()
-        config = {
-            **base,
-            "architectures": ["UnivaQwen2p5VLForConditionalGeneration"],
-            "model_type": "univa_qwen2p5vl",
-            "torch_dtype": {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dt, "float32"),
-            "denoise_tower": {
-                **(base.get("denoise_tower") or {}),
-                "denoiser_type": "flux",
-                "denoise_projector_type": "mlp2x_gelu",
-                "input_hidden_size": connector.input_hidden_size,
-                "output_hidden_size": connector.output_hidden_size,
-                "denoiser_config": _transformer_config(transformer),
-            },
-        }
-        atomic_write_text(tmp / "config.json", json.dumps(config, indent=2))
+        atomic_write_text(tmp / "config.json", json.dumps(_released_config(base, connector, transformer, dt), indent=2))
         src = Path(processor_dir or gie_dir) if (processor_dir or gie_dir) else None
         if src is not None:
             for name in _PROCESSOR_FILES:
                 if (src / name).is_file():
                     shutil.copy2(src / name, tmp / name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

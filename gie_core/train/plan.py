@@ -34,12 +34,29 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, FluxTransformer2DModel
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import (
+    AutoConfig,
+    CLIPTextConfig,
+    CLIPTextModel,
+    Qwen2_5_VLForConditionalGeneration,
+    T5Config,
+    T5EncoderModel,
+)
 
 from gie_core.constants import QWEN_IMAGE_SIZE, T5_MAX_LENGTH
+from gie_core.engine.connector import Connector
 from gie_core.engine.modes import fusion_mode
 from gie_core.train.config import OPTIMIZER_TABLE, TrainConfig
+from gie_core.train.data import bucket_sizes
+from gie_core.train.models import EditModel, needed_parts, prepare_for_training
+from gie_core.weights.loading import qwen_config_from_gie
+from gie_core.weights.reader import empty_weights
+from gie_core.weights.single_file import load_config
 from gie_core.train.memory import MemorySettings, resolve_memory, store_fp8, swappable_blocks, transformer_blocks
 from gie_core.weights.loading import parse_dtype
 
@@ -66,7 +83,6 @@ class LiveBytes(TorchDispatchMode):
 
     def __init__(self, existing=()):
         super().__init__()
-        from torch.multiprocessing.reductions import StorageWeakRef
 
         self._ref = StorageWeakRef
         self.live: dict[int, tuple[object, int]] = {}
@@ -129,15 +145,12 @@ def _json(path: Path) -> dict:
 
 
 def _shipped(name: str) -> dict:
-    from gie_core.weights.single_file import load_config
-
     return load_config(name)
 
 
 def read_architecture(cfg: TrainConfig) -> Architecture:
     """The configs of ``cfg``'s models; a folder that does not exist is replaced by the shipped
     real-size config (so a plan can be made before anything is downloaded), with a note."""
-    from gie_core.weights.loading import qwen_config_from_gie
 
     notes = []
     kontext = Path(cfg.model.kontext).expanduser() if cfg.model.kontext else None
@@ -169,8 +182,6 @@ def read_architecture(cfg: TrainConfig) -> Architecture:
     if gie is not None:
         qwen = qwen_config_from_gie(_json(gie / "config.json"))
     elif qwen_dir is not None:
-        from transformers import AutoConfig
-
         qwen, lm_head = AutoConfig.from_pretrained(qwen_dir, local_files_only=True), True
     else:
         flat = {k: v for k, v in _shipped("qwen2.5-vl-7b-instruct").items() if not k.startswith("_")}
@@ -191,18 +202,11 @@ def read_architecture(cfg: TrainConfig) -> Architecture:
 
 
 def _meta_transformer(arch: Architecture, **overrides) -> nn.Module:
-    from diffusers import FluxTransformer2DModel
-
-    from gie_core.weights.reader import empty_weights
-
     with empty_weights():
         return FluxTransformer2DModel.from_config({**arch.transformer, **overrides})
 
 
 def _meta_connector(cfg: TrainConfig, arch: Architecture) -> nn.Module:
-    from gie_core.engine.connector import Connector
-    from gie_core.weights.reader import empty_weights
-
     hidden = arch.qwen.text_config.hidden_size if hasattr(arch.qwen, "text_config") else arch.qwen.hidden_size
     with empty_weights():
         return Connector.for_mode(cfg.model.mode, hidden, arch.transformer["joint_attention_dim"], cfg.model.num_queries)
@@ -211,11 +215,6 @@ def _meta_connector(cfg: TrainConfig, arch: Architecture) -> nn.Module:
 def _meta_encoders(cfg: TrainConfig, arch: Architecture, memory: MemorySettings, dtype: torch.dtype,
                    need: dict[str, bool]) -> dict[str, nn.Module]:
     """The frozen encoders the run keeps on the GPU, stored as the trainer stores them."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, Qwen2_5_VLForConditionalGeneration, T5Config, T5EncoderModel
-
-    from gie_core.weights.reader import empty_weights
-
     parts = {}
     with empty_weights():
         if need["need_qwen"]:
@@ -241,8 +240,6 @@ def _meta_encoders(cfg: TrainConfig, arch: Architecture, memory: MemorySettings,
 
 
 def _prepared(cfg: TrainConfig, memory: MemorySettings, dtype: torch.dtype, transformer: nn.Module, connector: nn.Module):
-    from gie_core.train.models import prepare_for_training
-
     nn.Module.to(transformer, dtype)  # (diffusers' own .to() logs about fp32 modules this model has none of)
     if memory.transformer == "gguf":
         # a GGUF file: about 8.5 bits a weight (Q8_0) in its blocks; sized as fp8 here
@@ -325,7 +322,6 @@ def _weight_lines(part: str, module: nn.Module, swapped: set[str] | None = None)
 
 def _bucket(cfg: TrainConfig) -> tuple[int, int]:
     """The largest training bucket (most tokens) of the run."""
-    from gie_core.train.data import bucket_sizes
 
     if cfg.data.bucketing == "square":
         return cfg.data.resolution, cfg.data.resolution
@@ -354,10 +350,6 @@ def _simulate_step(cfg: TrainConfig, arch: Architecture, memory: MemorySettings,
                    layers: tuple[int, int]) -> tuple[int, int, int]:
     """(peak live bytes, gradient bytes at that peak, input bytes) of one training step of the
     transformer with ``layers`` = (double, single) blocks, on fake tensors."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from gie_core.train.models import EditModel
-
     spec = fusion_mode(cfg.model.mode)
     width, height = _bucket(cfg)
     b = cfg.data.batch_size
@@ -411,11 +403,6 @@ def _simulate_vae_encode(arch: Architecture, memory: MemorySettings, cfg: TrainC
 
 
 def _run_vae_encode(arch: Architecture, memory: MemorySettings, cfg: TrainConfig) -> int:
-    from diffusers import AutoencoderKL
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from gie_core.weights.reader import empty_weights
-
     width, height = _bucket(cfg)
     with empty_weights():
         vae = AutoencoderKL(**arch.vae)
@@ -481,8 +468,6 @@ def plan_memory(cfg: TrainConfig, *, device: str = "cuda", processes: int = 1, s
     ``processes`` / ``sharding`` (none, zero2 = DeepSpeed ZeRO-2 / FSDP SHARD_GRAD_OP: gradients
     and optimizer state split across processes; zero3 = ZeRO-3 / FSDP FULL_SHARD: the model's
     weights too) give the per-GPU figure of a sharded run."""
-    from gie_core.train.models import needed_parts
-
     if sharding not in SHARDINGS:
         raise ValueError(f"sharding is '{sharding}'; expected one of {', '.join(SHARDINGS)}")
     if processes < 1:
@@ -490,9 +475,43 @@ def plan_memory(cfg: TrainConfig, *, device: str = "cuda", processes: int = 1, s
     arch = arch or read_architecture(cfg)
     memory = resolve_memory(cfg)
     dtype = parse_dtype(cfg.train.mixed_precision)
-    validating = cfg.validation.every > 0 and bool(cfg.validation.pairs)
-    need = needed_parts(cfg, data=True, validating=validating)
+    modules, weights = _planned_weights(cfg, arch, memory, dtype, device)
+    transformer, connector = modules["transformer"], modules["connector"]
+    trained = [p for m in (transformer, connector) for p in m.parameters() if p.requires_grad]
+    state = _training_state(cfg, trained, device)
+    act = _activation_bytes(cfg, arch, memory, dtype, device, transformer)
+    encode_transient = _simulate_vae_encode(arch, memory, cfg) if "VAE" in modules else 0
+    if processes > 1 and sharding != "none":
+        _shard(state, act, weights, transformer, processes, sharding)
 
+    gpu_weights = sum(w.bytes for w in weights if "CPU" not in w.kind)
+    static = gpu_weights + state["optimizer"] + state["ema"]
+    phases = {
+        "forward/backward": static + act["inputs"] + act["activations"] + act["grads_at_peak"],
+        "optimizer step": static + state["gradients"] + state["step_transient"],
+    }
+    if encode_transient:
+        phases["VAE encoding"] = static + encode_transient
+    phase = max(phases, key=phases.get)
+    n_trained = sum(p.numel() for p in trained)
+    return MemoryPlan(
+        summary=_summary(cfg, dtype, n_trained, device, processes, sharding), architecture=_architecture(modules),
+        notes=_notes(cfg, arch, memory), weights=weights, trained_params=n_trained, gradients=state["gradients"],
+        gradients_at_peak=act["grads_at_peak"], optimizer=state["optimizer"], optimizer_name=cfg.optim.optimizer,
+        ema=state["ema"], inputs=act["inputs"], activations=act["activations"],
+        activations_other=act["activations_other"], checkpointing=memory.checkpointing,
+        step_transient=state["step_transient"], encode_transient=encode_transient,
+        cpu_bytes=sum(w.bytes for w in weights if "CPU" in w.kind), peak=phases[phase], phase=phase, device=device,
+        processes=processes, sharding=sharding,
+    )
+
+
+def _planned_weights(cfg: TrainConfig, arch: Architecture, memory: MemorySettings, dtype: torch.dtype,
+                     device: str) -> tuple[dict[str, nn.Module], list[WeightLine]]:
+    """The run's modules on the meta device, prepared as training prepares them (name -> module:
+    transformer, connector, then the encoders on the GPU), and their weight lines."""
+
+    validating = cfg.validation.every > 0 and bool(cfg.validation.pairs)
     transformer = _meta_transformer(arch)
     connector = _meta_connector(cfg, arch)
     _prepared(cfg, memory, dtype, transformer, connector)
@@ -505,21 +524,32 @@ def plan_memory(cfg: TrainConfig, *, device: str = "cuda", processes: int = 1, s
     weights = _weight_lines("transformer", transformer, set(swapped)) + _weight_lines("connector", connector)
     if in_flight:
         weights.append(WeightLine("transformer", "", "swapped, in flight", in_flight, 0))
-    encoders = _meta_encoders(cfg, arch, memory, dtype, need)
+    encoders = _meta_encoders(cfg, arch, memory, dtype, needed_parts(cfg, data=True, validating=validating))
     for name, module in encoders.items():
         weights += _weight_lines(name, module)
+    return {"transformer": transformer, "connector": connector, **encoders}, weights
 
-    trained = [p for m in (transformer, connector) for p in m.parameters() if p.requires_grad]
-    n_trained = sum(p.numel() for p in trained)
+
+def _training_state(cfg: TrainConfig, trained: list[nn.Parameter], device: str) -> dict[str, int]:
+    """Bytes of the optimizer state, gradients, EMA and the optimizer step's temporaries."""
     opt = OPTIMIZER_TABLE[cfg.optim.optimizer]
-    optimizer = sum(opt.state_bytes(tuple(p.shape)) for p in trained)
     gradients = sum(p.numel() * 4 for p in trained)
-    ema = gradients if cfg.optim.ema_decay > 0 else 0
     if device == "cuda":
-        step_transient = opt.step_bytes_per_param * n_trained
+        step_transient = opt.step_bytes_per_param * sum(p.numel() for p in trained)
     else:  # the CPU runs the optimizers tensor by tensor: one trained tensor's temporaries at a time
         step_transient = opt.step_bytes_per_param * max((p.numel() for p in trained), default=0) * 2
+    return {
+        "optimizer": sum(opt.state_bytes(tuple(p.shape)) for p in trained),
+        "gradients": gradients,
+        "ema": gradients if cfg.optim.ema_decay > 0 else 0,
+        "step_transient": step_transient,
+    }
 
+
+def _activation_bytes(cfg: TrainConfig, arch: Architecture, memory: MemorySettings, dtype: torch.dtype, device: str,
+                      transformer: nn.Module) -> dict[str, int]:
+    """Activations at the step's peak with the configured checkpointing and the other way,
+    gradients alive at that peak, and the step's inputs."""
     act_grads, grads_at_peak, inputs = _step_activations(cfg, arch, memory, dtype, device)
     other = replace(memory, checkpointing=not memory.checkpointing)
     other_grads, other_grads_at_peak, _ = _step_activations(cfg, arch, other, dtype, device)
@@ -527,56 +557,58 @@ def plan_memory(cfg: TrainConfig, *, device: str = "cuda", processes: int = 1, s
     # until the backward pass reaches the layer: every cast layer's copy without checkpointing,
     # the copies of the block being recomputed with it
     per_block = _upcast_bytes_per_block(transformer, dtype) if memory.transformer != "compute" else [0]
-    activations = act_grads - grads_at_peak + (max(per_block) if memory.checkpointing else sum(per_block))
-    activations_other = other_grads - other_grads_at_peak + (sum(per_block) if memory.checkpointing else max(per_block))
-    encode_transient = _simulate_vae_encode(arch, memory, cfg) if "VAE" in encoders else 0
-
-    if processes > 1 and sharding != "none":
-        optimizer //= processes
-        gradients //= processes
-        grads_at_peak //= processes
-        step_transient //= processes
-        if sharding == "zero3":
-            gathered = max((sum(t.numel() * t.element_size() for t in blk.parameters())
-                            for _, blk in transformer_blocks(transformer)), default=0)
-            for line in weights:
-                if line.part in ("transformer", "connector") and "CPU" not in line.kind:
-                    line.bytes //= processes
-            weights.append(WeightLine("transformer", "", "one block gathered", gathered, 0))
-
-    gpu_weights = sum(w.bytes for w in weights if "CPU" not in w.kind)
-    static = gpu_weights + optimizer + ema
-    phases = {
-        "forward/backward": static + inputs + activations + grads_at_peak,
-        "optimizer step": static + gradients + step_transient,
+    return {
+        "activations": act_grads - grads_at_peak + (max(per_block) if memory.checkpointing else sum(per_block)),
+        "activations_other": other_grads - other_grads_at_peak + (sum(per_block) if memory.checkpointing else max(per_block)),
+        "grads_at_peak": grads_at_peak,
+        "inputs": inputs,
     }
-    if encode_transient:
-        phases["VAE encoding"] = static + encode_transient
-    phase = max(phases, key=phases.get)
+
+
+def _shard(state: dict[str, int], act: dict[str, int], weights: list[WeightLine], transformer: nn.Module,
+           processes: int, sharding: str) -> None:
+    """Split what ``sharding`` splits across ``processes`` (in place): gradients and optimizer
+    state (zero2), and the trained modules' weights with one block gathered at a time (zero3)."""
+    for key in ("optimizer", "gradients", "step_transient"):
+        state[key] //= processes
+    act["grads_at_peak"] //= processes
+    if sharding == "zero3":
+        gathered = max((sum(t.numel() * t.element_size() for t in blk.parameters())
+                        for _, blk in transformer_blocks(transformer)), default=0)
+        for line in weights:
+            if line.part in ("transformer", "connector") and "CPU" not in line.kind:
+                line.bytes //= processes
+        weights.append(WeightLine("transformer", "", "one block gathered", gathered, 0))
+
+
+def _architecture(modules: dict[str, nn.Module]) -> str:
+    """'transformer (19 double + 38 single blocks) 11.9 B, connector 94.4 M, ...'."""
+    text = ", ".join(f"{name} {_count(sum(p.numel() for p in m.parameters()))}" for name, m in modules.items())
+    t = modules["transformer"]
+    n_d, n_s = len(t.transformer_blocks), len(t.single_transformer_blocks)
+    return text.replace("transformer ", f"transformer ({n_d} double + {n_s} single blocks) ", 1)
+
+
+def _summary(cfg: TrainConfig, dtype: torch.dtype, n_trained: int, device: str, processes: int, sharding: str) -> str:
     width, height = _bucket(cfg)
-    sizes = {"transformer": transformer, "connector": connector, **encoders}
-    arch_text = ", ".join(f"{name} {_count(sum(p.numel() for p in m.parameters()))}" for name, m in sizes.items())
-    n_d, n_s = len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)
-    arch_text = arch_text.replace("transformer ", f"transformer ({n_d} double + {n_s} single blocks) ", 1)
     trained_what = cfg.trainable_set + (" + connector" if cfg.trainable_set != "connector" and cfg.trains_connector else "")
-    summary = (f"stage {cfg.train.stage}, trains {trained_what} ({_count(n_trained)} parameters), "
-               f"{width}x{height} bucket, batch {cfg.data.batch_size} per process, "
-               f"{'fp32' if dtype == torch.float32 else _dtype_name(dtype) + ' autocast'}, "
-               f"optimizer {cfg.optim.optimizer}, {device.upper() if device == 'cuda' else device}, "
-               f"{processes} process{'es' if processes > 1 else ''}" + (f" ({sharding})" if sharding != "none" else ""))
+    return (f"stage {cfg.train.stage}, trains {trained_what} ({_count(n_trained)} parameters), "
+            f"{width}x{height} bucket, batch {cfg.data.batch_size} per process, "
+            f"{'fp32' if dtype == torch.float32 else _dtype_name(dtype) + ' autocast'}, "
+            f"optimizer {cfg.optim.optimizer}, {device.upper() if device == 'cuda' else device}, "
+            f"{processes} process{'es' if processes > 1 else ''}" + (f" ({sharding})" if sharding != "none" else ""))
+
+
+def _notes(cfg: TrainConfig, arch: Architecture, memory: MemorySettings) -> list[str]:
     notes = list(arch.notes)
     if spec_queries(cfg):
         notes.append("learned queries run Qwen2.5-VL with gradients: its activations are not counted")
     if memory.transformer == "gguf":
         notes.append("a GGUF transformer is sized as fp8 (Q8_0 is about 8.5 bits a weight; Q4 files are smaller)")
-    return MemoryPlan(
-        summary=summary, architecture=arch_text, notes=notes, weights=weights, trained_params=n_trained,
-        gradients=gradients, gradients_at_peak=grads_at_peak, optimizer=optimizer, optimizer_name=opt.name, ema=ema,
-        inputs=inputs, activations=activations, activations_other=activations_other, checkpointing=memory.checkpointing,
-        step_transient=step_transient, encode_transient=encode_transient,
-        cpu_bytes=sum(w.bytes for w in weights if "CPU" in w.kind), peak=phases[phase], phase=phase, device=device,
-        processes=processes, sharding=sharding,
-    )
+    missing = OPTIMIZER_TABLE[cfg.optim.optimizer].missing
+    if missing:
+        notes.append(f"optimizer {cfg.optim.optimizer} cannot run here: {missing}")
+    return notes
 
 
 def _count(n: int) -> str:
@@ -627,7 +659,7 @@ def fit_budget(cfg: TrainConfig, budget: int, *, device: str = "cuda", processes
                            "precompute features and latents (gie-train cache): no encoder on the GPU"))
     if not resolve_memory(cfg).checkpointing:
         candidates.append(({"train.gradient_checkpointing": True}, "recompute activations in backward (slower steps)"))
-    if cfg.optim.optimizer in ("adamw", "prodigy"):
+    if cfg.optim.optimizer in ("adamw", "prodigy") and OPTIMIZER_TABLE["adamw8bit"].installed:  # only what can run here
         candidates.append(({"optim.optimizer": "adamw8bit"}, "8-bit optimizer state (bitsandbytes)"))
     if cfg.memory.transformer_dtype == "auto" and resolve_memory(cfg).transformer == "compute" and cfg.trainable_set != "full":
         candidates.append(({"memory.transformer_dtype": "fp8"}, "frozen transformer weights in fp8, upcast per layer"))
@@ -674,8 +706,6 @@ def fit_budget(cfg: TrainConfig, budget: int, *, device: str = "cuda", processes
 
 
 def _encoders_on_gpu(cfg: TrainConfig) -> bool:
-    from gie_core.train.models import needed_parts
-
     return any(needed_parts(cfg, data=True, validating=False).values())
 
 

@@ -452,6 +452,9 @@ class Trainer:
                 shard = batches[self.batches_done]
                 if shard.real:  # a stand-in pair (a batch smaller than the processes) is not reported twice
                     self.problems.extend(batch["bad"])
+                if self.problems.skip_batch(batch, len(batches), cfg.data.data_txt):
+                    self.batches_done += 1  # no pair of its bucket loads: counted, the run goes on
+                    continue
                 generators = self.sample_generators(gen_epoch, self.batches_done, shard)
                 micro.append(self.training_step(batch, generators, shard.loss_scale))
                 self.micro_weights.append(shard.real)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from gie_core.files import atomic_write, check_output_path
+from gie_core.files import atomic_write, check_output_path, existing_folder, free_space, human_size
 from gie_core.weights.loading import DTYPES, GIE_DENOISER_PREFIX, GIE_PROJECTOR_PREFIX, gie_config, released_qwen_key
 from gie_core.weights.parts import resolve_source
 from gie_core.weights.single_file import (
@@ -501,13 +500,11 @@ def convert(
 
 def _check_space(path: Path, entries: list[Entry], fraction: float = 1.0) -> None:
     need = int(sum(e.nbytes for e in entries) * fraction) + (1 << 20)
-    probe = path.parent
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < need:
+    free = free_space(path)
+    if free is not None and free < need:
         raise ValueError(
-            f"output {path} needs {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free on that disk"
+            f"output {path} needs {human_size(need)} but only {human_size(free)} is free on that disk "
+            f"({existing_folder(path)})"
         )
 
 
