@@ -12,6 +12,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from gie_core.engine.request import resolve_device
+from gie_core.files import atomic_write, check_output_path
+from gie_core.imaging.images import load_image
+
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -35,16 +39,12 @@ def run_command(prog: str, run: Callable[[], int]) -> int:
 def load_input(path: str, what: str = "input image", background="white"):
     """An input image file as RGB (EXIF orientation, 16-bit and alpha handled; see
     :func:`gie_core.imaging.images.load_image`)."""
-    from gie_core.imaging.images import load_image
-
     return load_image(path, what, background=background)
 
 
 def output_paths(output: str, count: int) -> list[Path]:
     """The files one run writes: ``output`` itself, or ``stem_0.png`` ... for several images.
     Every one is checked writable now, before anything loads."""
-    from gie_core.files import check_output_path
-
     out = Path(output)
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ValueError(f"output '{output}' must end in {', '.join(OUTPUT_SUFFIXES)}")
@@ -56,8 +56,6 @@ def output_paths(output: str, count: int) -> list[Path]:
 
 def save_image(image, path: Path) -> None:
     """Write an image atomically (a failed save never leaves a partial file or replaces a good one)."""
-    from gie_core.files import atomic_write
-
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}[path.suffix.lower()]
     atomic_write(path, lambda tmp: image.save(tmp, format=fmt))
 
@@ -65,8 +63,6 @@ def save_image(image, path: Path) -> None:
 def device_and_dtype(device: str | None, dtype: str | None):
     """The checked device (a missing CUDA is refused here, before loading) and the dtype:
     bf16 on GPUs, fp32 on the CPU unless given."""
-    from gie_core.engine.request import resolve_device
-
     dev = resolve_device(device)
     return dev, dtype or ("fp32" if dev.type == "cpu" else "bf16")
 
