@@ -338,6 +338,7 @@ BAD_ARGUMENTS = {
     "workflow not json": (["{tmp}/notjson.json"], "is not readable JSON"),
     "workflow not api": (["{tmp}/list.json"], "is not an API-format workflow"),
     "set malformed": (["{wf}", "--set", "Sampler.steps"], "must look like NODE.INPUT=VALUE"),
+    "set unknown input, with an image": (["{wf}", "--image", "{img}", "--set", "Sampler.sed=1"], "has no input 'sed'"),
     "image missing": (["{wf}", "--image", "{tmp}/missing.png"], "is not a file"),
     "image on a node without one": (["{wf}", "--image", "Sampler={img}"], "has no 'image' input"),
     "too many images": (["{wf}", "--image", "{img}", "--image", "{img}", "--image", "{img}"], "3 --image without a node name"),
@@ -359,7 +360,8 @@ def test_bad_arguments_exit_2_before_anything_is_sent(case, fake, files, capsys)
     fill = {"wf": wf, "img": img, "tmp": tmp}
     argv = [a.format(**fill) for a in argv]
     server = [] if "--server" in argv else ["--server", fake.url]
-    assert main([*argv, *server, "--quiet"]) == 2
+    out = [] if "-o" in argv or not argv else ["-o", str(tmp / "out")]  # never the current folder, even when broken
+    assert main([*argv, *server, *out, "--quiet"]) == 2
     assert message.format(**fill) in capsys.readouterr().err
     assert fake.prompts == [] and fake.uploads == []
 

@@ -619,14 +619,18 @@ def check_output_dir(path: str | os.PathLike) -> Path:
 def check_arguments(args: argparse.Namespace) -> tuple[dict, list[tuple[str, str]], ComfyClient, Path]:
     """Every argument checked before anything is sent (a bad one exits 2): the workflow (a copy,
     the file is never edited), the server URL, ``--timeout``, ``--output-dir``, the images and
-    the ``--set`` syntax. Inputs a ``--set`` adds are checked against the server afterwards."""
+    the ``--set`` specs (an input the workflow leaves out is looked up in the server's
+    /object_info, which only reads)."""
     check_timeout(args.timeout)
     prompt = copy.deepcopy(load_api_workflow(args.workflow))
     client = ComfyClient(args.server, args.client_id)
     outdir = check_output_dir(args.output_dir)
     images = assign_images(prompt, args.image)
     for spec in args.sets:
-        parse_set(spec)
+        parse_set(spec)  # every syntax error first, before the server is asked anything
+    trial = copy.deepcopy(prompt)
+    for spec in args.sets:
+        apply_set(trial, spec, client.inputs_of)
     return prompt, images, client, outdir
 
 
