@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel  # noqa: E402
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from gie_core.engine.conditioning import Conditioning  # noqa: E402
@@ -85,6 +85,8 @@ def time_offload_mode(mode: str, models: tuple, cond: Conditioning, image: Image
 
 def time_diffusers(models: tuple, cond: Conditioning, image: Image.Image, args) -> float:
     """Seconds for the same image with diffusers' FluxKontextPipeline (everything on the GPU)."""
+    from diffusers import FluxKontextPipeline  # start-up: it imports transformers' processors; only --with-diffusers
+
     transformer, vae, scheduler = models
     device = torch.device("cuda")
     dp = FluxKontextPipeline(scheduler=scheduler, vae=vae.to(device), text_encoder=None, tokenizer=None,
