@@ -29,22 +29,26 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_gpu, for --full
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from bench_gpu import build_models  # noqa: E402
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from gie_core.engine.conditioning import Conditioning  # noqa: E402
+from gie_core.engine.request import resolve_edit  # noqa: E402
+from gie_core.engine.sampler import KontextModels, sample  # noqa: E402
+from gie_core.imaging.images import prepare_reference  # noqa: E402
+from gie_core.testing.tiny_configs import TINY_SCHEDULER, TINY_VAE  # noqa: E402
 
 DEFAULT_METHODS = "fbcache,fbcache:0.3,magcache,magcache:0.1,taylorseer,taylorseer:3,fastercache"
 
 
 def build(device, full: bool):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-
-    from gie_core.testing.tiny_configs import TINY_SCHEDULER, TINY_VAE
-
     torch.manual_seed(0)
     if full:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from bench_gpu import build_models
-
         transformer, vae, scheduler = build_models()
         return transformer.to(device), vae.to(device), scheduler, 4096, 768
     transformer = FluxTransformer2DModel(
@@ -61,6 +65,38 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
+def inputs(args, device, dtype, ctx_dim: int, pooled_dim: int) -> tuple[Conditioning, torch.Tensor]:
+    """Random conditioning and a random reference image, the same for every run."""
+    g = torch.Generator("cpu").manual_seed(1)
+    context = torch.randn(1, 512, ctx_dim, generator=g).to(device, dtype)
+    pooled = torch.randn(1, pooled_dim, generator=g).to(device, dtype)
+    rng = np.random.RandomState(0)
+    image = Image.fromarray((rng.rand(args.height, args.width, 3) * 255).astype(np.uint8))
+    return Conditioning(context, pooled), prepare_reference(image, "keep")
+
+
+def make_runner(models: KontextModels, cond: Conditioning, reference, args):
+    """``run(spec) -> (seconds, image, attention calls)``: one sampling with cache ``spec`` (None: uncached)."""
+    device = torch.device(args.device)
+    calls = {"n": 0}
+    probe = models.transformer.single_transformer_blocks[-1].attn.to_q  # runs only when the block's attention is computed
+    probe.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+
+    def run(spec):
+        request = resolve_edit(image_width=args.width, image_height=args.height, width=args.width, height=args.height,
+                               steps=args.steps, seed=42, cache=spec)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        calls["n"] = 0
+        t = time.perf_counter()
+        out = sample(models, cond, reference, request, device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t, out, calls["n"]
+
+    return run
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated NAME[:VALUE] (default {DEFAULT_METHODS})")
@@ -74,40 +110,10 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    from PIL import Image
-
-    from gie_core.engine.conditioning import Conditioning
-    from gie_core.imaging.images import prepare_reference
-    from gie_core.engine.request import resolve_edit
-    from gie_core.engine.sampler import KontextModels, sample
-
     device = torch.device(args.device)
     transformer, vae, scheduler, ctx_dim, pooled_dim = build(device, args.full)
     dtype = next(transformer.parameters()).dtype
-    g = torch.Generator("cpu").manual_seed(1)
-    context = torch.randn(1, 512, ctx_dim, generator=g).to(device, dtype)
-    pooled = torch.randn(1, pooled_dim, generator=g).to(device, dtype)
-    rng = np.random.RandomState(0)
-    image = Image.fromarray((rng.rand(args.height, args.width, 3) * 255).astype(np.uint8))
-    reference = prepare_reference(image, "keep")
-    models = KontextModels(transformer, vae, scheduler)
-    calls = {"n": 0}
-    probe = transformer.single_transformer_blocks[-1].attn.to_q  # runs only when the block's attention is computed
-    probe.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
-
-    def run(spec):
-        request = resolve_edit(image_width=args.width, image_height=args.height, width=args.width, height=args.height,
-                               steps=args.steps, seed=42, cache=spec)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        calls["n"] = 0
-        t = time.perf_counter()
-        out = sample(models, Conditioning(context, pooled), reference, request, device=device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t, out, calls["n"]
-
+    run = make_runner(KontextModels(transformer, vae, scheduler), *inputs(args, device, dtype, ctx_dim, pooled_dim), args)
     run(None)  # warm-up
     _, base, base_calls = run(None)
     n_params = sum(p.numel() for p in transformer.parameters())

@@ -21,8 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,10 +34,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# Every library is imported here, in each child too, before its RSS baseline: only loading is measured.
+import torch  # noqa: E402
+from diffusers import FluxTransformer2DModel  # noqa: E402
+from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402, F401
+
+from gie_core.engine.encoders import load_qwen_image_processor  # noqa: E402, F401  (what loading imports lazily)
+from gie_core.testing.tiny import build_tokenizers  # noqa: E402
+from gie_core.weights.loading import gie_config, load_gie_checkpoint, qwen_config_from_gie  # noqa: E402
+from gie_core.weights.reader import save_safetensors_atomic  # noqa: E402
+
 
 def _rss_peak_mb() -> float:
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -45,19 +57,9 @@ def _current_rss_mb() -> float:
     return float("nan")
 
 
-def write_checkpoint(path: Path, gb: float) -> int:
-    """A released-layout checkpoint of about ``gb`` GB (bf16), sized mostly by Qwen layers."""
-    import torch
-    from diffusers import FluxTransformer2DModel
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    from gie_core.weights.reader import save_safetensors_atomic
-
-    marker = path / "bench.json"
-    if marker.exists() and json.loads(marker.read_text()).get("gb") == gb:
-        return json.loads(marker.read_text())["bytes"]
-    path.mkdir(parents=True, exist_ok=True)
-    hidden = 1024
+def released_entries(hidden: int, gb: float) -> tuple[list[tuple[str, tuple]], dict, dict, dict]:
+    """(name, shape) of every tensor of a released-layout checkpoint of about ``gb`` GB, sized
+    mostly by Qwen layers, and the text, vision and FLUX configs it was built from."""
     layer_bytes = 2 * (4 * hidden * hidden + 3 * hidden * 4 * hidden)  # attn + mlp, bf16
     layers = max(2, int(gb * 0.8 * 1e9 / layer_bytes))
     text = dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=8,
@@ -66,7 +68,6 @@ def write_checkpoint(path: Path, gb: float) -> int:
                 vision_start_token_id=31992, vision_end_token_id=31993)
     vision = dict(depth=2, hidden_size=256, intermediate_size=512, num_heads=4, out_hidden_size=hidden, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1])
-    torch.manual_seed(0)
     with torch.device("meta"):
         qwen = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**text, vision_config=vision))
     flux_cfg = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64,
@@ -86,40 +87,47 @@ def write_checkpoint(path: Path, gb: float) -> int:
     entries += [("denoise_tower.denoise_projector.0.weight", (3 * hidden, hidden)), ("denoise_tower.denoise_projector.0.bias", (3 * hidden,)),
                 ("denoise_tower.denoise_projector.2.weight", (hidden, 3 * hidden)), ("denoise_tower.denoise_projector.2.bias", (hidden,))]
     entries += [("denoise_tower.denoiser." + k, tuple(v.shape)) for k, v in flux.state_dict().items()]
-    shard_limit, shard, shards, weight_map, total = 500e6, {}, [], {}, 0
+    return entries, text, vision, flux_cfg
 
-    def flush():
-        if shard:
-            shards.append(dict(shard))
-            shard.clear()
 
-    size = 0
+def write_shards(path: Path, entries: list[tuple[str, tuple]], shard_limit: float = 500e6) -> int:
+    """Random bf16 tensors for ``entries`` in ~``shard_limit``-byte shards plus their index; the bytes written."""
+    shard, shards, weight_map, total, size = {}, [], {}, 0, 0
     for name, shape in entries:
         t = (torch.randn(shape) * 0.02).to(torch.bfloat16)
-        if size + t.numel() * 2 > shard_limit:
-            flush()
-            size = 0
+        if size + t.numel() * 2 > shard_limit and shard:
+            shards.append(shard)
+            shard, size = {}, 0
         shard[name] = t
         size += t.numel() * 2
         total += t.numel() * 2
-    flush()
+    if shard:
+        shards.append(shard)
     n = len(shards)
     for i, sd in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         save_safetensors_atomic(sd, path / fname)
         weight_map.update({k: fname for k in sd})
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return total
+
+
+def write_checkpoint(path: Path, gb: float) -> int:
+    """A released-layout checkpoint of about ``gb`` GB (bf16), sized mostly by Qwen layers."""
+    marker = path / "bench.json"
+    if marker.exists() and json.loads(marker.read_text()).get("gb") == gb:
+        return json.loads(marker.read_text())["bytes"]
+    path.mkdir(parents=True, exist_ok=True)
+    hidden = 1024
+    torch.manual_seed(0)
+    entries, text, vision, flux_cfg = released_entries(hidden, gb)
+    total = write_shards(path, entries)
     cfg = dict(text, model_type="univa_qwen2p5vl", architectures=["UnivaQwen2p5VLForConditionalGeneration"], vision_config=vision,
                torch_dtype="bfloat16", denoise_tower=dict(denoiser_type="flux", denoise_projector_type="mlp2x_gelu",
                                                           input_hidden_size=hidden, output_hidden_size=hidden,
                                                           denoiser_config=dict(flux_cfg, _class_name="FluxTransformer2DModel")))
     (path / "config.json").write_text(json.dumps(cfg))
     # the processor files the released directory carries (a tiny tokenizer stands in)
-    import shutil
-    import tempfile
-
-    from gie_core.testing.tiny import build_tokenizers
-
     with tempfile.TemporaryDirectory() as tmp:
         for f in build_tokenizers(Path(tmp)).qwen.iterdir():
             shutil.copy(f, path / f.name)
@@ -128,14 +136,7 @@ def write_checkpoint(path: Path, gb: float) -> int:
 
 
 def child(kind: str, path: str) -> None:
-    """Runs in a fresh process: import, note the baseline, load, report."""
-    import torch
-    from diffusers import FluxTransformer2DModel  # noqa: F401  (lazy imports happen before the baseline)
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration  # noqa: F401
-
-    from gie_core.engine.encoders import load_qwen_image_processor  # noqa: F401
-    from gie_core.weights.loading import gie_config, load_gie_checkpoint, qwen_config_from_gie
-
+    """Runs in a fresh process (the module's imports done): note the baseline, load, report."""
     base = _current_rss_mb()
     t = time.perf_counter()
     if kind == "ours":
@@ -176,8 +177,6 @@ def run_child(kind: str, path: Path, cold: bool) -> dict:
 
 
 def main():
-    import statistics
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gb", type=float, default=2.0)
     ap.add_argument("--dir", default="/tmp/gie-bench-ckpt")

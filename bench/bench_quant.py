@@ -27,21 +27,31 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # bfl_layout: the test-side BFL writer (independent of the loader)
 
 import torch  # noqa: E402
+from bfl_layout import flux_diffusers_to_bfl  # noqa: E402
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel  # noqa: E402
+
+from gie_core.engine.components import module_bytes as resident_bytes  # noqa: E402
+from gie_core.engine.conditioning import Conditioning  # noqa: E402
+from gie_core.engine.request import resolve_edit  # noqa: E402
+from gie_core.engine.sampler import KontextModels, sample  # noqa: E402
+from gie_core.testing.tiny_configs import TINY_SCHEDULER, TINY_VAE  # noqa: E402
+from gie_core.weights.gguf import load_gguf_transformer, write_gguf  # noqa: E402
+from gie_core.weights.quantize import prepare_fp8_storage  # noqa: E402
+from gie_core.weights.single_file import load_config, model_kwargs  # noqa: E402
+
+KINDS = ("bf16", "fp8", "Q8_0", "Q4_0")
 
 
 def block_bytes(model, prefix: str) -> int:
-    from gie_core.engine.components import module_bytes as resident_bytes
-
     return resident_bytes(getattr(model, prefix)[0])
 
 
 def extrapolate(model, layers=19, single=38) -> int:
     """Resident bytes of the real 19 + 38 block model: this model's non-block bytes plus the
     measured bytes of one block of each kind times the real counts."""
-    from gie_core.engine.components import module_bytes as resident_bytes
-
     total = resident_bytes(model)
     d, s = block_bytes(model, "transformer_blocks"), block_bytes(model, "single_transformer_blocks")
     top = total - d * len(model.transformer_blocks) - s * len(model.single_transformer_blocks)
@@ -50,11 +60,6 @@ def extrapolate(model, layers=19, single=38) -> int:
 
 def write_models(root: Path, n_double: int, n_single: int) -> dict:
     """A random real-width Kontext transformer in a diffusers folder (bf16) and as GGUF files."""
-    from diffusers import FluxTransformer2DModel
-
-    from gie_core.weights.gguf import write_gguf
-    from gie_core.weights.single_file import load_config, model_kwargs
-
     marker = root / "bench.json"
     want = {"double": n_double, "single": n_single}
     if marker.exists() and json.loads(marker.read_text()) == want:
@@ -72,9 +77,6 @@ def write_models(root: Path, n_double: int, n_single: int) -> dict:
                 p.normal_(0, 0.02)
     model = model.to(torch.bfloat16)
     model.save_pretrained(root / "kontext" / "transformer")
-    sys.path.insert(0, str(ROOT / "tests"))
-    from bfl_layout import flux_diffusers_to_bfl  # the test-side BFL writer (independent of the loader)
-
     bfl = flux_diffusers_to_bfl({k: v.float() for k, v in model.state_dict().items()})
     for q in ("Q8_0", "Q4_0"):
         t = time.perf_counter()
@@ -82,6 +84,30 @@ def write_models(root: Path, n_double: int, n_single: int) -> dict:
         print(f"wrote {q} GGUF in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     marker.write_text(json.dumps(want))
     return want
+
+
+def load_weights(root: Path, kind: str, compute: torch.dtype):
+    """The transformer stored as ``kind``: bf16, fp8 (bf16 weights stored in fp8) or a GGUF quant."""
+    if kind == "bf16":
+        return FluxTransformer2DModel.from_pretrained(root / "kontext" / "transformer", torch_dtype=compute)
+    if kind == "fp8":
+        m = FluxTransformer2DModel.from_pretrained(root / "kontext" / "transformer", torch_dtype=compute)
+        return prepare_fp8_storage(m, compute, "transformer")
+    return load_gguf_transformer(root / f"transformer-{kind}.gguf", dtype=compute)
+
+
+def measure(model, parts: tuple, args, device, compute) -> dict:
+    """One storage kind: resident bytes (here and extrapolated to 12B), one velocity, one sampled image."""
+    vae, scheduler, cond, ref, probe = parts
+    with torch.no_grad():
+        velocity = model(**{k: v.to(device, compute) if torch.is_tensor(v) and v.is_floating_point() and k not in ("timestep", "guidance") else v.to(device) if torch.is_tensor(v) else v
+                            for k, v in probe.items()})[0].float().cpu()
+    t = time.perf_counter()
+    request = resolve_edit(image_width=args.size, image_height=args.size, width=args.size, height=args.size,
+                           steps=args.steps, seed=42)
+    image = sample(KontextModels(model, vae, scheduler), cond, ref, request, device=device).cpu()
+    return dict(bytes=resident_bytes(model), full=extrapolate(model), image=image, velocity=velocity,
+                seconds=time.perf_counter() - t)
 
 
 def main():
@@ -96,17 +122,6 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-
-    from gie_core.engine.conditioning import Conditioning
-    from gie_core.weights.gguf import load_gguf_transformer
-    from gie_core.engine.components import module_bytes as resident_bytes
-    from gie_core.weights.quantize import prepare_fp8_storage
-    from gie_core.engine.request import resolve_edit
-    from gie_core.engine.sampler import KontextModels, sample
-    from gie_core.testing.tiny_configs import TINY_SCHEDULER, TINY_VAE
-
     root = Path(args.dir)
     write_models(root, args.double, args.single)
     device = torch.device(args.device)
@@ -120,27 +135,10 @@ def main():
     probe = dict(hidden_states=torch.randn(1, 128, 64, generator=g), encoder_hidden_states=cond.context,
                  pooled_projections=cond.pooled, timestep=torch.tensor([0.7]), guidance=torch.tensor([3.5]),
                  img_ids=torch.zeros(128, 3), txt_ids=torch.zeros(64, 3), return_dict=False)
-
-    def load(kind):
-        if kind == "bf16":
-            return FluxTransformer2DModel.from_pretrained(root / "kontext" / "transformer", torch_dtype=compute)
-        if kind == "fp8":
-            m = FluxTransformer2DModel.from_pretrained(root / "kontext" / "transformer", torch_dtype=compute)
-            return prepare_fp8_storage(m, compute, "transformer")
-        return load_gguf_transformer(root / f"transformer-{kind}.gguf", dtype=compute)
-
     results = {}
-    for kind in ("bf16", "fp8", "Q8_0", "Q4_0"):
-        model = load(kind).to(device).eval()
-        with torch.no_grad():
-            velocity = model(**{k: v.to(device, compute) if torch.is_tensor(v) and v.is_floating_point() and k not in ("timestep", "guidance") else v.to(device) if torch.is_tensor(v) else v
-                                for k, v in probe.items()})[0].float().cpu()
-        t = time.perf_counter()
-        request = resolve_edit(image_width=args.size, image_height=args.size, width=args.size, height=args.size,
-                               steps=args.steps, seed=42)
-        image = sample(KontextModels(model, vae, scheduler), cond, ref, request, device=device).cpu()
-        results[kind] = dict(bytes=resident_bytes(model), full=extrapolate(model), image=image, velocity=velocity,
-                             seconds=time.perf_counter() - t)
+    for kind in KINDS:
+        model = load_weights(root, kind, compute).to(device).eval()
+        results[kind] = measure(model, (vae, scheduler, cond, ref, probe), args, device, compute)
         del model
 
     base = results["bf16"]

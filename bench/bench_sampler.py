@@ -23,14 +23,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from gie_core.engine.conditioning import Conditioning  # noqa: E402
+from gie_core.engine.request import resolve_edit  # noqa: E402
+from gie_core.engine.sampler import KontextModels, sample  # noqa: E402
+from gie_core.imaging.images import prepare_reference  # noqa: E402
+from gie_core.testing.tiny_configs import TINY_SCHEDULER, TINY_VAE  # noqa: E402
 
 
 def build(device):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-
-    from gie_core.testing.tiny_configs import TINY_SCHEDULER, TINY_VAE
-
     torch.manual_seed(0)
     # Bigger than the test models so the transformer, not Python overhead, dominates.
     transformer = FluxTransformer2DModel(
@@ -42,28 +45,8 @@ def build(device):
     return transformer, vae, FlowMatchEulerDiscreteScheduler(**TINY_SCHEDULER)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per side (default 3)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed runs per side first (default 1)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
-    args = ap.parse_args()
-    if args.repeats < 1 or args.warmup < 0:
-        ap.error("--repeats must be >= 1 and --warmup >= 0")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    from diffusers import FluxKontextPipeline
-
-    from gie_core.engine.conditioning import Conditioning
-    from gie_core.imaging.images import prepare_reference
-    from gie_core.engine.request import resolve_edit
-    from gie_core.engine.sampler import KontextModels, sample
-
-    device = torch.device(args.device)
+def make_sides(args, device) -> tuple[dict, int, int]:
+    """{"ours": fn, "diffusers": fn}, each one edit of the same random inputs, and the (w, h) they make."""
     transformer, vae, scheduler = build(device)
     pipe = FluxKontextPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
                                text_encoder_2=None, tokenizer_2=None, transformer=transformer)
@@ -87,27 +70,49 @@ def main():
                    max_area=h * w, _auto_resize=False, output_type="pt").images
         return out.permute(0, 2, 3, 1)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    return {"ours": ours, "diffusers": theirs}, w, h
+
+
+def measure(sides: dict, device, warmup: int, repeats: int) -> tuple[dict, dict]:
+    """({side: [seconds]}, {side: last output}): warm-up, then timed runs alternating between the sides."""
 
     def once(fn):
-        sync()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         t = time.perf_counter()
         out = fn()
-        sync()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - t, out
 
-    sides = {"ours": ours, "diffusers": theirs}
-    for _ in range(args.warmup):  # the same untimed warm-up on both sides, in the same alternation
+    for _ in range(warmup):  # the same untimed warm-up on both sides, in the same alternation
         for fn in sides.values():
             fn()
     times = {name: [] for name in sides}
     outs = {}
-    for _ in range(args.repeats):  # alternate so drift in machine load falls on both sides alike
+    for _ in range(repeats):  # alternate so drift in machine load falls on both sides alike
         for name, fn in sides.items():
             t, outs[name] = once(fn)
             times[name].append(t)
+    return times, outs
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per side (default 3)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs per side first (default 1)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    args = ap.parse_args()
+    if args.repeats < 1 or args.warmup < 0:
+        ap.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sides, w, h = make_sides(args, device)
+    times, outs = measure(sides, device, args.warmup, args.repeats)
 
     med = {name: statistics.median(ts) for name, ts in times.items()}
     low = {name: min(ts) for name, ts in times.items()}

@@ -19,6 +19,7 @@ Not part of the test suite. Prints one line per variant and the ratio.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -29,13 +30,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from diffusers import FluxKontextPipeline  # noqa: E402
+from diffusers.training_utils import compute_density_for_timestep_sampling  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from gie_core.testing.tiny import build_tiny_model_set, default_tiny_root  # noqa: E402
+from gie_core.train.cache import build_cache  # noqa: E402
+from gie_core.train.config import load_config  # noqa: E402
+from gie_core.train.trainable import image_branch_parameter_names  # noqa: E402
+from gie_core.train.trainer import Trainer  # noqa: E402
+from gie_core.weights.loading import load_kontext_dir  # noqa: E402
+
 
 def write_dataset(root: Path, n: int, size: int) -> Path:
-    import json
-
-    import numpy as np
-    from PIL import Image
-
     (root / "img").mkdir(parents=True, exist_ok=True)
     rng = np.random.RandomState(0)
     recs = []
@@ -54,13 +63,6 @@ def write_dataset(root: Path, n: int, size: int) -> Path:
 
 def plain_diffusers_steps_per_second(kontext_dir: Path, trainable: str, steps: int, size: int, device, bf16: bool) -> float:
     """A diffusers-example style Kontext step on precomputed tensors."""
-    import torch
-    from diffusers import FluxKontextPipeline
-    from diffusers.training_utils import compute_density_for_timestep_sampling
-
-    from gie_core.weights.loading import load_kontext_dir
-    from gie_core.train.trainable import image_branch_parameter_names
-
     comps = load_kontext_dir(kontext_dir, dtype="fp32", parts=("transformer", "vae", "scheduler"))
     transformer, vae = comps.transformer.to(device), comps.vae.to(device)
     transformer.requires_grad_(False)
@@ -103,6 +105,11 @@ def plain_diffusers_steps_per_second(kontext_dir: Path, trainable: str, steps: i
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return steps_per_second(step, steps, device)
+
+
+def steps_per_second(step, steps: int, device) -> float:
+    """Steps per second of ``step()`` over ``steps`` timed calls, after 3 untimed ones (as ours warms up)."""
     for _ in range(3):
         step()
     if device.type == "cuda":
@@ -116,10 +123,6 @@ def plain_diffusers_steps_per_second(kontext_dir: Path, trainable: str, steps: i
 
 
 def ours_steps_per_second(tiny, data_txt: Path, out: Path, trainable: str, steps: int, size: int, cache: bool, bf16: bool) -> float:
-    from gie_core.train.cache import build_cache
-    from gie_core.train.config import load_config
-    from gie_core.train.trainer import Trainer
-
     opts = {
         "output_dir": str(out), "model.kontext": str(tiny.kontext_dir), "model.gie": str(tiny.gie_dir),
         "model.init_transformer": "kontext", "model.init_connector": "fresh", "data.data_txt": str(data_txt),
@@ -150,11 +153,6 @@ def main(argv=None) -> int:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-
-    import torch
-
-    from gie_core.testing.tiny import build_tiny_model_set, default_tiny_root
-
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu" and torch.cuda.is_available():

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from gie_core.engine.request import resolve_device
+
 # Our model folders: one sub-directory per GPT-Image-Edit checkpoint (the released layout), and
 # single connector files (gie-convert's gie_connectors/; remappable in extra_model_paths.yaml).
 GIE_FOLDER = "gpt_image_edit"
@@ -228,8 +230,6 @@ def torch_device() -> torch.device:
     mm = model_management()
     if mm is not None:
         return torch.device(mm.get_torch_device())
-    from gie_core.engine.request import resolve_device
-
     return resolve_device(None)
 
 

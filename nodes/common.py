@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from gie_core.engine.components import Placement
+from gie_core.engine.components import PlacedModel, Placement
+from gie_core.engine.conditioning import Conditioning
+from gie_core.engine.connector import TextFeatures
+from gie_core.engine.sampler import latents_in, latents_out
 from gie_core.imaging.images import to_tensor
 from gie_core.constants import DTYPE_NAMES, LOAD_DEFAULTS, OFFLOAD_MODES
 
@@ -84,8 +89,6 @@ def ui_text(text: str, result: tuple) -> dict:
 def comfy_latents_in(raw: torch.Tensor) -> torch.Tensor:
     """A ComfyUI LATENT (raw VAE latents; [B, C, 1, h, w] from newer builds) normalised as native
     Flux's ``process_latent_in`` does: [B, C, h, w] in the transformer's latent space."""
-    from gie_core.engine.sampler import latents_in
-
     if raw.ndim == 5:
         raw = raw[:, :, 0]
     return latents_in(raw.float())
@@ -109,8 +112,6 @@ class NativeVAE:
         return comfy_latents_in(self.vae.encode(pixels))
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        from gie_core.engine.sampler import latents_out
-
         images = self.vae.decode(latents_out(latents.float().cpu()))
         if images.ndim == 5:
             images = images[:, 0]
@@ -124,10 +125,6 @@ def is_native_clip(obj) -> bool:
 def vae_input(vae):
     """(latent codec, context manager, unload function) for a ``vae`` input: ours (a placed
     diffusers VAE) or ComfyUI's own."""
-    import contextlib
-
-    from gie_core.engine.components import PlacedModel
-
     if isinstance(vae, PlacedModel):
         return vae.model, vae.use(), vae.unload
     if callable(getattr(vae, "encode", None)) and callable(getattr(vae, "decode", None)) and hasattr(vae, "first_stage_model"):
@@ -143,8 +140,6 @@ def native_clip_features(clip, instruction: str):
     ComfyUI pads T5 to at least 256 tokens with no attention mask, as the reference does; it
     does not truncate, so an instruction over 256 T5 tokens gives more tokens than the
     reference's 256 (which cuts it)."""
-    from gie_core.engine.connector import TextFeatures
-
     def encode(text: str):
         cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
         return cond, pooled
@@ -158,9 +153,6 @@ def features_from_conditioning(cond, empty=None, name: str = "text_conditioning"
     """TextFeatures from native CONDITIONING (e.g. CLIPTextEncode with a flux CLIP): its tokens
     are the T5 part and its ``pooled_output`` CLIP(instruction); ``empty`` (the same encoder's
     conditioning of "") gives CLIP("") for the vlm and metaquery modes."""
-    from gie_core.engine.conditioning import Conditioning
-    from gie_core.engine.connector import TextFeatures
-
     try:
         c = Conditioning.from_comfy(cond)
         e = Conditioning.from_comfy(empty) if empty is not None else None

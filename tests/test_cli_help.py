@@ -9,7 +9,7 @@ import pytest
 
 from gie_core.cli import comfy_run, convert, edit, rewrite, train
 from gie_core.cli import eval as eval_cli
-from gie_core.cli.common import HelpFormatter, help_with_default, plain_text
+from gie_core.cli.help import HelpFormatter, help_with_default, plain_text
 
 MARKUP = re.compile(r"`|:(func|mod|class|meth|data|attr):")
 APPENDED_DEFAULT = re.compile(r"\s*\(default: [^()]*\)$")

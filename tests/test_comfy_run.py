@@ -315,8 +315,69 @@ def test_bad_set_is_a_usage_error_and_nothing_is_queued(fake, files, capsys, spe
 def test_ui_format_workflow_is_refused_with_a_hint(fake, tmp_path, capsys):
     wf = tmp_path / "ui.json"
     wf.write_text(json.dumps(UI_WORKFLOW))
-    assert run(fake, wf) == 1
+    assert run(fake, wf) == 2  # a bad argument, as the README says
     assert "Export (API)" in capsys.readouterr().err
+    assert fake.prompts == [] and fake.uploads == []
+
+
+def _bad_workflow(tmp_path, text):
+    wf = tmp_path / "bad.json"
+    wf.write_text(text)
+    return wf
+
+
+# (arguments before --server/--quiet/--timeout, with {wf} the good workflow, {img} an image, {tmp} the folder;
+#  what stderr must say)
+BAD_ARGUMENTS = {
+    "unknown option": (["{wf}", "--bogus"], "unrecognized arguments: --bogus"),
+    "missing workflow": ([], "the following arguments are required: workflow"),
+    "timeout not a number": (["{wf}", "--timeout", "soon"], "--timeout: invalid float value: 'soon'"),
+    "timeout zero": (["{wf}", "--timeout", "0"], "--timeout 0 must be a positive number of seconds"),
+    "timeout negative": (["{wf}", "--timeout", "-5"], "--timeout -5 must be a positive number of seconds"),
+    "workflow missing": (["{tmp}/nope.json"], "nope.json' does not exist"),
+    "workflow not json": (["{tmp}/notjson.json"], "is not readable JSON"),
+    "workflow not api": (["{tmp}/list.json"], "is not an API-format workflow"),
+    "set malformed": (["{wf}", "--set", "Sampler.steps"], "must look like NODE.INPUT=VALUE"),
+    "set unknown input, with an image": (["{wf}", "--image", "{img}", "--set", "Sampler.sed=1"], "has no input 'sed'"),
+    "image missing": (["{wf}", "--image", "{tmp}/missing.png"], "is not a file"),
+    "image on a node without one": (["{wf}", "--image", "Sampler={img}"], "has no 'image' input"),
+    "too many images": (["{wf}", "--image", "{img}", "--image", "{img}", "--image", "{img}"], "3 --image without a node name"),
+    "output dir is a file": (["{wf}", "--image", "{img}", "-o", "{img}"], "--output-dir '{img}' is a file, not a folder"),
+    "server not http": (["{wf}", "--server", "ftp://host/x"], "--server 'ftp://host/x' is not the http(s) URL"),
+    "server port not a number": (["{wf}", "--server", "http://host:port"], "is not the http(s) URL"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGUMENTS))
+def test_bad_arguments_exit_2_before_anything_is_sent(case, fake, files, capsys):
+    """Every bad argument (argparse's own errors included) exits 2 with a message naming it, as the
+    README documents, and nothing reaches the server: no upload, no prompt."""
+    wf, img, _ = files
+    tmp = wf.parent
+    (tmp / "notjson.json").write_text("{not json")
+    (tmp / "list.json").write_text(json.dumps([1, 2]))
+    argv, message = BAD_ARGUMENTS[case]
+    fill = {"wf": wf, "img": img, "tmp": tmp}
+    argv = [a.format(**fill) for a in argv]
+    server = [] if "--server" in argv else ["--server", fake.url]
+    out = [] if "-o" in argv or not argv else ["-o", str(tmp / "out")]  # never the current folder, even when broken
+    assert main([*argv, *server, *out, "--quiet"]) == 2
+    assert message.format(**fill) in capsys.readouterr().err
+    assert fake.prompts == [] and fake.uploads == []
+
+
+def test_bad_arguments_exit_2_from_the_command_and_help_exits_0(files):
+    """The same through the installed command's entry (``sys.exit(main())``), not only ``main()``."""
+    wf, _, _ = files
+    cmd = [sys.executable, "-m", "gie_core.cli.comfy_run"]
+    bad = subprocess.run([*cmd, str(wf), "--bogus"], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr
+    ui = wf.parent / "ui.json"
+    ui.write_text(json.dumps(UI_WORKFLOW))
+    refused = subprocess.run([*cmd, str(ui), "--server", "http://127.0.0.1:9"], capture_output=True, text=True, cwd=REPO)
+    assert refused.returncode == 2 and "Export (API)" in refused.stderr
+    shown = subprocess.run([*cmd, "--help"], capture_output=True, text=True, cwd=REPO)
+    assert shown.returncode == 0 and "usage: gie-comfy-run" in shown.stdout
 
 
 def test_unreachable_server_is_a_clear_error(files, capsys):

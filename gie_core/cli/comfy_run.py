@@ -26,7 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from gie_core.cli.common import HelpFormatter
+from gie_core.cli.help import HelpFormatter
+from gie_core.files import atomic_write_bytes, check_output_path
+
+try:  # optional: websocket-client (a declared dependency); without it /history is polled, no progress bar
+    import websocket
+except ImportError:
+    websocket = None
+try:  # optional: tqdm (a declared dependency); without it the run goes on without a progress bar
+    from tqdm import tqdm
+except ImportError:
+    tqdm = None
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -50,6 +60,10 @@ class RunError(Exception):
         self.code = code
 
 
+class DeadlinePassed(Exception):
+    """``--timeout`` passed while waiting for the prompt (a slow socket read is not this)."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Workflow editing (no server needed)
 # ---------------------------------------------------------------------------------------------
@@ -61,20 +75,21 @@ def load_api_workflow(path: str | os.PathLike) -> dict[str, dict]:
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise RunError(f"workflow {str(p)!r} does not exist") from None
+        raise RunError(f"workflow {str(p)!r} does not exist", EXIT_USAGE) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RunError(f"workflow {str(p)!r} is not readable JSON: {e}") from None
+        raise RunError(f"workflow {str(p)!r} is not readable JSON: {e}", EXIT_USAGE) from None
     if isinstance(data, dict) and isinstance(data.get("prompt"), dict) and "nodes" not in data:
         data = data["prompt"]  # {"prompt": {...}} as posted to /prompt
     if isinstance(data, dict) and isinstance(data.get("nodes"), list) and "links" in data:
-        raise RunError(ui_format_message(p))
+        raise RunError(ui_format_message(p), EXIT_USAGE)
     if not isinstance(data, dict) or not data or not all(
         isinstance(n, dict) and "class_type" in n and isinstance(n.get("inputs", {}), dict)
         for n in data.values()
     ):
         raise RunError(
             f"workflow {str(p)!r} is not an API-format workflow: expected "
-            '{"<id>": {"class_type": ..., "inputs": {...}}, ...}'
+            '{"<id>": {"class_type": ..., "inputs": {...}}, ...}',
+            EXIT_USAGE,
         )
     return data
 
@@ -217,14 +232,26 @@ def assign_images(prompt: dict, specs: list[str]) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------------------------------------
 
 
+def server_url(text: str) -> str:
+    """The ``--server`` URL as ``http(s)://host[:port][/path]``; a bare ``host:port`` gets ``http://``."""
+    url = text.strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    parts = urllib.parse.urlsplit(url)
+    try:
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port is None or parts.port > 0)
+    except ValueError:  # a port that is not a number, or out of range
+        ok = False
+    if not ok:
+        raise RunError(f"--server {text!r} is not the http(s) URL of a ComfyUI server, e.g. {DEFAULT_SERVER}", EXIT_USAGE)
+    return url
+
+
 class ComfyClient:
     """The few ComfyUI HTTP endpoints a headless run needs (stdlib ``urllib`` only)."""
 
     def __init__(self, server: str, client_id: str | None = None, http_timeout: float = 60.0):
-        server = server.rstrip("/")
-        if "://" not in server:
-            server = "http://" + server
-        self.base = server
+        self.base = server_url(server)
         self.client_id = client_id or uuid.uuid4().hex
         self.http_timeout = http_timeout
         self._object_info: dict[str, Any] = {}
@@ -387,9 +414,7 @@ class Progress:
     def _ensure_bar(self, desc: str = "running"):
         """The bar appears with the first node that runs (nothing is drawn for a cached prompt)."""
         if self.bar is None and self.enabled:
-            try:
-                from tqdm import tqdm
-            except ImportError:  # a declared dependency; degrade to no bar rather than fail a run
+            if tqdm is None:  # degrade to no bar rather than fail a run
                 self.enabled = False
                 return None
             self.bar = tqdm(total=1, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False,
@@ -426,9 +451,7 @@ class Progress:
 
 def _open_websocket(client: ComfyClient):
     """Connect before queueing so no message is missed; None when websocket-client is missing."""
-    try:
-        import websocket  # websocket-client
-    except ImportError:
+    if websocket is None:
         return None
     try:
         return websocket.create_connection(client.ws_url(), timeout=client.http_timeout)
@@ -453,12 +476,10 @@ def follow_websocket(ws, prompt_id: str, progress: Progress, deadline: float,
 
     After ``WS_QUIET_S`` quiet seconds the history is asked too, so a missed message cannot stall the run.
     """
-    import websocket
-
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise TimeoutError
+            raise DeadlinePassed
         ws.settimeout(min(remaining, WS_QUIET_S))
         try:
             frame = ws.recv()
@@ -498,7 +519,7 @@ def wait_history(client: ComfyClient, prompt_id: str, deadline: float, poll_s: f
         if entry:
             return entry
         if time.monotonic() >= deadline:
-            raise TimeoutError
+            raise DeadlinePassed
         time.sleep(poll_s)
 
 
@@ -518,12 +539,6 @@ def output_images(entry: dict) -> list[dict]:
     return found
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    from gie_core.files import atomic_write_bytes
-
-    atomic_write_bytes(path, data)
-
-
 def download_outputs(client: ComfyClient, entry: dict, outdir: Path) -> list[Path]:
     """Save every output image of ``entry`` under ``outdir`` (server file names, never overwritten)."""
     outdir.mkdir(parents=True, exist_ok=True)
@@ -535,7 +550,7 @@ def download_outputs(client: ComfyClient, entry: dict, outdir: Path) -> list[Pat
         while dest.exists() or dest in saved:
             dest = outdir / f"{stem}-{n}{suffix}"
             n += 1
-        _write_atomic(dest, client.download(image))
+        atomic_write_bytes(dest, client.download(image))
         saved.append(dest)
     return saved
 
@@ -583,21 +598,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
+def check_timeout(seconds: float | None) -> None:
+    """``--timeout`` is a positive number of seconds, or left out to wait as long as it takes."""
+    if seconds is not None and not seconds > 0:  # also refuses nan
+        raise RunError(f"--timeout {seconds:g} must be a positive number of seconds "
+                       "(leave it out to wait as long as the prompt takes)", EXIT_USAGE)
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """``--output-dir`` is a folder, or can be made, and is writable: checked before anything is sent."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--output-dir '{out}' is a file, not a folder", EXIT_USAGE)
+    try:
+        check_output_path(out / "image.png", f"--output-dir '{out}': an image")
+    except ValueError as e:
+        raise RunError(str(e), EXIT_USAGE) from None
+    return out
+
+
+def check_arguments(args: argparse.Namespace) -> tuple[dict, list[tuple[str, str]], ComfyClient, Path]:
+    """Every argument checked before anything is sent (a bad one exits 2): the workflow (a copy,
+    the file is never edited), the server URL, ``--timeout``, ``--output-dir``, the images and
+    the ``--set`` specs (an input the workflow leaves out is looked up in the server's
+    /object_info, which only reads)."""
+    check_timeout(args.timeout)
     prompt = copy.deepcopy(load_api_workflow(args.workflow))
     client = ComfyClient(args.server, args.client_id)
-    deadline = time.monotonic() + args.timeout if args.timeout else float("inf")
-
-    images = assign_images(prompt, args.image)  # checks files before touching the server
+    outdir = check_output_dir(args.output_dir)
+    images = assign_images(prompt, args.image)
     for spec in args.sets:
-        parse_set(spec)  # syntax errors before touching the server
-    for node_id, path in images:
-        name = client.upload_image(path)
-        prompt[node_id]["inputs"]["image"] = name
-        print(f"uploaded {path} -> {_describe(prompt, node_id)} image={name!r}", file=sys.stderr)
+        parse_set(spec)  # every syntax error first, before the server is asked anything
+    trial = copy.deepcopy(prompt)
     for spec in args.sets:
-        apply_set(prompt, spec, client.inputs_of)
+        apply_set(trial, spec, client.inputs_of)
+    return prompt, images, client, outdir
 
+
+def execute(client: ComfyClient, prompt: dict, args: argparse.Namespace, deadline: float) -> tuple[str, dict, float]:
+    """Queue ``prompt``, follow it to its end and return (prompt id, history entry, seconds it took).
+
+    Raises :class:`RunError` when it failed, was interrupted or ``--timeout`` passed; Ctrl-C here
+    interrupts it on the server too.
+    """
     ws = _open_websocket(client)
     progress = Progress(prompt, enabled=not args.quiet and ws is not None)
     prompt_id = None
@@ -614,7 +657,7 @@ def run(args: argparse.Namespace) -> int:
         if outcome.status == "error":
             raise RunError(format_execution_error(outcome.message, prompt, args.verbose))
         entry = wait_history(client, prompt_id, min(deadline, time.monotonic() + HISTORY_GRACE_S))
-    except TimeoutError:
+    except DeadlinePassed:
         raise RunError(
             f"gave up after --timeout {args.timeout:g} s; prompt {prompt_id} is still queued or running on the server"
         ) from None
@@ -631,10 +674,23 @@ def run(args: argparse.Namespace) -> int:
                 ws.close()
             except Exception:  # noqa: BLE001
                 pass
+    return prompt_id, entry, time.monotonic() - queued_at
 
-    saved = download_outputs(client, entry, Path(args.output_dir))
-    print(f"prompt {prompt_id} succeeded in {time.monotonic() - queued_at:.1f} s; "
-          f"{len(saved)} image(s) saved to {args.output_dir}", file=sys.stderr)
+
+def run(args: argparse.Namespace) -> int:
+    """One headless run: check the arguments, upload and set inputs, queue and follow, download."""
+    prompt, images, client, outdir = check_arguments(args)
+    deadline = time.monotonic() + args.timeout if args.timeout else float("inf")
+    for node_id, path in images:
+        name = client.upload_image(path)
+        prompt[node_id]["inputs"]["image"] = name
+        print(f"uploaded {path} -> {_describe(prompt, node_id)} image={name!r}", file=sys.stderr)
+    for spec in args.sets:
+        apply_set(prompt, spec, client.inputs_of)
+    prompt_id, entry, seconds = execute(client, prompt, args, deadline)
+    saved = download_outputs(client, entry, outdir)
+    print(f"prompt {prompt_id} succeeded in {seconds:.1f} s; {len(saved)} image(s) saved to {args.output_dir}",
+          file=sys.stderr)
     for path in saved:
         print(path)
     return EXIT_OK
@@ -642,7 +698,10 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``gie-comfy-run``; returns the exit status (see the module docstring)."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse's own errors (2, its message printed) and --help (0), returned as such
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     try:
         return run(args)
     except RunError as e:
@@ -651,6 +710,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as e:  # an unexpected HTTP answer (e.g. /view failing), or a full disk while saving
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

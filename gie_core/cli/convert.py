@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gie_core.cli.common import HelpFormatter, run_command
+from gie_core.cli.common import run_command
+from gie_core.cli.help import HelpFormatter
+from gie_core.weights.convert import CONVERT_PARTS, FORMATS, TRANSFORMER_FORMATS, compare_qwen, convert
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gie_core.weights.convert import CONVERT_PARTS, FORMATS, TRANSFORMER_FORMATS
-
     p = argparse.ArgumentParser(
         prog="gie-convert",
         description=(
@@ -60,8 +60,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
-    from gie_core.weights.convert import compare_qwen, convert
-
     if args.out is None and args.compare_qwen is None:
         raise ValueError("give --out DIR to convert, or --compare-qwen FILE to compare")
     status = 0

@@ -20,7 +20,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from gie_core.cli.common import HelpFormatter, device_and_dtype, load_input, output_paths, quiet_library_warnings, run_command, save_image
+from gie_core.cli.help import HelpFormatter
+from gie_core.cli.common import device_and_dtype, load_input, output_paths, quiet_library_warnings, run_command, save_image
 
 DEMO_INSTRUCTION = "make the sky a warm sunset"
 DEMO_AREA = 256 * 256  # the tiny models prove the pipeline; a small output keeps the demo quick

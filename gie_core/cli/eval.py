@@ -18,14 +18,38 @@ import json
 import sys
 from pathlib import Path
 
-from gie_core.cli.common import HelpFormatter, device_and_dtype, run_command
+from gie_core.checks import check_int
+from gie_core.cli.common import device_and_dtype, run_command
+from gie_core.cli.edit import parse_lora, parse_size
+from gie_core.cli.help import HelpFormatter
+from gie_core.constants import (
+    AUTO_DTYPE,
+    DEFAULT_GUIDANCE,
+    DEFAULT_REFERENCE_RESAMPLE,
+    DEFAULT_SEED,
+    DEFAULT_STEPS,
+    DTYPE_NAMES,
+    LOAD_DEFAULTS,
+    OFFLOAD_MODES,
+    REFERENCE_RESAMPLE_MODES,
+    REFERENCE_RESIZE_MODES,
+)
+from gie_core.engine.modes import DEFAULT_FUSION_MODE, FUSION_MODES, STOCK_FUSION_MODE
+from gie_core.engine.pipeline import EditPipeline
+from gie_core.engine.rewrite import DEFAULT_MAX_NEW_TOKENS
+from gie_core.eval.benchmarks import BENCHMARKS, COMPLEX_EDIT_IMAGE_TYPES, SelectOptions, benchmark, load_samples
+from gie_core.eval.compare import write_comparison
+from gie_core.eval.generate import GEOMETRIES, GenerateSettings, run_generate
+from gie_core.eval.judge import DEFAULT_JUDGE_MAX_NEW_TOKENS, DEFAULT_JUDGE_MAX_PIXELS, RUBRICS, load_judge, rubric
+from gie_core.eval.metrics import EmbeddingSimilarity
+from gie_core.eval.runs import RUN_VERSION, RunFolder, current_shard, settings_mismatch
+from gie_core.eval.score import EMBED_METRIC, SIMILARITY_METRICS, aggregate, report_markdown, run_score, write_report
+from gie_core.files import atomic_write_text, check_output_path
 
 PROG = "gie-eval"
 
 
 def _selection_args(p: argparse.ArgumentParser) -> None:
-    from gie_core.eval.benchmarks import COMPLEX_EDIT_IMAGE_TYPES
-
     g = p.add_argument_group("which samples")
     g.add_argument("--images", help="folder the instruction set's relative image paths are under "
                                      "(default: the set's own folder; ImgEdit: its Benchmark/singleturn folder)")
@@ -40,23 +64,6 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gie_core.constants import (
-        AUTO_DTYPE,
-        DEFAULT_GUIDANCE,
-        DEFAULT_SEED,
-        DEFAULT_STEPS,
-        DTYPE_NAMES,
-        LOAD_DEFAULTS,
-        OFFLOAD_MODES,
-        REFERENCE_RESAMPLE_MODES,
-        REFERENCE_RESIZE_MODES,
-    )
-    from gie_core.eval.benchmarks import BENCHMARKS
-    from gie_core.eval.generate import GEOMETRIES
-    from gie_core.eval.judge import DEFAULT_JUDGE_MAX_NEW_TOKENS, DEFAULT_JUDGE_MAX_PIXELS, RUBRICS
-    from gie_core.engine.modes import FUSION_MODES
-    from gie_core.engine.rewrite import DEFAULT_MAX_NEW_TOKENS
-
     layouts = "\n".join(f"  {b.name:<13} {b.title}: outputs {b.layout}" for b in BENCHMARKS.values())
     p = argparse.ArgumentParser(
         prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False,
@@ -165,9 +172,6 @@ def _split(text: str | None) -> tuple[str, ...]:
 
 def _selection(args, recorded: dict | None = None):
     """The sample selection: options given now win over the recorded run's, then the defaults."""
-    from gie_core.eval.benchmarks import SelectOptions
-    from gie_core.checks import check_int
-
     base = SelectOptions.from_dict(recorded or {})
     limit = base.limit if args.limit is None else check_int("--limit", args.limit, 0, None)
     images = args.images if args.images is not None else base.images
@@ -186,74 +190,75 @@ def _device(args, state, shard):
     return device_and_dtype(args.device, args.dtype)
 
 
-def _check_writable(folder) -> None:
-    from gie_core.files import check_output_path
-
-    check_output_path(folder.run_file, "run folder")
-
-
-def generate(args) -> int:
-    from gie_core.constants import DEFAULT_REFERENCE_RESAMPLE
-    from gie_core.eval.benchmarks import benchmark, load_samples
-    from gie_core.eval.generate import GenerateSettings, run_generate
-    from gie_core.eval.runs import RUN_VERSION, RunFolder, current_shard, settings_mismatch
-    from gie_core.engine.modes import DEFAULT_FUSION_MODE, STOCK_FUSION_MODE
-    from gie_core.cli.edit import parse_lora, parse_size
-
-    # --- every input is checked here, before any weight is read --------------------------
-    shard, state = current_shard()
-    bench = benchmark(args.benchmark)
-    folder = RunFolder(args.out)
-    sel = _selection(args)
-    samples = load_samples(bench.name, args.data, sel)
+def _generate_settings(args, state, shard) -> tuple[GenerateSettings, tuple, object]:
+    """The checked settings of a generate run, its LoRAs as given and the device."""
     if not any((args.model, args.kontext, args.transformer, args.vae, args.t5, args.clip)):
         raise ValueError("give the weights to evaluate: --model and/or --kontext (or single files, as gie-edit takes them)")
     device, dtype = _device(args, state, shard)
     width, height = parse_size(args.size)
     loras = tuple(parse_lora(v) for v in args.lora)
-    mode = args.mode or (DEFAULT_FUSION_MODE if args.model else STOCK_FUSION_MODE)
     paper = args.geometry == "paper"
     weights = {k: (str(Path(v).resolve()) if v else None) for k, v in (
         ("model", args.model), ("kontext", args.kontext), ("transformer", args.transformer), ("vae", args.vae),
         ("t5", args.t5), ("clip", args.clip), ("connector", args.connector), ("tokenizers", args.tokenizers))}
     weights["loras"] = [[str(Path(f).resolve()), s] for f, s in loras]
     settings = GenerateSettings(
-        mode=mode, steps=args.steps, guidance=args.guidance, seed=args.seed, width=width, height=height,
+        mode=args.mode or (DEFAULT_FUSION_MODE if args.model else STOCK_FUSION_MODE),
+        steps=args.steps, guidance=args.guidance, seed=args.seed, width=width, height=height,
         geometry=args.geometry, reference_resize=args.reference_size or "preferred",
         reference_resample=args.reference_resample or ("nearest" if paper else DEFAULT_REFERENCE_RESAMPLE),
         rewrite=args.rewrite, rewrite_max_tokens=args.rewrite_max_tokens, dtype=dtype, weights=weights,
     )
     settings.check()
-    _check_writable(folder)
-    run = {"version": RUN_VERSION, "benchmark": bench.name, "data": str(Path(args.data).resolve()),
-           "select": sel.to_dict(), "settings": settings.to_dict(), "samples": len(samples)}
+    return settings, loras, device
+
+
+def _record_run(folder: RunFolder, run: dict, shard) -> None:
+    """Write run.json for a new run; a resumed one must have been made with the same settings."""
+    check_output_path(folder.run_file, "run folder")
     recorded = folder.read_run()
-    if recorded is not None:
-        old = {"benchmark": recorded.get("benchmark"), "data": recorded.get("data"), "select": recorded.get("select"),
-               **recorded.get("settings", {})}
-        new = {"benchmark": run["benchmark"], "data": run["data"], "select": run["select"], **run["settings"]}
-        diff = settings_mismatch(old, new)
-        if diff:
-            raise ValueError(
-                f"'{folder.root}' holds a run with other settings ({'; '.join(diff)}); resume it with the same "
-                "options, or give another --out folder"
-            )
-    elif shard.is_main:
-        folder.write_run(run)
-
-    # --- load (only if anything is left) and run ------------------------------------------
-    def load_pipeline():
-        from gie_core.engine.pipeline import EditPipeline
-
-        return EditPipeline.from_paths(
-            gie_dir=args.model, kontext_dir=args.kontext, transformer_file=args.transformer, vae_file=args.vae,
-            t5_file=args.t5, clip_file=args.clip, tokenizer_dir=args.tokenizers, connector_file=args.connector,
-            lora_files=loras, mode=mode, dtype=dtype, device=device, offload=args.offload,
+    if recorded is None:
+        if shard.is_main:
+            folder.write_run(run)
+        return
+    old = {"benchmark": recorded.get("benchmark"), "data": recorded.get("data"), "select": recorded.get("select"),
+           **recorded.get("settings", {})}
+    new = {"benchmark": run["benchmark"], "data": run["data"], "select": run["select"], **run["settings"]}
+    diff = settings_mismatch(old, new)
+    if diff:
+        raise ValueError(
+            f"'{folder.root}' holds a run with other settings ({'; '.join(diff)}); resume it with the same "
+            "options, or give another --out folder"
         )
 
-    summary = run_generate(samples, bench, folder, settings, load_pipeline, shard=shard, progress=not args.quiet)
-    where = f" (process {shard.process_index + 1} of {shard.num_processes})" if shard.num_processes > 1 else ""
-    print(f"{PROG} generate{where}: {summary.made} made, {summary.done_before} already done, "
+
+def _load_pipeline(args, settings: GenerateSettings, loras: tuple, device) -> EditPipeline:
+    """The pipeline a generate run edits with (called only when samples are left to make)."""
+    return EditPipeline.from_paths(
+        gie_dir=args.model, kontext_dir=args.kontext, transformer_file=args.transformer, vae_file=args.vae,
+        t5_file=args.t5, clip_file=args.clip, tokenizer_dir=args.tokenizers, connector_file=args.connector,
+        lora_files=loras, mode=settings.mode, dtype=settings.dtype, device=device, offload=args.offload,
+    )
+
+
+def _where(shard) -> str:
+    return f" (process {shard.process_index + 1} of {shard.num_processes})" if shard.num_processes > 1 else ""
+
+
+def generate(args) -> int:
+    """``gie-eval generate``: every input checked before any weight is read, then the edits."""
+    shard, state = current_shard()
+    bench = benchmark(args.benchmark)
+    folder = RunFolder(args.out)
+    sel = _selection(args)
+    samples = load_samples(bench.name, args.data, sel)
+    settings, loras, device = _generate_settings(args, state, shard)
+    _record_run(folder, {"version": RUN_VERSION, "benchmark": bench.name, "data": str(Path(args.data).resolve()),
+                         "select": sel.to_dict(), "settings": settings.to_dict(), "samples": len(samples)}, shard)
+
+    summary = run_generate(samples, bench, folder, settings, lambda: _load_pipeline(args, settings, loras, device),
+                           shard=shard, progress=not args.quiet)
+    print(f"{PROG} generate{_where(shard)}: {summary.made} made, {summary.done_before} already done, "
           f"{len(summary.failed)} failed, of {summary.total} samples", file=sys.stderr)
     for rec in summary.failed[:5]:
         print(f"{PROG}: sample '{rec['key']}' failed: {rec['reason']}", file=sys.stderr)
@@ -265,73 +270,36 @@ def generate(args) -> int:
     return 0
 
 
-def score(args) -> int:
-    from gie_core.eval.benchmarks import benchmark, load_samples
-    from gie_core.eval.judge import rubric
-    from gie_core.eval.runs import RunFolder, current_shard, settings_mismatch
-    from gie_core.eval.score import EMBED_METRIC, SIMILARITY_METRICS, aggregate, report_markdown, run_score, write_report
-    from gie_core.files import atomic_write_text
-
-    # --- checks before any weight is read --------------------------------------------------
-    shard, state = current_shard()
-    folder = RunFolder(args.run)
-    if not folder.root.is_dir():
-        raise ValueError(f"run folder '{folder.root}' does not exist")
-    recorded = folder.read_run() or {}
-    name = args.benchmark or recorded.get("benchmark")
-    data = args.data or recorded.get("data")
-    if not name or not data:
-        raise ValueError(f"'{folder.root}' has no _gie_eval/run.json: give --benchmark and --data for outputs made elsewhere")
-    bench = benchmark(name)
-    samples = load_samples(bench.name, data, _selection(args, recorded.get("select")))
-    if not (args.judge or args.similarity or args.similarity_model):
-        raise ValueError("nothing to score with: give --judge (a Qwen2.5-VL folder) and/or --similarity / --similarity-model")
-    rub = rubric(args.rubric or bench.rubric) if args.judge else None
+def _score_config(args, bench, rub, data: str) -> dict:
+    """What decides the scores (kept in the scores folder; a rerun must match it)."""
     for opt, path in (("--judge", args.judge), ("--similarity-model", args.similarity_model)):
         if path and not Path(path).is_dir():
             raise ValueError(f"{opt} '{path}' is not a folder")
-    device, dtype = _device(args, state, shard)
-    config = {
+    return {
         "benchmark": bench.name, "data": str(Path(data).resolve()),
         "judge": str(Path(args.judge).resolve()) if args.judge else None, "rubric": rub.name if rub else None,
         "judge_max_new_tokens": args.judge_max_new_tokens if args.judge else None,
         "judge_max_pixels": args.judge_max_pixels if args.judge else None, "similarity": bool(args.similarity),
         "similarity_model": str(Path(args.similarity_model).resolve()) if args.similarity_model else None,
     }
+
+
+def _record_score_config(folder: RunFolder, config: dict, shard) -> None:
+    """Write the scores' config.json, or refuse to mix in scores made with other options."""
     config_file = folder.scores / "config.json"
     if config_file.is_file():
         diff = settings_mismatch(json.loads(config_file.read_text()), config)
         if diff:
             raise ValueError(f"'{folder.scores}' holds scores made otherwise ({'; '.join(diff)}); "
                              "score with the same options, or remove that folder to judge afresh")
-    else:
-        from gie_core.files import check_output_path
+        return
+    check_output_path(config_file, "scores folder")
+    if shard.is_main:
+        atomic_write_text(config_file, json.dumps(config, indent=2) + "\n")
 
-        check_output_path(config_file, "scores folder")
-        if shard.is_main:
-            atomic_write_text(config_file, json.dumps(config, indent=2) + "\n")
 
-    # --- load and judge ---------------------------------------------------------------------
-    judge = embedder = None
-    if args.judge:
-        from gie_core.eval.judge import load_judge
-
-        judge = load_judge(args.judge, dtype=dtype, device=device, max_new_tokens=args.judge_max_new_tokens,
-                           max_pixels=args.judge_max_pixels)
-    if args.similarity_model:
-        from gie_core.eval.metrics import EmbeddingSimilarity
-
-        embedder = EmbeddingSimilarity.from_path(args.similarity_model, device=device)
-    summary = run_score(samples, bench, folder, judge=judge, rub=rub, similarity=args.similarity, embedder=embedder,
-                        shard=shard, progress=not args.quiet)
-    where = f" (process {shard.process_index + 1} of {shard.num_processes})" if shard.num_processes > 1 else ""
-    print(f"{PROG} score{where}: {summary.judged} judged, {summary.done_before} already judged, {summary.missing} "
-          f"without an output, {len(summary.failed)} failed, of {summary.total} samples", file=sys.stderr)
-    for rec in summary.failed[:5]:
-        print(f"{PROG}: sample '{rec['key']}' could not be judged: {rec['reason']}", file=sys.stderr)
-    state.wait_for_everyone()
-    if not shard.is_main:
-        return 0
+def _write_score_report(args, samples, folder: RunFolder, bench, rub, embedder, config: dict) -> None:
+    """Aggregate every process's judgements into scores.json/.csv/.md; print the table and the paths."""
     metrics = list(rub.metrics if rub else ())
     if args.similarity or embedder is not None:
         metrics += list(SIMILARITY_METRICS)
@@ -346,13 +314,47 @@ def score(args) -> int:
         print(report_markdown(report))
     for p in paths:
         print(p)
+
+
+def score(args) -> int:
+    """``gie-eval score``: every input checked before any weight is read, then judge and report."""
+    shard, state = current_shard()
+    folder = RunFolder(args.run)
+    if not folder.root.is_dir():
+        raise ValueError(f"run folder '{folder.root}' does not exist")
+    recorded = folder.read_run() or {}
+    name = args.benchmark or recorded.get("benchmark")
+    data = args.data or recorded.get("data")
+    if not name or not data:
+        raise ValueError(f"'{folder.root}' has no _gie_eval/run.json: give --benchmark and --data for outputs made elsewhere")
+    bench = benchmark(name)
+    samples = load_samples(bench.name, data, _selection(args, recorded.get("select")))
+    if not (args.judge or args.similarity or args.similarity_model):
+        raise ValueError("nothing to score with: give --judge (a Qwen2.5-VL folder) and/or --similarity / --similarity-model")
+    rub = rubric(args.rubric or bench.rubric) if args.judge else None
+    config = _score_config(args, bench, rub, data)
+    device, dtype = _device(args, state, shard)
+    _record_score_config(folder, config, shard)
+
+    judge = embedder = None
+    if args.judge:
+        judge = load_judge(args.judge, dtype=dtype, device=device, max_new_tokens=args.judge_max_new_tokens,
+                           max_pixels=args.judge_max_pixels)
+    if args.similarity_model:
+        embedder = EmbeddingSimilarity.from_path(args.similarity_model, device=device)
+    summary = run_score(samples, bench, folder, judge=judge, rub=rub, similarity=args.similarity, embedder=embedder,
+                        shard=shard, progress=not args.quiet)
+    print(f"{PROG} score{_where(shard)}: {summary.judged} judged, {summary.done_before} already judged, {summary.missing} "
+          f"without an output, {len(summary.failed)} failed, of {summary.total} samples", file=sys.stderr)
+    for rec in summary.failed[:5]:
+        print(f"{PROG}: sample '{rec['key']}' could not be judged: {rec['reason']}", file=sys.stderr)
+    state.wait_for_everyone()
+    if shard.is_main:
+        _write_score_report(args, samples, folder, bench, rub, embedder, config)
     return 0
 
 
 def compare(args) -> int:
-    from gie_core.eval.compare import write_comparison
-    from gie_core.checks import check_int
-
     if len(args.runs) < 2:
         raise ValueError("give two or more run folders to compare")
     check_int("--grid", args.grid, 0, 64)

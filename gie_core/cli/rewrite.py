@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from gie_core.cli.common import HelpFormatter, device_and_dtype, load_input, quiet_library_warnings, run_command
+from gie_core.cli.common import device_and_dtype, load_input, quiet_library_warnings, run_command
+from gie_core.cli.help import HelpFormatter
+from gie_core.constants import AUTO_DTYPE, DTYPE_NAMES
+from gie_core.engine.encoders import check_instruction
+from gie_core.engine.rewrite import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT, check_rewrite_options, rewrite_instruction
+from gie_core.weights.parts import load_part
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gie_core.constants import AUTO_DTYPE, DTYPE_NAMES
-    from gie_core.engine.rewrite import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT
-
     p = argparse.ArgumentParser(
         prog="gie-rewrite",
         description=(
@@ -54,12 +57,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
-    import sys
-
-    from gie_core.engine.encoders import check_instruction
-    from gie_core.weights.parts import load_part
-    from gie_core.engine.rewrite import check_rewrite_options, rewrite_instruction
-
     quiet_library_warnings()
     check_instruction(args.instruction)
     check_rewrite_options(args.max_new_tokens, args.temperature, args.seed, args.top_p)

@@ -21,7 +21,7 @@ import os
 import shlex
 import sys
 
-from gie_core.cli.common import HelpFormatter, help_with_default
+from gie_core.cli.help import HelpFormatter, help_with_default
 from gie_core.files import describe_os_error
 
 COMMANDS = ("train", "cache", "export", "plan")

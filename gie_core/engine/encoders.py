@@ -35,7 +35,7 @@ def torchvision_available() -> bool:
     if importlib.util.find_spec("torchvision") is None:
         return False
     try:
-        import torchvision  # noqa: F401
+        import torchvision  # noqa: F401  # optional: torchvision; importing it is the probe
     except Exception:  # a torchvision built for another torch fails at import
         return False
     return True
@@ -44,10 +44,10 @@ def torchvision_available() -> bool:
 def load_qwen_image_processor(path):
     """The Qwen2-VL image processor from ``path``: the stock one when torchvision imports,
     else the PIL backend (transformers 5) or the slow processor (transformers 4)."""
-    import transformers
+    import transformers  # start-up: transformers (~1 s) only once a Qwen2.5-VL loads
 
     if torchvision_available():
-        from transformers import AutoImageProcessor
+        from transformers import AutoImageProcessor  # start-up: as above
 
         return AutoImageProcessor.from_pretrained(path, local_files_only=True)
     cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor

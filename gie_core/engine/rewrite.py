@@ -311,7 +311,7 @@ def generate_rewrite(
 
     The model runs where it is (bring it to the device first when offloading).
     """
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig  # start-up: transformers (~1 s) only once a rewrite runs
 
     check_rewrite_options(max_new_tokens, temperature, seed, top_p)
     model, tokenizer = encoder.model, encoder.tokenizer

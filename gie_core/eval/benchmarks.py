@@ -18,14 +18,16 @@ Hugging Face image struct ``{"bytes": ..., "path": ...}`` as parquet shards hold
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from gie_core.imaging.images import check_size, load_image, to_rgb
 from gie_core.eval.tables import InstructionSetError, read_json_rows, read_rows, table_files
 
 ImageRef = str | bytes  # a file path, or the encoded bytes of an image
@@ -273,8 +275,6 @@ def load_complex_edit(path: Path, sel: SelectOptions) -> list[Sample]:
         what = f"Complex-Edit row {i}"
         edit = row.get("edit")
         if isinstance(edit, str):
-            import json
-
             try:
                 edit = json.loads(edit)
             except json.JSONDecodeError:
@@ -388,11 +388,7 @@ def load_samples(name: str, path: str | os.PathLike, sel: SelectOptions | None =
 
 def load_sample_image(ref: ImageRef, what: str) -> Image.Image:
     """A sample's image as RGB, read like ``gie-edit`` reads its input (EXIF, 16-bit, alpha; sizes checked)."""
-    from gie_core.imaging.images import check_size, load_image, to_rgb
-
     if isinstance(ref, bytes):
-        from PIL import ImageOps, UnidentifiedImageError
-
         try:
             with Image.open(io.BytesIO(ref)) as im:
                 check_size(im.width, im.height, what)

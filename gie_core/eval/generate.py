@@ -19,10 +19,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from PIL import Image
+from tqdm import tqdm
 
 from gie_core.constants import DEFAULT_TARGET_AREA, SIZE_MULTIPLE
+from gie_core.engine.modes import fusion_mode
+from gie_core.checks import check_choice
+from gie_core.engine.request import resolve_edit
+from gie_core.engine.rewrite import check_rewrite_options, rewrite_instruction
 from gie_core.eval.benchmarks import Benchmark, Sample, load_sample_image
 from gie_core.eval.runs import RunFolder, Shard, sample_seed
+from gie_core.files import atomic_write
+from gie_core.imaging.images import preferred_kontext_size
 
 GEOMETRIES = ("ours", "paper")
 
@@ -31,8 +38,6 @@ def paper_output_size(width: int, height: int, area: int = DEFAULT_TARGET_AREA) 
     """The output size upstream's evaluation scripts used: the reduced ratio of the preferred Kontext
     resolution nearest in aspect, scaled to ``area`` (1024x1024) and floored to multiples of 16.
     (Ours, ``--geometry ours``, is ~1 MP at the input's own aspect.)"""
-    from gie_core.imaging.images import preferred_kontext_size
-
     pw, ph = preferred_kontext_size(width, height)
     g = math.gcd(pw, ph)
     base_w, base_h = pw // g * SIZE_MULTIPLE, ph // g * SIZE_MULTIPLE
@@ -64,8 +69,6 @@ class GenerateSettings:
 
     def request(self, image: Image.Image, key: str):
         """The resolved edit request of one sample (checked like every edit request)."""
-        from gie_core.engine.request import resolve_edit
-
         width, height = self.width, self.height
         if self.geometry == "paper" and not (width or height):
             width, height = paper_output_size(image.width, image.height)
@@ -77,14 +80,9 @@ class GenerateSettings:
 
     def check(self) -> None:
         """Check every setting before any weight loads (a 1024x1024 stand-in image for the sizes)."""
-        from gie_core.checks import check_choice
-
         check_choice("geometry", self.geometry, GEOMETRIES)
         self.request(Image.new("RGB", (1024, 1024)), "check")
         if self.rewrite:
-            from gie_core.engine.modes import fusion_mode
-            from gie_core.engine.rewrite import check_rewrite_options
-
             if not fusion_mode(self.mode).needs_qwen or not self.weights.get("model"):
                 raise ValueError(
                     "--rewrite needs the Qwen2.5-VL of a GPT-Image-Edit checkpoint: give --model and a mode that uses the VLM (not 't5')"
@@ -107,6 +105,31 @@ def done_keys(folder: RunFolder, bench: Benchmark, samples: list[Sample]) -> set
     return {k for k in ok if k in by_key and (folder.root / bench.output_path(by_key[k])).is_file()}
 
 
+def make_sample(pipe, sample: Sample, bench: Benchmark, folder: RunFolder, settings: GenerateSettings,
+                record: dict) -> None:
+    """Edit one sample into ``folder`` (written atomically), adding what happened to its ``record``.
+
+    Raises when the sample cannot be made (the caller records the reason and goes on; a rewrite
+    made before the failure stays in the record).
+    """
+    n_inputs = sample.extra.get("n_input_images", 1)
+    if n_inputs > 1:
+        raise ValueError(f"the sample has {n_inputs} input images; GPT-Image-Edit edits one reference image")
+    image = load_sample_image(sample.image, f"sample '{sample.key}' image")
+    if settings.geometry == "paper" and bench.paper_input_size and image.size != bench.paper_input_size:
+        image = image.resize(bench.paper_input_size, Image.LANCZOS)  # upstream's Complex-Edit squashed its inputs
+    request = settings.request(image, sample.key)
+    instruction = sample.instruction
+    if settings.rewrite:
+        with pipe.on_device(pipe.qwen.model):
+            rw = rewrite_instruction(pipe.qwen, image, instruction, max_new_tokens=settings.rewrite_max_tokens)
+        instruction = rw.instruction
+        record.update(rewritten=rw.instruction, rewrite_fell_back=rw.fell_back, rewrite_reason=rw.reason)
+    out = pipe.edit(image, instruction, request=request).images[0]
+    atomic_write(folder.root / bench.output_path(sample), lambda tmp: out.save(tmp, format="PNG"))
+    record.update(status="ok", width=request.width, height=request.height)
+
+
 def run_generate(
     samples: list[Sample],
     bench: Benchmark,
@@ -121,8 +144,6 @@ def run_generate(
 
     ``load_pipeline()`` is called once, and only when there is something left to make.
     """
-    from gie_core.files import atomic_write
-
     mine = shard.take(samples)  # split the whole set first: the split never depends on progress
     done = done_keys(folder, bench, mine)
     todo = [s for s in mine if s.key not in done]
@@ -132,39 +153,18 @@ def run_generate(
     pipe = load_pipeline()
     bar = None
     if progress and shard.is_main:
-        from tqdm import tqdm
-
         desc = f"{bench.name}" + (f" (process 1 of {shard.num_processes})" if shard.num_processes > 1 else "")
         bar = tqdm(total=len(todo), desc=desc, unit="edit", file=sys.stderr)
     try:
         for sample in todo:
-            rel = bench.output_path(sample)
             record = {
-                "key": sample.key, "index": sample.index, "category": sample.category, "output": rel,
-                "instruction": sample.instruction, "seed": sample_seed(settings.seed, sample.key),
-                "rank": shard.process_index,
+                "key": sample.key, "index": sample.index, "category": sample.category,
+                "output": bench.output_path(sample), "instruction": sample.instruction,
+                "seed": sample_seed(settings.seed, sample.key), "rank": shard.process_index,
             }
             started = time.monotonic()
             try:
-                n_inputs = sample.extra.get("n_input_images", 1)
-                if n_inputs > 1:
-                    raise ValueError(f"the sample has {n_inputs} input images; GPT-Image-Edit edits one reference image")
-                image = load_sample_image(sample.image, f"sample '{sample.key}' image")
-                if settings.geometry == "paper" and bench.paper_input_size and image.size != bench.paper_input_size:
-                    image = image.resize(bench.paper_input_size, Image.LANCZOS)  # upstream's Complex-Edit squashed its inputs
-                request = settings.request(image, sample.key)
-                instruction = sample.instruction
-                if settings.rewrite:
-                    from gie_core.engine.rewrite import rewrite_instruction
-
-                    with pipe.on_device(pipe.qwen.model):
-                        rw = rewrite_instruction(pipe.qwen, image, instruction, max_new_tokens=settings.rewrite_max_tokens)
-                    instruction = rw.instruction
-                    record.update(rewritten=rw.instruction, rewrite_fell_back=rw.fell_back, rewrite_reason=rw.reason)
-                result = pipe.edit(image, instruction, request=request)
-                out = result.images[0]
-                atomic_write(folder.root / rel, lambda tmp: out.save(tmp, format="PNG"))
-                record.update(status="ok", width=request.width, height=request.height)
+                make_sample(pipe, sample, bench, folder, settings, record)
                 summary.made += 1
             except KeyboardInterrupt:
                 raise

@@ -35,6 +35,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from gie_core.engine.rewrite import MAX_NEW_TOKENS_LIMIT
+from gie_core.weights.parts import load_part
+
 JUDGE_SYSTEM = (
     "You are a careful, strict and consistent judge of edited images. You look closely at every image "
     "you are given, score exactly what you are asked about on the scale given, and answer only with "
@@ -406,8 +409,6 @@ class QwenJudge:
 
     def __init__(self, encoder, *, max_new_tokens: int = DEFAULT_JUDGE_MAX_NEW_TOKENS,
                  max_pixels: int = DEFAULT_JUDGE_MAX_PIXELS, name: str = ""):
-        from gie_core.engine.rewrite import MAX_NEW_TOKENS_LIMIT
-
         if not 1 <= int(max_new_tokens) <= MAX_NEW_TOKENS_LIMIT:
             raise ValueError(f"judge max new tokens is {max_new_tokens} but must be 1-{MAX_NEW_TOKENS_LIMIT}")
         if int(max_pixels) < 28 * 28:
@@ -453,7 +454,7 @@ class QwenJudge:
     @torch.no_grad()
     def answer(self, images: list[Image.Image], prompt: str) -> str:
         """The judge's answer (generated tokens only, special tokens removed)."""
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig  # start-up: transformers only once a judge answers
 
         model = self.encoder.model
         param = next(model.parameters())
@@ -477,8 +478,6 @@ class QwenJudge:
 def load_judge(path: str | os.PathLike, *, dtype="bf16", device="cpu", **options) -> QwenJudge:
     """The judge from ``path``: a GPT-Image-Edit checkpoint folder (its Qwen2.5-VL-7B, with the
     generation head) or a stock Qwen2.5-VL folder (7B, 32B, 72B...), local files only."""
-    from gie_core.weights.parts import load_part
-
     p = Path(path)
     if not p.is_dir():
         raise ValueError(f"judge '{p}' must be a folder: a GPT-Image-Edit checkpoint or a Qwen2.5-VL model folder")

@@ -16,6 +16,7 @@ change does not. A sample with a ``mask`` (white = edited) uses it instead.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -91,8 +92,6 @@ def masked_ssim(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor) -> float |
 
 def load_mask(ref, size: tuple[int, int]) -> torch.Tensor:
     """A mask image (white = edited) as bool [H, W] at ``size`` = (w, h)."""
-    import io
-
     im = Image.open(io.BytesIO(ref)) if isinstance(ref, bytes) else Image.open(ref)
     with im:
         arr = np.asarray(im.convert("L").resize(size, Image.NEAREST))
@@ -130,7 +129,7 @@ class EmbeddingSimilarity:
 
     @classmethod
     def from_path(cls, path: str | os.PathLike, device="cpu") -> EmbeddingSimilarity:
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoConfig, AutoModel  # start-up: transformers' models (~2 s) only with --similarity-model
 
         p = Path(path)
         if not (p / "config.json").is_file():

@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from gie_core.files import atomic_write_text
 
 RECORDS_DIR = "_gie_eval"
@@ -45,8 +47,7 @@ def current_shard():
     """(Shard, accelerate PartialState) of this process: under ``accelerate launch`` (or torchrun) the
     launcher's rank and world size, else a single process. Without a GPU the processes meet over
     gloo on the CPU (accelerate only does so when asked for the CPU)."""
-    import torch
-    from accelerate import PartialState
+    from accelerate import PartialState  # start-up: accelerate (~0.3 s) only for generate and score, not --help
 
     state = PartialState(cpu=not torch.cuda.is_available())
     return Shard(state.process_index, state.num_processes), state

@@ -18,10 +18,13 @@ import time
 from dataclasses import dataclass, field
 
 from PIL import Image
+from tqdm import tqdm
 
-from gie_core.files import atomic_write_text
 from gie_core.eval.benchmarks import Benchmark, Sample, load_sample_image
+from gie_core.eval.judge import judge_sample
+from gie_core.eval.metrics import similarity_outside
 from gie_core.eval.runs import RunFolder, Shard
+from gie_core.files import atomic_write_text
 
 SIMILARITY_METRICS = ("psnr_outside", "ssim_outside", "edited_fraction")
 EMBED_METRIC = "embed_cosine_outside"
@@ -45,6 +48,24 @@ def _open_output(path) -> Image.Image:
         return im.convert("RGB")
 
 
+def score_sample(sample: Sample, output_path, record: dict, *, judge=None, rub=None, similarity: bool = False,
+                 embedder=None) -> None:
+    """Judge one sample's output and/or measure its similarity outside the edit, into ``record``.
+
+    Raises when it cannot be judged (the caller records the reason and goes on).
+    """
+    output = _open_output(output_path)
+    source = load_sample_image(sample.judge_source, f"sample '{sample.key}' source image")
+    record["status"] = "similarity"
+    if judge is not None:
+        record.update(judge_sample(judge, rub, sample, source, output))
+    if similarity or embedder is not None:
+        sim, keep = similarity_outside(source, output, sample.mask)
+        if embedder is not None:
+            sim[EMBED_METRIC] = embedder.cosine_outside(source, output, keep)
+        record["similarity"] = sim
+
+
 def run_score(
     samples: list[Sample],
     bench: Benchmark,
@@ -59,17 +80,12 @@ def run_score(
 ) -> ScoreSummary:
     """Judge this process's shard of ``samples`` (see the module docstring); ``judge`` is anything
     with ``answer(images, prompt) -> str`` and ``rub`` its :class:`gie_core.eval.judge.Rubric`."""
-    from gie_core.eval.judge import judge_sample
-    from gie_core.eval.metrics import similarity_outside
-
     mine = shard.take(samples)
     done = {r["key"] for r in folder.read_records("judgements") if r.get("status") in DONE_STATUSES}
     todo = [s for s in mine if s.key not in done]
     summary = ScoreSummary(total=len(mine), done_before=len(mine) - len(todo))
     bar = None
     if progress and shard.is_main and todo:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(todo), desc=f"judging {bench.name}", unit="sample", file=sys.stderr)
     try:
         for sample in todo:
@@ -83,16 +99,7 @@ def run_score(
                 summary.missing += 1
             else:
                 try:
-                    output = _open_output(path)
-                    source = load_sample_image(sample.judge_source, f"sample '{sample.key}' source image")
-                    record["status"] = "similarity"
-                    if judge is not None:
-                        record.update(judge_sample(judge, rub, sample, source, output))
-                    if similarity or embedder is not None:
-                        sim, keep = similarity_outside(source, output, sample.mask)
-                        if embedder is not None:
-                            sim[EMBED_METRIC] = embedder.cosine_outside(source, output, keep)
-                        record["similarity"] = sim
+                    score_sample(sample, path, record, judge=judge, rub=rub, similarity=similarity, embedder=embedder)
                     summary.judged += 1
                 except KeyboardInterrupt:
                     raise

@@ -54,7 +54,7 @@ def read_parquet_rows(path: str | os.PathLike) -> list[dict]:
     if not p.is_file():
         raise InstructionSetError(f"parquet file '{p}' does not exist")
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # optional: pyarrow (extra 'eval')
     except ImportError:
         pq = None
     if pq is not None:
@@ -63,7 +63,7 @@ def read_parquet_rows(path: str | os.PathLike) -> list[dict]:
         except Exception as exc:  # pyarrow raises its own error types for damaged files
             raise InstructionSetError(f"parquet file '{p}' could not be read: {exc}") from None
     try:
-        import pandas as pd
+        import pandas as pd  # optional: pandas, the reader when pyarrow is missing
     except ImportError:
         raise InstructionSetError(f"'{p}': {PARQUET_HINT}") from None
     try:

@@ -16,11 +16,12 @@ an image means the same everywhere:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from gie_core.constants import (
     DEFAULT_BACKGROUND,
@@ -32,6 +33,7 @@ from gie_core.constants import (
     REFERENCE_RESIZE_MODES,
     SIZE_MULTIPLE,
 )
+from gie_core.imaging.ratio import parse_color
 
 ImageLike = Image.Image | torch.Tensor | np.ndarray | Sequence[Image.Image]
 
@@ -99,8 +101,6 @@ def to_rgb(image: Image.Image, background=DEFAULT_BACKGROUND) -> Image.Image:
         image = Image.fromarray(np.rint(np.clip(arr / full, 0.0, 1.0) * 255.0).astype(np.uint8), "L")
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if has_alpha:
-        from gie_core.imaging.ratio import parse_color
-
         fill = parse_color(background)
         fill = (255, 255, 255) if fill == "edge" else fill
         rgba = image.convert("RGBA")
@@ -116,10 +116,6 @@ def load_image(path, what: str = "input image", background=DEFAULT_BACKGROUND) -
     that is not an image, a truncated or damaged file, and a size outside
     ``MIN_IMAGE_SIDE..MAX_IMAGE_SIDE`` (checked from the header, before decoding pixels).
     """
-    from pathlib import Path
-
-    from PIL import ImageOps, UnidentifiedImageError
-
     p = Path(path)
     if p.is_dir():
         raise ValueError(f"{what} '{p}' is a directory; give an image file (PNG, JPEG, WebP...)")
