@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.metadata
 import importlib.util
 import inspect
 import logging
@@ -163,6 +164,11 @@ def cache_choice(method: str | None, value: float | None = None) -> StepCache | 
     return check_cache(method, None if value in (None, 0) else value)
 
 
+def _diffusers_version() -> str:
+    """The installed diffusers' version, read from its package metadata (no import)."""
+    return importlib.metadata.version("diffusers")
+
+
 def cache_unavailable(method: str) -> str | None:
     """Why the installed diffusers cannot run ``method`` (None when it can)."""
     row = cache_method(method)
@@ -171,9 +177,7 @@ def cache_unavailable(method: str) -> str | None:
     except ImportError as exc:  # pragma: no cover - diffusers is a dependency
         return f"diffusers' hooks do not import ({exc})"
     if not hasattr(hooks, row.config):
-        import diffusers
-
-        return f"{row.title} is not in diffusers {diffusers.__version__} (no diffusers.hooks.{row.config})"
+        return f"{row.title} is not in diffusers {_diffusers_version()} (no diffusers.hooks.{row.config})"
     return None
 
 
@@ -186,7 +190,7 @@ def _cache_config(cache: StepCache, steps: int, current_timestep: Callable[[], f
     if row.name == "fbcache":
         return cls(threshold=value)
     if row.name == "magcache":
-        from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+        from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS  # start-up: diffusers (~3 s)
 
         # FLUX's calibrated ratios (28 steps), resampled by diffusers to this run's step count
         return cls(threshold=value, num_inference_steps=steps, mag_ratios=FLUX_MAG_RATIOS)
@@ -243,9 +247,7 @@ def attention_unavailable(name: str, device: torch.device | str | None) -> str |
         dispatch = importlib.import_module("diffusers.models.attention_dispatch")
         backend = dispatch.AttentionBackendName(row.backend)
     except (ImportError, ValueError):
-        import diffusers
-
-        return f"diffusers {diffusers.__version__} has no '{row.backend}' attention backend"
+        return f"diffusers {_diffusers_version()} has no '{row.backend}' attention backend"
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if row.needs_cuda and dev.type != "cuda":
         return f"it runs on CUDA GPUs and this run is on {dev.type}"
@@ -389,7 +391,7 @@ class AcceleratedRun:
         self._context_fields = set()
         if caching:
             try:
-                from diffusers.hooks.hooks import CacheContext
+                from diffusers.hooks.hooks import CacheContext  # start-up: diffusers (~3 s); also the probe (older diffusers lack it)
 
                 self._context_fields = set(inspect.signature(CacheContext).parameters)
             except (ImportError, TypeError, ValueError):
@@ -424,7 +426,7 @@ def accelerated(transformer, acceleration: Acceleration | None, *, steps: int, d
     caching = _set_cache(transformer, acc.cache, steps, current_timestep, dtype)
     run = AcceleratedRun(transformer, caching, steps)
     if acc.attention != DEFAULT_ATTENTION:
-        from diffusers.models.attention_dispatch import attention_backend as use_backend
+        from diffusers.models.attention_dispatch import attention_backend as use_backend  # start-up: diffusers (~3 s)
 
         backend = use_backend(attention_backend(acc.attention).backend)
     else:

@@ -47,9 +47,7 @@ def load_qwen_image_processor(path):
     import transformers  # start-up: transformers (~1 s) only once a Qwen2.5-VL loads
 
     if torchvision_available():
-        from transformers import AutoImageProcessor  # start-up: as above
-
-        return AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        return transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True)
     cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
     return cls.from_pretrained(path, local_files_only=True)
 

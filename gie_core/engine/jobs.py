@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gie_core.checks import check_int
 from gie_core.constants import MAX_SEEDS, SEED_RANGE
 from gie_core.files import read_text
 
@@ -114,8 +115,6 @@ def _one_seed(part: str, text: str, what: str) -> int:
 def parse_seeds(text: str | int | Sequence[int], what: str = "seeds") -> tuple[int, ...]:
     """'7', '1,2,3', '0-3' (inclusive, low to high) or a list -> seeds, each in ``SEED_RANGE``, no
     repeats, at most ``MAX_SEEDS`` of them."""
-    from gie_core.checks import check_int
-
     if isinstance(text, bool):
         raise ValueError(f"{what} is {text!r} but must be whole numbers")
     if isinstance(text, int):

@@ -48,6 +48,7 @@ from gie_core.weights.parts import (
 )
 from gie_core.engine.modes import DEFAULT_FUSION_MODE, fusion_mode
 from gie_core.imaging.ratio import PadRecord, apply_padding, crop_padding
+from gie_core.weights.lora import activated
 from gie_core.engine.request import EditRequest, resolve_device, resolve_edit
 from gie_core.engine.sampler import InterruptFn, KontextModels, ProgressFn, encode_reference, sample
 
@@ -225,8 +226,6 @@ class EditPipeline:
     ) -> EditResult:
         """Sample an encoded edit (with ``seed`` instead of the request's, when given) and crop
         the padding back when snapping."""
-        from gie_core.weights.lora import activated
-
         request = encoded.request
         if seed is not None and seed != request.seed:
             request = dataclasses.replace(request, seed=check_int("seed", seed, *SEED_RANGE))

@@ -29,7 +29,10 @@ from pathlib import Path
 
 import torch
 
+from gie_core import __version__
+from gie_core.engine.connector import Connector
 from gie_core.files import atomic_write, check_output_path, existing_folder, free_space, human_size
+from gie_core.weights.gguf import write_gguf
 from gie_core.weights.loading import DTYPES, GIE_DENOISER_PREFIX, GIE_PROJECTOR_PREFIX, gie_config, released_qwen_key
 from gie_core.weights.parts import resolve_source
 from gie_core.weights.single_file import (
@@ -308,8 +311,6 @@ def _finish_entries(entries: list[Entry], fmt: str) -> list[Entry]:
 
 
 def _metadata(component: str, source: ConversionSource, fmt: str, **extra) -> dict[str, str]:
-    from gie_core import __version__
-
     return {
         "format": "pt",
         "gie_component": component,
@@ -371,8 +372,6 @@ def _qwen_entries(reader: CheckpointReader, fmt: str, lm_head: bool) -> list[Ent
 
 
 def _connector_entries(reader: CheckpointReader, prefix: str) -> tuple[list[Entry], dict]:
-    from gie_core.engine.connector import Connector
-
     keys = [k for k in reader.keys() if k.startswith(prefix)]
     if not keys:
         raise CheckpointError(f"{reader.describe()} holds no connector weights")
@@ -442,10 +441,6 @@ def convert(
                                ("Qwen format", qwen_format, FORMATS)):
         if fmt not in allowed:
             raise ValueError(f"{what} '{fmt}' is unknown; expected one of {', '.join(allowed)}")
-    if transformer_format in GGUF_FORMATS and "transformer" in parts:
-        from gie_core.weights.gguf import _require_gguf
-
-        _require_gguf()  # a clear message when the gguf package is missing, before anything is read
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise ValueError(f"name '{name}' must be letters, digits, '.', '_' or '-' (it names the output files)")
     src = open_source(source)
@@ -472,8 +467,6 @@ def convert(
                                  **({"gie_transformer_config": tower["denoiser_config"]} if "denoiser_config" in tower else {}))
                 _check_space(paths[part], entries, 0.3 if gguf_type else 1.0)
                 if gguf_type:
-                    from gie_core.weights.gguf import write_gguf
-
                     written[part] = write_gguf(entries, paths[part], gguf_type, metadata=meta)
                 else:
                     written[part] = write_safetensors_streamed(paths[part], entries, meta)

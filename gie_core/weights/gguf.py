@@ -26,9 +26,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
+import numpy as np
 import torch
 
+from gie_core.files import atomic_write
+from gie_core.weights.loading import _dtype_kwarg
 from gie_core.weights.reader import CheckpointError
+from gie_core.weights.single_file import _flux_config_from_shapes, bfl_flux_key_to_diffusers
 
 __all__ = ["GGUF_WRITE_TYPES", "gguf_metadata", "is_gguf", "load_gguf_transformer", "open_checked", "write_gguf"]
 
@@ -44,14 +49,6 @@ QUANTIZE_MIN_ELEMENTS = 1024
 KEEP_F16_PREFIXES: tuple[str, ...] = ("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.",
                                       "x_embedder.", "context_embedder.", "time_text_embed.", "norm_out.", "proj_out.")
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-
-
-def _require_gguf():
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
-        raise ValueError("GGUF files need the 'gguf' package: pip install gguf") from None
-    return gguf
 
 
 def is_gguf(path: str | os.PathLike) -> bool:
@@ -73,7 +70,6 @@ def open_checked(path: str | os.PathLike):
     """A ``gguf.GGUFReader`` of a complete GGUF file (its header parses and every tensor's data
     lies inside the file), or a :class:`CheckpointError` naming the file and what is wrong: a
     truncated download otherwise fails deep inside numpy ("cannot reshape array")."""
-    gguf = _require_gguf()
     p = Path(path)
     _check_file(p)
     size = p.stat().st_size
@@ -96,7 +92,6 @@ def open_checked(path: str | os.PathLike):
 
 def gguf_metadata(path: str | os.PathLike) -> dict[str, object]:
     """The key/value metadata of a GGUF file (strings, numbers, booleans; arrays left out)."""
-    gguf = _require_gguf()
     reader = open_checked(path)
     out: dict[str, object] = {}
     for name, field in reader.fields.items():
@@ -139,11 +134,8 @@ def load_gguf_transformer(
     prefix) or in diffusers' layout. Raises :class:`CheckpointError` for a file that is not a
     FLUX transformer or uses a quantisation diffusers cannot dequantise.
     """
-    from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
-    from diffusers.models.model_loading_utils import load_gguf_checkpoint
-
-    from gie_core.weights.loading import _dtype_kwarg
-    from gie_core.weights.single_file import _flux_config_from_shapes, bfl_flux_key_to_diffusers
+    from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig  # start-up: diffusers' models (~4 s)
+    from diffusers.models.model_loading_utils import load_gguf_checkpoint  # start-up: diffusers (~3 s)
 
     p = Path(path)
     open_checked(p)  # complete, before diffusers reads it
@@ -216,7 +208,7 @@ def _items(tensors) -> list[_Item]:
     return out
 
 
-def _stored_type(item: _Item, qtype, gguf):
+def _stored_type(item: _Item, qtype):
     """The GGML type one tensor is stored in under the file's ``qtype``."""
     T = gguf.GGMLQuantizationType
     n = 1
@@ -262,11 +254,6 @@ def write_gguf(
     bool). The file appears complete or not at all (written beside, then renamed).
     ``progress(done, total)`` is called after each tensor.
     """
-    import numpy as np
-
-    from gie_core.files import atomic_write
-
-    gguf = _require_gguf()
     if qtype not in GGUF_WRITE_TYPES:
         raise ValueError(f"GGUF type '{qtype}' cannot be written; expected one of {', '.join(GGUF_WRITE_TYPES)}")
     target = getattr(gguf.GGMLQuantizationType, qtype)
@@ -276,13 +263,13 @@ def write_gguf(
     names = [i.name for i in items]
     if len(set(names)) != len(names):
         raise ValueError("write_gguf was given the same tensor name twice")
-    stored = [_stored_type(i, target, gguf) for i in items]
+    stored = [_stored_type(i, target) for i in items]
 
     def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(path=None, arch=arch)
         try:
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            writer.add_file_type(_file_type(target, gguf))
+            writer.add_file_type(_file_type(target))
             for key, value in (metadata or {}).items():
                 _metadata_writer(writer, str(key), value)
             for item, t in zip(items, stored):
@@ -317,7 +304,7 @@ def write_gguf(
     return atomic_write(path, write)
 
 
-def _file_type(qtype, gguf) -> int:
+def _file_type(qtype) -> int:
     """``general.file_type`` (llama.cpp's LlamaFileType) of a file whose main type is ``qtype``."""
     names = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
              "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1", "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1"}

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from gie_core.constants import DTYPE_TABLE, MIXED_PRECISION_DTYPES
+from gie_core.constants import DTYPE_TABLE, MIXED_PRECISION_DTYPES, T5_MAX_LENGTH
 from gie_core.engine.connector import Connector
+from gie_core.engine.encoders import QwenVLEncoder, TextEncoders, load_qwen_image_processor, torchvision_available
 from gie_core.weights.quantize import bnb_config, prepare_fp8_storage, storage
 from gie_core.weights.reader import CheckpointError, CheckpointReader, assign_weights, empty_weights
 
@@ -39,7 +40,7 @@ _GIE_NON_QWEN_PREFIX = "denoise_tower."
 def quiet_transformers():
     """Silence transformers' warnings while it reads the released config's flat pre-4.52 fields
     (understood correctly, but logged about at length)."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # start-up: transformers (~1 s)
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -100,7 +101,7 @@ def gie_config(path: str | os.PathLike) -> dict:
 
 def qwen_config_from_gie(cfg: dict):
     """A transformers Qwen2_5_VLConfig from the checkpoint's flat (pre-4.52) fields."""
-    from transformers import Qwen2_5_VLConfig
+    from transformers import Qwen2_5_VLConfig  # start-up: transformers (~1 s)
 
     fields = {k: v for k, v in cfg.items() if k not in ("denoise_tower", "architectures", "model_type", "auto_map", "_name_or_path")}
     fields.pop("torch_dtype", None)
@@ -189,7 +190,7 @@ def load_qwen_from_gie(
     :class:`OnDemandLMHead`); encoding never needs it. ``quantize``: a row of
     :data:`gie_core.weights.quantize.STORAGE_TABLE` ("fp8" streams straight into float8 storage;
     "int8"/"nf4" load through bitsandbytes)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration  # start-up: transformers' models (~4 s)
 
     q = storage(quantize)
     if q.method == "bnb":
@@ -222,7 +223,7 @@ def load_qwen_from_gie(
 def _load_qwen_bnb(path: Path, cfg: dict, dtype: torch.dtype, device, quantize: str, lm_head: bool):
     """Qwen2.5-VL quantised by bitsandbytes while transformers loads it (its own loader reads
     the released names and ignores the ``denoise_tower.*`` tensors)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration  # start-up: transformers' models (~4 s)
 
     device = torch.device(device)
     with quiet_transformers():
@@ -273,7 +274,7 @@ def load_flux_transformer_from_reader(reader: CheckpointReader, prefix: str, con
                                       *, quantize: str = "none"):
     """A diffusers FluxTransformer2DModel from ``config`` filled with the ``prefix`` tensors
     (``quantize="fp8"``: streamed straight into float8 storage)."""
-    from diffusers import FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel  # start-up: diffusers' models (~4 s)
 
     q = storage(quantize)
     cfg = {k: v for k, v in config.items() if not k.startswith("_")}
@@ -317,8 +318,6 @@ def load_gie_checkpoint(
     the low layer it dispatches to). ``lm_head``: read Qwen's output head now (by default it is
     read the first time text is generated, i.e. only for instruction rewriting).
     """
-    from gie_core.engine.encoders import QwenVLEncoder
-
     p = Path(path)
     cfg = gie_config(p)
     dtype = parse_dtype(dtype)
@@ -343,9 +342,7 @@ def load_gie_checkpoint(
 
 def load_qwen_processing(path: str | os.PathLike):
     """(tokenizer, image_processor, stock processor or None) from a directory of processor files."""
-    from transformers import AutoTokenizer
-
-    from gie_core.engine.encoders import load_qwen_image_processor, torchvision_available
+    from transformers import AutoTokenizer  # start-up: transformers (~1 s)
 
     p = Path(path)
     if not (p / "tokenizer.json").exists() and not (p / "vocab.json").exists():
@@ -360,7 +357,7 @@ def load_qwen_processing(path: str | os.PathLike):
     processor = None
     if torchvision_available():
         try:
-            from transformers import AutoProcessor
+            from transformers import AutoProcessor  # start-up: transformers (~1 s)
 
             processor = AutoProcessor.from_pretrained(p, local_files_only=True)
         except Exception:  # processor files incomplete: the image-only path works the same
@@ -420,11 +417,8 @@ def load_kontext_dir(
     ``transformer_quantize="fp8"`` stores the transformer's layers in float8 (see
     :mod:`gie_core.weights.quantize`). Weights are read from safetensors only: a folder holding
     ``.bin`` files alone is refused, naming it."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
-
-    from gie_core.constants import T5_MAX_LENGTH
-    from gie_core.engine.encoders import TextEncoders
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel  # start-up: diffusers' models (~4 s)
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel  # start-up: transformers' models (~4 s)
 
     p = Path(path)
     kontext_index(p)
@@ -507,9 +501,7 @@ def load_qwen_dir(path: str | os.PathLike, *, dtype: str | torch.dtype = "bf16",
     """A stock Qwen2.5-VL transformers directory (e.g. Qwen2.5-VL-7B-Instruct) as the engine's
     :class:`gie_core.engine.encoders.QwenVLEncoder` (safetensors only; ``quantize="fp8"``:
     float8 storage with per-layer upcast)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from gie_core.engine.encoders import QwenVLEncoder
+    from transformers import Qwen2_5_VLForConditionalGeneration  # start-up: transformers' models (~4 s)
 
     p = _check_dir(path, "Qwen2.5-VL directory")
     if not (p / "config.json").is_file():

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from gie_core.weights.quantize import adapters_in_compute_dtype
+
 
 class LoraError(ValueError):
     """A LoRA file that cannot be applied to the transformer."""
@@ -57,7 +59,7 @@ def load_lora(transformer: torch.nn.Module, path: str | os.PathLike) -> str:
     # The FLUX LoRA mixin (what FluxKontextPipeline.lora_state_dict is), imported on its own:
     # importing the pipelines makes transformers probe torchvision for image processors no LoRA
     # needs, printing warnings on every run.
-    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin  # start-up: diffusers (~3 s)
 
     try:
         # converts kohya / BFL / XLabs layouts; folder + weight_name, as older diffusers need offline
@@ -76,7 +78,6 @@ def load_lora(transformer: torch.nn.Module, path: str | os.PathLike) -> str:
         raise LoraError(f"{p} does not fit this Kontext transformer: {exc}") from None
     if name not in loaded_adapters(transformer):
         raise LoraError(f"{p}: none of its LoRA weights match a layer of this Kontext transformer")
-    from gie_core.weights.quantize import adapters_in_compute_dtype
 
     adapters_in_compute_dtype(transformer)  # an fp8-stored transformer: adapters stay in bf16
     transformer.requires_grad_(False)

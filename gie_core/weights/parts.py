@@ -410,7 +410,7 @@ def _load_qwen(plan: LoadPlan) -> LoadedPart:
 
 def _tokenizer(path, what: str):
     """A tokenizer folder for a single-file text encoder, or a CheckpointError naming it."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # start-up: transformers (~1 s)
 
     p = Path(path)
     if not p.is_dir():

@@ -126,7 +126,7 @@ def prepare_fp8_storage(model: torch.nn.Module, compute_dtype: torch.dtype, part
     weights straight into fp8, never holding the model in bf16) and on a loaded one (each
     layer is cast in turn). Returns ``model``.
     """
-    from diffusers.hooks import apply_layerwise_casting
+    from diffusers.hooks import apply_layerwise_casting  # start-up: diffusers (~3 s)
 
     storage = storage or STORAGE_TABLE["fp8"].store
     if compute_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
@@ -164,7 +164,7 @@ def adapters_in_compute_dtype(model: torch.nn.Module) -> int:
 def bnb_config(name: str, compute_dtype: torch.dtype):
     """transformers' ``BitsAndBytesConfig`` of a bnb row (the output head and vision tower
     stay in ``compute_dtype``)."""
-    from transformers import BitsAndBytesConfig  # optional: bitsandbytes behind it
+    from transformers import BitsAndBytesConfig  # start-up: transformers (~1 s)
 
     q = storage(name)
     if q.method != "bnb":

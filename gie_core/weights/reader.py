@@ -23,16 +23,24 @@ memory-mapped loader).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import mmap
 import os
 import struct
+import sys
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
+from accelerate import init_empty_weights
+from safetensors.torch import save_file
+
+from gie_core.files import atomic_write
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -76,9 +84,6 @@ def _populate(address: int, length: int) -> bool:
     if _madvise is False:
         return False
     if _madvise is None:
-        import ctypes
-        import sys
-
         if not sys.platform.startswith("linux"):
             _madvise = False
             return False
@@ -235,8 +240,6 @@ class SafetensorsFile:
         _, _, begin, end = self._entries[key]
         if end == begin:
             return
-        import numpy as np
-
         start = self._data_start + begin
         if hasattr(os, "posix_fadvise"):  # one large asynchronous read for a cold page cache
             os.posix_fadvise(self._fh.fileno(), start, end - begin, os.POSIX_FADV_WILLNEED)
@@ -363,8 +366,6 @@ class CheckpointReader:
             for k in keys:
                 yield k, self.load(k, dtype, device)
             return
-        from collections import deque
-
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gie-fetch") as pool:
             pending: deque = deque()
             ahead = nxt = 0
@@ -393,8 +394,6 @@ class CheckpointReader:
             for k in keys:
                 yield k, self.read(k)
             return
-        from collections import deque
-
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gie-read") as pool:
             pending: deque = deque()
             ahead = 0
@@ -463,8 +462,6 @@ def empty_weights():
     """Build modules with parameters on the meta device (buffers stay real, so rotary
     tables and similar non-persistent buffers keep their computed values), skipping
     transformers' weight initialisation (the weights are about to be loaded)."""
-    from accelerate import init_empty_weights
-
     with init_empty_weights(include_buffers=False), _no_init_weights():
         yield
 
@@ -561,10 +558,6 @@ def save_safetensors_atomic(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> Path:
     """Write a safetensors file via a temporary file in the same folder and an atomic rename."""
-    from safetensors.torch import save_file
-
-    from gie_core.files import atomic_write
-
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     return atomic_write(
         path, lambda tmp: save_file(contiguous, tmp, metadata=dict(metadata or {"format": "pt"})), fsync=True

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from gie_core.engine.encoders import QwenVLEncoder, load_qwen_image_processor
+from gie_core.weights.loading import map_qwen_key, qwen_config_from_gie, quiet_transformers
 from gie_core.weights.reader import FLOAT8_DTYPES, CheckpointError, CheckpointReader, assign_weights, empty_weights
 
 # Names of the shipped configs (files in gie_core/configs/, without ".json").
@@ -443,7 +445,7 @@ def load_bfl_transformer(
     files; bf16/fp16/fp32, plain fp8 and ComfyUI scaled fp8 weights (upcast to ``dtype``).
     The architecture is the real Kontext config with the sizes read from the tensor shapes.
     """
-    from diffusers import FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel  # start-up: diffusers' models (~4 s)
 
     with CheckpointReader.open(path) as reader:
         kind, prefix = require_kind(reader, path, ("bfl_transformer", "diffusers_transformer"))
@@ -561,7 +563,7 @@ def _vae_config_from_shapes(reader: CheckpointReader, prefix: str, path, *, ldm:
 def load_bfl_vae(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
     """Load FLUX's ``ae.safetensors`` (BFL/LDM layout) or a diffusers-layout VAE file as a
     diffusers ``AutoencoderKL`` (real FLUX config, sizes from the tensor shapes)."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # start-up: diffusers' models (~4 s)
 
     with CheckpointReader.open(path) as reader:
         _, prefix = require_kind(reader, path, ("vae",))
@@ -599,7 +601,7 @@ def load_t5_encoder(path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloa
     The config is T5 v1.1 XXL's with every size read from the shapes; fp8 weights are upcast,
     and the model's fp32-kept modules (``wo``) stay fp32 when ``dtype`` is fp16.
     """
-    from transformers import T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel  # start-up: transformers' models (~4 s)
 
     with CheckpointReader.open(path) as reader:
         _, prefix = require_kind(reader, path, ("t5",))
@@ -671,7 +673,7 @@ def load_clip_text(
     Sizes come from the shapes (heads = hidden / 64, as in every OpenAI CLIP); pass the
     tokenizer's ``eos_token_id`` so pooling picks the right token (default: the real 49407).
     """
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel  # start-up: transformers' models (~4 s)
 
     with CheckpointReader.open(path) as reader:
         _, base = require_kind(reader, path, ("clip",))
@@ -770,23 +772,18 @@ def qwen_processing(tokenizer_dir, preprocessor_dir=None):
     (a Qwen2.5-VL folder, or ComfyUI's bundled ``comfy/text_encoders/qwen25_tokenizer``), the image
     processor from ``preprocessor_dir``'s (or the tokenizer folder's) preprocessor_config.json,
     else Qwen2.5-VL-Instruct's shipped one."""
-    import transformers
-    from transformers import AutoTokenizer
-
-    from gie_core.weights.loading import quiet_transformers
+    import transformers  # start-up: transformers (~1 s)
 
     tok_dir = Path(tokenizer_dir)
     if not (tok_dir / "tokenizer.json").exists() and not (tok_dir / "vocab.json").exists():
         raise CheckpointError(f"{tok_dir} has no Qwen tokenizer files (tokenizer.json or vocab.json + merges.txt)")
     with quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     if getattr(tokenizer, "chat_template", None) is None:
         raise CheckpointError(f"{tok_dir}: the Qwen tokenizer has no chat template (tokenizer_config.json)")
     cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
     for d in (preprocessor_dir, tok_dir):
         if d is not None and (Path(d) / "preprocessor_config.json").is_file():
-            from gie_core.engine.encoders import load_qwen_image_processor
-
             return tokenizer, load_qwen_image_processor(d), None
     conf = model_kwargs(load_config(QWEN_PREPROCESSOR))
     conf.pop("image_processor_type", None)
@@ -811,10 +808,7 @@ def load_qwen_file(
     ``lm_head``: None = load it when the file has it; False = leave it out (encoding needs no
     LM head: the model is then the bare ``Qwen2_5_VLModel`` and cannot rewrite); True = required.
     """
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
-
-    from gie_core.engine.encoders import QwenVLEncoder
-    from gie_core.weights.loading import map_qwen_key, qwen_config_from_gie
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel  # start-up: transformers' models (~4 s)
 
     tokenizer, image_processor, processor = qwen_processing(tokenizer_dir, preprocessor_dir)
     with CheckpointReader.open(path) as reader:
