@@ -172,6 +172,25 @@ def test_an_interrupted_conversion_leaves_no_partial_file(gie_dir, tmp_path, mon
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
+def test_ctrl_c_after_some_files_names_what_was_written(gie_dir, tmp_path, monkeypatch, capsys):
+    """gie-convert interrupted while writing its second file says which file is complete and that
+    the one being written was not left (it used to say "no output written")."""
+    real = conv.read_upcast
+
+    def dies(reader, key):
+        if "double_blocks" in key or "transformer_blocks" in key:
+            raise KeyboardInterrupt
+        return real(reader, key)
+
+    monkeypatch.setattr(conv, "read_upcast", dies)
+    out = tmp_path / "models"
+    assert main([str(gie_dir), "--out", str(out), "--parts", "connector,transformer"]) == 130
+    err = capsys.readouterr().err
+    (connector,) = [p for p in out.rglob("*") if p.is_file()]
+    assert "no output written" not in err
+    assert f"after writing {connector}" in err and "kontext" in err and "was not written" in err
+
+
 def test_a_disk_too_small_or_full_is_reported_with_real_sizes_and_the_path(gie_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(conv, "free_space", lambda path: 300_000)  # the tiny transformer needs ~1.1 MB
     assert main([str(gie_dir), "--out", str(tmp_path / "models"), "--parts", "transformer"]) == 2

@@ -456,39 +456,57 @@ def convert(
         check_output_path(p, "output")
 
     written: dict[str, Path] = {}
-    for part in parts:
-        if part == "transformer":
-            wpath, prefix = src.transformer
-            with CheckpointReader.open(wpath) as reader:
-                gguf_type = GGUF_FORMATS.get(transformer_format)
-                entries = _transformer_entries(reader, prefix, "fp32" if gguf_type else transformer_format)
-                tower = src.config.get("denoise_tower", {})
-                meta = _metadata("kontext_transformer", src, transformer_format, gie_layout="bfl",
-                                 **({"gie_transformer_config": tower["denoiser_config"]} if "denoiser_config" in tower else {}))
-                _check_space(paths[part], entries, 0.3 if gguf_type else 1.0)
-                if gguf_type:
-                    written[part] = write_gguf(entries, paths[part], gguf_type, metadata=meta)
-                else:
-                    written[part] = write_safetensors_streamed(paths[part], entries, meta)
-        elif part == "qwen":
-            with CheckpointReader.open(src.qwen) as reader:
-                entries = _qwen_entries(reader, qwen_format, lm_head)
-                qwen_cfg = {k: v for k, v in src.config.items() if k != "denoise_tower"}
-                meta = _metadata("qwen2.5-vl", src, qwen_format, gie_layout="comfyui", gie_lm_head=str(lm_head).lower(),
-                                 gie_qwen_config=qwen_cfg)
-                _check_space(paths[part], entries)
-                written[part] = write_safetensors_streamed(paths[part], entries, meta)
-        else:
-            wpath, prefix = src.connector
-            with CheckpointReader.open(wpath) as reader:
-                entries, cfg = _connector_entries(reader, prefix)
-                meta = _metadata("connector", src, "as stored", gie_connector_config=cfg)
-                mode = reader.metadata.get("gie_fusion_mode")
-                meta["gie_fusion_mode"] = mode or ("vlm+t5" if src.kind == "released" else cfg["modes"][0])
-                written[part] = write_safetensors_streamed(paths[part], entries, meta)
-        if progress is not None:
-            progress(part, written[part])
+    try:
+        for part in parts:
+            written[part] = _write_part(part, src, paths[part], transformer_format, qwen_format, lm_head)
+            if progress is not None:
+                progress(part, written[part])
+    except KeyboardInterrupt:
+        raise ConversionInterrupted(written, paths) from None
     return written
+
+
+class ConversionInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`convert`: the message names the files already written (each complete)
+    and says the one being written was not left behind."""
+
+    def __init__(self, written: dict[str, Path], paths: dict[str, Path]):
+        self.written = dict(written)
+        done = ", ".join(str(p) for p in written.values())
+        pending = [str(p) for part, p in paths.items() if part not in written]
+        made = f"after writing {done}" if written else "before any file was written"
+        super().__init__(f"{made}; {pending[0]} was not written (nothing partial is left)" if pending else made)
+
+
+def _write_part(part: str, src, path: Path, transformer_format: str, qwen_format: str, lm_head: bool) -> Path:
+    """Stream one part of ``src`` into ``path`` (atomic: complete, or nothing)."""
+    if part == "transformer":
+        wpath, prefix = src.transformer
+        with CheckpointReader.open(wpath) as reader:
+            gguf_type = GGUF_FORMATS.get(transformer_format)
+            entries = _transformer_entries(reader, prefix, "fp32" if gguf_type else transformer_format)
+            tower = src.config.get("denoise_tower", {})
+            meta = _metadata("kontext_transformer", src, transformer_format, gie_layout="bfl",
+                             **({"gie_transformer_config": tower["denoiser_config"]} if "denoiser_config" in tower else {}))
+            _check_space(path, entries, 0.3 if gguf_type else 1.0)
+            if gguf_type:
+                return write_gguf(entries, path, gguf_type, metadata=meta)
+            return write_safetensors_streamed(path, entries, meta)
+    if part == "qwen":
+        with CheckpointReader.open(src.qwen) as reader:
+            entries = _qwen_entries(reader, qwen_format, lm_head)
+            qwen_cfg = {k: v for k, v in src.config.items() if k != "denoise_tower"}
+            meta = _metadata("qwen2.5-vl", src, qwen_format, gie_layout="comfyui", gie_lm_head=str(lm_head).lower(),
+                             gie_qwen_config=qwen_cfg)
+            _check_space(path, entries)
+            return write_safetensors_streamed(path, entries, meta)
+    wpath, prefix = src.connector
+    with CheckpointReader.open(wpath) as reader:
+        entries, cfg = _connector_entries(reader, prefix)
+        meta = _metadata("connector", src, "as stored", gie_connector_config=cfg)
+        mode = reader.metadata.get("gie_fusion_mode")
+        meta["gie_fusion_mode"] = mode or ("vlm+t5" if src.kind == "released" else cfg["modes"][0])
+        return write_safetensors_streamed(path, entries, meta)
 
 
 def _check_space(path: Path, entries: list[Entry], fraction: float = 1.0) -> None:
