@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from gie_core.constants import OFFLOAD_MODES
-from gie_core.weights.single_file import SCHEDULER_CONFIG, load_config, model_kwargs
 
 MakeRoomFn = Callable[[int, torch.device], None]  # (bytes needed, device)
 EmptyCacheFn = Callable[[], None]
@@ -200,18 +199,11 @@ class KontextModel:
         return self.transformer
 
 
-def default_scheduler():
-    """FLUX's FlowMatch Euler scheduler from the shipped config (the checkpoints carry none)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler  # start-up: diffusers (~2 s)
-
-    return FlowMatchEulerDiscreteScheduler.from_config(model_kwargs(load_config(SCHEDULER_CONFIG)))
-
 
 __all__ = [
     "KontextModel",
     "Placement",
     "PlacedModel",
-    "default_scheduler",
     "fixed_device",
     "module_bytes",
     "torch_modules",

@@ -36,7 +36,6 @@ from typing import Any
 import torch
 
 from gie_core.constants import AUTO_DTYPE, DTYPE_TABLE, LOAD_DEFAULTS, T5_MAX_LENGTH
-from gie_core.engine.components import default_scheduler
 from gie_core.engine.encoders import TextEncoders
 from gie_core.weights import gguf as gguf_files
 from gie_core.weights import loading, single_file
@@ -487,7 +486,7 @@ def scheduler_from(source: str | os.PathLike | Source | None = None):
     """The FlowMatch Euler scheduler of a FLUX.1-Kontext folder, or FLUX's shipped one (the
     checkpoints and single files carry none)."""
     if source is None:
-        return default_scheduler()
+        return single_file.default_scheduler()
     src = resolve_source(source)
     if src.kind != "kontext_dir":
         raise CheckpointError(f"{src.describe()} has no scheduler; a FLUX.1-Kontext diffusers folder has")
