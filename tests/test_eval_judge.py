@@ -197,6 +197,19 @@ def test_embedding_similarity_from_a_vision_model_folder(tmp_path):
         EmbeddingSimilarity.from_path(tmp_path)
 
 
+def test_embedding_similarity_reads_safetensors_weights_only(tmp_path):
+    """A similarity model whose weights are only a pickled pytorch_model.bin is refused, named:
+    weights are read from safetensors only."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                     image_size=32, patch_size=8))
+    model.config.save_pretrained(tmp_path / "dino")
+    torch.save(model.state_dict(), tmp_path / "dino" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="could not load the similarity model"):
+        EmbeddingSimilarity.from_path(tmp_path / "dino")
+
+
 # --------------------------------------------------------------------------------------------
 # The judge on the tiny Qwen2.5-VL
 # --------------------------------------------------------------------------------------------

@@ -20,34 +20,53 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
+from gie_core.checks import check_float
+from gie_core.cli.common import (
+    OUTPUT_SUFFIXES,
+    device_and_dtype,
+    load_input,
+    output_paths,
+    quiet_library_warnings,
+    run_command,
+    save_image,
+)
 from gie_core.cli.help import HelpFormatter
-from gie_core.cli.common import device_and_dtype, load_input, output_paths, quiet_library_warnings, run_command, save_image
+from gie_core.constants import (
+    AUTO_DTYPE,
+    DEFAULT_GUIDANCE,
+    DEFAULT_REFERENCE_RESAMPLE,
+    DEFAULT_SEED,
+    DEFAULT_STEPS,
+    DEFAULT_TARGET_AREA,
+    DEFAULT_TRUE_CFG,
+    DTYPE_NAMES,
+    GUIDANCE_RANGE,
+    LOAD_DEFAULTS,
+    LORA_STRENGTH_RANGE,
+    OFFLOAD_MODES,
+    REFERENCE_RESAMPLE_MODES,
+    REFERENCE_RESIZE_MODES,
+    SEED_RANGE,
+    STEPS_RANGE,
+    TRUE_CFG_RANGE,
+)
+from gie_core.engine.acceleration import ATTENTION_TABLE, CACHE_TABLE, DEFAULT_ATTENTION, NO_CACHE
+from gie_core.engine.encoders import check_instruction
+from gie_core.engine.jobs import parse_seeds, plan_outputs, read_jobs, run_jobs
+from gie_core.engine.modes import DEFAULT_FUSION_MODE, FUSION_MODES, STOCK_FUSION_MODE, fusion_mode
+from gie_core.engine.pipeline import EditPipeline, plan_paths
+from gie_core.engine.request import resolve_edit
+from gie_core.engine.rewrite import DEFAULT_MAX_NEW_TOKENS, check_rewrite_options, rewrite_instruction
+from gie_core.files import check_output_path
+from gie_core.weights.quantize import NO_QUANTIZATION, STORAGE_TABLE, quantize_choices
 
 DEMO_INSTRUCTION = "make the sky a warm sunset"
 DEMO_AREA = 256 * 256  # the tiny models prove the pipeline; a small output keeps the demo quick
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gie_core.constants import (
-        DEFAULT_GUIDANCE,
-        DEFAULT_REFERENCE_RESAMPLE,
-        DEFAULT_SEED,
-        DEFAULT_STEPS,
-        DEFAULT_TRUE_CFG,
-        GUIDANCE_RANGE,
-        OFFLOAD_MODES,
-        REFERENCE_RESAMPLE_MODES,
-        REFERENCE_RESIZE_MODES,
-        SEED_RANGE,
-        STEPS_RANGE,
-        TRUE_CFG_RANGE,
-    )
-    from gie_core.constants import AUTO_DTYPE, DTYPE_NAMES, LOAD_DEFAULTS
-    from gie_core.engine.acceleration import ATTENTION_TABLE, CACHE_TABLE, DEFAULT_ATTENTION, NO_CACHE
-    from gie_core.engine.modes import FUSION_MODES
-    from gie_core.weights.quantize import NO_QUANTIZATION, STORAGE_TABLE, quantize_choices
-    from gie_core.engine.rewrite import DEFAULT_MAX_NEW_TOKENS
-
     p = argparse.ArgumentParser(
         prog="gie-edit",
         description=(
@@ -172,9 +191,6 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def parse_lora(text: str) -> tuple[str, float]:
     """'file.safetensors' or 'file.safetensors:0.8' -> (path, strength), the strength finite and in range."""
-    from gie_core.constants import LORA_STRENGTH_RANGE
-    from gie_core.checks import check_float
-
     path, sep, strength = text.rpartition(":")
     if sep and path.endswith(".safetensors"):
         try:
@@ -187,8 +203,6 @@ def parse_lora(text: str) -> tuple[str, float]:
 
 def rewrite_for_edit(pipe, image, instruction: str, max_new_tokens: int) -> str:
     """The rewritten instruction (greedy) from the pipeline's loaded Qwen2.5-VL, reported on stderr."""
-    from gie_core.engine.rewrite import rewrite_instruction
-
     quiet_library_warnings()
     with pipe.on_device(pipe.qwen.model):
         result = rewrite_instruction(pipe.qwen, image, instruction, max_new_tokens=max_new_tokens)
@@ -234,8 +248,6 @@ def run(args) -> int:
 
 def check_inputs(args) -> EditInputs:
     """Every command-line input checked (combinations, paths, numbers, choices, device); nothing read."""
-    from gie_core.engine.modes import DEFAULT_FUSION_MODE, STOCK_FUSION_MODE
-
     demo = not any((args.model, args.kontext, args.transformer, args.vae, args.t5, args.clip, args.qwen))
     _check_combinations(args)
     input_path, instruction = _input_and_instruction(args, demo)
@@ -255,9 +267,6 @@ def check_inputs(args) -> EditInputs:
 def edit_request(args, inputs: EditInputs, image, seed: int):
     """The :class:`gie_core.engine.request.EditRequest` of these options for one input ``image``
     (PIL) and ``seed``: the CLI's one call of the resolver."""
-    from gie_core.constants import DEFAULT_TARGET_AREA
-    from gie_core.engine.request import resolve_edit  # start-up time: torch
-
     width, height = inputs.size
     return resolve_edit(
         image_width=image.width, image_height=image.height, mode=inputs.mode, steps=args.steps,
@@ -281,8 +290,6 @@ def _check_combinations(args) -> None:
 def _input_and_instruction(args, demo: bool) -> tuple[str | None, str | None]:
     """The one edit's input path and instruction (None, None with --jobs); the demo's sample and
     instruction stand in for missing ones."""
-    from gie_core.engine.encoders import check_instruction  # start-up time: transformers
-
     if args.jobs is not None:
         return None, None
     if demo:
@@ -309,8 +316,6 @@ def _check_weight_paths(args) -> None:
 def _check_loading(args, demo: bool, gie_dir, kontext_dir, mode: str, dtype, device) -> dict:
     """The weight sources and storage choices of the load (files, LoRAs, quantizations), each
     checked against its source by :func:`gie_core.engine.pipeline.plan_paths` (headers only)."""
-    from gie_core.engine.pipeline import plan_paths  # start-up time: torch, diffusers
-
     loras = tuple(parse_lora(v) for v in args.lora)
     weights = dict(
         transformer_file=args.transformer, vae_file=args.vae, t5_file=args.t5, clip_file=args.clip,
@@ -326,9 +331,6 @@ def _check_loading(args, demo: bool, gie_dir, kontext_dir, mode: str, dtype, dev
 def _check_rewrite(args, inputs: EditInputs) -> None:
     if not args.rewrite:
         return
-    from gie_core.engine.modes import fusion_mode
-    from gie_core.engine.rewrite import check_rewrite_options  # start-up time: torch
-
     if (not inputs.demo and not inputs.gie_dir and not args.qwen) or not fusion_mode(inputs.mode).needs_qwen:
         raise ValueError(
             "--rewrite needs the Qwen2.5-VL of a GPT-Image-Edit checkpoint: give --model and a mode that uses the VLM (not 't5')"
@@ -347,11 +349,9 @@ def _runnable(acceleration, device):
 
 def _load_pipeline(args, inputs: EditInputs):
     """The models, loaded once (the demo's tiny random set is built into the cache first)."""
-    from gie_core.engine.pipeline import EditPipeline  # start-up time: torch, diffusers
-
     gie_dir, kontext_dir = inputs.gie_dir, inputs.kontext_dir
     if inputs.demo:
-        from gie_core.testing.tiny import build_tiny_model_set, default_tiny_root
+        from gie_core.testing.tiny import build_tiny_model_set, default_tiny_root  # start-up: the demo builder imports diffusers/transformers model classes (~7 s here); only the demo pays it
 
         print(
             "gie-edit: no weights given: running the DEMO on tiny RANDOM models (built once in "
@@ -369,8 +369,6 @@ def _progress_bar(quiet: bool, total: int, desc: str):
     """A ``progress(done, total)`` callback drawing a bar on stderr (none with --quiet)."""
     bar = None
     if not quiet:
-        from tqdm import tqdm  # start-up time
-
         bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr)
 
     def progress(done, total):
@@ -421,11 +419,6 @@ def _edit_jobs(args, inputs: EditInputs) -> int:
 def _plan_jobs(args, resolve, background):
     """The jobs, their outputs and their resolved requests: every job's image is read and its
     request resolved now, so a bad job stops the run before anything loads."""
-    from gie_core.engine.encoders import check_instruction
-    from gie_core.files import check_output_path
-    from gie_core.engine.jobs import parse_seeds, plan_outputs, read_jobs
-    from gie_core.cli.common import OUTPUT_SUFFIXES
-
     out_dir = Path(args.output)
     if out_dir.suffix.lower() in OUTPUT_SUFFIXES:
         raise ValueError(f"with --jobs, -o is the output folder, not a file ('{args.output}')")
@@ -443,8 +436,6 @@ def _plan_jobs(args, resolve, background):
 
 
 def _run_jobs(args, pipe, plan, requests, background) -> int:
-    from gie_core.engine.jobs import run_jobs
-
     todo = [item for item in plan if not item.done]
     total = sum(requests[i.job].steps for i in todo)
     with _progress_bar(args.quiet, total, f"{len(todo)} edits") as progress:

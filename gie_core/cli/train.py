@@ -20,17 +20,23 @@ import logging
 import os
 import shlex
 import sys
+import warnings
 
 from gie_core.cli.help import HelpFormatter, help_with_default
 from gie_core.files import describe_os_error
+from gie_core.train.config import (
+    ConfigError,
+    add_config_arguments,
+    config_from_args,
+    missing_bases,
+    reject_unknown_arguments,
+)
 
 COMMANDS = ("train", "cache", "export", "plan")
 EXIT_DOES_NOT_FIT = 3  # gie-train plan --budget: the run does not fit
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
-    from gie_core.train.config import add_config_arguments
-
     p = argparse.ArgumentParser(
         prog=f"gie-train {command}" if command != "train" else "gie-train",
         usage=f"gie-train{'' if command == 'train' else ' ' + command}{' [CONFIG ...]' if command == 'plan' else ''} "
@@ -56,7 +62,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", default="latest", help="'latest' (in output_dir) or a checkpoint directory (default latest)")
         p.add_argument("--out", default=None, help="output folder (default: export.dir, else output_dir/export)")
     if command == "plan":
-        from gie_core.train.plan import SHARDINGS
+        from gie_core.train.plan import SHARDINGS  # start-up: train.plan imports torch, diffusers and transformers models (seconds); only 'gie-train plan' needs it
 
         p.add_argument("config_files", nargs="*", metavar="CONFIG", help="config files (as --config; later ones win)")
         p.add_argument("--budget", default=None, metavar="SIZE",
@@ -73,8 +79,6 @@ def layering_hint(command: str, argv: list[str], config_files: list[str]) -> str
     """For a config file given without the one it is layered over (its opening comment says
     "layered over training/stage2.yaml", as training/24gb_stage2.yaml does): what it is layered
     over, and the exact command with that file put before it. "" when nothing is missing."""
-    from gie_core.train.config import missing_bases
-
     missing = missing_bases(config_files)
     if not missing:
         return ""
@@ -107,8 +111,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     parser = build_parser(command)
-    from gie_core.train.config import ConfigError, config_from_args, reject_unknown_arguments
-
     args, extras = parser.parse_known_args(argv)
     if command == "plan":
         args.config = list(args.config_files) + list(args.config)
@@ -141,18 +143,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(command: str, parser: argparse.ArgumentParser, args: argparse.Namespace, cfg, log: logging.Logger) -> int:
     """``gie-train``, ``gie-train cache`` or ``gie-train export`` with the checked config."""
-    from gie_core.train.engine import check_requested_engine
+    from gie_core.train.engine import check_requested_engine  # start-up: imports torch (~3 s); --help and config errors stay quick
 
     check_requested_engine()  # before the heavy imports: a DeepSpeed/FSDP launch on a machine without GPUs
     if command == "cache":
-        from gie_core.train.cache import build_cache
+        from gie_core.train.cache import build_cache  # start-up: torch, accelerate and the models; only 'gie-train cache' needs it
 
         if not cfg.data.cache_dir:
             parser.error("data.cache_dir is not set (where to write the cache)")
         counts = build_cache(cfg, progress=cfg.log.progress)
         log.info("cache: %(pairs)d pairs, %(written)d written, %(bad)d bad", counts)
         return 0
-    from gie_core.train.trainer import Trainer
+    from gie_core.train.trainer import Trainer  # start-up: torch, diffusers, accelerate (seconds); only a run or export needs it
 
     if command == "export":
         if not cfg.model.kontext:
@@ -173,9 +175,7 @@ def _run(command: str, parser: argparse.ArgumentParser, args: argparse.Namespace
 
 def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> int:
     """``gie-train plan``: print the memory plan (and the changes that fit --budget)."""
-    import warnings
-
-    from gie_core.train.plan import fit_budget, format_plan, parse_budget, plan_memory
+    from gie_core.train.plan import fit_budget, format_plan, parse_budget, plan_memory  # start-up: as SHARDINGS above
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("diffusers", "transformers", "accelerate"):

@@ -133,10 +133,10 @@ class EmbeddingSimilarity:
 
         p = Path(path)
         if not (p / "config.json").is_file():
-            raise ValueError(f"similarity model '{p}' must be a folder with config.json (e.g. a DINOv2 or CLIP model)")
+            raise ValueError(f"similarity model '{p}' must be a folder with config.json and safetensors weights (e.g. a DINOv2 or CLIP model)")
         try:
             config = AutoConfig.from_pretrained(p, local_files_only=True)
-            model = AutoModel.from_pretrained(p, local_files_only=True)
+            model = AutoModel.from_pretrained(p, local_files_only=True, use_safetensors=True)
         except (OSError, ValueError, KeyError) as exc:
             raise ValueError(f"could not load the similarity model from {p}: {exc}") from None
         vision = getattr(config, "vision_config", None) or config

@@ -52,7 +52,7 @@ def _png(im: Image.Image) -> bytes:
 
 def _write_parquet(path: Path, rows: list[dict]) -> None:
     import pyarrow as pa  # optional: pyarrow (extra 'eval'); only the parquet test sets need it
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # optional: pyarrow (as above)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), path)

@@ -18,12 +18,34 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import io
 import json
 import os
 import re
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+import sentencepiece as spm
+import torch
+import transformers
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers.loaders import FluxLoraLoaderMixin
+from peft import LoraConfig, get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from tokenizers import Regex, normalizers, pre_tokenizers
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2TokenizerFast,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from gie_core.files import atomic_folder
 from gie_core.testing.tiny_configs import (
@@ -36,6 +58,10 @@ from gie_core.testing.tiny_configs import (
     TINY_TRANSFORMER,
     TINY_VAE,
 )
+from gie_core.weights.loading import quiet_transformers
+
+with quiet_transformers():  # diffusers' pipelines import image processors that ask for torchvision
+    from diffusers import FluxKontextPipeline
 
 # Bump when the files this module writes change, so stale caches are rebuilt.
 TINY_LAYOUT_VERSION = "tiny-v1.0"
@@ -227,10 +253,6 @@ def _train_byte_level_merges(split_regex: str, *, lowercase: bool, end_of_word_s
     frequent pairs in hash order, which changes the files from one process to the next. Ties are
     broken by the pair itself, so every run writes the same vocabulary.
     """
-    from collections import Counter
-
-    from tokenizers import Regex, normalizers, pre_tokenizers
-
     norm = [normalizers.NFC()]
     if lowercase:
         norm += [normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
@@ -304,7 +326,6 @@ def _write_bpe_files(d: Path, vocab: dict[str, int], merges: list[tuple[str, str
 @functools.lru_cache(maxsize=1)
 def _clip_tokenizer():
     """The tiny CLIP tokenizer; its eos ``<|endoftext|>`` is the highest id, as in real CLIP."""
-    from transformers import CLIPTokenizerFast
 
     merges = _train_byte_level_merges(_CLIP_SPLIT, lowercase=True, end_of_word_suffix="</w>",
                                       num_merges=_CLIP_MERGES)
@@ -326,10 +347,6 @@ def _clip_tokenizer():
 @functools.lru_cache(maxsize=1)
 def _t5_spm_model() -> bytes:
     """A SentencePiece unigram model trained in memory (pad 0, eos 1, unk 2, no bos)."""
-    import io
-
-    import sentencepiece as spm
-
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_EDIT_CORPUS),
@@ -350,9 +367,6 @@ def _t5_spm_model() -> bytes:
 @functools.lru_cache(maxsize=1)
 def _t5_tokenizer():
     """The tiny T5 tokenizer: the unigram pieces, then 100 sentinels in reverse, as in real T5."""
-    import sentencepiece as spm
-    from transformers import T5TokenizerFast
-
     model = _t5_spm_model()
     kwargs = dict(pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=_T5_EXTRA_IDS,
                   model_max_length=512)
@@ -361,7 +375,7 @@ def _t5_tokenizer():
         pieces = [(sp.id_to_piece(i), float(sp.get_score(i))) for i in range(sp.get_piece_size())]
         pieces += [(f"<extra_id_{i}>", 0.0) for i in range(_T5_EXTRA_IDS - 1, -1, -1)]
         try:  # the real T5 tokenizer.json carries SentencePiece's NFKC normaliser
-            from sentencepiece import sentencepiece_model_pb2
+            from sentencepiece import sentencepiece_model_pb2  # probe: needs protobuf; without it the charsmap is left out
 
             proto = sentencepiece_model_pb2.ModelProto()
             proto.ParseFromString(model)
@@ -383,8 +397,6 @@ def _t5_tokenizer():
 @functools.lru_cache(maxsize=1)
 def _qwen_tokenizer():
     """The tiny Qwen2 tokenizer: byte-level BPE, then the Qwen special tokens in their real order."""
-    from transformers import Qwen2TokenizerFast
-
     merges = _train_byte_level_merges(_QWEN_SPLIT, lowercase=False, end_of_word_suffix="",
                                       num_merges=_QWEN_MERGES)
     vocab = _bpe_vocab(_bytes_to_unicode(), merges, QWEN_SPECIAL_TOKENS)
@@ -480,15 +492,6 @@ def build_kontext_dir(path: Path, seed: int = 0) -> Path:
     ``tokenizer/``, ``tokenizer_2/`` and ``scheduler/``, weights in safetensors. Loads with
     ``FluxKontextPipeline.from_pretrained(path, local_files_only=True)``.
     """
-    import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    from gie_core.weights.loading import quiet_transformers
-
-    with quiet_transformers():  # diffusers' pipelines import image processors that ask for torchvision
-        from diffusers import FluxKontextPipeline
-
     path = Path(path)
     clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer()
     torch.manual_seed(seed)
@@ -600,8 +603,6 @@ def _qwen_flat_config(vocab_size: int, special_ids: dict[str, int]) -> dict:
 
 def _build_qwen_model(flat: dict):
     """A stock transformers Qwen2.5-VL built from the flat fields (structured config in 4.52+)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
     text_keys = (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range",
@@ -626,8 +627,6 @@ def _build_qwen_model(flat: dict):
 
 def _load_kontext_transformer(kontext_dir: Path):
     """(config dict, state dict) of ``kontext_dir/transformer`` read straight from its files."""
-    from safetensors.torch import load_file
-
     tdir = Path(kontext_dir) / "transformer"
     config = json.loads((tdir / "config.json").read_text(encoding="utf-8"))
     index = tdir / "diffusion_pytorch_model.safetensors.index.json"
@@ -643,8 +642,6 @@ def _load_kontext_transformer(kontext_dir: Path):
 
 def _write_sharded_safetensors(d: Path, state: dict, max_shard_bytes: int) -> list[str]:
     """Greedy sharding in key order: ``model-0000i-of-0000N.safetensors`` + the index JSON."""
-    from safetensors.torch import save_file
-
     shards: list[list[str]] = [[]]
     size = 0
     for key, t in state.items():
@@ -682,8 +679,6 @@ def build_gie_checkpoint(path: Path, kontext_dir: Path | None = None, seed: int 
     "fine-tuned" Kontext that differs from stock) when ``kontext_dir`` is given, else a fresh
     random ``FluxTransformer2DModel``. All random values come from ``seed``.
     """
-    import torch
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     special_ids = _qwen_special_ids()
@@ -713,8 +708,6 @@ def build_gie_checkpoint(path: Path, kontext_dir: Path | None = None, seed: int 
 
 def _random_projector(in_dim: int, out_dim: int, gen) -> dict:
     """The released connector's ``mlp2x_gelu`` weights (``denoise_projector.{0,2}``), small random values."""
-    import torch
-
     std = 0.02
     return {
         "denoise_tower.denoise_projector.0.weight": torch.randn(3 * out_dim, in_dim, generator=gen) * std,
@@ -727,9 +720,6 @@ def _random_projector(in_dim: int, out_dim: int, gen) -> dict:
 def _tiny_denoiser(kontext_dir: Path | None, gen) -> tuple[dict, dict]:
     """(config, state) of the checkpoint's denoiser: ``kontext_dir``'s transformer with small
     noise on every float tensor (a "fine-tuned" Kontext), else a fresh random one."""
-    import torch
-    from diffusers import FluxTransformer2DModel
-
     if kontext_dir is not None:
         config, state = _load_kontext_transformer(Path(kontext_dir))
         return config, {k: v + 0.01 * torch.randn(v.shape, generator=gen, dtype=v.dtype) if v.is_floating_point() else v
@@ -792,8 +782,6 @@ def _set_version() -> str:
     transformers 4 and 5 write different tokenizer files, so a set built by one is rebuilt by
     the other; editing ``tiny_configs`` also invalidates the cache.
     """
-    import transformers
-
     configs = json.dumps(
         [TINY_TRANSFORMER, TINY_VAE, TINY_SCHEDULER, TINY_CLIP_TEXT, TINY_T5, TINY_QWEN_TEXT,
          TINY_QWEN_VISION, TINY_CONNECTOR, QWEN_PREPROCESSOR_CONFIG, list(_EDIT_CORPUS)],
@@ -851,12 +839,7 @@ def build_tiny_model_set(root: Path) -> TinyModelSet:
 def build_tiny_lora(kontext_dir: Path, out_dir: Path, name: str = "tiny_lora.safetensors") -> Path:
     """A rank-4 LoRA on the tiny Kontext transformer's attention, made with peft and saved as
     diffusers' ``FluxKontextPipeline.save_lora_weights`` writes it (non-zero, so it changes outputs)."""
-    import torch
-    from diffusers import FluxTransformer2DModel
-    from diffusers.loaders import FluxLoraLoaderMixin
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    t = FluxTransformer2DModel.from_pretrained(Path(kontext_dir) / "transformer", local_files_only=True)
+    t = FluxTransformer2DModel.from_pretrained(Path(kontext_dir) / "transformer", local_files_only=True, use_safetensors=True)
     t.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():

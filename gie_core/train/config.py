@@ -699,7 +699,7 @@ def read_config_file(path: str | Path) -> dict:
             import tomllib  # optional: Python 3.11+, else the tomli package
         except ImportError:  # Python 3.10
             try:
-                import tomli as tomllib
+                import tomli as tomllib  # optional: tomli, the TOML reader on Python 3.10
             except ImportError:
                 raise ConfigError(f"{p}: TOML configs need Python 3.11+ (or the tomli package); YAML works everywhere") from None
         try:

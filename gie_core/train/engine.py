@@ -13,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+import accelerate
 import torch
 
 from gie_core.train.config import TrainConfig
@@ -52,8 +53,6 @@ def _accelerator_available() -> bool:
 
 
 def _engine_needs_accelerator(engine: str) -> str:
-    import accelerate
-
     name = {"DEEPSPEED": "DeepSpeed", "FSDP": "FSDP"}[engine]
     return (f"this launch asked accelerate for {name}, but accelerate {accelerate.__version__} runs {name} only on "
             "accelerators (CUDA, XPU, NPU, ...) and this machine has none: on CPUs it refuses FSDP and would silently "

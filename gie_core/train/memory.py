@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers.hooks import apply_group_offloading, apply_layerwise_casting
 from torch import nn
 
 from gie_core.train.config import STORAGE_DTYPE_TABLE, TrainConfig
@@ -147,8 +148,6 @@ def store_fp8(module: nn.Module, part: str, compute_dtype: torch.dtype) -> nn.Mo
     """Store ``module``'s frozen layers in float8, upcast per layer to ``compute_dtype`` while they
     run (diffusers' layerwise casting). Layers with trained weights, the ``part``'s keep list and
     the first layer stay as they are. Returns ``module``."""
-    from diffusers.hooks import apply_layerwise_casting
-
     keep = fp8_keep(part) + trained_module_patterns(module) + _first_weight_module(module)
     apply_layerwise_casting(module, storage_dtype=STORAGE_TABLE["fp8"].store, compute_dtype=compute_dtype,
                             skip_modules_pattern=keep, skip_modules_classes=None)
@@ -187,8 +186,6 @@ def place_with_swap(model: nn.Module, transformer: nn.Module, resident: int, dev
     """Put ``model`` on ``device`` except the swappable blocks of ``transformer`` (a submodule of
     ``model``), which stay in CPU memory and are hooked to visit ``device`` while they run
     (diffusers group offloading, block level). Returns the swapped block names."""
-    from diffusers.hooks import apply_group_offloading
-
     swapped = swappable_blocks(transformer, resident)
     skip = {id(b) for _, b in swapped}
     _move_except(model, torch.device(device), skip)

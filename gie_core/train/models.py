@@ -27,7 +27,8 @@ from gie_core.engine.modes import fusion_mode
 from gie_core.weights.parts import load_part, load_text_encoders, scheduler_from
 from gie_core.train.config import ConfigError, TrainConfig
 from gie_core.train.loss import flow_matching_loss
-from gie_core.train.memory import MemorySettings, resolve_memory, store_fp8
+from gie_core.train.memory import MemorySettings, is_layerwise_cast, resolve_memory, store_fp8
+from gie_core.train.trainable import add_lora, select_trainable, upcast_trainable
 
 logger = logging.getLogger("gie_core.train")
 
@@ -255,9 +256,6 @@ def prepare_for_training(transformer: nn.Module, connector: Connector, cfg: Trai
     set unfrozen and kept fp32, the frozen transformer layers in fp8 when ``memory`` says so (the
     trained ones never), gradient checkpointing. The trainer and ``gie-train plan`` (on meta
     tensors) both call this. Returns the trained names (:func:`.trainable.select_trainable`)."""
-    from gie_core.train.memory import is_layerwise_cast
-    from gie_core.train.trainable import add_lora, select_trainable, upcast_trainable
-
     if cfg.trainable_set == "lora":
         with seeded(cfg.train.seed, "lora"):  # LoRA A weights: the same in every run of the seed
             add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from peft import LoraConfig
 
 IMAGE_BRANCH_DOUBLE = ("attn.norm_q", "attn.norm_k", "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out", "norm1.linear")
 IMAGE_BRANCH_SINGLE = ("attn.norm_q", "attn.norm_k", "attn.to_q", "attn.to_k", "attn.to_v", "norm.linear")
@@ -44,8 +45,6 @@ def image_branch_parameter_names(transformer: torch.nn.Module, layers: Sequence[
 
 def add_lora(transformer, rank: int, alpha: float, targets: Sequence[str], dropout: float = 0.0, adapter_name: str = "default"):
     """Attach a peft LoRA adapter (B initialised to zero: the model starts unchanged)."""
-    from peft import LoraConfig
-
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), init_lora_weights=True)
     try:
         transformer.add_adapter(config, adapter_name=adapter_name)

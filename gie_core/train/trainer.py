@@ -35,9 +35,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 from PIL import Image
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from gie_core.constants import MIXED_PRECISION_DTYPES
 from gie_core.engine.connector import QwenFeatures, TextFeatures, fuse
@@ -50,6 +60,7 @@ from gie_core.weights.loading import parse_dtype
 from gie_core.weights.parts import load_part
 from gie_core.weights.reader import CheckpointReader
 from gie_core.train import checkpoint as ckpt
+from gie_core.train import export as ex
 from gie_core.train.cache import FeatureCache, cache_info_for, cached_contents
 from gie_core.train.config import TrainConfig, optimizer_spec
 from gie_core.train.data import BucketBatches, EditDataset, ProblemLog, Shard, bucket_for, collate, read_dataset, usable_pairs
@@ -90,10 +101,6 @@ class TrainResult:
 
 def make_accelerator(cfg: TrainConfig, output_dir: Path):
     """An Accelerator for this run (one process on CPU works; ``accelerate launch`` sets up the rest)."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
-
     mp = cfg.train.mixed_precision
     check_requested_engine()
     if not torch.cuda.is_available() and mp == "fp16":
@@ -104,10 +111,10 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path):
     log_with = None
     if cfg.log.tensorboard:
         try:
-            import tensorboard  # noqa: F401
+            import tensorboard  # noqa: F401  # probe: optional tensorboard (extra 'train')
         except ImportError:
             try:
-                import tensorboardX  # noqa: F401
+                import tensorboardX  # noqa: F401  # probe: the other tensorboard writer accelerate accepts
             except ImportError:
                 raise ValueError("log.tensorboard is on but the tensorboard package is not installed (pip install tensorboard)") from None
         log_with = "tensorboard"
@@ -235,8 +242,6 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
         optimizer = optimizer_spec(cfg.optim.optimizer).build(self.params, cfg, sharded=self._fsdp)
-        from diffusers.optimization import get_scheduler
-
         lr_scheduler = get_scheduler(
             cfg.optim.lr_scheduler, optimizer=optimizer,
             num_warmup_steps=cfg.optim.warmup_steps * acc.num_processes,
@@ -255,8 +260,6 @@ class Trainer:
         if acc.distributed_type.name.startswith("MULTI_"):
             # DDP synchronises trained weights only: the frozen ones are the same everywhere, may be
             # fp8 (not every backend broadcasts it) or swapped out to the CPU
-            from torch.nn.parallel import DistributedDataParallel
-
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen_names(model))
         self.model, self.optimizer, self.lr_scheduler = acc.prepare(model, optimizer, lr_scheduler, device_placement=placement)
         self.unwrapped = acc.unwrap_model(self.model)  # the EditModel itself (connector, transformer)
@@ -266,8 +269,6 @@ class Trainer:
             if self._fsdp or self._zero3:
                 raise ValueError("optim.ema_decay with FSDP or ZeRO-3 is not supported (parameters are sharded); "
                                  "use DeepSpeed ZeRO-2 or DDP")
-            from diffusers.training_utils import EMAModel
-
             self.ema = EMAModel(self.params, decay=cfg.optim.ema_decay, foreach=False)
             self.ema.to(self.device)
 
@@ -333,8 +334,6 @@ class Trainer:
         if "cached" in batch:
             items = batch["cached"]
             moments = torch.stack([it["target_moments"] for it in items]).to(dev)
-            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
             latents = DiagonalGaussianDistribution(moments).sample(generator=generator)
             out["reference"] = torch.stack([it["reference"] for it in items]).to(dev)
             hidden = [it["qwen"] for it in items] if "qwen" in items[0] else None
@@ -426,8 +425,6 @@ class Trainer:
     def train(self) -> TrainResult:
         if not self.ready:
             self.setup()
-        from tqdm.auto import tqdm
-
         cfg, acc = self.cfg, self.accelerator
         max_steps = cfg.train.max_steps
         bar = tqdm(total=max_steps, initial=self.step, desc=f"stage {cfg.train.stage}", unit="step",
@@ -525,13 +522,13 @@ class Trainer:
         to the CPU of the main process, DeepSpeed ZeRO-3 gathers its partitions, of the trained
         parameters only with ``trained_only``; every process must enter it). A no-op otherwise."""
         if self._zero3:
-            import deepspeed
+            import deepspeed  # optional: deepspeed (extra 'deepspeed'); only ZeRO-3 runs reach here
 
             params = self.params if trained_only else list(self.unwrapped.parameters())
             return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         if not self._fsdp:
             return contextlib.nullcontext()
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP  # platform: torch builds without distributed support cannot import it; only FSDP runs reach here
 
         return FSDP.summon_full_params(self.model, writeback=False, offload_to_cpu=True, rank0_only=True)
 
@@ -670,8 +667,6 @@ class Trainer:
         acc = self.accelerator
         written = []
         if acc.is_main_process and self.validation_inputs:
-            from diffusers import FlowMatchEulerDiscreteScheduler
-
             cfg = self.cfg
             unwrapped = self.unwrapped
             connector, transformer = unwrapped.connector, unwrapped.transformer
@@ -701,8 +696,6 @@ class Trainer:
                         images.append(pil)
                 for tracker in acc.trackers:
                     if hasattr(tracker, "log_images"):
-                        import numpy as np
-
                         try:  # a logging problem never stops a run
                             stacked = np.stack([np.asarray(p) for p in images]) if len({p.size for p in images}) == 1 else None
                             for j, p in enumerate(images if stacked is None else []):
@@ -733,8 +726,6 @@ class Trainer:
         return files
 
     def _export_main(self, out: Path) -> dict[str, Path]:
-        from gie_core.train import export as ex
-
         cfg = self.cfg
         files: dict[str, Path] = {}
         out.mkdir(parents=True, exist_ok=True)
