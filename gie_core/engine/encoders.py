@@ -48,8 +48,8 @@ def load_qwen_image_processor(path):
 
     if torchvision_available():
         return transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True)
-    cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
-    return cls.from_pretrained(path, local_files_only=True)
+    processor_cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+    return processor_cls.from_pretrained(path, local_files_only=True)  # a processor: reads no weights
 
 
 class QwenVLEncoder:
