@@ -80,6 +80,7 @@ def run_score(
 ) -> ScoreSummary:
     """Judge this process's shard of ``samples`` (see the module docstring); ``judge`` is anything
     with ``answer(images, prompt) -> str`` and ``rub`` its :class:`gie_core.eval.judge.Rubric`."""
+    folder.check_outputs(bench, samples)
     mine = shard.take(samples)
     done = {r["key"] for r in folder.read_records("judgements") if r.get("status") in DONE_STATUSES}
     todo = [s for s in mine if s.key not in done]
@@ -93,7 +94,7 @@ def run_score(
             record = {"key": sample.key, "index": sample.index, "category": sample.category, "output": rel,
                       "instruction": sample.instruction, "rank": shard.process_index}
             started = time.monotonic()
-            path = folder.root / rel
+            path = folder.output(bench, sample)
             if not path.is_file():
                 record.update(status="missing_output", reason=f"no output at {rel}")
                 summary.missing += 1
