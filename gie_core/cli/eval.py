@@ -223,7 +223,7 @@ def _generate_settings(args, state, shard) -> tuple[GenerateSettings, tuple, obj
 
 def _check_run(folder: RunFolder, run: dict) -> None:
     """A new run's folder can be written; a resumed one was made with the same settings. Writes nothing."""
-    check_output_path(folder.run_file, "run folder")
+    check_output_path(folder.path(folder.run_file, "run record"), "run folder")
     recorded = folder.read_run()
     if recorded is None:
         return
@@ -318,7 +318,7 @@ def _check_score_config(folder: RunFolder, config: dict) -> None:
         if diff:
             raise ValueError(f"'{folder.scores}' holds scores made otherwise ({'; '.join(diff)}); "
                              "score with the same options, or remove that folder to judge afresh")
-    check_output_path(config_file, "scores folder")
+    check_output_path(folder.path(config_file, "scores config"), "scores folder")
 
 
 def _record_score_config(folder: RunFolder, config: dict, shard) -> None:
