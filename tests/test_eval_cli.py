@@ -268,18 +268,22 @@ def test_a_symlinked_subfolder_pointing_outside_is_refused_before_anything_is_wr
     assert (out / "fullset/subject-add/en/g0000.png").is_file() and list(elsewhere.iterdir()) == []
 
 
-def test_a_refused_generate_leaves_no_run_record(tmp_path, kontext_dir, capsys):
+def test_a_refused_generate_leaves_no_run_record(tmp_path, kontext_dir, capsys, monkeypatch):
     """Weights that cannot load (a wrong folder) refuse the run before run.json is written, so the
-    corrected command runs instead of being refused for 'other settings'."""
+    corrected command runs instead of being refused for 'other settings'. (A run folder given
+    relative to the working folder, as people type it.)"""
     data = synthetic.write_jsonl(tmp_path / "own", n=1)
     wrong = tmp_path / "not-kontext"
     wrong.mkdir()
-    out = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
+    out = Path("run")
     assert main(["generate", "jsonl", str(data), "-o", str(out), "--kontext", str(wrong), *FAST]) == 2
     assert "not-kontext" in capsys.readouterr().err
     assert not (out / "_gie_eval" / "run.json").exists()
     assert main(["generate", "jsonl", str(data), "-o", str(out), "--kontext", str(kontext_dir), *FAST]) == 0
     assert json.loads((out / "_gie_eval" / "run.json").read_text())["settings"]["weights"]["kontext"] == str(kontext_dir.resolve())
+    assert (out / "s0.png").is_file() and (out / "_gie_eval" / "logs" / "generate.rank0.jsonl").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-kontext", "own", "run"]
 
 
 def _bin_only(folder: Path, config: dict) -> Path:

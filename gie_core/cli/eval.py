@@ -223,7 +223,7 @@ def _generate_settings(args, state, shard) -> tuple[GenerateSettings, tuple, obj
 
 def _check_run(folder: RunFolder, run: dict) -> None:
     """A new run's folder can be written; a resumed one was made with the same settings. Writes nothing."""
-    check_output_path(folder.path(folder.run_file, "run record"), "run folder")
+    check_output_path(folder.checked(folder.run_file, "run record"), "run folder")
     recorded = folder.read_run()
     if recorded is None:
         return
@@ -318,7 +318,7 @@ def _check_score_config(folder: RunFolder, config: dict) -> None:
         if diff:
             raise ValueError(f"'{folder.scores}' holds scores made otherwise ({'; '.join(diff)}); "
                              "score with the same options, or remove that folder to judge afresh")
-    check_output_path(folder.path(config_file, "scores config"), "scores folder")
+    check_output_path(folder.checked(config_file, "scores config"), "scores folder")
 
 
 def _record_score_config(folder: RunFolder, config: dict, shard) -> None:
@@ -326,7 +326,7 @@ def _record_score_config(folder: RunFolder, config: dict, shard) -> None:
     score leaves nothing behind that would refuse the next one)."""
     config_file = folder.scores / "config.json"
     if shard.is_main and not config_file.is_file():
-        atomic_write_text(folder.path(config_file, "scores config"), json.dumps(config, indent=2) + "\n")
+        atomic_write_text(folder.checked(config_file, "scores config"), json.dumps(config, indent=2) + "\n")
 
 
 def _write_score_report(args, samples, folder: RunFolder, bench, rub, embedder, config: dict) -> None:

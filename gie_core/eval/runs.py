@@ -74,6 +74,11 @@ class RunFolder:
         came from, e.g. a benchmark row); ``ValueError`` otherwise."""
         return inside(self.root, rel, what)
 
+    def checked(self, path: str | os.PathLike, what: str) -> Path:
+        """A path of this folder (built as ``root / ...``), checked to resolve inside it (a records
+        folder symlinked elsewhere is refused)."""
+        return self.path(Path(path).relative_to(self.root), what)
+
     def output(self, bench, sample) -> Path:
         """Where ``sample``'s output goes in ``bench``'s layout, checked to stay inside the run folder."""
         return self.path(bench.output_path(sample), f"{bench.name} sample '{sample.key}' (row {sample.index})")
@@ -110,7 +115,7 @@ class RunFolder:
             raise ValueError(f"{self.run_file} is damaged ({exc.msg}); remove it to start the run afresh") from None
 
     def write_run(self, run: dict) -> None:
-        atomic_write_text(self.path(self.run_file, "run record"), json.dumps(run, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(self.checked(self.run_file, "run record"), json.dumps(run, indent=2, sort_keys=True) + "\n")
 
     def read_records(self, kind: str) -> list[dict]:
         """Every record of every process's ``kind`` log (a cut-off last line is ignored)."""
@@ -128,7 +133,7 @@ class RunFolder:
 
     def append_record(self, kind: str, process_index: int, record: dict) -> None:
         """Append one JSON line to this process's log and flush it to disk."""
-        path = self.path(self.log_file(kind, process_index), f"{kind} log")
+        path = self.checked(self.log_file(kind, process_index), f"{kind} log")
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")

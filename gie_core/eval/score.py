@@ -218,7 +218,7 @@ def report_markdown(report: dict) -> str:
 def write_report(folder: RunFolder, report: dict) -> list:
     """scores.json, scores.csv and scores.md in the scores folder (each written atomically)."""
     out = folder.scores
-    paths = [folder.path(out / n, "scores report") for n in REPORT_NAMES]
+    paths = [folder.checked(out / n, "scores report") for n in REPORT_NAMES]
     atomic_write_text(paths[0], json.dumps(report, indent=2, sort_keys=False) + "\n")
     atomic_write_text(paths[1], report_csv(report))
     atomic_write_text(paths[2], report_markdown(report))
