@@ -4,6 +4,8 @@
   ``ValueError`` naming the file and where it is not UTF-8;
 - :func:`atomic_write` (and ``_bytes`` / ``_text``): one file, complete or not at all;
 - :func:`atomic_folder` / :func:`replace_folder`: one folder, complete or not at all;
+- :func:`inside`: a path built from data (a benchmark row's key or category) that must stay in
+  its folder, checked after every ``..`` and symlink is resolved;
 - :func:`check_output_path`, :func:`free_space`, :func:`human_size`: output checks before any
   work, and a full disk (ENOSPC) reported as :class:`DiskFullError` naming the path.
 
@@ -35,6 +37,7 @@ __all__ = [
     "existing_folder",
     "free_space",
     "human_size",
+    "inside",
     "read_text",
     "replace_folder",
     "temporary_path",
@@ -194,6 +197,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = Fa
 def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = False) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+def inside(root: str | os.PathLike, path: str | os.PathLike, what: str) -> Path:
+    """``path`` (absolute, or relative to ``root``) once it is checked to lie inside ``root`` after
+    ``..`` and symlinks are resolved (a symlinked subfolder that points elsewhere counts as
+    outside). Raises ``ValueError`` naming ``what`` (e.g. the row it came from), the path and the
+    folder. Check before writing: nothing is written outside ``root``."""
+    root = Path(root)
+    full = root / path
+    base = root.resolve()
+    target = full.resolve()
+    if target != base and base not in target.parents:
+        raise ValueError(f"{what}: '{path}' resolves to '{target}', outside the folder '{base}'; nothing was written there")
+    return full
 
 
 def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:

@@ -210,3 +210,128 @@ def test_score_with_the_tiny_judge_then_compare_two_runs(tmp_path, gie_dir, kont
     assert rows.shape[0] > 2 * 64  # a header and two complete rows (s2 is missing in one run: not chosen)
     assert main(["compare", *map(str, runs), "-o", str(tmp_path / "cmp2"), "--grid-keys", "s2", "--cell", "48"]) == 0
     assert (tmp_path / "cmp2" / "grid.png").is_file()  # the missing output shows as a placeholder
+    refused = tmp_path / "cmp3"
+    assert main(["compare", *map(str, runs), "-o", str(refused), "--grid-keys", "nope"]) == 2
+    assert "grid sample(s) nope are not in the instruction set" in capsys.readouterr().err
+    assert not refused.exists()  # a refused comparison writes no tables either
+
+
+# --------------------------------------------------------------------------------------------
+# Nothing written outside the run folder; refused commands leave nothing behind
+# --------------------------------------------------------------------------------------------
+
+
+def _gedit_with(tmp_path: Path, **fields) -> Path:
+    data = synthetic.write_gedit(tmp_path / "gedit", n=2)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows[1].update(fields)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"task_type": "../../../victim"}, "GEdit row 1: task_type '../../../victim' cannot name an output folder"),
+    ({"instruction_language": ".."}, "GEdit row 1: instruction_language '..' cannot name an output folder"),
+    ({"key": "../../victim"}, "GEdit row 1: key '../../victim' cannot name an output file"),
+])
+def test_a_traversal_row_is_refused_and_nothing_is_written_outside_the_run(tmp_path, kontext_dir, capsys, fields, message):
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"precious")
+    for name in ("victim", "en", "fullset"):
+        assert not (tmp_path / name).is_dir()
+    data = _gedit_with(tmp_path, **fields)
+    out = tmp_path / "deep" / "er" / "run"
+    before = sorted(p for p in tmp_path.rglob("*"))
+    assert main(["generate", "gedit", str(data), "--language", "all", "-o", str(out), "--kontext", str(kontext_dir), *FAST]) == 2
+    assert message in capsys.readouterr().err
+    assert victim.read_bytes() == b"precious"
+    assert sorted(p for p in tmp_path.rglob("*")) == before  # not a file, not a folder, not the run folder
+
+
+def test_a_symlinked_subfolder_pointing_outside_is_refused_before_anything_is_written(tmp_path, kontext_dir, capsys):
+    data = synthetic.write_gedit(tmp_path / "gedit", n=2)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "run"
+    out.mkdir()
+    try:
+        (out / "fullset").symlink_to(elsewhere, target_is_directory=True)
+    except OSError:
+        pytest.skip("this filesystem cannot make symlinks")
+    args = ["generate", "gedit", str(data), "-o", str(out), "--kontext", str(kontext_dir), *FAST]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "gedit sample 'g0000' (row 0): 'fullset/subject-add/en/g0000.png' resolves to" in err and "outside the folder" in err
+    assert list(elsewhere.iterdir()) == [] and not (out / "_gie_eval").exists()
+    (out / "fullset").unlink()
+    assert main(args) == 0  # the refusal left nothing that would refuse the next run
+    assert (out / "fullset/subject-add/en/g0000.png").is_file() and list(elsewhere.iterdir()) == []
+
+
+def test_a_refused_generate_leaves_no_run_record(tmp_path, kontext_dir, capsys, monkeypatch):
+    """Weights that cannot load (a wrong folder) refuse the run before run.json is written, so the
+    corrected command runs instead of being refused for 'other settings'. (A run folder given
+    relative to the working folder, as people type it.)"""
+    data = synthetic.write_jsonl(tmp_path / "own", n=1)
+    wrong = tmp_path / "not-kontext"
+    wrong.mkdir()
+    monkeypatch.chdir(tmp_path)
+    out = Path("run")
+    assert main(["generate", "jsonl", str(data), "-o", str(out), "--kontext", str(wrong), *FAST]) == 2
+    assert "not-kontext" in capsys.readouterr().err
+    assert not (out / "_gie_eval" / "run.json").exists()
+    assert main(["generate", "jsonl", str(data), "-o", str(out), "--kontext", str(kontext_dir), *FAST]) == 0
+    assert json.loads((out / "_gie_eval" / "run.json").read_text())["settings"]["weights"]["kontext"] == str(kontext_dir.resolve())
+    assert (out / "s0.png").is_file() and (out / "_gie_eval" / "logs" / "generate.rank0.jsonl").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-kontext", "own", "run"]
+
+
+def _bin_only(folder: Path, config: dict) -> Path:
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "pytorch_model.bin").write_bytes(b"a pickle that must never be loaded")
+    return folder
+
+
+def test_bin_only_judge_and_similarity_model_are_refused_through_the_cli(tmp_path, gie_dir, capsys):
+    data = synthetic.write_jsonl(tmp_path / "own", n=1)
+    run = tmp_path / "run"
+    run.mkdir()
+    stock = _bin_only(tmp_path / "qwen-bin", {"model_type": "qwen2_5_vl"})
+    ckpt = tmp_path / "gie-bin"  # a GPT-Image-Edit checkpoint whose weights were saved as pickles
+    shutil.copytree(gie_dir, ckpt)
+    for f in list(ckpt.glob("*.safetensors*")):
+        f.unlink()
+    (ckpt / "pytorch_model.bin").write_bytes(b"a pickle")
+    dino = _bin_only(tmp_path / "dino-bin", {"model_type": "dinov2"})
+    base = ["score", str(run), "--benchmark", "jsonl", "--data", str(data), "--dtype", "fp32", "--device", "cpu", "--quiet"]
+    for option, folder in (("--judge", stock), ("--judge", ckpt), ("--similarity-model", dino)):
+        assert main([*base, option, str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert f"{folder.name} holds its weights as .bin/.pt pickles only; only safetensors are read" in err, err
+        assert not (run / "_gie_eval").exists()
+
+
+def test_a_refused_score_leaves_no_state_and_the_next_score_runs(tmp_path, gie_dir, capsys):
+    """A judge folder without config.json, or a bad judge option, is refused before anything is
+    written: no scores/config.json stays behind to refuse the next, valid score."""
+    path = synthetic.write_jsonl(tmp_path / "own", n=2)
+    run = tmp_path / "run"
+    run.mkdir()
+    for s in ("s0", "s1"):
+        shutil.copy(tmp_path / "own" / "images" / f"{s[1]}.png", run / f"{s}.png")
+    empty = tmp_path / "no-config"
+    empty.mkdir()
+    base = ["score", str(run), "--benchmark", "jsonl", "--data", str(path), "--device", "cpu", "--quiet"]
+    cases = [([*base, "--judge", str(empty)], "has no config.json"),
+             ([*base, "--judge", str(empty), "--similarity"], "has no config.json"),
+             ([*base, "--similarity-model", str(empty)], "must be a folder with config.json"),
+             ([*base, "--judge", str(gie_dir), "--judge-max-pixels", "10"], "judge max pixels is 10 but must be at least 784")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err
+        assert not (run / "_gie_eval").exists()
+    assert main([*base, "--similarity"]) == 0
+    scores = run / "_gie_eval" / "scores"
+    assert json.loads((scores / "config.json").read_text())["judge"] is None
+    assert json.loads((scores / "scores.json").read_text())["counts"]["judged"] == 2

@@ -4,6 +4,7 @@ outputs go where its own scorer looks, seeds and shards are fixed by the sample,
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -128,3 +129,30 @@ def test_paper_geometry_settings_resolve_each_sample_request():
     with pytest.raises(ValueError, match="geometry"):
         GenerateSettings(mode="t5", steps=2, guidance=3.5, seed=42, geometry="mine").check()
     assert BENCHMARKS["complex-edit"].paper_input_size == (1024, 1024)  # upstream squashed Complex-Edit inputs
+
+
+def _rewrite_rows(path, change):
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    change(rows)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize("name, field, value", [
+    ("gedit", "task_type", "../../../victim"),
+    ("gedit", "task_type", "/tmp/victim"),
+    ("gedit", "instruction_language", ".."),
+    ("gedit", "instruction_language", "en/../../x"),
+    ("omnicontext", "task_type", "../../../victim"),
+    ("omnicontext", "task_type", "/abs/victim"),
+    ("omnicontext", "key", "../victim"),
+])
+def test_a_row_whose_path_parts_leave_the_run_folder_is_refused_naming_it(tmp_path, name, field, value):
+    """Task types and languages name folders of the run as keys name files: one rule refuses a
+    traversal, an absolute path or a folder separator, naming the row, the field and the value."""
+    path = synthetic.write_gedit(tmp_path, n=2) if name == "gedit" else synthetic.write_omnicontext(tmp_path, n=2)
+    _rewrite_rows(path, lambda rows: rows[1].update({field: value}))
+    what = "GEdit row 1" if name == "gedit" else "OmniContext row 1"
+    with pytest.raises(InstructionSetError, match=rf"{what}: {field} '{re.escape(value)}' cannot name an output"):
+        load_samples(name, path, SelectOptions(language="all", task_types=("all",)))
+    with pytest.raises(InstructionSetError, match=rf"{what}: {field}"):  # filtered out or not: the set is refused
+        load_samples(name, path)

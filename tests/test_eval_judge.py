@@ -68,6 +68,52 @@ def test_partial_out_of_range_and_garbage_answers_are_recorded_as_such():
     assert parse_scores('{"instruction_compliance": 0}', imgedit_question("add").criteria, 1, 5).status == "unparseable"
 
 
+PF = ("prompt_following",)  # a one-criterion question (OmniContext's)
+
+
+@pytest.mark.parametrize("answer, criteria, expected", [
+    ("[8, 9]", SC, (8, 9)),  # VIEScore's own utils accept a bare list
+    ("The edit adds the hat; nothing else moved.\n```\n[8, 9]\n```", SC, (8, 9)),
+    ("Score: 4", PF, (4,)),
+    ('{"score": 7}', PF, (7,)),
+    ('{"reasoning": "the scene matches", "score": 7}', PF, (7,)),
+    ("editing_success (0-10): 7\nover_editing (0-10): 5", SC, (7, 5)),
+    ("Editing success [0-10]: 7, over editing (0 to 10) = 5", SC, (7, 5)),
+], ids=["bare-list", "bare-list-fenced", "score-label", "score-json", "score-json-reasoning", "scale-label",
+        "scale-label-brackets"])
+def test_the_answer_forms_of_the_benchmarks_own_parsers_are_read(answer, criteria, expected):
+    parsed = parse_scores(answer, criteria, 0, 10)
+    assert parsed.status == "ok", parsed.problems
+    assert parsed.values == dict(zip(criteria, map(float, expected)))
+
+
+def test_lookalikes_of_those_forms_stay_unparseable():
+    """A list inside a sentence is a scale, not scores; a lone "Score" with several criteria, or a
+    list of the wrong length, says nothing about which criterion is which."""
+    for answer, criteria in [("Scores are on the scale [0, 10].", SC), ("Score: 4", SC), ("[8, 9, 7]", SC),
+                             ("[8, 9]", PF), ('{"score": 7}', SC)]:
+        parsed = parse_scores(answer, criteria, 0, 10)
+        assert parsed.status == "unparseable" and set(parsed.values.values()) == {None}, answer
+
+
+def test_an_unparseable_answer_is_recorded_as_such_never_scored_zero(tmp_path):
+    samples, folder = _run_with_copied_outputs(tmp_path, n=2)  # s0 local, s1 global
+    judge = ScriptedJudge([
+        "[8, 9]", "naturalness (0-10): 9\nartifacts (0-10): 7",  # s0: ok
+        "I am unable to score these images.", "The scale is [0, 10].",  # s1: nothing readable
+    ])
+    run_score(samples, BENCHMARKS["jsonl"], folder, judge=judge, rub=RUBRICS["viescore"], progress=False)
+    recs = {r["key"]: r for r in folder.read_records("judgements")}
+    assert recs["s0"]["status"] == "ok" and recs["s0"]["metrics"]["overall"] == pytest.approx(math.sqrt(8 * 7))
+    assert recs["s1"]["status"] == "unparseable"
+    assert recs["s1"]["metrics"] == {"semantics": None, "quality": None, "overall": None}
+    assert recs["s1"]["answers"]["quality"]["raw"] == "The scale is [0, 10]."
+    report = aggregate(samples, folder.read_records("judgements"), list(RUBRICS["viescore"].metrics))
+    assert report["counts"]["unparseable"] == 1 and report["categories"]["global"]["overall"] is None
+    assert report["categories"]["global"]["overall_n"] == 0  # counted as unparseable, not as a 0
+    assert report["sample_mean"]["overall"] == pytest.approx(math.sqrt(8 * 7))  # the mean of s0 alone, no 0 mixed in
+
+
 def test_rubrics_combine_as_the_benchmarks_do():
     v = RUBRICS["viescore"].combine({"editing_success": 9, "over_editing": 4, "naturalness": 8, "artifacts": 9})
     assert v == {"semantics": 4, "quality": 8, "overall": pytest.approx(math.sqrt(32))}

@@ -93,3 +93,23 @@ def test_a_failed_swap_puts_the_old_folder_back(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         files.replace_folder(new, final, aside=tmp_path / "ckpt.old")
     assert (final / "a").read_text() == "old" and not (tmp_path / "ckpt.old").exists()
+
+
+def test_inside_keeps_paths_from_data_in_their_folder(tmp_path):
+    """A path built from data stays in its folder after '..' and symlinks resolve; else the error
+    names where it came from, the path and the folder."""
+    root = tmp_path / "run"
+    (root / "fullset").mkdir(parents=True)
+    assert files.inside(root, "fullset/a/en/k.png", "row 3") == root / "fullset/a/en/k.png"
+    assert files.inside(root, "fullset/../k.png", "row 3") == root / "fullset/../k.png"  # still inside
+    for bad in ("../victim.png", "fullset/../../victim.png", str(tmp_path / "victim.png"), "/etc/passwd"):
+        with pytest.raises(ValueError, match=r"row 3: '.*' resolves to '.*', outside the folder '.*run'"):
+            files.inside(root, bad, "row 3")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    try:
+        (root / "link").symlink_to(elsewhere, target_is_directory=True)
+    except OSError:
+        pytest.skip("this filesystem cannot make symlinks")
+    with pytest.raises(ValueError, match="outside the folder"):
+        files.inside(root, "link/k.png", "row 4")

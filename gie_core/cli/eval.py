@@ -40,7 +40,15 @@ from gie_core.engine.rewrite import DEFAULT_MAX_NEW_TOKENS
 from gie_core.eval.benchmarks import BENCHMARKS, COMPLEX_EDIT_IMAGE_TYPES, SelectOptions, benchmark, load_samples
 from gie_core.eval.compare import write_comparison
 from gie_core.eval.generate import GEOMETRIES, GenerateSettings, run_generate
-from gie_core.eval.judge import DEFAULT_JUDGE_MAX_NEW_TOKENS, DEFAULT_JUDGE_MAX_PIXELS, RUBRICS, load_judge, rubric
+from gie_core.eval.judge import (
+    DEFAULT_JUDGE_MAX_NEW_TOKENS,
+    DEFAULT_JUDGE_MAX_PIXELS,
+    RUBRICS,
+    check_judge,
+    check_judge_options,
+    load_judge,
+    rubric,
+)
 from gie_core.eval.metrics import EmbeddingSimilarity
 from gie_core.eval.runs import RUN_VERSION, RunFolder, current_shard, settings_mismatch
 from gie_core.eval.score import EMBED_METRIC, SIMILARITY_METRICS, aggregate, report_markdown, run_score, write_report
@@ -213,13 +221,11 @@ def _generate_settings(args, state, shard) -> tuple[GenerateSettings, tuple, obj
     return settings, loras, device
 
 
-def _record_run(folder: RunFolder, run: dict, shard) -> None:
-    """Write run.json for a new run; a resumed one must have been made with the same settings."""
-    check_output_path(folder.run_file, "run folder")
+def _check_run(folder: RunFolder, run: dict) -> None:
+    """A new run's folder can be written; a resumed one was made with the same settings. Writes nothing."""
+    check_output_path(folder.checked(folder.run_file, "run record"), "run folder")
     recorded = folder.read_run()
     if recorded is None:
-        if shard.is_main:
-            folder.write_run(run)
         return
     old = {"benchmark": recorded.get("benchmark"), "data": recorded.get("data"), "select": recorded.get("select"),
            **recorded.get("settings", {})}
@@ -230,6 +236,13 @@ def _record_run(folder: RunFolder, run: dict, shard) -> None:
             f"'{folder.root}' holds a run with other settings ({'; '.join(diff)}); resume it with the same "
             "options, or give another --out folder"
         )
+
+
+def _record_run(folder: RunFolder, run: dict, shard) -> None:
+    """Write run.json once the run is under way (every check passed, the weights loaded), so a
+    refused run leaves nothing that would refuse the next one."""
+    if shard.is_main and folder.read_run() is None:
+        folder.write_run(run)
 
 
 def _load_pipeline(args, settings: GenerateSettings, loras: tuple, device) -> EditPipeline:
@@ -253,11 +266,18 @@ def generate(args) -> int:
     sel = _selection(args)
     samples = load_samples(bench.name, args.data, sel)
     settings, loras, device = _generate_settings(args, state, shard)
-    _record_run(folder, {"version": RUN_VERSION, "benchmark": bench.name, "data": str(Path(args.data).resolve()),
-                         "select": sel.to_dict(), "settings": settings.to_dict(), "samples": len(samples)}, shard)
+    run = {"version": RUN_VERSION, "benchmark": bench.name, "data": str(Path(args.data).resolve()),
+           "select": sel.to_dict(), "settings": settings.to_dict(), "samples": len(samples)}
+    _check_run(folder, run)
+    folder.check_outputs(bench, samples)
 
-    summary = run_generate(samples, bench, folder, settings, lambda: _load_pipeline(args, settings, loras, device),
-                           shard=shard, progress=not args.quiet)
+    def load():
+        pipe = _load_pipeline(args, settings, loras, device)
+        _record_run(folder, run, shard)
+        return pipe
+
+    summary = run_generate(samples, bench, folder, settings, load, shard=shard, progress=not args.quiet)
+    _record_run(folder, run, shard)  # nothing was left to make: the record is still written
     print(f"{PROG} generate{_where(shard)}: {summary.made} made, {summary.done_before} already done, "
           f"{len(summary.failed)} failed, of {summary.total} samples", file=sys.stderr)
     for rec in summary.failed[:5]:
@@ -271,10 +291,16 @@ def generate(args) -> int:
 
 
 def _score_config(args, bench, rub, data: str) -> dict:
-    """What decides the scores (kept in the scores folder; a rerun must match it)."""
+    """What decides the scores (kept in the scores folder; a rerun must match it). The judge and
+    the similarity model are checked here, before any weight is read."""
     for opt, path in (("--judge", args.judge), ("--similarity-model", args.similarity_model)):
         if path and not Path(path).is_dir():
             raise ValueError(f"{opt} '{path}' is not a folder")
+    if args.judge:
+        check_judge(args.judge)
+        check_judge_options(args.judge_max_new_tokens, args.judge_max_pixels)
+    if args.similarity_model:
+        EmbeddingSimilarity.check_path(args.similarity_model)
     return {
         "benchmark": bench.name, "data": str(Path(data).resolve()),
         "judge": str(Path(args.judge).resolve()) if args.judge else None, "rubric": rub.name if rub else None,
@@ -284,18 +310,23 @@ def _score_config(args, bench, rub, data: str) -> dict:
     }
 
 
-def _record_score_config(folder: RunFolder, config: dict, shard) -> None:
-    """Write the scores' config.json, or refuse to mix in scores made with other options."""
+def _check_score_config(folder: RunFolder, config: dict) -> None:
+    """Refuse to mix in scores made with other options; check the scores folder can be written. Writes nothing."""
     config_file = folder.scores / "config.json"
     if config_file.is_file():
         diff = settings_mismatch(json.loads(config_file.read_text()), config)
         if diff:
             raise ValueError(f"'{folder.scores}' holds scores made otherwise ({'; '.join(diff)}); "
                              "score with the same options, or remove that folder to judge afresh")
-        return
-    check_output_path(config_file, "scores folder")
-    if shard.is_main:
-        atomic_write_text(config_file, json.dumps(config, indent=2) + "\n")
+    check_output_path(folder.checked(config_file, "scores config"), "scores folder")
+
+
+def _record_score_config(folder: RunFolder, config: dict, shard) -> None:
+    """Write the scores' config.json once every check passed and the models loaded (a refused
+    score leaves nothing behind that would refuse the next one)."""
+    config_file = folder.scores / "config.json"
+    if shard.is_main and not config_file.is_file():
+        atomic_write_text(folder.checked(config_file, "scores config"), json.dumps(config, indent=2) + "\n")
 
 
 def _write_score_report(args, samples, folder: RunFolder, bench, rub, embedder, config: dict) -> None:
@@ -334,7 +365,8 @@ def score(args) -> int:
     rub = rubric(args.rubric or bench.rubric) if args.judge else None
     config = _score_config(args, bench, rub, data)
     device, dtype = _device(args, state, shard)
-    _record_score_config(folder, config, shard)
+    _check_score_config(folder, config)
+    folder.check_outputs(bench, samples)
 
     judge = embedder = None
     if args.judge:
@@ -342,6 +374,7 @@ def score(args) -> int:
                            max_pixels=args.judge_max_pixels)
     if args.similarity_model:
         embedder = EmbeddingSimilarity.from_path(args.similarity_model, device=device)
+    _record_score_config(folder, config, shard)
     summary = run_score(samples, bench, folder, judge=judge, rub=rub, similarity=args.similarity, embedder=embedder,
                         shard=shard, progress=not args.quiet)
     print(f"{PROG} score{_where(shard)}: {summary.judged} judged, {summary.done_before} already judged, {summary.missing} "

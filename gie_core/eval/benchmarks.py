@@ -32,8 +32,9 @@ from gie_core.eval.tables import InstructionSetError, read_json_rows, read_rows,
 
 ImageRef = str | bytes  # a file path, or the encoded bytes of an image
 
-# Keys name output files: letters, digits and . _ - only (no folders, no "..").
-_SAFE_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+# Every value from a data file that names a file or folder of the run (keys, task types, languages):
+# letters, digits and . _ - only, so never a folder separator, an absolute path or "..".
+_SAFE_PATH_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 
 OMNICONTEXT_SINGLE = ("single_character", "single_object")
 GEDIT_LANGUAGES = ("en", "cn")
@@ -129,13 +130,18 @@ def _field(row: dict, names: tuple[str, ...], what: str, required: bool = True):
     return None
 
 
-def _check_key(key, what: str) -> str:
-    key = str(key)
-    if not _SAFE_KEY.match(key) or ".." in key:
+def check_path_part(value, what: str, name: str = "key") -> str:
+    """``value`` (the ``name`` field of a data file's row ``what``) as one file or folder name of the
+    run folder; anything that could leave its folder (``/``, ``\\``, ``..``, an absolute path, an
+    empty name) is refused, naming the row, the field and the value."""
+    value = str(value)
+    if not _SAFE_PATH_PART.match(value) or ".." in value:
+        kind = "an output file" if name == "key" else "an output folder"
         raise InstructionSetError(
-            f"{what}: key '{key}' cannot name an output file; keys may hold letters, digits, '.', '_' and '-'"
+            f"{what}: {name} '{value}' cannot name {kind}; a {name} may hold letters, digits, '.', '_' and '-' "
+            "(no folders, no '..')"
         )
-    return key
+    return value
 
 
 def _instruction(value, what: str) -> str:
@@ -195,7 +201,7 @@ def load_imgedit(path: Path, sel: SelectOptions) -> list[Sample]:
         if not isinstance(item, dict):
             raise InstructionSetError(f"{what} must be an object with id, prompt and edit_type")
         samples.append(Sample(
-            key=_check_key(key, what), instruction=_instruction(_field(item, ("prompt", "instruction"), what), what),
+            key=check_path_part(key, what), instruction=_instruction(_field(item, ("prompt", "instruction"), what), what),
             image=_image_ref(_field(item, ("id", "image"), what), base, what),
             category=str(_field(item, ("edit_type",), what, required=False) or "all"), index=i,
         ))
@@ -221,8 +227,10 @@ def load_gedit(path: Path, sel: SelectOptions) -> list[Sample]:
     samples = []
     for i, row in enumerate(rows):
         what = f"GEdit row {i}"
-        key = _check_key(_field(row, ("key",), what), what)
-        language = str(_field(row, ("instruction_language", "language"), what, required=False) or "en")
+        key = check_path_part(_field(row, ("key",), what), what)
+        language = check_path_part(_field(row, ("instruction_language", "language"), what, required=False) or "en",
+                                   what, "instruction_language")
+        category = check_path_part(_field(row, ("task_type",), what), what, "task_type")
         if sel.language != "all" and language != sel.language:
             continue
         source = _image_ref(_field(row, ("input_image", "input_image_raw", "image"), what), base, what)
@@ -230,8 +238,7 @@ def load_gedit(path: Path, sel: SelectOptions) -> list[Sample]:
         image = _image_ref(raw, base, what) if raw else source
         samples.append(Sample(
             key=key, instruction=_instruction(_field(row, ("instruction",), what), what), image=image,
-            reference=source if raw else None, category=str(_field(row, ("task_type",), what)), index=i,
-            language=language, extra={"intersection_exist": bool(row.get("Intersection_exist", False))},
+            reference=source if raw else None, category=category, index=i, language=language, extra={"intersection_exist": bool(row.get("Intersection_exist", False))},
         ))
     return _finish(samples, sel, f"GEdit set {path}")
 
@@ -317,8 +324,8 @@ def load_omnicontext(path: Path, sel: SelectOptions) -> list[Sample]:
             raise InstructionSetError(f"{what} has no input image")
         refs = [_image_ref(im, base, what) for im in images]
         samples.append(Sample(
-            key=_check_key(_field(row, ("key",), what), what), instruction=_instruction(_field(row, ("instruction",), what), what),
-            image=refs[0], category=str(_field(row, ("task_type",), what)), index=i,
+            key=check_path_part(_field(row, ("key",), what), what), instruction=_instruction(_field(row, ("instruction",), what), what),
+            image=refs[0], category=check_path_part(_field(row, ("task_type",), what), what, "task_type"), index=i,
             language=str(row.get("instruction_language") or "en"), extra={"n_input_images": len(refs)},
         ))
     if not sel.task_types:
@@ -344,7 +351,7 @@ def load_jsonl(path: Path, sel: SelectOptions) -> list[Sample]:
     for i, row in enumerate(rows):
         what = f"{path.name} row {i + 1}"
         key = row.get("key", row.get("id"))
-        key = _check_key(key if key not in (None, "") else f"{i:05d}", what)
+        key = check_path_part(key if key not in (None, "") else f"{i:05d}", what)
         mask = row.get("mask")
         samples.append(Sample(
             key=key, instruction=_instruction(_field(row, ("instruction", "prompt"), what), what),

@@ -178,7 +178,7 @@ def grid_rows(run_paths: list, keys: list[str] | None, count: int) -> list[tuple
             raise ValueError(f"grid sample(s) {', '.join(unknown)} are not in the instruction set of '{folders[0].root}'")
         chosen = [by_key[k] for k in keys]
     else:
-        chosen = [s for s in samples if all((f.root / benchmark(r["benchmark"]).output_path(s)).is_file()
+        chosen = [s for s in samples if all(f.output(benchmark(r["benchmark"]), s).is_file()
                                             for f, r in zip(folders, runs))][:count]
         if not chosen:
             raise ValueError("no sample has an output in every run; pick samples with --grid-keys")
@@ -187,7 +187,7 @@ def grid_rows(run_paths: list, keys: list[str] | None, count: int) -> list[tuple
         source = load_sample_image(s.image, f"sample '{s.key}' image")
         outs = []
         for f, r in zip(folders, runs):
-            p = f.root / benchmark(r["benchmark"]).output_path(s)
+            p = f.output(benchmark(r["benchmark"]), s)
             if p.is_file():
                 with Image.open(p) as im:
                     outs.append(im.convert("RGB"))
@@ -200,19 +200,22 @@ def grid_rows(run_paths: list, keys: list[str] | None, count: int) -> list[tuple
 def write_comparison(run_paths: list, out_dir, names: list[str] | None = None, *, grid_keys: list[str] | None = None,
                      grid_count: int = 4, cell: int = 256) -> dict:
     """Write compare.md, compare.csv, compare.json (and grid.png when ``grid_count`` or
-    ``grid_keys``) to ``out_dir``; returns their paths and the markdown."""
+    ``grid_keys``) to ``out_dir``; returns their paths and the markdown. Everything is read and
+    checked first: a refused comparison writes nothing."""
     names = run_names(run_paths, names)
     reports = [load_scores(p) for p in run_paths]
     tables = comparison(reports, names)
     out = Path(out_dir)
     md = comparison_markdown(tables, names)
+    grid = None
+    if grid_keys or grid_count:
+        grid = picture_grid(grid_rows(run_paths, grid_keys, grid_count), names, cell=cell)
     written = {
         "markdown": atomic_write_text(out / "compare.md", md),
         "csv": atomic_write_text(out / "compare.csv", comparison_csv(tables, names)),
         "json": atomic_write_text(out / "compare.json", json.dumps({"runs": names, "paths": [str(p) for p in run_paths],
                                                                       "tables": tables}, indent=2) + "\n"),
     }
-    if grid_keys or grid_count:
-        grid = picture_grid(grid_rows(run_paths, grid_keys, grid_count), names, cell=cell)
+    if grid is not None:
         written["grid"] = atomic_write(out / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
     return {"paths": written, "markdown": md}

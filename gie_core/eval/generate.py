@@ -102,7 +102,7 @@ def done_keys(folder: RunFolder, bench: Benchmark, samples: list[Sample]) -> set
     """Keys finished by any process of any earlier run: an ``ok`` record and the output on disk."""
     by_key = {s.key: s for s in samples}
     ok = {r["key"] for r in folder.read_records("generate") if r.get("status") == "ok"}
-    return {k for k in ok if k in by_key and (folder.root / bench.output_path(by_key[k])).is_file()}
+    return {k for k in ok if k in by_key and folder.output(bench, by_key[k]).is_file()}
 
 
 def make_sample(pipe, sample: Sample, bench: Benchmark, folder: RunFolder, settings: GenerateSettings,
@@ -126,7 +126,7 @@ def make_sample(pipe, sample: Sample, bench: Benchmark, folder: RunFolder, setti
         instruction = rw.instruction
         record.update(rewritten=rw.instruction, rewrite_fell_back=rw.fell_back, rewrite_reason=rw.reason)
     out = pipe.edit(image, instruction, request=request).images[0]
-    atomic_write(folder.root / bench.output_path(sample), lambda tmp: out.save(tmp, format="PNG"))
+    atomic_write(folder.output(bench, sample), lambda tmp: out.save(tmp, format="PNG"))
     record.update(status="ok", width=request.width, height=request.height)
 
 
@@ -142,8 +142,10 @@ def run_generate(
 ) -> GenerateSummary:
     """Edit this process's shard of ``samples`` into ``folder``; see the module docstring.
 
-    ``load_pipeline()`` is called once, and only when there is something left to make.
+    ``load_pipeline()`` is called once, and only when there is something left to make. Every output
+    path is checked to stay inside the run folder first (``ValueError`` naming the sample).
     """
+    folder.check_outputs(bench, samples)
     mine = shard.take(samples)  # split the whole set first: the split never depends on progress
     done = done_keys(folder, bench, mine)
     todo = [s for s in mine if s.key not in done]

@@ -16,8 +16,9 @@ Rubrics (one row each in :data:`RUBRICS`; the prompts are written for this proje
   overall = sqrt(PF x SC).
 
 The judge answers a JSON object; :func:`parse_scores` also reads JSON in code fences, single
-quotes, trailing commas, "7/10", labelled lines ("**Editing success:** 7") and VIEScore's
-``"score": [a, b]``. A number out of range counts as missing. An answer with every score is
+quotes, trailing commas, "7/10", labelled lines ("**Editing success:** 7", "editing_success
+(0-10): 7"), VIEScore's ``"score": [a, b]`` and its bare ``[a, b]`` (one number per criterion), and
+for a one-criterion question ``{"score": 7}`` or ``Score: 4``. A number out of range counts as missing. An answer with every score is
 ``ok``, with some ``partial``, with none ``unparseable``; the raw answer is always kept.
 """
 
@@ -36,7 +37,7 @@ import torch
 from PIL import Image
 
 from gie_core.engine.rewrite import MAX_NEW_TOKENS_LIMIT
-from gie_core.weights.parts import load_part
+from gie_core.weights.parts import check_load, load_part
 
 JUDGE_SYSTEM = (
     "You are a careful, strict and consistent judge of edited images. You look closely at every image "
@@ -338,19 +339,22 @@ def _json_dicts(text: str) -> list[dict]:
 
 
 def _label_pattern(name: str) -> re.Pattern:
+    """``editing_success: 7``, ``**Editing success:** 7``, ``over_editing is 6``, ``Score = 4``, and a scale
+    between the label and its number: ``editing_success (0-10): 7``."""
     words = r"[\s_\-]*".join(re.escape(w) for w in name.split("_"))
     return re.compile(
-        rf"(?i)(?<![a-z]){words}(?:[\s_\-]*score)?[\"'`*\s]*(?:[:=]|\bis\b|-|\uff1a)\s*[\"'`*\s]*(-?\d+(?:\.\d+)?)"
+        rf"(?i)(?<![a-z]){words}(?:[\s_\-]*score)?(?:\s*[(\[][^()\[\]\n]{{0,24}}[)\]])?"
+        rf"[\"'`*\s]*(?:[:=]|\bis\b|-|\uff1a)\s*[\"'`*\s]*(-?\d+(?:\.\d+)?)"
     )
 
 
-def parse_scores(text: str, criteria, low: float, high: float) -> ParsedAnswer:
-    """Read the scores ``criteria`` (names) from a judge's answer; see the module docstring."""
-    names = [c.name if isinstance(c, Criterion) else str(c) for c in criteria]
-    values: dict = {n: None for n in names}
-    problems: list[str] = []
-    if not isinstance(text, str) or not text.strip():
-        return ParsedAnswer(values, "unparseable", ["the answer is empty"])
+# a line that is only a list of numbers ("[8, 9]", "`[8, 9]`"): a list inside a sentence ("the scale [0, 10]") is not one
+_BARE_LIST = re.compile(r"(?m)^[\s`*]*\[\s*(-?\d+(?:\.\d+)?(?:\s*,\s*-?\d+(?:\.\d+)?)*)\s*\][\s`*.]*$")
+
+
+def _from_json(text: str, names: list[str]) -> dict:
+    """Scores from the answer's JSON objects: a key per criterion, VIEScore's ``"score": [a, b]``, and
+    ``{"score": 7}`` when only one criterion is asked."""
     found: dict = {}
     for obj in _json_dicts(text):
         positional = None
@@ -361,18 +365,47 @@ def parse_scores(text: str, criteria, low: float, high: float) -> ParsedAnswer:
                     num = _number(value)
                     if num is not None:
                         found[n] = num
-            if k in ("score", "scores") and isinstance(value, list):
-                positional = value
+            if k in ("score", "scores"):
+                positional = value if isinstance(value, list) else [value] if len(names) == 1 else None
         if positional is not None and not any(n in found for n in names) and len(positional) >= len(names):
             for n, value in zip(names, positional):  # VIEScore's {"score": [a, b], "reasoning": ...}
                 num = _number(value)
                 if num is not None:
                     found[n] = num
+    return found
+
+
+def _from_text(text: str, names: list[str], found: dict) -> dict:
+    """Scores the JSON did not give, from labelled lines (the last one: a model may restate the scale
+    first), a lone ``Score: 4`` when one criterion is asked, or a bare list ``[8, 9]`` of exactly one
+    number per criterion, alone on its line (as VIEScore's own parser reads it)."""
+    found = dict(found)
     for n in names:
         if n not in found:
             matches = _label_pattern(n).findall(text)
             if matches:
-                found[n] = float(matches[-1])  # the last one: a model may restate the scale first
+                found[n] = float(matches[-1])
+    if len(names) == 1 and names[0] not in found:
+        matches = _label_pattern("score").findall(text)
+        if matches:
+            found[names[0]] = float(matches[-1])
+    if not any(n in found for n in names):
+        lists = [m.group(1) for m in _BARE_LIST.finditer(text)]
+        lists = [[float(v) for v in m.split(",")] for m in lists]
+        lists = [v for v in lists if len(v) == len(names)]
+        if lists:
+            found.update(zip(names, lists[-1]))
+    return found
+
+
+def parse_scores(text: str, criteria, low: float, high: float) -> ParsedAnswer:
+    """Read the scores ``criteria`` (names) from a judge's answer; see the module docstring."""
+    names = [c.name if isinstance(c, Criterion) else str(c) for c in criteria]
+    values: dict = {n: None for n in names}
+    problems: list[str] = []
+    if not isinstance(text, str) or not text.strip():
+        return ParsedAnswer(values, "unparseable", ["the answer is empty"])
+    found = _from_text(text, names, _from_json(text, names))
     for n in names:
         if n not in found:
             continue
@@ -409,10 +442,7 @@ class QwenJudge:
 
     def __init__(self, encoder, *, max_new_tokens: int = DEFAULT_JUDGE_MAX_NEW_TOKENS,
                  max_pixels: int = DEFAULT_JUDGE_MAX_PIXELS, name: str = ""):
-        if not 1 <= int(max_new_tokens) <= MAX_NEW_TOKENS_LIMIT:
-            raise ValueError(f"judge max new tokens is {max_new_tokens} but must be 1-{MAX_NEW_TOKENS_LIMIT}")
-        if int(max_pixels) < 28 * 28:
-            raise ValueError(f"judge max pixels is {max_pixels} but must be at least {28 * 28}")
+        check_judge_options(max_new_tokens, max_pixels)
         self.encoder, self.max_new_tokens, self.max_pixels, self.name = encoder, int(max_new_tokens), int(max_pixels), name
         model = encoder.model
         base = model.model if hasattr(model, "model") else model
@@ -475,9 +505,17 @@ class QwenJudge:
         return tok.decode(out[0, kwargs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def load_judge(path: str | os.PathLike, *, dtype="bf16", device="cpu", **options) -> QwenJudge:
-    """The judge from ``path``: a GPT-Image-Edit checkpoint folder (its Qwen2.5-VL-7B, with the
-    generation head) or a stock Qwen2.5-VL folder (7B, 32B, 72B...), local files only."""
+def check_judge_options(max_new_tokens: int, max_pixels: int) -> None:
+    """The judge's answer length and image size bounds, checked before any weight is read."""
+    if not 1 <= int(max_new_tokens) <= MAX_NEW_TOKENS_LIMIT:
+        raise ValueError(f"judge max new tokens is {max_new_tokens} but must be 1-{MAX_NEW_TOKENS_LIMIT}")
+    if int(max_pixels) < 28 * 28:
+        raise ValueError(f"judge max pixels is {max_pixels} but must be at least {28 * 28}")
+
+
+def check_judge(path: str | os.PathLike) -> Path:
+    """Check a judge folder before any weight is read: a folder with config.json of a GPT-Image-Edit
+    checkpoint or a Qwen2.5-VL, its weights in safetensors (``.bin``-only folders are refused)."""
     p = Path(path)
     if not p.is_dir():
         raise ValueError(f"judge '{p}' must be a folder: a GPT-Image-Edit checkpoint or a Qwen2.5-VL model folder")
@@ -489,6 +527,15 @@ def load_judge(path: str | os.PathLike, *, dtype="bf16", device="cpu", **options
         raise ValueError(f"judge '{p}/config.json' is not valid JSON: {exc.msg}") from None
     if "denoise_tower" not in cfg and "qwen2_5_vl" not in str(cfg.get("model_type", "")):
         raise ValueError(f"judge '{p}' is a '{cfg.get('model_type')}' model, not Qwen2.5-VL")
+    check_load("qwen", p)  # the layout, and safetensors weights only
+    return p
+
+
+def load_judge(path: str | os.PathLike, *, dtype="bf16", device="cpu", **options) -> QwenJudge:
+    """The judge from ``path``: a GPT-Image-Edit checkpoint folder (its Qwen2.5-VL-7B, with the
+    generation head) or a stock Qwen2.5-VL folder (7B, 32B, 72B...), local files only
+    (checked by :func:`check_judge` first)."""
+    p = check_judge(path)
     encoder = load_part("qwen", p, dtype=dtype, device=device).module  # the checkpoint's Qwen, or a stock folder
     return QwenJudge(encoder, name=str(p), **options)
 

@@ -27,6 +27,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from gie_core.weights.loading import require_safetensors
+from gie_core.weights.reader import CheckpointError
+
 PSNR_CAP = 100.0
 DEFAULT_THRESHOLD = 0.1  # mean |difference| of a cell, in 0..1 (~25 levels of 255)
 GRID_CELLS = 32  # cells along the long side
@@ -127,13 +130,24 @@ class EmbeddingSimilarity:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
+    @staticmethod
+    def check_path(path: str | os.PathLike) -> Path:
+        """Check a similarity model folder before any weight is read: config.json, and its weights
+        in safetensors (a folder with only ``.bin`` pickles is refused, named)."""
+        p = Path(path)
+        if not (p / "config.json").is_file():
+            raise ValueError(f"similarity model '{p}' must be a folder with config.json and safetensors weights (e.g. a DINOv2 or CLIP model)")
+        try:
+            require_safetensors(p)
+        except CheckpointError as exc:
+            raise ValueError(f"could not load the similarity model from {p}: {exc}") from None
+        return p
+
     @classmethod
     def from_path(cls, path: str | os.PathLike, device="cpu") -> EmbeddingSimilarity:
         from transformers import AutoConfig, AutoModel  # start-up: transformers' models (~2 s) only with --similarity-model
 
-        p = Path(path)
-        if not (p / "config.json").is_file():
-            raise ValueError(f"similarity model '{p}' must be a folder with config.json and safetensors weights (e.g. a DINOv2 or CLIP model)")
+        p = cls.check_path(path)
         try:
             config = AutoConfig.from_pretrained(p, local_files_only=True)
             model = AutoModel.from_pretrained(p, local_files_only=True, use_safetensors=True)

@@ -6,7 +6,9 @@
     OUT/_gie_eval/scores/       judgements.rank<N>.jsonl, scores.json, scores.csv, scores.md
 
 Every process appends only to its own log, so many processes (and nodes sharing a folder)
-never write the same file. A sample is done when its output file exists (written atomically)
+never write the same file. Every path written or read here is checked to resolve inside the run
+folder first (:func:`gie_core.files.inside`): a row's key or category, or a symlinked subfolder,
+never leads a write elsewhere. A sample is done when its output file exists (written atomically)
 and an ``ok`` record for it is in any of the logs.
 """
 
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from gie_core.files import atomic_write_text
+from gie_core.files import atomic_write_text, inside
 
 RECORDS_DIR = "_gie_eval"
 RUN_FILE = "run.json"
@@ -67,6 +69,26 @@ class RunFolder:
         self.root = Path(root)
         self.records = self.root / RECORDS_DIR
 
+    def path(self, rel: str | os.PathLike, what: str) -> Path:
+        """``root / rel``, checked to resolve inside the run folder (``what`` names where ``rel``
+        came from, e.g. a benchmark row); ``ValueError`` otherwise."""
+        return inside(self.root, rel, what)
+
+    def checked(self, path: str | os.PathLike, what: str) -> Path:
+        """A path of this folder (built as ``root / ...``), checked to resolve inside it (a records
+        folder symlinked elsewhere is refused)."""
+        return self.path(Path(path).relative_to(self.root), what)
+
+    def output(self, bench, sample) -> Path:
+        """Where ``sample``'s output goes in ``bench``'s layout, checked to stay inside the run folder."""
+        return self.path(bench.output_path(sample), f"{bench.name} sample '{sample.key}' (row {sample.index})")
+
+    def check_outputs(self, bench, samples) -> None:
+        """Every sample's output path resolves inside the run folder: a traversal in the data or a
+        symlinked subfolder pointing elsewhere is refused before anything loads or is written."""
+        for s in samples:
+            self.output(bench, s)
+
     @property
     def run_file(self) -> Path:
         return self.records / RUN_FILE
@@ -93,7 +115,7 @@ class RunFolder:
             raise ValueError(f"{self.run_file} is damaged ({exc.msg}); remove it to start the run afresh") from None
 
     def write_run(self, run: dict) -> None:
-        atomic_write_text(self.run_file, json.dumps(run, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(self.checked(self.run_file, "run record"), json.dumps(run, indent=2, sort_keys=True) + "\n")
 
     def read_records(self, kind: str) -> list[dict]:
         """Every record of every process's ``kind`` log (a cut-off last line is ignored)."""
@@ -111,7 +133,7 @@ class RunFolder:
 
     def append_record(self, kind: str, process_index: int, record: dict) -> None:
         """Append one JSON line to this process's log and flush it to disk."""
-        path = self.log_file(kind, process_index)
+        path = self.checked(self.log_file(kind, process_index), f"{kind} log")
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")

@@ -80,6 +80,7 @@ def run_score(
 ) -> ScoreSummary:
     """Judge this process's shard of ``samples`` (see the module docstring); ``judge`` is anything
     with ``answer(images, prompt) -> str`` and ``rub`` its :class:`gie_core.eval.judge.Rubric`."""
+    folder.check_outputs(bench, samples)
     mine = shard.take(samples)
     done = {r["key"] for r in folder.read_records("judgements") if r.get("status") in DONE_STATUSES}
     todo = [s for s in mine if s.key not in done]
@@ -93,7 +94,7 @@ def run_score(
             record = {"key": sample.key, "index": sample.index, "category": sample.category, "output": rel,
                       "instruction": sample.instruction, "rank": shard.process_index}
             started = time.monotonic()
-            path = folder.root / rel
+            path = folder.output(bench, sample)
             if not path.is_file():
                 record.update(status="missing_output", reason=f"no output at {rel}")
                 summary.missing += 1
@@ -217,7 +218,7 @@ def report_markdown(report: dict) -> str:
 def write_report(folder: RunFolder, report: dict) -> list:
     """scores.json, scores.csv and scores.md in the scores folder (each written atomically)."""
     out = folder.scores
-    paths = [out / n for n in REPORT_NAMES]
+    paths = [folder.checked(out / n, "scores report") for n in REPORT_NAMES]
     atomic_write_text(paths[0], json.dumps(report, indent=2, sort_keys=False) + "\n")
     atomic_write_text(paths[1], report_csv(report))
     atomic_write_text(paths[2], report_markdown(report))

@@ -218,6 +218,7 @@ def _folder_source(p: Path) -> Source:
             raise CheckpointError(f"{config} is not valid JSON: {exc}") from None
         if "denoise_tower" in cfg:
             loading.gie_config(p)
+            loading.require_safetensors(p)
             return Source(p, "gie_dir", _SOURCE_HOLDS["gie_dir"])
         if "qwen2_5_vl" in str(cfg.get("model_type", "")):
             loading.require_safetensors(p)
