@@ -11,7 +11,11 @@ import sys
 if importlib.util.find_spec("gie_core") is None:
     sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+if __package__:  # ComfyUI imports this folder as a package
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+else:  # a plain module: pytest collecting a checkout whose folder name is no identifier ("ci-main")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 
 WEB_DIRECTORY = "./web"
 
