@@ -13,7 +13,7 @@ from gie_core.eval import synthetic
 from gie_core.eval.benchmarks import BENCHMARKS, SelectOptions, benchmark, load_sample_image, load_samples
 from gie_core.eval.generate import GenerateSettings, paper_output_size
 from gie_core.eval.runs import Shard, sample_seed
-from gie_core.eval.tables import InstructionSetError
+from gie_core.eval.tables import InstructionSetError, read_json_rows
 
 
 def _layout(name, samples):
@@ -156,3 +156,14 @@ def test_a_row_whose_path_parts_leave_the_run_folder_is_refused_naming_it(tmp_pa
         load_samples(name, path, SelectOptions(language="all", task_types=("all",)))
     with pytest.raises(InstructionSetError, match=rf"{what}: {field}"):  # filtered out or not: the set is refused
         load_samples(name, path)
+
+
+def test_an_instruction_set_that_is_not_utf8_is_named_with_where(tmp_path):
+    """An instruction set saved in another encoding is refused naming the file, line and byte, as every
+    file a user writes is (gie_core.files.read_text), not with a bare codec error."""
+    bad = tmp_path / "set.json"
+    bad.write_bytes(b'[{"key": "a",\n  "instruction": "caf\xe9"}]')
+    with pytest.raises(InstructionSetError, match=r"set\.json is not UTF-8 text: byte 0xe9 at line 2"):
+        read_json_rows(bad)
+    with pytest.raises(InstructionSetError, match="is a folder; give the JSON/JSONL/parquet file"):
+        read_json_rows(tmp_path)

@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from gie_core.files import read_text
+
 PARQUET_HINT = (
     "reading parquet needs pyarrow: pip install 'gpt-image-edit-nodes[eval]' (or pip install pyarrow); "
     "JSON and JSONL instruction sets work without it"
@@ -24,14 +26,12 @@ class InstructionSetError(ValueError):
 def read_json_rows(path: str | os.PathLike) -> list | dict:
     """A ``.json`` file (list or object) or a ``.jsonl`` file (one JSON value a line; blank lines skipped)."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise InstructionSetError(f"instruction set '{p}' does not exist") from None
-    except IsADirectoryError:
-        raise InstructionSetError(f"instruction set '{p}' is a folder; give the JSON/JSONL/parquet file") from None
-    except UnicodeDecodeError as exc:
-        raise InstructionSetError(f"instruction set '{p}' is not UTF-8 text ({exc})") from None
+    if p.is_dir():
+        raise InstructionSetError(f"instruction set '{p}' is a folder; give the JSON/JSONL/parquet file")
+    try:  # the one reader of the files users write: names the line and byte of text that is not UTF-8
+        text = read_text(p, "instruction set")
+    except ValueError as exc:
+        raise InstructionSetError(str(exc)) from None
     if p.suffix.lower() == ".jsonl":
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
