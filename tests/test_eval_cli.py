@@ -335,3 +335,67 @@ def test_a_refused_score_leaves_no_state_and_the_next_score_runs(tmp_path, gie_d
     scores = run / "_gie_eval" / "scores"
     assert json.loads((scores / "config.json").read_text())["judge"] is None
     assert json.loads((scores / "scores.json").read_text())["counts"]["judged"] == 2
+
+
+def _gedit_set_with_distinct_sources(root: Path) -> tuple[Path, list[dict]]:
+    """A GEdit JSONL set whose ``input_image`` (what the scorers compare with) differs from
+    ``input_image_raw`` (what is edited), with en and cn rows."""
+    rows = synthetic.gedit_rows(5, embed=False, root=root)
+    for i, row in enumerate(rows):
+        synthetic.picture(20 + i).save(root / "images" / f"src{i}.png")
+        row["input_image"] = f"images/src{i}.png"
+    path = root / "gedit.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, rows
+
+
+def _upstream_gedit_reads(rows: list[dict], save_path: Path, source_path: Path, languages: tuple) -> set[Path]:
+    """The files GEdit's own scorers open for these rows: Step1X-Edit's test_gedit_score.py (every
+    row; source_path = save_path = SAVE/MODEL) and GPT-Image-Edit's step2_gedit_bench.py (English
+    rows; --source_path and --save_path), both formatted as their lines do."""
+    files = set()
+    for item in rows:
+        if item["instruction_language"] not in languages:
+            continue
+        group, lang, key = item["task_type"], item["instruction_language"], item["key"]
+        files.add(Path(f"{source_path}/fullset/{group}/{lang}/{key}_SRCIMG.png"))
+        files.add(Path(f"{save_path}/fullset/{group}/{lang}/{key}.png"))
+    return files
+
+
+def test_gedit_run_holds_exactly_the_files_its_own_scorers_open(tmp_path, kontext_dir, monkeypatch, capsys):
+    data, rows = _gedit_set_with_distinct_sources(tmp_path / "set")
+    out = tmp_path / "eval" / "gedit"
+    args = ["generate", "gedit", str(data), "-o", str(out), "--kontext", str(kontext_dir), "--language", "all", *FAST]
+    assert main(args) == 0
+    written = {p for p in out.rglob("*") if p.is_file() and "_gie_eval" not in p.relative_to(out).parts}
+    # Step1X-Edit: --save_path eval --model_name gedit reads eval/gedit/fullset/... for every row
+    step1x = _upstream_gedit_reads(rows, tmp_path / "eval" / "gedit", tmp_path / "eval" / "gedit", ("en", "cn"))
+    assert written == step1x  # file for file: nothing missing, nothing extra (no temporary files left)
+    # GPT-Image-Edit: --save_path eval/gedit --source_path eval/gedit, English rows
+    assert _upstream_gedit_reads(rows, out, out, ("en",)) <= written
+    for i, row in enumerate(rows):
+        src = out / "fullset" / row["task_type"] / row["instruction_language"] / f"{row['key']}_SRCIMG.png"
+        with Image.open(src) as im, Image.open(tmp_path / "set" / "images" / f"src{i}.png") as want:
+            assert im.format == "PNG" and np.array_equal(np.asarray(im.convert("RGB")), np.asarray(want.convert("RGB")))
+
+    # resumable like the outputs: a lost source copy comes back without loading any model
+    lost = next(p for p in written if p.name.endswith("_SRCIMG.png"))
+    before = {p: p.stat().st_mtime_ns for p in written if p != lost}
+    lost.unlink()
+    from gie_core.engine.pipeline import EditPipeline
+
+    def no_loading(*a, **k):
+        raise AssertionError("weights were loaded although every output was done")
+
+    monkeypatch.setattr(EditPipeline, "from_paths", no_loading)
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "0 made, 5 already done" in capsys.readouterr().err
+    assert lost.is_file() and {p: p.stat().st_mtime_ns for p in before} == before
+
+    # gie-eval score reports the Intersection subset for GEdit runs (rows 1 and 3 are flagged)
+    assert main(["score", str(out), "--similarity", "--device", "cpu", "--quiet"]) == 0
+    report = json.loads((out / "_gie_eval" / "scores" / "scores.json").read_text())
+    inter = report["subsets"]["intersection"]
+    assert inter["samples"] == 2 and inter["judged"] == 2 and set(inter["overall"]) == set(report["metrics"])

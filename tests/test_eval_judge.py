@@ -291,3 +291,50 @@ def test_stock_qwen_folder_loads_as_judge(tmp_path, gie_dir):
     assert judge.answer([img], VIESCORE_PQ.prompt("x")) == expected
     with pytest.raises(ValueError, match="no config.json"):
         load_judge(tmp_path)
+
+
+def test_gedit_reports_its_intersection_subset_averaged_as_upstream_does(tmp_path):
+    # (task_type, Intersection_exist, semantics, quality); overall = sqrt(semantics x quality) per sample
+    table = [
+        ("subject-add", True, 8, 2),  # overall 4
+        ("subject-add", False, 4, 9),  # overall 6
+        ("subject-add", True, 9, 1),  # overall 3
+        ("style_change", True, 2, 8),  # overall 4
+        ("style_change", False, 10, 10),  # overall 10
+        ("style_change", True, None, None),  # unparseable: counted, in no mean
+        ("tone_transfer", False, 5, 5),  # overall 5; no Intersection row in this category
+    ]
+    rows = synthetic.gedit_rows(len(table), embed=False, root=tmp_path)
+    for row, (task, inter, _, _) in zip(rows, table):
+        row.update(task_type=task, Intersection_exist=inter, instruction_language="en")
+    path = tmp_path / "gedit.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples = load_samples("gedit", path)
+    records = []
+    for s, (_, _, sem, q) in zip(samples, table):
+        overall = None if sem is None else math.sqrt(sem * q)
+        records.append({"key": s.key, "status": "ok" if sem is not None else "unparseable",
+                        "metrics": {"semantics": sem, "quality": q, "overall": overall}})
+    bench = BENCHMARKS["gedit"]
+    report = aggregate(samples, records, list(RUBRICS["viescore"].metrics), subsets=bench.subsets)
+
+    # the whole set: category means, then their mean
+    assert report["categories"]["subject-add"]["semantics"] == pytest.approx((8 + 4 + 9) / 3)
+    assert report["overall"]["overall"] == pytest.approx(((4 + 6 + 3) / 3 + (4 + 10) / 2 + 5) / 3)
+    # Intersection (calculate_statistics.py): the flagged rows alone, per category, then the mean of the
+    # categories that have any; by hand: subject-add 8.5 / 1.5 / 3.5, style_change 2 / 8 / 4
+    inter = report["subsets"]["intersection"]
+    assert inter["samples"] == 4 and list(inter["categories"]) == ["subject-add", "style_change"]
+    assert (inter["categories"]["subject-add"]["n"], inter["categories"]["style_change"]["n"]) == (2, 2)  # judged
+    assert inter["categories"]["style_change"]["semantics_n"] == 1  # the unparseable row is not a 0
+    assert inter["overall"] == {"semantics": pytest.approx(5.25), "quality": pytest.approx(4.75),
+                                "overall": pytest.approx(3.75)}
+    assert inter["sample_mean"]["semantics"] == pytest.approx((8 + 9 + 2) / 3)
+
+    paths = write_report(RunFolder(tmp_path / "run"), report)
+    rows_csv = list(csv.reader(paths[1].read_text().splitlines()))
+    assert ["intersection/overall", "4", "5.2500", "4.7500", "3.7500"] in rows_csv
+    assert ["overall", "7", *(f"{v:.4f}" for v in (report["overall"][m] for m in ("semantics", "quality", "overall")))] in rows_csv
+    md = paths[2].read_text()
+    assert "## intersection (4 samples)" in md and "| **average intersection** (mean of categories) | 4 | 5.250 | 4.750 | 3.750 |" in md
+    assert "subsets" not in aggregate(samples, records, ["semantics"])  # other benchmarks: no subset table

@@ -339,7 +339,7 @@ def _write_score_report(args, samples, folder: RunFolder, bench, rub, embedder, 
     report = aggregate(samples, folder.read_records("judgements"), metrics, {
         "title": f"{bench.title}: {folder.root.resolve().name}", "benchmark": bench.name, "run": str(folder.root.resolve()),
         "judge": config["judge"], "rubric": config["rubric"], "similarity_model": config["similarity_model"],
-    })
+    }, subsets=bench.subsets)
     paths = write_report(folder, report)
     if not args.quiet:
         print(report_markdown(report))

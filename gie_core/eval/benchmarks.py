@@ -6,7 +6,7 @@ judging rubric fits it): the CLI, the generator, the scorer and the comparison a
 | benchmark | instruction set | outputs (what its own scorer reads) |
 | --- | --- | --- |
 | ``imgedit`` | ImgEdit-Bench single-turn JSON: ``{key: {"id": image path, "prompt", "edit_type"}}`` + image folder | ``OUT/<key>.png`` |
-| ``gedit`` | GEdit-Bench rows (parquet shards of ``stepfun-ai/GEdit-Bench``, or JSON/JSONL): ``key, task_type, instruction, instruction_language, input_image[, input_image_raw, Intersection_exist]`` | ``OUT/fullset/<task_type>/<language>/<key>.png`` |
+| ``gedit`` | GEdit-Bench rows (parquet shards of ``stepfun-ai/GEdit-Bench``, or JSON/JSONL): ``key, task_type, instruction, instruction_language, input_image[, input_image_raw, Intersection_exist]`` | ``OUT/fullset/<task_type>/<language>/<key>.png`` + the source as ``<key>_SRCIMG.png`` beside it |
 | ``complex-edit`` | Complex-Edit rows (parquet, an image folder's ``metadata.jsonl``, or JSON/JSONL): ``image``, ``edit.compound[level-1].compound_instruction`` | ``OUT/<index:05d>.png`` (one folder per level and image type) |
 | ``omnicontext`` | OmniContext rows (parquet or JSON/JSONL): ``key, task_type, instruction, input_images`` (SINGLE = ``single_character``, ``single_object``) | ``OUT/fullset/<task_type>/<key>.png`` |
 | ``jsonl`` | your own JSONL (or JSON list): ``{"image", "instruction"[, "key", "category", "mask"]}`` | ``OUT/<key>.png`` |
@@ -99,6 +99,11 @@ class Benchmark:
     layout: str  # the layout in words, for help texts
     # upstream's evaluation squashed this benchmark's inputs to this size first (--geometry paper only)
     paper_input_size: tuple[int, int] | None = None
+    # where the judge's source image is copied for the benchmark's own scorer (relative like
+    # output_path), or None when that scorer reads the benchmark's own files
+    source_path: Callable[[Sample], str] | None = None
+    # named subsets whose averages the benchmark also reports: (name, does this sample belong)
+    subsets: tuple[tuple[str, Callable[[Sample], bool]], ...] = ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,6 +252,18 @@ def gedit_output(sample: Sample) -> str:
     return f"fullset/{sample.category}/{sample.language}/{sample.key}.png"
 
 
+def gedit_source(sample: Sample) -> str:
+    """The source image beside the output, where Step1X-Edit's ``test_gedit_score.py`` and
+    GPT-Image-Edit's ``step2_gedit_bench.py`` read it (``<key>_SRCIMG.png``)."""
+    return f"fullset/{sample.category}/{sample.language}/{sample.key}_SRCIMG.png"
+
+
+def gedit_intersection(sample: Sample) -> bool:
+    """GEdit's "Intersection" subset: the rows with ``Intersection_exist`` set
+    (``calculate_statistics.py`` averages them apart)."""
+    return bool(sample.extra.get("intersection_exist"))
+
+
 # --------------------------------------------------------------------------------------------
 # Complex-Edit
 # --------------------------------------------------------------------------------------------
@@ -370,7 +387,9 @@ BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
     for b in (
         Benchmark("imgedit", "ImgEdit-Bench (single turn)", "imgedit", load_imgedit, _key_png, "OUT/<key>.png"),
-        Benchmark("gedit", "GEdit-Bench", "viescore", load_gedit, gedit_output, "OUT/fullset/<task_type>/<language>/<key>.png"),
+        Benchmark("gedit", "GEdit-Bench", "viescore", load_gedit, gedit_output,
+                  "OUT/fullset/<task_type>/<language>/<key>.png (+ <key>_SRCIMG.png)",
+                  source_path=gedit_source, subsets=(("intersection", gedit_intersection),)),
         Benchmark("complex-edit", "Complex-Edit", "complex-edit", load_complex_edit, _key_png, "OUT/<index:05d>.png",
                   paper_input_size=(1024, 1024)),
         Benchmark("omnicontext", "OmniContext", "omnicontext", load_omnicontext, omnicontext_output,

@@ -4,6 +4,9 @@
   the same image whichever process makes it and however often the run is resumed.
 - Resumable: a sample whose output exists and has an ``ok`` record is skipped; nothing is loaded
   when nothing is left to do.
+- Where the benchmark's own scorer reads the source image beside each output (GEdit's
+  ``<key>_SRCIMG.png``), that copy is written atomically before the output; a done sample whose
+  copy is missing (a run made before copies were written, a deleted file) gets it on resume.
 - A sample that fails (unreadable image, a size out of range, an error while sampling) is
   recorded with its reason and skipped; the next run tries it again.
 - Sharded: every process takes every N-th sample of the whole set by position (``accelerate
@@ -105,6 +108,27 @@ def done_keys(folder: RunFolder, bench: Benchmark, samples: list[Sample]) -> set
     return {k for k in ok if k in by_key and folder.output(bench, by_key[k]).is_file()}
 
 
+def write_source_copy(sample: Sample, bench: Benchmark, folder: RunFolder) -> None:
+    """Write ``sample``'s judge source as a PNG where ``bench``'s own scorer reads it (atomically);
+    nothing when the benchmark needs no copy."""
+    path = folder.source_copy(bench, sample)
+    if path is None:
+        return
+    source = load_sample_image(sample.judge_source, f"sample '{sample.key}' source image")
+    atomic_write(path, lambda tmp: source.save(tmp, format="PNG"))
+
+
+def _fill_source_copies(samples: list[Sample], bench: Benchmark, folder: RunFolder, done: set[str]) -> None:
+    """Done samples whose source copy is missing get it (no model needed); one that cannot be
+    written is made again with the samples left to do."""
+    for s in samples:
+        if s.key in done and (path := folder.source_copy(bench, s)) is not None and not path.is_file():
+            try:
+                write_source_copy(s, bench, folder)
+            except (OSError, ValueError):
+                done.discard(s.key)
+
+
 def make_sample(pipe, sample: Sample, bench: Benchmark, folder: RunFolder, settings: GenerateSettings,
                 record: dict) -> None:
     """Edit one sample into ``folder`` (written atomically), adding what happened to its ``record``.
@@ -126,6 +150,7 @@ def make_sample(pipe, sample: Sample, bench: Benchmark, folder: RunFolder, setti
         instruction = rw.instruction
         record.update(rewritten=rw.instruction, rewrite_fell_back=rw.fell_back, rewrite_reason=rw.reason)
     out = pipe.edit(image, instruction, request=request).images[0]
+    write_source_copy(sample, bench, folder)  # first: a sample is done once its output is on disk
     atomic_write(folder.output(bench, sample), lambda tmp: out.save(tmp, format="PNG"))
     record.update(status="ok", width=request.width, height=request.height)
 
@@ -148,6 +173,7 @@ def run_generate(
     folder.check_outputs(bench, samples)
     mine = shard.take(samples)  # split the whole set first: the split never depends on progress
     done = done_keys(folder, bench, mine)
+    _fill_source_copies(mine, bench, folder, done)
     todo = [s for s in mine if s.key not in done]
     summary = GenerateSummary(total=len(mine), done_before=len(mine) - len(todo))
     if not todo:

@@ -1,6 +1,8 @@
 """A run folder: the benchmark's outputs in its own layout, plus this harness's records.
 
-    OUT/                        outputs where the benchmark's scorer expects them
+    OUT/                        outputs where the benchmark's scorer expects them (and, where that
+                                scorer reads it beside them, each sample's source image: GEdit's
+                                ``<key>_SRCIMG.png``)
     OUT/_gie_eval/run.json      what was run (benchmark, instruction set, filters, settings)
     OUT/_gie_eval/logs/generate.rank<N>.jsonl   one line per sample a process finished or failed
     OUT/_gie_eval/scores/       judgements.rank<N>.jsonl, scores.json, scores.csv, scores.md
@@ -9,7 +11,8 @@ Every process appends only to its own log, so many processes (and nodes sharing 
 never write the same file. Every path written or read here is checked to resolve inside the run
 folder first (:func:`gie_core.files.inside`): a row's key or category, or a symlinked subfolder,
 never leads a write elsewhere. A sample is done when its output file exists (written atomically)
-and an ``ok`` record for it is in any of the logs.
+and an ``ok`` record for it is in any of the logs; a missing source copy of a done sample is
+written again on resume without loading any model.
 """
 
 from __future__ import annotations
@@ -83,11 +86,19 @@ class RunFolder:
         """Where ``sample``'s output goes in ``bench``'s layout, checked to stay inside the run folder."""
         return self.path(bench.output_path(sample), f"{bench.name} sample '{sample.key}' (row {sample.index})")
 
+    def source_copy(self, bench, sample) -> Path | None:
+        """Where ``sample``'s source image is copied for ``bench``'s own scorer (checked like the
+        output), or None when the benchmark needs no copy."""
+        if bench.source_path is None:
+            return None
+        return self.path(bench.source_path(sample), f"{bench.name} sample '{sample.key}' (row {sample.index}) source copy")
+
     def check_outputs(self, bench, samples) -> None:
-        """Every sample's output path resolves inside the run folder: a traversal in the data or a
-        symlinked subfolder pointing elsewhere is refused before anything loads or is written."""
+        """Every sample's output path (and source copy) resolves inside the run folder: a traversal in
+        the data or a symlinked subfolder pointing elsewhere is refused before anything loads or is written."""
         for s in samples:
             self.output(bench, s)
+            self.source_copy(bench, s)
 
     @property
     def run_file(self) -> Path:

@@ -127,18 +127,12 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
-def aggregate(samples: list[Sample], records: list[dict], metric_names: list[str], info: dict | None = None) -> dict:
-    """Scores per category and overall from the judgement records (the newest record of a key wins)."""
-    latest: dict[str, dict] = {}
-    for r in records:
-        latest[r["key"]] = r
-    categories: list[str] = []
-    for s in samples:
-        if s.category not in categories:
-            categories.append(s.category)
+def _means(samples: list[Sample], latest: dict[str, dict], metric_names: list[str], categories: list[str],
+           counts: dict | None = None) -> dict:
+    """Per category the mean of each metric over its judged samples, ``overall`` (the mean of the
+    category means; a category without a value is left out) and ``sample_mean``. ``counts`` (when
+    given) is filled with the samples' statuses."""
     per_cat: dict[str, dict] = {}
-    counts = {"samples": len(samples), "judged": 0, "ok": 0, "partial": 0, "unparseable": 0, "failed": 0,
-              "missing_output": 0, "not_scored": 0}
     all_values: dict[str, list] = {m: [] for m in metric_names}
     for cat in categories:
         values: dict[str, list] = {m: [] for m in metric_names}
@@ -147,16 +141,14 @@ def aggregate(samples: list[Sample], records: list[dict], metric_names: list[str
             if s.category != cat:
                 continue
             r = latest.get(s.key)
-            if r is None:
-                counts["not_scored"] += 1
-                continue
-            status = r.get("status")
-            if status in counts and status != "judged":
-                counts[status] += 1
-            if status in ("failed", "missing_output"):
+            status = None if r is None else r.get("status")
+            if counts is not None:
+                key = "not_scored" if r is None else status
+                if key in counts and key != "judged":
+                    counts[key] += 1
+            if r is None or status in ("failed", "missing_output"):
                 continue
             n += 1
-            counts["judged"] += 1
             merged = {**(r.get("metrics") or {}), **(r.get("similarity") or {})}
             for m in metric_names:
                 values[m].append(merged.get(m))
@@ -166,15 +158,42 @@ def aggregate(samples: list[Sample], records: list[dict], metric_names: list[str
             row[m] = _mean(values[m])
             row[f"{m}_n"] = sum(v is not None for v in values[m])
         per_cat[cat] = row
-    overall = {m: _mean([per_cat[c][m] for c in categories]) for m in metric_names}
     return {
-        **(info or {}),
-        "metrics": list(metric_names),
         "categories": per_cat,
-        "overall": overall,
+        "overall": {m: _mean([per_cat[c][m] for c in categories]) for m in metric_names},
         "sample_mean": {m: _mean(all_values[m]) for m in metric_names},
-        "counts": counts,
+        "judged": sum(row["n"] for row in per_cat.values()),
     }
+
+
+def aggregate(samples: list[Sample], records: list[dict], metric_names: list[str], info: dict | None = None,
+              subsets: tuple = ()) -> dict:
+    """Scores per category and overall from the judgement records (the newest record of a key wins).
+
+    ``subsets`` (a benchmark's ``(name, belongs)`` pairs, e.g. GEdit's ``intersection``) add
+    ``report["subsets"][name]``: the same table over that subset's samples alone, averaged the way
+    the benchmark's own statistics script does (mean per category, then the mean of those; a
+    category with no sample of the subset is left out, where upstream's mean would be NaN).
+    """
+    latest: dict[str, dict] = {}
+    for r in records:
+        latest[r["key"]] = r
+    categories: list[str] = []
+    for s in samples:
+        if s.category not in categories:
+            categories.append(s.category)
+    counts = {"samples": len(samples), "judged": 0, "ok": 0, "partial": 0, "unparseable": 0, "failed": 0,
+              "missing_output": 0, "not_scored": 0}
+    table = _means(samples, latest, metric_names, categories, counts)
+    counts["judged"] = table.pop("judged")
+    report = {**(info or {}), "metrics": list(metric_names), **table, "counts": counts}
+    if subsets:
+        report["subsets"] = {}
+        for name, belongs in subsets:
+            part = [s for s in samples if belongs(s)]
+            cats = [c for c in categories if any(s.category == c for s in part)]
+            report["subsets"][name] = {"samples": len(part), **_means(part, latest, metric_names, cats)}
+    return report
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -189,6 +208,10 @@ def report_csv(report: dict) -> str:
     for cat, row in report["categories"].items():
         w.writerow([cat, row["n"], *(_fmt(row[m], 4) for m in metrics)])
     w.writerow(["overall", report["counts"]["judged"], *(_fmt(report["overall"][m], 4) for m in metrics)])
+    for name, sub in report.get("subsets", {}).items():
+        for cat, row in sub["categories"].items():
+            w.writerow([f"{name}/{cat}", row["n"], *(_fmt(row[m], 4) for m in metrics)])
+        w.writerow([f"{name}/overall", sub["judged"], *(_fmt(sub["overall"][m], 4) for m in metrics)])
     return buf.getvalue()
 
 
@@ -212,6 +235,14 @@ def report_markdown(report: dict) -> str:
                  + " | ".join(f"**{_fmt(report['overall'][m])}**" if report["overall"][m] is not None else ""
                               for m in metrics) + " |")
     lines.append(f"| all samples | {c['judged']} | " + " | ".join(_fmt(report["sample_mean"][m]) for m in metrics) + " |")
+    for name, sub in report.get("subsets", {}).items():
+        lines += ["", f"## {name} ({sub['samples']} samples)", "",
+                  "| category | n | " + " | ".join(metrics) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in metrics) + " |"]
+        for cat, row in sub["categories"].items():
+            lines.append(f"| {cat} | {row['n']} | " + " | ".join(_fmt(row[m]) for m in metrics) + " |")
+        lines.append(f"| **average {name}** (mean of categories) | {sub['judged']} | "
+                     + " | ".join(_fmt(sub["overall"][m]) for m in metrics) + " |")
     return "\n".join(lines) + "\n"
 
 
