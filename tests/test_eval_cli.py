@@ -174,6 +174,30 @@ def test_two_processes_under_accelerate_split_the_set_without_overlap(tmp_path, 
     assert "(process 1 of 2)" in proc.stderr and "(process 2 of 2)" in proc.stderr
 
 
+def test_one_and_two_processes_make_the_same_bytes(tmp_path, gie_dir, kontext_dir):
+    """The same image in any process count: a 2-process run under accelerate writes byte for byte
+    the images of a 1-process run. (Before: accelerate's ``cpu:0`` copied the memory-mapped
+    weights into differently aligned memory and MKL rounded a pixel of s2 differently.)"""
+    launcher = Path(sys.executable).with_name("accelerate")
+    if not launcher.exists():
+        pytest.skip("the accelerate launcher is not installed next to this Python")
+    data = synthetic.write_jsonl(tmp_path / "own", n=6)
+    one, two = tmp_path / "one", tmp_path / "two"
+    opts = ["--model", str(gie_dir), "--kontext", str(kontext_dir), "--steps", "1", "--size", "32x32",
+            "--reference-size", "keep", "--dtype", "fp32", "--quiet"]
+    assert main(["generate", "jsonl", str(data), "-o", str(one), *opts]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gie_core.cli.eval", "generate", "jsonl", str(data),
+           "-o", str(two), *opts]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = sorted(p.name for p in one.glob("*.png"))
+    assert names == [f"s{i}.png" for i in range(6)] and sorted(p.name for p in two.glob("*.png")) == names
+    differ = [n for n in names if (one / n).read_bytes() != (two / n).read_bytes()]
+    assert differ == []
+
+
 def test_score_with_the_tiny_judge_then_compare_two_runs(tmp_path, gie_dir, kontext_dir, capsys):
     data = synthetic.write_jsonl(tmp_path / "own", n=3)
     runs = [tmp_path / "t5", tmp_path / "released"]

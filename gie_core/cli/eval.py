@@ -50,7 +50,7 @@ from gie_core.eval.judge import (
     rubric,
 )
 from gie_core.eval.metrics import EmbeddingSimilarity
-from gie_core.eval.runs import RUN_VERSION, RunFolder, current_shard, settings_mismatch
+from gie_core.eval.runs import RUN_VERSION, RunFolder, current_shard, plain_cpu, process_device, settings_mismatch
 from gie_core.eval.score import EMBED_METRIC, SIMILARITY_METRICS, aggregate, report_markdown, run_score, write_report
 from gie_core.files import atomic_write_text, check_output_path
 
@@ -192,10 +192,14 @@ def _selection(args, recorded: dict | None = None):
 
 
 def _device(args, state, shard):
-    """The device: given, else this process's accelerator under a launcher, else the usual default."""
+    """The device: given, else this process's accelerator under a launcher (on the CPU plain
+    ``cpu``, as a single process uses: see :func:`gie_core.eval.runs.process_device`), else the
+    usual default."""
     if args.device is None and shard.num_processes > 1:
-        return device_and_dtype(str(state.device), args.dtype)
-    return device_and_dtype(args.device, args.dtype)
+        device, dtype = device_and_dtype(process_device(state), args.dtype)
+    else:
+        device, dtype = device_and_dtype(args.device, args.dtype)
+    return plain_cpu(device), dtype
 
 
 def _generate_settings(args, state, shard) -> tuple[GenerateSettings, tuple, object]:

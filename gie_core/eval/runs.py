@@ -58,6 +58,23 @@ def current_shard():
     return Shard(state.process_index, state.num_processes), state
 
 
+def plain_cpu(device: torch.device) -> torch.device:
+    """``device``, with any CPU named plain ``cpu`` (not ``cpu:0``).
+
+    accelerate names a process's CPU ``cpu:0``. A model moved to ``cpu:0`` has every weight
+    copied into fresh 64-byte-aligned memory, while on ``cpu`` the memory-mapped weights stay as
+    aligned as they are in the file, and the CPU's matrix kernels (MKL) round the last bit of a
+    result differently with the alignment: a pixel or two of an image then differed by one
+    between a 1-process and a 2-process run. Every process therefore uses ``cpu`` itself.
+    """
+    return torch.device("cpu") if device.type == "cpu" else device
+
+
+def process_device(state) -> str:
+    """This process's device under a launcher: its GPU (``cuda:N``), or plain ``cpu``."""
+    return str(plain_cpu(torch.device(state.device)))
+
+
 def sample_seed(base_seed: int, key: str) -> int:
     """The noise seed of one sample: a hash of (base seed, sample key), so a sample gets the same
     image whichever process, shard or resume makes it. 64 bits, like every seed here."""
