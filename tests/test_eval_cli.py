@@ -29,9 +29,9 @@ def _records(out: Path) -> list[dict]:
 
 
 def _sets(root: Path) -> dict:
-    img_json, img_root = synthetic.write_imgedit(root / "imgedit", n=2)
-    return {
-        "imgedit": ([str(img_json), "--images", str(img_root)], ["100.png", "101.png"]),
+    img_json, _ = synthetic.write_imgedit(root / "imgedit", n=2)
+    return {  # ImgEdit as the README gives it: the unpacked Benchmark.tar's singleturn.json, images beside it
+        "imgedit": ([str(img_json)], ["100.png", "101.png"]),
         "gedit": ([str(synthetic.write_gedit(root / "gedit", n=2))],
                   ["fullset/subject-add/en/g0000.png", "fullset/subject-remove/en/g0001.png"]),
         "complex-edit": ([str(synthetic.write_complex_edit(root / "cx", n=2))], ["00000.png", "00001.png"]),

@@ -28,8 +28,25 @@ def test_imgedit_singleturn_json_and_its_flat_key_layout(tmp_path):
     assert samples[0].instruction == "Add a red hat to the man."
     assert load_sample_image(samples[1].image, "img").size == synthetic.SIZE
     assert _layout("imgedit", samples) == ["100.png", "101.png", "102.png"]
+    elsewhere = tmp_path / "elsewhere.json"  # the JSON away from its images
+    elsewhere.write_text(path.read_text())
     with pytest.raises(ValueError, match="does not exist"):  # images resolved against the JSON's folder by default
-        load_sample_image(load_samples("imgedit", path)[0].image, "img")
+        load_sample_image(load_samples("imgedit", elsewhere)[0].image, "img")
+
+
+def test_imgedit_reads_the_unpacked_benchmark_tar_as_it_is(tmp_path):
+    """Benchmark.tar unpacks to Benchmark/singleturn/ holding singleturn.json beside judge_prompt.json
+    and the image folders (the paths other projects' scripts read); the set is found from the
+    JSON alone (images beside it), or from the unpacked folder, its Benchmark or singleturn folder."""
+    path, images = synthetic.write_imgedit(tmp_path / "ImgEdit", n=3)
+    assert path == tmp_path / "ImgEdit" / "Benchmark" / "singleturn" / "singleturn.json" and images == path.parent
+    assert (images / "judge_prompt.json").is_file() and (images / "animal" / "000000001.jpg").is_file()
+    for given in (path, tmp_path / "ImgEdit", tmp_path / "ImgEdit" / "Benchmark", images):
+        samples = load_samples("imgedit", given)
+        assert [s.key for s in samples] == ["100", "101", "102"], given
+        assert load_sample_image(samples[1].image, "img").size == synthetic.SIZE
+    with pytest.raises(InstructionSetError, match=r"has no Benchmark/singleturn/singleturn.json"):
+        load_samples("imgedit", tmp_path)
 
 
 def test_gedit_rows_keep_english_by_default_and_write_fullset_task_language(tmp_path):

@@ -5,7 +5,7 @@ judging rubric fits it): the CLI, the generator, the scorer and the comparison a
 
 | benchmark | instruction set | outputs (what its own scorer reads) |
 | --- | --- | --- |
-| ``imgedit`` | ImgEdit-Bench single-turn JSON: ``{key: {"id": image path, "prompt", "edit_type"}}`` + image folder | ``OUT/<key>.png`` |
+| ``imgedit`` | ImgEdit-Bench single-turn JSON: ``{key: {"id": image path, "prompt", "edit_type"}}``, in the unpacked Benchmark.tar ``Benchmark/singleturn/singleturn.json`` beside the image folders | ``OUT/<key>.png`` |
 | ``gedit`` | GEdit-Bench rows (parquet shards of ``stepfun-ai/GEdit-Bench``, or JSON/JSONL): ``key, task_type, instruction, instruction_language, input_image[, input_image_raw, Intersection_exist]`` | ``OUT/fullset/<task_type>/<language>/<key>.png`` + the source as ``<key>_SRCIMG.png`` beside it |
 | ``complex-edit`` | Complex-Edit rows (parquet, an image folder's ``metadata.jsonl``, or JSON/JSONL): ``image``, ``edit.compound[level-1].compound_instruction`` | ``OUT/<index:05d>.png`` (one folder per level and image type) |
 | ``omnicontext`` | OmniContext rows (parquet or JSON/JSONL): ``key, task_type, instruction, input_images`` (SINGLE = ``single_character``, ``single_object``) | ``OUT/fullset/<task_type>/<key>.png`` |
@@ -193,9 +193,33 @@ def _finish(samples: list[Sample], sel: SelectOptions, what: str) -> list[Sample
 # --------------------------------------------------------------------------------------------
 
 
+# Where the unpacked Benchmark.tar keeps the single-turn set: its JSON beside the judge prompts
+# (judge_prompt.json) and the image folders its "id" paths are relative to.
+IMGEDIT_SINGLETURN = ("Benchmark", "singleturn")
+IMGEDIT_JSON = "singleturn.json"
+IMGEDIT_JUDGE_PROMPTS = "judge_prompt.json"
+
+
+def imgedit_json(path: Path) -> Path:
+    """The single-turn JSON of ImgEdit-Bench given as the file itself, or as the folder Benchmark.tar
+    was unpacked into, its ``Benchmark`` folder or its ``Benchmark/singleturn`` folder."""
+    if not path.is_dir():
+        return path
+    for folder in (path / IMGEDIT_SINGLETURN[0] / IMGEDIT_SINGLETURN[1], path / IMGEDIT_SINGLETURN[1], path):
+        if (folder / IMGEDIT_JSON).is_file():
+            return folder / IMGEDIT_JSON
+    raise InstructionSetError(
+        f"ImgEdit folder '{path}' has no {'/'.join(IMGEDIT_SINGLETURN)}/{IMGEDIT_JSON} (the layout of the unpacked "
+        "Benchmark.tar); give that folder or the JSON itself"
+    )
+
+
 def load_imgedit(path: Path, sel: SelectOptions) -> list[Sample]:
-    """ImgEdit-Bench single-turn JSON: ``{key: {"id": relative image path, "prompt", "edit_type"}}``;
-    images under ``sel.images`` (its ``Benchmark/singleturn`` folder) or the JSON's folder."""
+    """ImgEdit-Bench single-turn JSON: ``{key: {"id": relative image path, "prompt", "edit_type"}}``,
+    as the unpacked Benchmark.tar holds it (``Benchmark/singleturn/singleturn.json``, the folder or
+    the file); images under ``sel.images`` or the JSON's own folder (in the tar: the image folders
+    are beside it)."""
+    path = imgedit_json(path)
     data = read_json_rows(path)
     if not isinstance(data, dict):
         raise InstructionSetError(f"{path} must be an ImgEdit JSON object of key -> {{id, prompt, edit_type}}")

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from gie_core.eval.benchmarks import IMGEDIT_JSON, IMGEDIT_JUDGE_PROMPTS, IMGEDIT_SINGLETURN
+
 SIZE = (48, 32)  # width, height: small and not square, so aspect handling is exercised
 _INSTRUCTIONS = (
     "Add a red hat to the man.",
@@ -25,7 +27,8 @@ _INSTRUCTIONS = (
     "Replace the dog with a cat.",
     "Make the room brighter.",
 )
-IMGEDIT_TYPES = ("add", "remove", "background", "style", "replace", "alter")
+IMGEDIT_TYPES = ("add", "remove", "background", "style", "replace", "adjust")
+IMGEDIT_ALL_TYPES = ("replace", "add", "adjust", "remove", "style", "action", "extract", "background", "compose")
 GEDIT_TASKS = ("subject-add", "subject-remove", "background_change", "style_change", "subject-replace", "tone_transfer")
 
 
@@ -59,19 +62,43 @@ def _write_parquet(path: Path, rows: list[dict]) -> None:
 
 
 def write_imgedit(root: str | os.PathLike, n: int = 4) -> tuple[Path, Path]:
-    """ImgEdit single-turn: ``singleturn.json`` + ``Benchmark/singleturn/<category>/<file>.jpg``.
-    Returns (json path, image root)."""
-    root = Path(root)
-    images = root / "Benchmark" / "singleturn"
+    """ImgEdit single-turn as the unpacked Benchmark.tar lays it out: ``Benchmark/singleturn/``
+    holding ``singleturn.json``, ``judge_prompt.json`` (one judging prompt per edit type, the
+    instruction at ``<edit_prompt>``) and ``<category>/<file>.jpg``. Returns (json path, image root)."""
+    images = Path(root).joinpath(*IMGEDIT_SINGLETURN)
     data = {}
     for i in range(n):
         rel = f"{'animal' if i % 2 else 'human'}/{i:09d}.jpg"
         (images / rel).parent.mkdir(parents=True, exist_ok=True)
         picture(i).save(images / rel, quality=95)
         data[str(100 + i)] = {"id": rel, "prompt": _INSTRUCTIONS[i % len(_INSTRUCTIONS)], "edit_type": IMGEDIT_TYPES[i % len(IMGEDIT_TYPES)]}
-    path = root / "singleturn.json"
+    path = images / IMGEDIT_JSON
     path.write_text(json.dumps(data, indent=4))
+    (images / IMGEDIT_JUDGE_PROMPTS).write_text(json.dumps(_judge_prompts(IMGEDIT_ALL_TYPES), indent=2))
     return path, images
+
+
+def _judge_prompts(types) -> dict:
+    return {t: f"You are a data rater grading '{t}' edits. Instruction: <edit_prompt>\nScore 1-5." for t in types}
+
+
+def write_gpt_image_edit_eval(root: str | os.PathLike, imgedit_json: str | os.PathLike) -> Path:
+    """GPT-Image-Edit's own ImgEdit files, as its repository keeps them
+    (``univa/eval/imgedit/eval_prompts/basic_edit.json`` and ``prompts.json``): the benchmark's
+    entries with ``adjust`` named ``alter`` and one instruction changed, as its copy differs from
+    today's benchmark. Returns the checkout's root."""
+    root = Path(root)
+    folder = root / "univa" / "eval" / "imgedit" / "eval_prompts"
+    folder.mkdir(parents=True, exist_ok=True)
+    data = json.loads(Path(imgedit_json).read_text())
+    for i, item in enumerate(data.values()):
+        item["edit_type"] = "alter" if item["edit_type"] == "adjust" else item["edit_type"]
+        if i == 0:
+            item["prompt"] = item["prompt"].rstrip(".") + " (older wording)."
+    (folder / "basic_edit.json").write_text(json.dumps(data, indent=4))
+    types = ["alter" if t == "adjust" else t for t in IMGEDIT_ALL_TYPES]
+    (folder / "prompts.json").write_text(json.dumps(_judge_prompts(types), indent=2))
+    return root
 
 
 def gedit_rows(n: int = 4, *, embed: bool = True, root: Path | None = None) -> list[dict]:
