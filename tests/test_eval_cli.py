@@ -423,3 +423,23 @@ def test_gedit_run_holds_exactly_the_files_its_own_scorers_open(tmp_path, kontex
     report = json.loads((out / "_gie_eval" / "scores" / "scores.json").read_text())
     inter = report["subsets"]["intersection"]
     assert inter["samples"] == 2 and inter["judged"] == 2 and set(inter["overall"]) == set(report["metrics"])
+
+
+def test_judge_samples_are_an_option_recorded_with_the_scores(tmp_path, gie_dir, capsys):
+    """--judge-samples N asks each question N times (Complex-Edit's rubric defaults to its eval.py's 20);
+    the count is part of the scores' settings, and a bad count is refused before anything loads."""
+    path = synthetic.write_jsonl(tmp_path / "own", n=1)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(tmp_path / "own" / "images" / "0.png", run / "s0.png")
+    base = ["score", str(run), "--benchmark", "jsonl", "--data", str(path), "--judge", str(gie_dir), "--rubric", "complex-edit",
+            "--judge-max-new-tokens", "4", "--judge-max-pixels", "3136", "--dtype", "fp32", "--device", "cpu", "--quiet"]
+    assert main([*base, "--judge-samples", "0"]) == 2
+    assert "judge samples is 0 but must be 1-100" in capsys.readouterr().err and not (run / "_gie_eval").exists()
+    assert main([*base, "--judge-samples", "2"]) == 0
+    scores = run / "_gie_eval" / "scores"
+    assert json.loads((scores / "config.json").read_text())["judge_samples"] == 2
+    rec = json.loads((scores / "judgements.rank0.jsonl").read_text().splitlines()[0])
+    assert len(rec["answers"]["alignment"]["raw"]) == 2 and len(rec["answers"]["quality"]["runs"]) == 2
+    assert main(base) == 2  # the rubric's default (20) is other judging: refused, not mixed in
+    assert "judge_samples: 2 -> 20" in capsys.readouterr().err

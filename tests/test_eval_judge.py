@@ -338,3 +338,50 @@ def test_gedit_reports_its_intersection_subset_averaged_as_upstream_does(tmp_pat
     md = paths[2].read_text()
     assert "## intersection (4 samples)" in md and "| **average intersection** (mean of categories) | 4 | 5.250 | 4.750 | 3.750 |" in md
     assert "subsets" not in aggregate(samples, records, ["semantics"])  # other benchmarks: no subset table
+
+
+# --------------------------------------------------------------------------------------------
+# Repeated judge samples (Complex-Edit)
+# --------------------------------------------------------------------------------------------
+
+
+def test_complex_edit_averages_its_repeated_judge_samples_as_upstream_does(tmp_path):
+    """Complex-Edit's eval.py asks each question -n 20 times by default; each criterion is the mean of
+    the answers (its dict_mean over the runs), and a sample's overall the mean of those means. An
+    answer that cannot be read is left out of its criterion's mean, never counted as 0."""
+    assert RUBRICS["complex-edit"].samples == 20 and RUBRICS["viescore"].samples == 1
+    samples, folder = _run_with_copied_outputs(tmp_path, n=1)
+    judge = ScriptedJudge([
+        '{"instruction_following": 6, "identity_preservation": 9}',
+        '{"instruction_following": 8, "identity_preservation": 9}',
+        '{"instruction_following": 10, "identity_preservation": 6}',
+        "I cannot tell.",  # the 4th alignment answer: unreadable
+        '{"perceptual_quality": 7}', '{"perceptual_quality": 8}', "Score: 9", '{"perceptual_quality": 8}',
+    ])
+    run_score(samples, BENCHMARKS["jsonl"], folder, judge=judge, rub=RUBRICS["complex-edit"], judge_samples=4,
+              progress=False)
+    assert [n for n, _ in judge.calls] == [2] * 4 + [1] * 4
+    rec = folder.read_records("judgements")[0]
+    assert rec["status"] == "partial" and rec["answers"]["alignment"]["status"] == "partial"
+    assert rec["answers"]["quality"]["status"] == "ok" and len(rec["answers"]["quality"]["raw"]) == 4
+    assert rec["answers"]["alignment"]["runs"][3] == {"instruction_following": None, "identity_preservation": None}
+    m = rec["metrics"]
+    assert (m["instruction_following"], m["identity_preservation"], m["perceptual_quality"]) == (8, 8, 8)
+    assert m["overall"] == 8
+
+    # the default: the rubric's 20 answers per question
+    samples, folder = _run_with_copied_outputs(tmp_path / "default", n=1)
+    judge = ScriptedJudge(['{"instruction_following": 5, "identity_preservation": 7}'] * 20 + ['{"perceptual_quality": 6}'] * 20)
+    run_score(samples, BENCHMARKS["jsonl"], folder, judge=judge, rub=RUBRICS["complex-edit"], progress=False)
+    assert len(judge.calls) == 40 and folder.read_records("judgements")[0]["metrics"]["overall"] == 6
+
+
+def test_tiny_qwen_judge_samples_are_seeded_and_asked_in_calls_of_five(gie_dir):
+    judge = load_judge(gie_dir, dtype="fp32", device="cpu", max_new_tokens=4, max_pixels=56 * 56)
+    img, prompt = synthetic.picture(3), VIESCORE_PQ.prompt("x")
+    first = judge.answer_samples([img], prompt, 7, seed=11)
+    assert len(first) == 7 and all(isinstance(a, str) for a in first)
+    assert judge.answer_samples([img], prompt, 7, seed=11) == first  # the same seed: the same answers
+    assert judge.answer_samples([img], prompt, 7, seed=12) != first  # sampled, not greedy
+    greedy = judge.answer([img], prompt)
+    assert judge.answer([img], prompt) == greedy  # sampling left the greedy answer alone

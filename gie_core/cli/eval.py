@@ -43,9 +43,11 @@ from gie_core.eval.generate import GEOMETRIES, GenerateSettings, run_generate
 from gie_core.eval.judge import (
     DEFAULT_JUDGE_MAX_NEW_TOKENS,
     DEFAULT_JUDGE_MAX_PIXELS,
+    COMPLEX_EDIT_SAMPLES,
     RUBRICS,
     check_judge,
     check_judge_options,
+    check_judge_samples,
     load_judge,
     rubric,
 )
@@ -144,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     _selection_args(s)
     s.add_argument("--judge-max-new-tokens", type=int, default=DEFAULT_JUDGE_MAX_NEW_TOKENS,
                    help=f"bound on each judge answer (default {DEFAULT_JUDGE_MAX_NEW_TOKENS})")
+    s.add_argument("--judge-samples", type=int, default=None,
+                   help=f"answers per question, averaged per criterion (default: the rubric's: {COMPLEX_EDIT_SAMPLES} for "
+                        "complex-edit, as its eval.py -n, sampled at temperature 1; 1 greedy answer for the others)")
     s.add_argument("--judge-max-pixels", type=int, default=DEFAULT_JUDGE_MAX_PIXELS,
                    help=f"images are scaled down to at most this many pixels for the judge (default {DEFAULT_JUDGE_MAX_PIXELS})")
     s.add_argument("--dtype", choices=(AUTO_DTYPE, *DTYPE_NAMES), help="judge dtype (default bf16 on GPU, fp32 on CPU)")
@@ -294,6 +299,11 @@ def generate(args) -> int:
     return 0
 
 
+def _judge_samples(args, rub) -> int:
+    """Answers per question: --judge-samples, else the rubric's (Complex-Edit's 20)."""
+    return rub.samples if args.judge_samples is None else args.judge_samples
+
+
 def _score_config(args, bench, rub, data: str) -> dict:
     """What decides the scores (kept in the scores folder; a rerun must match it). The judge and
     the similarity model are checked here, before any weight is read."""
@@ -303,13 +313,15 @@ def _score_config(args, bench, rub, data: str) -> dict:
     if args.judge:
         check_judge(args.judge)
         check_judge_options(args.judge_max_new_tokens, args.judge_max_pixels)
+        check_judge_samples(_judge_samples(args, rub))
     if args.similarity_model:
         EmbeddingSimilarity.check_path(args.similarity_model)
     return {
         "benchmark": bench.name, "data": str(Path(data).resolve()),
         "judge": str(Path(args.judge).resolve()) if args.judge else None, "rubric": rub.name if rub else None,
         "judge_max_new_tokens": args.judge_max_new_tokens if args.judge else None,
-        "judge_max_pixels": args.judge_max_pixels if args.judge else None, "similarity": bool(args.similarity),
+        "judge_max_pixels": args.judge_max_pixels if args.judge else None,
+        "judge_samples": _judge_samples(args, rub) if args.judge else None, "similarity": bool(args.similarity),
         "similarity_model": str(Path(args.similarity_model).resolve()) if args.similarity_model else None,
     }
 
@@ -318,7 +330,9 @@ def _check_score_config(folder: RunFolder, config: dict) -> None:
     """Refuse to mix in scores made with other options; check the scores folder can be written. Writes nothing."""
     config_file = folder.scores / "config.json"
     if config_file.is_file():
-        diff = settings_mismatch(json.loads(config_file.read_text()), config)
+        old = json.loads(config_file.read_text())
+        old.setdefault("judge_samples", 1 if old.get("judge") else None)  # scores made before the option: one answer
+        diff = settings_mismatch(old, config)
         if diff:
             raise ValueError(f"'{folder.scores}' holds scores made otherwise ({'; '.join(diff)}); "
                              "score with the same options, or remove that folder to judge afresh")
@@ -380,6 +394,7 @@ def score(args) -> int:
         embedder = EmbeddingSimilarity.from_path(args.similarity_model, device=device)
     _record_score_config(folder, config, shard)
     summary = run_score(samples, bench, folder, judge=judge, rub=rub, similarity=args.similarity, embedder=embedder,
+                        judge_samples=config["judge_samples"],
                         shard=shard, progress=not args.quiet)
     print(f"{PROG} score{_where(shard)}: {summary.judged} judged, {summary.done_before} already judged, {summary.missing} "
           f"without an output, {len(summary.failed)} failed, of {summary.total} samples", file=sys.stderr)

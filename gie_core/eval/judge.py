@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 from gie_core.engine.rewrite import MAX_NEW_TOKENS_LIMIT
+from gie_core.eval.runs import sample_seed
 from gie_core.weights.parts import check_load, load_part
 
 JUDGE_SYSTEM = (
@@ -47,6 +48,13 @@ JUDGE_SYSTEM = (
 
 DEFAULT_JUDGE_MAX_NEW_TOKENS = 384
 DEFAULT_JUDGE_MAX_PIXELS = 768 * 768
+# Repeated judge samples, as Complex-Edit's eval.py takes them: -n 20 answers per question, asked -m 5
+# at a time, at the OpenAI default temperature 1.0 (its completion_retry); each criterion is the
+# mean over the answers, and a sample's overall the mean of those means.
+COMPLEX_EDIT_SAMPLES = 20
+JUDGE_SAMPLES_PER_CALL = 5
+JUDGE_SAMPLE_TEMPERATURE = 1.0
+MAX_JUDGE_SAMPLES = 100
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,9 @@ class Rubric:
     metrics: tuple[str, ...]  # the per-sample metrics reported, the headline ("overall") last
     questions: Callable[[object], tuple[Question, ...]]  # (sample) -> questions
     combine: Callable[[dict], dict]  # criterion values (None = missing) -> metric values
+    # answers per question that the benchmark's own scorer averages (Complex-Edit's eval.py: -n 20,
+    # sampled at temperature 1); 1 = one greedy answer
+    samples: int = 1
 
 
 def _geo(a, b):
@@ -253,7 +264,7 @@ RUBRICS: dict[str, Rubric] = {
         Rubric("imgedit", "ImgEdit 1-5 rubric per edit type", ("overall",), _imgedit_questions, _imgedit_combine),
         Rubric("complex-edit", "Complex-Edit alignment and quality, 0-10",
                ("instruction_following", "identity_preservation", "perceptual_quality", "overall"),
-               lambda s: (COMPLEX_ALIGNMENT, COMPLEX_QUALITY), _complex_combine),
+               lambda s: (COMPLEX_ALIGNMENT, COMPLEX_QUALITY), _complex_combine, samples=COMPLEX_EDIT_SAMPLES),
         Rubric("omnicontext", "OmniContext prompt following / subject consistency, 0-10",
                ("prompt_following", "subject_consistency", "overall"), lambda s: (OMNI_PF, OMNI_SC), _omni_combine),
     )
@@ -505,6 +516,46 @@ class QwenJudge:
         return tok.decode(out[0, kwargs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+    @torch.no_grad()
+    def answer_samples(self, images: list[Image.Image], prompt: str, n: int, seed: int) -> list[str]:
+        """``n`` sampled answers (temperature :data:`JUDGE_SAMPLE_TEMPERATURE`, up to
+        :data:`JUDGE_SAMPLES_PER_CALL` per generate call, as Complex-Edit asks its judge), the same
+        for the same ``seed``: the global RNG is forked, seeded and restored around each call."""
+        from transformers import GenerationConfig  # start-up: transformers only once a judge answers
+
+        model = self.encoder.model
+        param = next(model.parameters())
+        enc = self.inputs(images, prompt)
+        kwargs = {k: v.to(param.device) for k, v in enc.items() if torch.is_tensor(v)}
+        kwargs["pixel_values"] = kwargs["pixel_values"].to(param.dtype)
+        stop, tok = self._stop_ids(), self.encoder.tokenizer
+        devices = [param.device] if param.device.type == "cuda" else []
+        out: list[str] = []
+        for call, start in enumerate(range(0, n, JUDGE_SAMPLES_PER_CALL)):
+            count = min(JUDGE_SAMPLES_PER_CALL, n - start)
+            config = GenerationConfig(
+                max_new_tokens=self.max_new_tokens, do_sample=True, temperature=JUDGE_SAMPLE_TEMPERATURE, top_p=1.0,
+                top_k=0, num_return_sequences=count, eos_token_id=stop,
+                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else stop[0], use_cache=True,
+            )
+            self.encoder.reset_positions()
+            try:
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed((int(seed) + call) % 2**63)
+                    seqs = model.generate(**kwargs, generation_config=config)
+            finally:
+                self.encoder.reset_positions()
+            out += [tok.decode(row[kwargs["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in seqs]
+        return out
+
+
+def check_judge_samples(n: int) -> int:
+    """The number of judge answers per question (checked before any weight is read)."""
+    if not 1 <= int(n) <= MAX_JUDGE_SAMPLES:
+        raise ValueError(f"judge samples is {n} but must be 1-{MAX_JUDGE_SAMPLES}")
+    return int(n)
+
+
 def check_judge_options(max_new_tokens: int, max_pixels: int) -> None:
     """The judge's answer length and image size bounds, checked before any weight is read."""
     if not 1 <= int(max_new_tokens) <= MAX_NEW_TOKENS_LIMIT:
@@ -545,22 +596,55 @@ def load_judge(path: str | os.PathLike, *, dtype="bf16", device="cpu", **options
 # --------------------------------------------------------------------------------------------
 
 
-def judge_sample(judge, rub: Rubric, sample, source: Image.Image, output: Image.Image) -> dict:
+def _ask(judge, images, prompt: str, n: int, seed: int) -> list[str]:
+    """``n`` answers: one greedy ``answer``, or ``answer_samples`` (a judge without it is asked ``n`` times)."""
+    if n == 1:
+        return [judge.answer(images, prompt)]
+    if hasattr(judge, "answer_samples"):
+        return list(judge.answer_samples(images, prompt, n, seed))
+    return [judge.answer(images, prompt) for _ in range(n)]
+
+
+def _mean_runs(runs: list[ParsedAnswer], names: list[str]) -> dict:
+    """Per criterion the mean over the answers that gave it (Complex-Edit's ``dict_mean`` over its
+    runs); None where no answer did."""
+    out = {}
+    for n in names:
+        got = [r.values[n] for r in runs if r.values.get(n) is not None]
+        out[n] = sum(got) / len(got) if got else None
+    return out
+
+
+def _status(statuses: list[str]) -> str:
+    if all(s == "ok" for s in statuses):
+        return "ok"
+    if all(s == "unparseable" for s in statuses):
+        return "unparseable"
+    return "partial"
+
+
+def judge_sample(judge, rub: Rubric, sample, source: Image.Image, output: Image.Image, *, samples: int = 1,
+                 seed: int = 0) -> dict:
     """Ask every question of ``rub`` about one sample: answers (raw and parsed), status, metrics.
 
-    ``judge`` is anything with ``answer(images, prompt) -> str`` (:class:`QwenJudge`)."""
+    ``judge`` is anything with ``answer(images, prompt) -> str`` (:class:`QwenJudge`). With
+    ``samples`` > 1 each question is answered that many times (sampled, seeded by ``seed``, the
+    sample's key and the question) and each criterion is the mean over the answers that gave it,
+    as Complex-Edit aggregates its repeated judge samples; ``raw`` is then the list of answers.
+    """
     answers, values, statuses = {}, {}, []
     pictures = {"source": source, "output": output}
     for q in rub.questions(sample):
-        raw = judge.answer([pictures[n] for n in q.images], q.prompt(sample.instruction))
-        parsed = parse_scores(raw, q.criteria, q.low, q.high)
-        answers[q.name] = {"raw": raw, "values": parsed.values, "status": parsed.status, "problems": parsed.problems}
-        values.update(parsed.values)
-        statuses.append(parsed.status)
-    if all(s == "ok" for s in statuses):
-        status = "ok"
-    elif all(s == "unparseable" for s in statuses):
-        status = "unparseable"
-    else:
-        status = "partial"
-    return {"status": status, "answers": answers, "metrics": rub.combine(values)}
+        raws = _ask(judge, [pictures[n] for n in q.images], q.prompt(sample.instruction), samples,
+                    sample_seed(seed, f"{sample.key}/{q.name}"))
+        runs = [parse_scores(raw, q.criteria, q.low, q.high) for raw in raws]
+        names = [c.name for c in q.criteria]
+        status = _status([r.status for r in runs])
+        if samples == 1:
+            answers[q.name] = {"raw": raws[0], "values": runs[0].values, "status": status, "problems": runs[0].problems}
+        else:
+            answers[q.name] = {"raw": raws, "values": _mean_runs(runs, names), "status": status,
+                               "runs": [r.values for r in runs], "problems": sorted({p for r in runs for p in r.problems})}
+        values.update(answers[q.name]["values"])
+        statuses.append(status)
+    return {"status": _status(statuses), "answers": answers, "metrics": rub.combine(values)}

@@ -49,7 +49,7 @@ def _open_output(path) -> Image.Image:
 
 
 def score_sample(sample: Sample, output_path, record: dict, *, judge=None, rub=None, similarity: bool = False,
-                 embedder=None) -> None:
+                 embedder=None, judge_samples: int = 1) -> None:
     """Judge one sample's output and/or measure its similarity outside the edit, into ``record``.
 
     Raises when it cannot be judged (the caller records the reason and goes on).
@@ -58,7 +58,7 @@ def score_sample(sample: Sample, output_path, record: dict, *, judge=None, rub=N
     source = load_sample_image(sample.judge_source, f"sample '{sample.key}' source image")
     record["status"] = "similarity"
     if judge is not None:
-        record.update(judge_sample(judge, rub, sample, source, output))
+        record.update(judge_sample(judge, rub, sample, source, output, samples=judge_samples))
     if similarity or embedder is not None:
         sim, keep = similarity_outside(source, output, sample.mask)
         if embedder is not None:
@@ -77,9 +77,13 @@ def run_score(
     embedder=None,
     shard: Shard = Shard(),
     progress: bool = True,
+    judge_samples: int | None = None,
 ) -> ScoreSummary:
     """Judge this process's shard of ``samples`` (see the module docstring); ``judge`` is anything
-    with ``answer(images, prompt) -> str`` and ``rub`` its :class:`gie_core.eval.judge.Rubric`."""
+    with ``answer(images, prompt) -> str`` and ``rub`` its :class:`gie_core.eval.judge.Rubric`.
+    ``judge_samples`` answers per question (default: the rubric's, e.g. Complex-Edit's 20) are
+    averaged per criterion."""
+    n_answers = judge_samples or (rub.samples if rub is not None else 1)
     folder.check_outputs(bench, samples)
     mine = shard.take(samples)
     done = {r["key"] for r in folder.read_records("judgements") if r.get("status") in DONE_STATUSES}
@@ -100,7 +104,8 @@ def run_score(
                 summary.missing += 1
             else:
                 try:
-                    score_sample(sample, path, record, judge=judge, rub=rub, similarity=similarity, embedder=embedder)
+                    score_sample(sample, path, record, judge=judge, rub=rub, similarity=similarity, embedder=embedder,
+                                 judge_samples=n_answers)
                     summary.judged += 1
                 except KeyboardInterrupt:
                     raise
