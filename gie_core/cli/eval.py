@@ -3,6 +3,7 @@
     gie-eval generate BENCHMARK DATA -o OUT [model options]   edits in the benchmark's own layout
     gie-eval score OUT --judge QWEN_VL_DIR [--similarity]     a local judge; scores per category
     gie-eval compare OUT_A OUT_B ... -o CMP                   tables side by side and a picture grid
+    gie-eval report OUT_A [OUT_B ...] -o REPORT.html          one HTML page: charts and samples, worst first
 
 Many GPUs or nodes: ``accelerate launch gie-eval generate ...`` (or ``accelerate launch -m
 gie_core.cli.eval generate ...``) splits the samples between the processes; ``score`` shards the
@@ -39,6 +40,7 @@ from gie_core.engine.pipeline import EditPipeline
 from gie_core.engine.rewrite import DEFAULT_MAX_NEW_TOKENS
 from gie_core.eval.benchmarks import BENCHMARKS, COMPLEX_EDIT_IMAGE_TYPES, SelectOptions, benchmark, load_samples
 from gie_core.eval.compare import write_comparison
+from gie_core.eval.report import DEFAULT_REPORT_SAMPLES, write_html_report
 from gie_core.eval.generate import GEOMETRIES, GenerateSettings, run_generate
 from gie_core.eval.judge import (
     DEFAULT_JUDGE_MAX_NEW_TOKENS,
@@ -79,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False,
         formatter_class=HelpFormatter, epilog="benchmarks:\n" + layouts,
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{generate,score,compare}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{generate,score,compare,report}")
 
     # --- generate -------------------------------------------------------------------------
     g = sub.add_parser(
@@ -167,12 +169,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--grid", type=int, default=4, help="samples in the grid: the first N every run has (default 4; 0 = no grid)")
     c.add_argument("--grid-keys", help="comma-separated sample keys for the grid (instead of the first N)")
     c.add_argument("--cell", type=int, default=256, help="picture size in the grid, px (default 256)")
+
+    # --- report ---------------------------------------------------------------------------
+    r = sub.add_parser(
+        "report", allow_abbrev=False, formatter_class=HelpFormatter, help="one self-contained HTML page of scored runs",
+        description="One HTML page, nothing fetched from elsewhere: bar charts of the scores per category (matplotlib), "
+                    "and a grid of the samples, worst first: source, each run's output, the instruction, the judge's "
+                    "scores and reasons.",
+    )
+    r.add_argument("runs", nargs="+", help="one or more scored run folders")
+    r.add_argument("-o", "--out", required=True, help="the HTML file to write")
+    r.add_argument("--names", help="comma-separated run names (default: the folders' names)")
+    r.add_argument("--samples", type=int, default=DEFAULT_REPORT_SAMPLES,
+                   help=f"samples in the grid, the worst first (default {DEFAULT_REPORT_SAMPLES}; 0 = all)")
+    r.add_argument("--cell", type=int, default=192, help="picture size in the grid, px (default 192)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    body = {"generate": generate, "score": score, "compare": compare}[args.command]
+    body = {"generate": generate, "score": score, "compare": compare, "report": report}[args.command]
     return run_command(PROG, lambda: body(args))
 
 
@@ -417,6 +433,18 @@ def compare(args) -> int:
     print(result["markdown"])
     for p in result["paths"].values():
         print(p)
+    return 0
+
+
+def report(args) -> int:
+    """``gie-eval report``: the HTML page of one or more scored runs."""
+    check_int("--samples", args.samples, 0, None)
+    check_int("--cell", args.cell, 32, 1024)
+    if Path(args.out).suffix.lower() not in (".html", ".htm"):
+        raise ValueError(f"--out '{args.out}' must be an .html file")
+    check_output_path(Path(args.out), "report")
+    path = write_html_report(args.runs, args.out, list(_split(args.names)) or None, samples=args.samples, cell=args.cell)
+    print(path)
     return 0
 
 

@@ -363,6 +363,11 @@ def _label_pattern(name: str) -> re.Pattern:
 _BARE_LIST = re.compile(r"(?m)^[\s`*]*\[\s*(-?\d+(?:\.\d+)?(?:\s*,\s*-?\d+(?:\.\d+)?)*)\s*\][\s`*.]*$")
 
 
+def answer_reasoning(text: str) -> str | None:
+    """The ``reasoning`` the judge gave in its answer's JSON, or None."""
+    return next((str(d["reasoning"]) for d in _json_dicts(text) if d.get("reasoning")), None)
+
+
 def _from_json(text: str, names: list[str]) -> dict:
     """Scores from the answer's JSON objects: a key per criterion, VIEScore's ``"score": [a, b]``, and
     ``{"score": 7}`` when only one criterion is asked."""
