@@ -39,7 +39,19 @@ from gie_core.engine.modes import DEFAULT_FUSION_MODE, FUSION_MODES, STOCK_FUSIO
 from gie_core.engine.pipeline import EditPipeline
 from gie_core.engine.rewrite import DEFAULT_MAX_NEW_TOKENS
 from gie_core.eval.benchmarks import BENCHMARKS, COMPLEX_EDIT_IMAGE_TYPES, SelectOptions, benchmark, load_samples
-from gie_core.eval.compare import write_comparison
+from gie_core.eval.compare import load_scores, write_comparison
+from gie_core.eval.paper import (
+    PAPER,
+    PROTOCOLS,
+    VARIANTS,
+    comparability,
+    imgedit_prompts_file,
+    imgedit_scorer_files,
+    paper_markdown,
+    paper_rows,
+    plan_runs,
+    protocol,
+)
 from gie_core.eval.report import DEFAULT_REPORT_SAMPLES, write_html_report
 from gie_core.eval.generate import GEOMETRIES, GenerateSettings, run_generate
 from gie_core.eval.judge import (
@@ -75,27 +87,9 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--limit", type=int, default=None, help="only the first N samples (after the filters)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    layouts = "\n".join(f"  {b.name:<13} {b.title}: outputs {b.layout}" for b in BENCHMARKS.values())
-    p = argparse.ArgumentParser(
-        prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False,
-        formatter_class=HelpFormatter, epilog="benchmarks:\n" + layouts,
-    )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{generate,score,compare,report}")
-
-    # --- generate -------------------------------------------------------------------------
-    g = sub.add_parser(
-        "generate", allow_abbrev=False, formatter_class=HelpFormatter,
-        help="edit every sample of a benchmark into the layout its scorer reads",
-        description="Edit every sample of a benchmark (resumable, one seed per sample, failures recorded and skipped). "
-                    "Under `accelerate launch` the samples are split between the processes.",
-        epilog="benchmarks:\n" + layouts,
-    )
-    g.add_argument("benchmark", choices=tuple(BENCHMARKS), help="which instruction set format DATA is in")
-    g.add_argument("data", help="the instruction set: ImgEdit's singleturn JSON, GEdit/Complex-Edit/OmniContext parquet "
-                                "(a file or the dataset folder) or JSON/JSONL rows, or your JSONL")
-    g.add_argument("-o", "--out", required=True, help="run folder: outputs in the benchmark's layout, plus _gie_eval/ records")
-    _selection_args(g)
+def _model_args(g: argparse.ArgumentParser, paper: bool = False) -> None:
+    """The weights, editing and runtime options of generate (paper: the same, its protocol choosing
+    the geometry and its variants the rewriting)."""
     w = g.add_argument_group("weights (local paths only; as gie-edit)")
     w.add_argument("--model", help="GPT-Image-Edit checkpoint directory (the released final_checkpoint layout)")
     w.add_argument("--kontext", help="FLUX.1-Kontext-dev diffusers directory")
@@ -113,16 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help=f"base seed; each sample's seed is a hash of (seed, key) (default {DEFAULT_SEED})")
     e.add_argument("--size", default="auto", help="output WIDTHxHEIGHT; a side 0 follows the aspect, 0x0 (or auto) picks both by --geometry")
-    e.add_argument("--geometry", choices=GEOMETRIES, default="ours",
+    e.add_argument("--geometry", choices=GEOMETRIES, default=None if paper else "ours",
                    help="ours: ~1 MP at the input's aspect, reference resized with lanczos; paper: the evaluation geometry "
                         "of the published numbers (output from the nearest Kontext ratio scaled to 1024x1024, reference "
-                        "resized with nearest)")
+                        "resized with nearest)" + ("; default: the protocol's" if paper else ""))
     e.add_argument("--reference-size", choices=REFERENCE_RESIZE_MODES, default=None,
                    help="resize the input to the nearest preferred Kontext resolution (default) or keep its size")
     e.add_argument("--reference-resample", choices=REFERENCE_RESAMPLE_MODES, default=None,
                    help="how the reference is resized (default lanczos; nearest with --geometry paper)")
-    e.add_argument("--rewrite", action="store_true", help="rewrite each instruction with the checkpoint's Qwen2.5-VL first "
-                                                          "(the paper's 'rewritten' scores; the rewrite is logged)")
+    if not paper:
+        e.add_argument("--rewrite", action="store_true", help="rewrite each instruction with the checkpoint's Qwen2.5-VL "
+                                                              "first (the paper's 'rewritten' scores; the rewrite is logged)")
     e.add_argument("--rewrite-max-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="bound on a rewrite's length")
     r = g.add_argument_group("runtime")
     r.add_argument("--dtype", choices=(AUTO_DTYPE, *DTYPE_NAMES), help="weights dtype (default bf16 on GPU, fp32 on CPU)")
@@ -130,7 +125,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=None, help="torch device (default: the process's GPU under accelerate, else cuda/mps/cpu)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    # --- score ----------------------------------------------------------------------------
+
+def _generate_parser(sub, layouts: str) -> None:
+    g = sub.add_parser(
+        "generate", allow_abbrev=False, formatter_class=HelpFormatter,
+        help="edit every sample of a benchmark into the layout its scorer reads",
+        description="Edit every sample of a benchmark (resumable, one seed per sample, failures recorded and skipped). "
+                    "Under `accelerate launch` the samples are split between the processes.",
+        epilog="benchmarks:\n" + layouts,
+    )
+    g.add_argument("benchmark", choices=tuple(BENCHMARKS), help="which instruction set format DATA is in")
+    g.add_argument("data", help="the instruction set: ImgEdit's singleturn JSON, GEdit/Complex-Edit/OmniContext parquet "
+                                "(a file or the dataset folder) or JSON/JSONL rows, or your JSONL")
+    g.add_argument("-o", "--out", required=True, help="run folder: outputs in the benchmark's layout, plus _gie_eval/ records")
+    _selection_args(g)
+    _model_args(g)
+
+
+def _score_parser(sub) -> None:
     s = sub.add_parser(
         "score", allow_abbrev=False, formatter_class=HelpFormatter,
         help="judge a run folder with a local Qwen2.5-VL; scores per category as JSON, CSV and markdown",
@@ -157,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="torch device (default: the process's GPU under accelerate, else cuda/mps/cpu)")
     s.add_argument("--quiet", action="store_true", help="no progress bar, no table on stdout")
 
-    # --- compare --------------------------------------------------------------------------
+
+def _compare_parser(sub) -> None:
     c = sub.add_parser(
         "compare", allow_abbrev=False, formatter_class=HelpFormatter, help="scored runs side by side (a table per metric) and a picture grid",
         description="Tables of several scored runs side by side (a row per category, a column per run), and a PNG grid "
@@ -170,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--grid-keys", help="comma-separated sample keys for the grid (instead of the first N)")
     c.add_argument("--cell", type=int, default=256, help="picture size in the grid, px (default 256)")
 
-    # --- report ---------------------------------------------------------------------------
+
+def _report_parser(sub) -> None:
     r = sub.add_parser(
         "report", allow_abbrev=False, formatter_class=HelpFormatter, help="one self-contained HTML page of scored runs",
         description="One HTML page, nothing fetched from elsewhere: bar charts of the scores per category (matplotlib), "
@@ -183,12 +197,55 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--samples", type=int, default=DEFAULT_REPORT_SAMPLES,
                    help=f"samples in the grid, the worst first (default {DEFAULT_REPORT_SAMPLES}; 0 = all)")
     r.add_argument("--cell", type=int, default=192, help="picture size in the grid, px (default 192)")
+
+
+def _paper_parser(sub) -> None:
+    a = sub.add_parser(
+        "paper", allow_abbrev=False, formatter_class=HelpFormatter,
+        help="reproduce the published ImgEdit and GEdit protocol, plain and rewritten, judged locally",
+        description="Generate ImgEdit and/or GEdit plain and with rewriting, in the layouts their scorers read, judge them "
+                    "with a local Qwen2.5-VL and print the tables in the paper's layout beside its published figures "
+                    "(marked not comparable when the judge differs). Under `accelerate launch` every run is sharded "
+                    "as generate and score shard.",
+    )
+    a.add_argument("--protocol", required=True, choices=tuple(PROTOCOLS),
+                   help="gpt-image-edit: its own prompt files (from --upstream) and geometry, what its paper scored; "
+                        "benchmark: the benchmarks' current files")
+    a.add_argument("--upstream", help="a GPT-Image-Edit checkout (its univa/eval/ files), for --protocol gpt-image-edit")
+    a.add_argument("--imgedit", help="ImgEdit-Bench: the folder Benchmark.tar was unpacked into (or its singleturn.json)")
+    a.add_argument("--gedit", help="GEdit-Bench: the dataset folder/parquet/JSON (benchmark), or GPT-Image-Edit's "
+                                   "gedit-asset folder (gpt-image-edit)")
+    a.add_argument("-o", "--out", required=True, help="folder of the runs (imgedit, imgedit-rewritten, gedit, ...) and paper.md")
+    a.add_argument("--variants", default=",".join(VARIANTS), help="plain and/or rewritten (default both)")
+    a.add_argument("--limit", type=int, default=None, help="only the first N samples of each set (a quick try)")
+    j = a.add_argument_group("judge")
+    j.add_argument("--judge", required=True, help="Qwen2.5-VL folder: a GPT-Image-Edit checkpoint or a stock Qwen2.5-VL")
+    j.add_argument("--judge-max-new-tokens", type=int, default=DEFAULT_JUDGE_MAX_NEW_TOKENS,
+                   help=f"bound on each judge answer (default {DEFAULT_JUDGE_MAX_NEW_TOKENS})")
+    j.add_argument("--judge-max-pixels", type=int, default=DEFAULT_JUDGE_MAX_PIXELS,
+                   help=f"images are scaled down to at most this many pixels for the judge (default {DEFAULT_JUDGE_MAX_PIXELS})")
+    _model_args(a, paper=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    layouts = "\n".join(f"  {b.name:<13} {b.title}: outputs {b.layout}" for b in BENCHMARKS.values())
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False,
+        formatter_class=HelpFormatter, epilog="benchmarks:\n" + layouts,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="{generate,score,compare,report,paper}")
+
+    _generate_parser(sub, layouts)
+    _score_parser(sub)
+    _compare_parser(sub)
+    _report_parser(sub)
+    _paper_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    body = {"generate": generate, "score": score, "compare": compare, "report": report}[args.command]
+    body = {"generate": generate, "score": score, "compare": compare, "report": report, "paper": paper}[args.command]
     return run_command(PROG, lambda: body(args))
 
 
@@ -445,6 +502,75 @@ def report(args) -> int:
     check_output_path(Path(args.out), "report")
     path = write_html_report(args.runs, args.out, list(_split(args.names)) or None, samples=args.samples, cell=args.cell)
     print(path)
+    return 0
+
+
+def _paper_namespaces(args, run, geometry: str) -> tuple[argparse.Namespace, argparse.Namespace]:
+    """The generate and score commands of one paper run, as if typed (so they check, shard and
+    record exactly as they do)."""
+    gen = argparse.Namespace(**{
+        **vars(args), "command": "generate", "benchmark": run.benchmark, "data": run.data, "out": str(run.folder),
+        "images": run.images, "language": "en", "complexity": None, "image_type": None, "task_types": None,
+        "geometry": geometry, "rewrite": run.variant == "rewritten",
+    })
+    sc = argparse.Namespace(
+        command="score", run=str(run.folder), judge=args.judge, rubric=None, similarity=False, similarity_model=None,
+        benchmark=None, data=None, images=None, language=None, complexity=None, image_type=None, task_types=None,
+        limit=None, judge_max_new_tokens=args.judge_max_new_tokens, judge_samples=None,
+        judge_max_pixels=args.judge_max_pixels, dtype=args.dtype, device=args.device, quiet=True,
+    )
+    return gen, sc
+
+
+def _paper_tables(proto, runs, out: Path) -> str:
+    """paper.md and paper.json from the runs' scores; returns the markdown."""
+    tables, summary = [], {}
+    for name, table in PAPER.items():
+        mine = [r for r in runs if r.benchmark == name]
+        if not mine:
+            continue
+        reports = {r.variant: load_scores(r.folder) for r in mine}
+        judges = {rep.get("judge") for rep in reports.values()}
+        tables.append((table, reports, judges))
+        summary[name] = {"title": table.title, "comparability": comparability(table, proto, judges),
+                         "columns": [c for c, _ in table.columns] + [table.overall], "rows": paper_rows(table, reports),
+                         "runs": {r.variant: str(r.folder) for r in mine}}
+    md = paper_markdown(proto, tables)
+    atomic_write_text(out / "paper.md", md)
+    atomic_write_text(out / "paper.json", json.dumps({"protocol": proto.name, "tables": summary}, indent=2) + "\n")
+    return md
+
+
+def paper(args) -> int:
+    """``gie-eval paper``: every input checked before any weight is read, then generate and score
+    each run (sharded as they shard), then the tables beside the published figures."""
+    proto = protocol(args.protocol)
+    geometry = args.geometry or proto.geometry
+    out = Path(args.out)
+    runs = plan_runs(proto, out, imgedit=args.imgedit, gedit=args.gedit, upstream=args.upstream,
+                     variants=_split(args.variants))
+    if args.limit is not None:
+        check_int("--limit", args.limit, 0, None)
+    check_judge(args.judge)
+    check_judge_options(args.judge_max_new_tokens, args.judge_max_pixels)
+    samples = {r.folder: load_samples(r.benchmark, r.data, SelectOptions(images=r.images, limit=args.limit or 0)) for r in runs}
+    prompts = {r.folder: imgedit_prompts_file(proto, r, args.upstream) for r in runs if r.benchmark == "imgedit"}
+    check_output_path(out / "paper.md", "paper table")
+    shard, state = current_shard()
+    for run in runs:  # every run's settings (a rewritten run needs the checkpoint's VLM) before any run starts
+        _generate_settings(_paper_namespaces(args, run, geometry)[0], state, shard)
+    if shard.is_main:
+        print(f"{PROG} paper: protocol {proto.name}: {proto.title}; geometry {geometry}", file=sys.stderr)
+    for run in runs:
+        gen, sc = _paper_namespaces(args, run, geometry)
+        generate(gen)
+        score(sc)
+        if shard.is_main and run.benchmark == "imgedit":
+            imgedit_scorer_files(run, [s.key for s in samples[run.folder]], prompts[run.folder])
+    state.wait_for_everyone()
+    if shard.is_main:
+        print(_paper_tables(proto, runs, out))
+        print(out / "paper.md")
     return 0
 
 

@@ -249,10 +249,12 @@ def load_gedit(path: Path, sel: SelectOptions) -> list[Sample]:
     if sel.language not in (*GEDIT_LANGUAGES, "all"):
         raise InstructionSetError(f"GEdit language '{sel.language}' is unknown; expected en, cn or all")
     if path.is_file() and path.suffix.lower() in (".json", ".jsonl"):
-        rows, base = _as_rows(read_json_rows(path), path), path.parent
+        data, base = read_json_rows(path), path.parent
+        base = Path(sel.images) if sel.images else base
+        rows = _gedit_edit_json_rows(data, base) if _is_edit_json(data) else _as_rows(data, path)
     else:
         rows, base = _rows_of(path)
-    base = Path(sel.images) if sel.images else base
+        base = Path(sel.images) if sel.images else base
     samples = []
     for i, row in enumerate(rows):
         what = f"GEdit row {i}"
@@ -270,6 +272,28 @@ def load_gedit(path: Path, sel: SelectOptions) -> list[Sample]:
             reference=source if raw else None, category=category, index=i, language=language, extra={"intersection_exist": bool(row.get("Intersection_exist", False))},
         ))
     return _finish(samples, sel, f"GEdit set {path}")
+
+
+def _is_edit_json(data) -> bool:
+    """GPT-Image-Edit's ``gedit_edit.json``: ``{key: {"prompt", "id", "edit_type"}}`` (ImgEdit's form)."""
+    return isinstance(data, dict) and bool(data) and all(isinstance(v, dict) and "id" in v for v in data.values())
+
+
+def _gedit_edit_json_rows(data: dict, base: Path) -> list[dict]:
+    """GEdit rows from GPT-Image-Edit's ``gedit_edit.json``, whose ids name the images of its
+    gedit-asset folder (``fullset/<task_type>/<language>/<key>.png``, the input its step0 resized,
+    beside ``<key>_SRCIMG.png``, the source its scorer compares with)."""
+    rows = []
+    for key, item in data.items():
+        rel = str(item["id"])
+        parts = rel.split("/")
+        source = rel[: -len(".png")] + "_SRCIMG.png" if rel.endswith(".png") else rel
+        rows.append({
+            "key": key, "task_type": item.get("edit_type"), "instruction": item.get("prompt"),
+            "instruction_language": parts[2] if len(parts) == 4 and parts[0] == "fullset" else "en",
+            "input_image_raw": rel, "input_image": source if (base / source).is_file() else rel,
+        })
+    return rows
 
 
 def gedit_output(sample: Sample) -> str:

@@ -82,11 +82,13 @@ def _judge_prompts(types) -> dict:
     return {t: f"You are a data rater grading '{t}' edits. Instruction: <edit_prompt>\nScore 1-5." for t in types}
 
 
-def write_gpt_image_edit_eval(root: str | os.PathLike, imgedit_json: str | os.PathLike) -> Path:
-    """GPT-Image-Edit's own ImgEdit files, as its repository keeps them
-    (``univa/eval/imgedit/eval_prompts/basic_edit.json`` and ``prompts.json``): the benchmark's
-    entries with ``adjust`` named ``alter`` and one instruction changed, as its copy differs from
-    today's benchmark. Returns the checkout's root."""
+def write_gpt_image_edit_eval(root: str | os.PathLike, imgedit_json: str | os.PathLike, gedit_n: int = 2) -> Path:
+    """GPT-Image-Edit's own evaluation files, as its repository keeps them: ImgEdit's
+    ``univa/eval/imgedit/eval_prompts/basic_edit.json`` and ``prompts.json`` (the benchmark's entries
+    with ``adjust`` named ``alter`` and one instruction worded otherwise, as its copy differs from
+    today's benchmark), and GEdit's ``univa/eval/gedit/gedit_edit.json`` (``{key: {prompt, id,
+    edit_type}}``) over a ``gedit-asset`` folder (``fullset/<type>/<lang>/<key>.png`` beside
+    ``<key>_SRCIMG.png``). Returns the checkout's root; the asset folder is ``root/gedit-asset``."""
     root = Path(root)
     folder = root / "univa" / "eval" / "imgedit" / "eval_prompts"
     folder.mkdir(parents=True, exist_ok=True)
@@ -98,6 +100,17 @@ def write_gpt_image_edit_eval(root: str | os.PathLike, imgedit_json: str | os.Pa
     (folder / "basic_edit.json").write_text(json.dumps(data, indent=4))
     types = ["alter" if t == "adjust" else t for t in IMGEDIT_ALL_TYPES]
     (folder / "prompts.json").write_text(json.dumps(_judge_prompts(types), indent=2))
+    edits = {}
+    for row in gedit_rows(gedit_n, embed=False, root=root / "gedit-src"):
+        rel = f"fullset/{row['task_type']}/{row['instruction_language']}/{row['key']}.png"
+        src = root / "gedit-src" / row["input_image"]
+        (root / "gedit-asset" / rel).parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(src) as im:
+            im.save(root / "gedit-asset" / rel.replace(".png", "_SRCIMG.png"))
+            im.resize((32, 32)).save(root / "gedit-asset" / rel)  # step0 resized the input it edits
+        edits[row["key"]] = {"prompt": row["instruction"], "id": rel, "edit_type": row["task_type"]}
+    (root / "univa" / "eval" / "gedit").mkdir(parents=True, exist_ok=True)
+    (root / "univa" / "eval" / "gedit" / "gedit_edit.json").write_text(json.dumps(edits, indent=4))
     return root
 
 
