@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from gie_core.cli.eval import main
 from gie_core.eval import synthetic
@@ -131,3 +135,25 @@ def test_our_scores_fill_the_papers_columns():
     rows = dict(paper_rows(PAPER["imgedit"], {"plain": report}))
     assert rows["ours: plain"] == [4.0, 3.0, None, None, None, None, None, 2.0, None, 3.0]
     assert "ours: rewritten" not in rows and rows["paper: GPT-Image-Edit"][-1] == 3.80
+
+
+def test_paper_shards_under_accelerate_as_generate_and_score_do(tmp_path, gie_dir, kontext_dir):
+    launcher = Path(sys.executable).with_name("accelerate")
+    if not launcher.exists():
+        pytest.skip("the accelerate launcher is not installed next to this Python")
+    synthetic.write_imgedit(tmp_path / "ImgEdit", n=3)
+    out = tmp_path / "paper"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gie_core.cli.eval", "paper", "--protocol", "benchmark",
+           "--imgedit", str(tmp_path / "ImgEdit"), "--variants", "plain", "-o", str(out), "--judge", str(gie_dir),
+           "--kontext", str(kontext_dir), *[a for a in FAST if a != "cpu" and a != "--device"]]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = out / "imgedit" / "_gie_eval"
+    made = {f.name: [json.loads(x)["key"] for x in f.read_text().splitlines()] for f in (logs / "logs").glob("*.jsonl")}
+    judged = {f.name: [json.loads(x)["key"] for x in f.read_text().splitlines()] for f in (logs / "scores").glob("*.jsonl")}
+    assert made == {"generate.rank0.jsonl": ["100", "102"], "generate.rank1.jsonl": ["101"]}
+    assert judged == {"judgements.rank0.jsonl": ["100", "102"], "judgements.rank1.jsonl": ["101"]}
+    assert proc.stdout.count("## ImgEdit-Full") == 1  # the table once, from the main process
+    assert json.loads((logs / "scores" / "scores.json").read_text())["counts"]["samples"] == 3
