@@ -443,3 +443,24 @@ def test_judge_samples_are_an_option_recorded_with_the_scores(tmp_path, gie_dir,
     assert len(rec["answers"]["alignment"]["raw"]) == 2 and len(rec["answers"]["quality"]["runs"]) == 2
     assert main(base) == 2  # the rubric's default (20) is other judging: refused, not mixed in
     assert "judge_samples: 2 -> 20" in capsys.readouterr().err
+
+
+def _readme_command(prefix: str) -> list[str]:
+    """The README's first command line starting with ``prefix`` (continuation lines joined)."""
+    import shlex
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text().replace("\\\n", " ")
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith(prefix))
+    return shlex.split(line.strip())
+
+
+def test_the_readmes_imgedit_command_runs_on_the_unpacked_benchmark_tar(tmp_path, gie_dir, kontext_dir, monkeypatch):
+    """The README's ImgEdit command, as written, on a synthetic set in the layout Benchmark.tar
+    unpacks to (only the paths are the tiny ones; the fast options come after)."""
+    synthetic.write_imgedit(tmp_path / "ImgEdit", n=2)
+    argv = _readme_command("gie-eval generate imgedit ")
+    assert argv[3] == "ImgEdit/Benchmark/singleturn/singleturn.json" and "--images" not in argv
+    swap = {"gpt-image-edit/final_checkpoint": str(gie_dir), "FLUX.1-Kontext-dev": str(kontext_dir)}
+    monkeypatch.chdir(tmp_path)
+    assert main([swap.get(a, a) for a in argv[1:]] + FAST) == 0
+    assert sorted(p.name for p in (tmp_path / "eval" / "imgedit").glob("*.png")) == ["100.png", "101.png"]
