@@ -4,6 +4,7 @@
     gie-eval score OUT --judge QWEN_VL_DIR [--similarity]     a local judge; scores per category
     gie-eval compare OUT_A OUT_B ... -o CMP                   tables side by side and a picture grid
     gie-eval report OUT_A [OUT_B ...] -o REPORT.html          one HTML page: charts and samples, worst first
+    gie-eval paper --protocol P --imgedit/--gedit ... -o OUT  the paper's tables (plain, rewritten), judged locally
 
 Many GPUs or nodes: ``accelerate launch gie-eval generate ...`` (or ``accelerate launch -m
 gie_core.cli.eval generate ...``) splits the samples between the processes; ``score`` shards the

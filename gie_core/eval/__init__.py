@@ -10,6 +10,8 @@
 - :mod:`gie_core.eval.metrics`: reference-free similarity to the source outside the edited region;
 - :mod:`gie_core.eval.score` / :mod:`gie_core.eval.compare`: scores per category as JSON, CSV
   and markdown; several runs side by side, and a picture grid;
+- :mod:`gie_core.eval.report`: one self-contained HTML page of scored runs (charts, samples worst first);
+- :mod:`gie_core.eval.paper`: the published ImgEdit / GEdit protocol (its prompt files, its figures);
 - :mod:`gie_core.eval.runs`: a run folder's records, the shard of this process, the seed of a sample;
 - :mod:`gie_core.eval.synthetic`: tiny benchmark folders in each format, for trying it all offline.
 """
