@@ -458,3 +458,10 @@ def test_rewrite_cli_reports_a_truncated_image(awkward, gie_dir, capsys):
     assert fragment in err and "Traceback" not in err
     assert rewrite_main([str(gie_dir), "add a hat", "--model", str(gie_dir), "--device", "cpu"]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_a_numbered_cpu_is_plain_cpu():
+    """`--device cpu:0` (accelerate's name for a process's CPU) is plain `cpu`: on `cpu:0` every
+    memory-mapped weight was copied and MKL rounded a pixel differently from a `cpu` run."""
+    assert resolve_device("cpu:0") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu", 0)).index is None

@@ -149,6 +149,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             raise ValueError(f"device '{device}' was asked for but MPS is not available here; use --device cpu")
     elif dev.type != "cpu":
         raise ValueError(f"device '{device}' is not supported; expected cpu, cuda, cuda:N or mps")
+    else:  # 'cpu:0' would copy every memory-mapped weight and change MKL's rounding (see eval.runs.plain_cpu)
+        return torch.device("cpu")
     return dev
 
 
