@@ -61,6 +61,7 @@ from gie_core.weights.parts import load_part
 from gie_core.weights.reader import CheckpointReader
 from gie_core.train import checkpoint as ckpt
 from gie_core.train import export as ex
+from gie_core.train.attention import training_attention
 from gie_core.train.cache import FeatureCache, cache_info_for, cached_contents
 from gie_core.train.config import TrainConfig, optimizer_spec
 from gie_core.train.data import BucketBatches, EditDataset, ProblemLog, Shard, bucket_for, collate, read_dataset, usable_pairs
@@ -398,7 +399,10 @@ class Trainer:
         acc = self.accelerator
         # module randomness (LoRA dropout) from the batch's seeds: reproducible, resumable, and the
         # process's global generators are left as they were
-        with seeded(generators[0].initial_seed(), "modules", acc.process_index, device=self.device), acc.accumulate(self.model):
+        # the SDPA kernels of train.attention_kernels for the forward and the backward (gradient
+        # checkpointing recomputes attention inside backward(); see gie_core.train.attention)
+        with seeded(generators[0].initial_seed(), "modules", acc.process_index, device=self.device), \
+                acc.accumulate(self.model), training_attention(self.cfg.train.attention_kernels):
             inputs = self.encode_batch(batch, generators)
             out = self.compute_loss(inputs, generator=generators)
             loss = out["loss"]
