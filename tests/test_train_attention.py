@@ -8,6 +8,7 @@ attention runs again inside ``backward()``, and those calls must see the same li
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -84,3 +85,37 @@ def test_cudnn_is_allowed_when_asked_for():
     cfg = TrainConfig()
     cfg.train.attention_kernels = ["cudnn", "flash"]
     cfg.check(for_training=False)  # an explicit opt-in is accepted
+
+
+# --- optional GPU packages: absent or built for another torch -------------------------------
+
+
+def test_an_attention_backend_whose_wheel_does_not_import_falls_back_with_a_clear_note(tmp_path, monkeypatch):
+    """sageattention installed but unusable (a wheel for another torch): diffusers' dispatcher
+    cannot use it, the note says so and names what to do, and the run uses sdpa."""
+    from gie_core.engine.acceleration import Acceleration, attention_unavailable
+
+    assert "sageattention" in attention_unavailable("sage", "cuda")  # absent: diffusers' own message
+    (tmp_path / "sageattention").mkdir()
+    (tmp_path / "sageattention" / "__init__.py").write_text("raise ImportError('undefined symbol: _ZN3c10')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    why = attention_unavailable("sage", "cuda")
+    assert why.startswith(f"sageattention is installed but does not import with torch {torch.__version__}")
+    acc = Acceleration(attention="sage").effective("cuda", log=False)
+    assert acc.attention == "sdpa" and "using sdpa" in acc.notes[-1]
+
+
+def test_an_optimizer_whose_package_does_not_import_is_refused_before_any_weight(tmp_path, monkeypatch, kontext_dir,
+                                                                                   gie_dir, one_pair):
+    from gie_core.train.config import OPTIMIZER_TABLE
+
+    (tmp_path / "pkg" / "bitsandbytes").mkdir(parents=True)
+    (tmp_path / "pkg" / "bitsandbytes" / "__init__.py").write_text("raise OSError('libbitsandbytes_cuda130.so: cannot open')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
+    monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)
+    assert OPTIMIZER_TABLE["adamw8bit"].import_problem().startswith(
+        f"bitsandbytes is installed but does not import with torch {torch.__version__} (OSError: libbitsandbytes_cuda130.so")
+    cfg = make_config(tmp_path / "run", kontext_dir, gie_dir, one_pair, **{"optim.optimizer": "adamw8bit"})
+    with pytest.raises(ValueError, match="optim.optimizer is 'adamw8bit' but bitsandbytes is installed but does not import"):
+        Trainer(cfg).setup()
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made

@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import importlib
 import importlib.util
 import math
 import os
@@ -155,6 +156,22 @@ class OptimizerSpec:
     def missing(self) -> str:
         """Why it cannot run here ("" when it can)."""
         return "" if self.installed else f"{self.package} is not installed ({self.install})"
+
+    def import_problem(self) -> str:
+        """Why its installed package does not import ("" when it does): a wheel built for another
+        torch or CUDA fails here, so a run says so before any weight is read instead of failing
+        when the optimizer is built."""
+        if self.package is None or not self.installed:
+            return self.missing
+        try:
+            importlib.import_module(self.package)
+        except Exception as exc:  # noqa: BLE001 - a broken binary raises ImportError, OSError or RuntimeError
+            import torch  # start-up: only reached from a training run, which has torch loaded
+
+            return (f"{self.package} is installed but does not import with torch {torch.__version__} "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); install a build for this "
+                    f"torch ({self.install}), or use the default optimizer adamw")
+        return ""
 
 
 OPTIMIZER_TABLE: dict[str, OptimizerSpec] = {

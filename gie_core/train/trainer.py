@@ -173,6 +173,8 @@ class Trainer:
         resume; returns it and whether this process makes validation edits."""
         cfg = self.cfg
         cfg.check(for_training=data)  # a config built by hand is checked as a file's is
+        if data and (problem := optimizer_spec(cfg.optim.optimizer).import_problem()):
+            raise ValueError(f"optim.optimizer is '{cfg.optim.optimizer}' but {problem}")
         check_model_paths(cfg)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         acc = self.accelerator = make_accelerator(cfg, self.output_dir)
