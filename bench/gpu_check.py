@@ -303,7 +303,6 @@ def path_forward_mfu(c: Check) -> dict:
     mm, _ = timed(lambda: a @ a, c.device, 3, warmup=1)
     out["matmul_tflops_per_s"] = round(2 * n**3 / max(mm, 1e-9) / 1e12, 3)
     out["of_matmul"] = round(out["tflops_per_s"] / max(out["matmul_tflops_per_s"], 1e-9), 3)
-    del t, kw, a
     return out
 
 
@@ -346,7 +345,6 @@ def path_sampling(c: Check) -> dict:
         out[f"{label}_psnr_db"] = psnr(image, base)
         if notes:
             out[f"{label}_note"] = "; ".join(notes)
-    del t, vae, models
     return out
 
 
@@ -359,11 +357,12 @@ def _diffusers_seconds(c: Check, transformer, vae, cond, ref) -> float:
                                text_encoder_2=None, tokenizer_2=None, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     image = to_pil((ref[0].permute(1, 2, 0)[None] + 1) / 2)[0]
-    seconds, _ = timed(lambda: pipe(image=image, prompt_embeds=cond.context.to(c.device), pooled_prompt_embeds=cond.pooled.to(c.device),
-                                    height=c.sizes.image, width=c.sizes.image, num_inference_steps=c.sizes.steps,
-                                    guidance_scale=3.5, generator=torch.Generator("cpu").manual_seed(1), output_type="pt",
-                                    max_area=c.sizes.image**2, _auto_resize=False),
-                       c.device, 1, warmup=c.sizes.warmup)
+    side = c.sizes.image
+    kwargs = dict(image=image, prompt_embeds=cond.context.to(c.device), pooled_prompt_embeds=cond.pooled.to(c.device),
+                  height=side, width=side, num_inference_steps=c.sizes.steps, guidance_scale=3.5, output_type="pt",
+                  max_area=side**2, _auto_resize=False)
+    seconds, _ = timed(lambda: pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(1)), c.device, 1,
+                       warmup=c.sizes.warmup)
     return seconds
 
 
@@ -432,10 +431,9 @@ def path_storage(c: Check) -> dict:
                 cast_s, _ = timed(lambda: model(**kw)[0], c.device, c.sizes.repeats, c.sizes.warmup)
                 out["fp8_e4m3fn_fast_upcast_time_vs_bf16"] = round(cast_s / base_s, 3)
             if model is not bf16:
-                del model
+                model = None
                 free()
     out["bf16_forward_s"] = round(base_s, 4)
-    del bf16, kw
     return out
 
 
@@ -471,7 +469,7 @@ def path_bnb_qwen(c: Check) -> dict:
         seconds, feats = timed(lambda: enc.encode([image], "make the sky red").hidden, c.device, 1, warmup=1)
         out.update({f"{name}_encode_s": round(seconds, 3), f"{name}_finite": bool(torch.isfinite(feats).all()),
                     f"{name}_peak_gib": peaks(c.device)["peak_allocated_gib"]})
-        del enc
+        enc = None
         free()
     return out
 
@@ -494,8 +492,8 @@ def path_edit_peak(c: Check) -> dict:
     hooks = []
     for phase, module in phases.items():
         hooks.append(module.register_forward_pre_hook(lambda *_: reset_peaks(c.device)))
-        hooks.append(module.register_forward_hook(
-            lambda *_, phase=phase: seen.__setitem__(phase, max(seen.get(phase, 0.0), peaks(c.device)["peak_allocated_gib"] or 0.0))))
+        hooks.append(module.register_forward_hook(lambda *_, phase=phase: seen.__setitem__(
+            phase, max(seen.get(phase, 0.0), peaks(c.device)["peak_allocated_gib"] or 0.0))))
     image = Image.new("RGB", (c.sizes.image, c.sizes.image), (120, 80, 40))
     t0 = time.perf_counter()
     side = c.sizes.image
@@ -508,7 +506,6 @@ def path_edit_peak(c: Check) -> dict:
         out.update({f"{k} GiB": round(v, 2) for k, v in seen.items()})
         top = max(seen, key=seen.get)
         out.update(peak_gib=round(seen[top], 2), peak_phase=top, within_16gb=seen[top] <= 16.0)
-    del pipe, qwen, text, t, conn, result
     return out
 
 
@@ -561,14 +558,14 @@ def _train_step(c: Check, stage: int, steps: int | None = None, **overrides) -> 
         sync(c.device)
         seconds.append(time.perf_counter() - t0)
         losses.append(float(loss.detach()))
-    out = {"optimizer": cfg.optim.optimizer, "attention_kernels": ",".join(kernels), "loss_finite": all(map(math.isfinite, losses)),
+    out = {"optimizer": cfg.optim.optimizer, "attention_kernels": ",".join(kernels),
+           "loss_finite": all(map(math.isfinite, losses)),
            "s_per_step": round(seconds[-1], 3), **peaks(c.device)}
     if c.cuda:  # the plan of the recipe at real size (gie-train plan's figures)
         plan = plan_memory(cfg, device="cuda")
         out.update(plan_allocated_gib=round(plan.peak / GIB, 2), plan_reserved_gib=round(plan.reserved_peak / GIB, 2))
         out["allocated_vs_plan"] = round(out["peak_allocated_gib"] / out["plan_allocated_gib"], 3)
         out["reserved_under_22gib"] = out["peak_reserved_gib"] < 22.0
-    del model, t, conn, opt, inputs
     return out
 
 
@@ -632,7 +629,6 @@ def path_attention(c: Check) -> dict:
     train_len = kw["hidden_states"].shape[1] + c.sizes.vlm_tokens
     out["training_kernel"] = _sdpa_choice(c, heads, train_len, dim, training_attention(DEFAULT_ATTENTION_KERNELS))
     out["cudnn_training_backward"] = _cudnn_probe(c, heads, train_len, dim)
-    del t, kw
     return out
 
 
