@@ -475,18 +475,20 @@ def path_bnb_qwen(c: Check) -> dict:
 
 
 def path_edit_peak(c: Check) -> dict:
-    """A whole 1 MP edit with model offload, the fp8 transformer: the peak of each phase."""
+    """A whole 1 MP edit of the released mode (Qwen + T5) with model offload and the fp8 transformer:
+    the peak of each phase."""
     from PIL import Image
 
+    from gie_core.engine.modes import DEFAULT_FUSION_MODE
     from gie_core.engine.pipeline import EditPipeline
     from gie_core.weights.quantize import prepare_fp8_storage
 
     qwen, text = c.models.qwen(), c.models.text()
     t = prepare_fp8_storage(c.models.transformer(), c.models.dtype, "transformer")
-    conn = c.models.connector(qwen.hidden_size, t.config.joint_attention_dim)
+    conn = c.models.connector(qwen.hidden_size, t.config.joint_attention_dim, DEFAULT_FUSION_MODE)
     pipe = EditPipeline(transformer=t, vae=c.models.vae(), scheduler=c.models.scheduler(), text=text, qwen=qwen,
                         connector=conn, device=c.device, offload="model")
-    phases = {"Qwen encode": qwen.model, "T5": text.t5, "CLIP": text.clip, "transformer": t,
+    phases = {"Qwen encode": qwen._base_model(), "T5": text.t5, "CLIP": text.clip, "transformer": t,
               "VAE encode": pipe.vae.encoder, "VAE decode": pipe.vae.decoder}
     seen: dict[str, float] = {}
     hooks = []
@@ -497,11 +499,12 @@ def path_edit_peak(c: Check) -> dict:
     image = Image.new("RGB", (c.sizes.image, c.sizes.image), (120, 80, 40))
     t0 = time.perf_counter()
     side = c.sizes.image
-    result = pipe.edit(image, "make it winter", mode="vlm", steps=c.sizes.steps, seed=1, width=side, height=side,
+    result = pipe.edit(image, "make it winter", mode=DEFAULT_FUSION_MODE, steps=c.sizes.steps, seed=1, width=side, height=side,
                        reference_resize=(side, side))
     out = {"seconds": round(time.perf_counter() - t0, 1), "finite": bool(torch.isfinite(result.tensor).all())}
     for h in hooks:
         h.remove()
+    out["phases"] = ",".join(p for p in phases if p in seen)  # each phase ran (and was measured on CUDA)
     if c.cuda:
         out.update({f"{k} GiB": round(v, 2) for k, v in seen.items()})
         top = max(seen, key=seen.get)

@@ -52,6 +52,7 @@ def test_the_paths_ran_through_the_projects_code(tiny_check):
     report, _ = tiny_check
     paths = report["paths"]
     assert paths["edit_peak"]["finite"] is True
+    assert paths["edit_peak"]["phases"] == "Qwen encode,T5,CLIP,transformer,VAE encode,VAE decode"
     for name in ("train_stage2_24gb", "train_stage1_24gb", "block_swap"):
         assert paths[name]["loss_finite"] is True
         assert paths[name]["attention_kernels"] == "flash,efficient,math"  # the training default: no cuDNN
