@@ -24,6 +24,7 @@ import warnings
 
 from gie_core.cli.help import HelpFormatter, help_with_default
 from gie_core.files import describe_os_error
+from gie_core.train.allocator import configure_allocator
 from gie_core.train.config import (
     ConfigError,
     add_config_arguments,
@@ -126,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         return _plan(parser, args, cfg)
     if layering:
         print(f"gie-train: note: {layering}", file=sys.stderr)
+    allocator = configure_allocator()  # before torch sets up CUDA (nothing above imports torch)
     _setup_logging()
     log = logging.getLogger("gie_core.train")
+    log.info("%s", allocator)
     try:
         return _run(command, parser, args, cfg, log)
     except KeyboardInterrupt:

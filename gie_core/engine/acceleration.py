@@ -217,12 +217,18 @@ class AttentionBackend:
     needs_cuda: bool
     package: str  # what to install ("" = part of torch)
     help: str
+    module: str = ""  # the module it installs, when not the package's name with "_" for "-"
+
+    @property
+    def import_name(self) -> str:
+        return self.module or self.package.replace("-", "_")
 
 
 ATTENTION_TABLE: tuple[AttentionBackend, ...] = (
     AttentionBackend("sdpa", "native", False, "", "PyTorch scaled-dot-product attention (default; picks flash/efficient kernels itself)"),
     AttentionBackend("flash", "flash", True, "flash-attn", "FlashAttention 2 (pip install flash-attn)"),
-    AttentionBackend("flash3", "_flash_3", True, "flash-attn-3", "FlashAttention 3, Hopper GPUs (flash_attn_interface)"),
+    AttentionBackend("flash3", "_flash_3", True, "flash-attn-3", "FlashAttention 3, Hopper GPUs (flash_attn_interface)",
+                     "flash_attn_interface"),
     AttentionBackend("sage", "sage", True, "sageattention", "SageAttention, 8-bit attention (pip install sageattention)"),
     AttentionBackend("cudnn", "_native_cudnn", True, "", "PyTorch's cuDNN attention kernel"),
     AttentionBackend("xformers", "xformers", True, "xformers", "xFormers memory-efficient attention"),
@@ -254,6 +260,10 @@ def attention_unavailable(name: str, device: torch.device | str | None) -> str |
     try:
         dispatch._check_attention_backend_requirements(backend)
     except (RuntimeError, ImportError) as exc:
+        if row.package and importlib.util.find_spec(row.import_name) is not None:
+            # installed, yet diffusers could not import it: usually a wheel built for another torch / CUDA
+            return (f"{row.package} is installed but does not import with torch {torch.__version__} (a wheel built "
+                    f"for another torch or CUDA?); install one built for this torch")
         return str(exc).rstrip(".")
     return None
 

@@ -11,7 +11,10 @@ Modules:
 - :mod:`.loss`: the flow-matching loss of the reference, as pure functions;
 - :mod:`.trainable`: which parameters train (image-branch attention, full, LoRA);
 - :mod:`.models`: loading the parts a run needs, the trained module;
-- :mod:`.memory`: frozen weights in fp8 (layerwise casting), block swap (group offloading);
+- :mod:`.memory`: frozen weights in fp8 (layerwise casting), block swap (group offloading), the peak
+  memory a run logs;
+- :mod:`.attention`: the SDPA kernels the training step may use (``train.attention_kernels``);
+- :mod:`.allocator`: the CUDA allocator setting ``gie-train`` makes, the reserved-memory margin of the plan;
 - :mod:`.plan`: ``gie-train plan``, the GPU memory a run needs, before anything loads;
 - :mod:`.engine`: what DDP / DeepSpeed / FSDP can do here, resuming on another number of processes;
 - :mod:`.checkpoint`: atomic checkpoints, keep-last-K, resume;

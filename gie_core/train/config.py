@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import importlib
 import importlib.util
 import math
 import os
@@ -156,6 +157,22 @@ class OptimizerSpec:
         """Why it cannot run here ("" when it can)."""
         return "" if self.installed else f"{self.package} is not installed ({self.install})"
 
+    def import_problem(self) -> str:
+        """Why its installed package does not import ("" when it does): a wheel built for another
+        torch or CUDA fails here, so a run says so before any weight is read instead of failing
+        when the optimizer is built."""
+        if self.package is None or not self.installed:
+            return self.missing
+        try:
+            importlib.import_module(self.package)
+        except Exception as exc:  # noqa: BLE001 - a broken binary raises ImportError, OSError or RuntimeError
+            import torch  # start-up: only reached from a training run, which has torch loaded
+
+            return (f"{self.package} is installed but does not import with torch {torch.__version__} "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); install a build for this "
+                    f"torch ({self.install}), or use the default optimizer adamw")
+        return ""
+
 
 OPTIMIZER_TABLE: dict[str, OptimizerSpec] = {
     o.name: o
@@ -208,6 +225,36 @@ STORAGE_DTYPE_TABLE: dict[str, StorageDtype] = {
 STORAGE_DTYPES = tuple(STORAGE_DTYPE_TABLE)
 
 
+# ------------------------------------------------------------------------------------------
+# Attention kernels of the training step (PyTorch's scaled-dot-product attention)
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionKernel:
+    """One kernel of PyTorch's SDPA that ``train.attention_kernels`` may allow."""
+
+    name: str
+    backend: str  # the torch.nn.attention.SDPBackend member
+    help: str
+
+
+ATTENTION_KERNEL_TABLE: dict[str, AttentionKernel] = {
+    k.name: k
+    for k in (
+        AttentionKernel("flash", "FLASH_ATTENTION", "FlashAttention-2 built into PyTorch (CUDA sm80+, and a CPU kernel)"),
+        AttentionKernel("efficient", "EFFICIENT_ATTENTION", "memory-efficient attention (CUDA; takes attention masks)"),
+        AttentionKernel("math", "MATH", "the plain PyTorch composite (any device; slowest, most memory)"),
+        AttentionKernel("cudnn", "CUDNN_ATTENTION", "cuDNN's fused attention; PyTorch >= 2.10 prefers it on H100/H200/B200, "
+                        "and its backward has crashed there in training (illegal memory access, mha_graph.execute; NaN "
+                        "gradients at sequence lengths that are not multiples of 128, pytorch#196678): opt in only"),
+    )
+}
+ATTENTION_KERNELS = tuple(ATTENTION_KERNEL_TABLE)
+# The training default: every kernel but cuDNN, SDPA picking the fastest that fits each call.
+DEFAULT_ATTENTION_KERNELS = ("flash", "efficient", "math")
+
+
 @dataclass
 class ModelOptions:
     kontext: str | None = _opt(None, "FLUX.1-Kontext-dev diffusers directory (VAE, CLIP, T5, tokenizers, scheduler, stock transformer)")
@@ -252,6 +299,10 @@ class TrainOptions:
     logit_std: float = _opt(1.0, "std of the logit-normal timestep distribution")
     weight_scheme: str = _opt("log", "region weight of changed pixels: log (log2(total/changed) + 1) or exp")
     overfit_batches: int = _opt(0, "debug: train on the first N batches only, with the same noise and timestep each time")
+    attention_kernels: list[str] = _opt(list(DEFAULT_ATTENTION_KERNELS),
+                                        "SDPA kernels the training step (forward and backward) may use, PyTorch picking "
+                                        f"among them: {', '.join(ATTENTION_KERNELS)} (cuDNN is left out by default: its "
+                                        "backward crashed in training on Hopper; validation edits use PyTorch's own choice)")
 
 
 @dataclass
@@ -432,10 +483,22 @@ class TrainConfig:
         for key in ("memory.transformer_dtype", "memory.encoder_dtype", "memory.vae_dtype"):
             self._choice(key, STORAGE_DTYPES)
         self._check_memory()
+        self._check_attention_kernels()
         for key, choices in (("data.bucketing", BUCKETING), ("data.region_weighting", REGION_WEIGHTING),
                              ("train.weight_scheme", WEIGHT_SCHEMES), ("optim.lr_scheduler", LR_SCHEDULERS),
                              ("data.cache_dtype", DTYPE_NAMES), ("export.dtype", DTYPE_NAMES)):
             self._choice(key, choices)
+
+    def _check_attention_kernels(self) -> None:
+        kernels = self.train.attention_kernels
+        expected = f"a list of one or more of {', '.join(ATTENTION_KERNELS)}"
+        if not isinstance(kernels, list) or not kernels:
+            raise ConfigError(f"train.attention_kernels is {kernels!r}; expected {expected}")
+        for name in kernels:
+            if name not in ATTENTION_KERNEL_TABLE:
+                raise ConfigError(f"train.attention_kernels has '{name}'; expected {expected}")
+        if len(set(kernels)) != len(kernels):
+            raise ConfigError(f"train.attention_kernels {kernels} names a kernel twice")
 
     def _check_numbers(self) -> None:
         """Counts, ranges and rates."""

@@ -241,3 +241,35 @@ def storage_bytes(tensors: Iterable[torch.Tensor]) -> dict[torch.dtype, int]:
         seen.add(key)
         out[t.dtype] = out.get(t.dtype, 0) + t.numel() * t.element_size()
     return out
+
+
+# ------------------------------------------------------------------------------------------
+# What a run used (logged per log step and at the end)
+# ------------------------------------------------------------------------------------------
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class PeakMemory:
+    """The peaks since the run started on a CUDA device (bytes; torch's max_memory_*)."""
+
+    allocated: int
+    reserved: int
+
+    def __str__(self) -> str:
+        return (f"peak GPU memory {self.allocated / GIB:.2f} GiB allocated, {self.reserved / GIB:.2f} GiB reserved "
+                f"(reserved/allocated {self.reserved / max(self.allocated, 1):.2f})")
+
+
+def peak_memory(device: torch.device) -> PeakMemory | None:
+    """The peak allocated and reserved memory of ``device`` so far; None off CUDA (nothing is reserved there)."""
+    if torch.device(device).type != "cuda":
+        return None
+    return PeakMemory(torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device))
+
+
+def describe_peak_memory(device: torch.device) -> str:
+    """The sentence the trainer logs: both peaks on CUDA, "none" elsewhere."""
+    peak = peak_memory(device)
+    return str(peak) if peak is not None else f"peak GPU memory: none (this run trains on {torch.device(device).type})"

@@ -20,8 +20,11 @@ trained set, LoRA, fp8 storage, checkpointing; :func:`.memory.swappable_blocks`)
 Autocast follows PyTorch's CPU rules (CUDA's also keeps layer norms in fp32: about 2% more
 activations, measured at 512 px); the CPU's flash attention saves what CUDA's flash /
 memory-efficient attention save (query, key, value, output, log-sum-exp). Not counted: the CUDA context and cuBLAS workspaces
-(about 1 GiB, kept as :data:`CUDA_RESERVE` when checking a budget), allocator fragmentation, and
-Qwen's activations for learned queries (metaquery).
+(about 1 GiB, kept as :data:`CUDA_RESERVE` when checking a budget) and Qwen's activations for
+learned queries (metaquery). A budget is about *reserved* memory, which allocator fragmentation
+grows past the allocated peak: on CUDA the budget check adds
+:data:`gie_core.train.allocator.RESERVED_MARGIN` of the peak (what gie-train's expandable
+segments are assumed to keep it within), and the plan says so.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from transformers import (
 from gie_core.constants import QWEN_IMAGE_SIZE, T5_MAX_LENGTH
 from gie_core.engine.connector import Connector
 from gie_core.engine.modes import fusion_mode
+from gie_core.train.allocator import ALLOCATOR_SETTING, RESERVED_MARGIN
 from gie_core.train.config import OPTIMIZER_TABLE, TrainConfig
 from gie_core.train.data import bucket_sizes
 from gie_core.train.models import EditModel, needed_parts, prepare_for_training
@@ -293,8 +297,14 @@ class MemoryPlan:
     def gpu_weights(self) -> int:
         return sum(w.bytes for w in self.weights if "CPU" not in w.kind)
 
+    @property
+    def reserved_peak(self) -> int:
+        """The reserved memory the budget check assumes: on CUDA the allocated peak plus
+        :data:`RESERVED_MARGIN` of it (allocator fragmentation); elsewhere the peak."""
+        return int(self.peak * (1 + RESERVED_MARGIN)) if self.device == "cuda" else self.peak
+
     def fits(self, budget: int) -> bool:
-        return self.peak + (CUDA_RESERVE if self.device == "cuda" else 0) <= budget
+        return self.reserved_peak + (CUDA_RESERVE if self.device == "cuda" else 0) <= budget
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -787,6 +797,10 @@ def format_plan(plan: MemoryPlan, budget: int | None = None, changes: list[Chang
         lines.append(f"    {'':<17s}{'VAE encoding (latents not cached)':<39s}{_size(plan.encode_transient, unit)}")
     lines.append(f"  peak: {plan.peak / unit:.2f} {name}, during the {plan.phase}"
                  + (f" (+ about {CUDA_RESERVE / GIB:.0f} GiB for the CUDA context)" if plan.device == "cuda" else ""))
+    if plan.device == "cuda":
+        lines.append(f"  reserved: about {plan.reserved_peak / unit:.2f} {name}, the margin assumed between allocated and "
+                     f"reserved memory being {RESERVED_MARGIN:.0%} of the peak (gie-train sets {ALLOCATOR_SETTING}; "
+                     "the trainer logs both peaks)")
     if plan.cpu_bytes:
         lines.append(f"  CPU memory for swapped blocks: {plan.cpu_bytes / GIB:.2f} GiB")
     if budget is not None:

@@ -61,12 +61,13 @@ from gie_core.weights.parts import load_part
 from gie_core.weights.reader import CheckpointReader
 from gie_core.train import checkpoint as ckpt
 from gie_core.train import export as ex
+from gie_core.train.attention import training_attention
 from gie_core.train.cache import FeatureCache, cache_info_for, cached_contents
 from gie_core.train.config import TrainConfig, optimizer_spec
 from gie_core.train.data import BucketBatches, EditDataset, ProblemLog, Shard, bucket_for, collate, read_dataset, usable_pairs
 from gie_core.train.loss import normalize_latents, sample_sigmas, standard_normal
 from gie_core.train.engine import check_engine, check_requested_engine, check_resharding, zero_stage
-from gie_core.train.memory import frozen_names, place_with_swap, resolve_memory
+from gie_core.train.memory import GIB, PeakMemory, describe_peak_memory, frozen_names, peak_memory, place_with_swap, resolve_memory
 from gie_core.train.models import (
     EditModel,
     check_model_paths,
@@ -97,6 +98,7 @@ class TrainResult:
     exported: dict[str, Path] = field(default_factory=dict)
     problems: str = ""
     steps_per_second: float = 0.0
+    peak_memory: PeakMemory | None = None  # CUDA only: peak allocated and reserved bytes of the run
 
 
 def make_accelerator(cfg: TrainConfig, output_dir: Path):
@@ -171,6 +173,8 @@ class Trainer:
         resume; returns it and whether this process makes validation edits."""
         cfg = self.cfg
         cfg.check(for_training=data)  # a config built by hand is checked as a file's is
+        if data and (problem := optimizer_spec(cfg.optim.optimizer).import_problem()):
+            raise ValueError(f"optim.optimizer is '{cfg.optim.optimizer}' but {problem}")
         check_model_paths(cfg)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         acc = self.accelerator = make_accelerator(cfg, self.output_dir)
@@ -398,7 +402,10 @@ class Trainer:
         acc = self.accelerator
         # module randomness (LoRA dropout) from the batch's seeds: reproducible, resumable, and the
         # process's global generators are left as they were
-        with seeded(generators[0].initial_seed(), "modules", acc.process_index, device=self.device), acc.accumulate(self.model):
+        # the SDPA kernels of train.attention_kernels for the forward and the backward (gradient
+        # checkpointing recomputes attention inside backward(); see gie_core.train.attention)
+        with seeded(generators[0].initial_seed(), "modules", acc.process_index, device=self.device), \
+                acc.accumulate(self.model), training_attention(self.cfg.train.attention_kernels):
             inputs = self.encode_batch(batch, generators)
             out = self.compute_loss(inputs, generator=generators)
             loss = out["loss"]
@@ -426,6 +433,8 @@ class Trainer:
         if not self.ready:
             self.setup()
         cfg, acc = self.cfg, self.accelerator
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # the peaks logged are this run's (the weights stay counted)
         max_steps = cfg.train.max_steps
         bar = tqdm(total=max_steps, initial=self.step, desc=f"stage {cfg.train.stage}", unit="step",
                    disable=not (cfg.log.progress and acc.is_local_main_process), dynamic_ncols=True)
@@ -491,7 +500,10 @@ class Trainer:
             logger.warning(self.problems.summary())
         acc.end_training()
         rate = (self.step - start_step) / elapsed if elapsed > 0 else 0.0
-        return TrainResult(self.step, list(self.losses), self.last_checkpoint, exported, self.problems.summary(), rate)
+        if acc.is_local_main_process:
+            logger.info("finished training: %s", describe_peak_memory(self.device))
+        return TrainResult(self.step, list(self.losses), self.last_checkpoint, exported, self.problems.summary(), rate,
+                           peak_memory(self.device))
 
     def _log(self, loss: torch.Tensor, real: int, start_step: int, start_time: float) -> None:
         acc = self.accelerator
@@ -502,9 +514,13 @@ class Trainer:
         values = {"loss": mean, "lr": self.lr_scheduler.get_last_lr()[0],
                   "steps_per_second": (self.step - start_step) / elapsed if elapsed > 0 else 0.0,
                   "bad_samples": self.problems.total}
+        peak = peak_memory(self.device)
+        if peak is not None:
+            values.update(peak_allocated_gib=peak.allocated / GIB, peak_reserved_gib=peak.reserved / GIB)
         if acc.trackers:
             acc.log(values, step=self.step)
-        logger.info("step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        logger.info("step %d: %s; %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()),
+                    describe_peak_memory(self.device))
 
     # ------------------------------------------------------------------------------------
     # Checkpoints

@@ -39,6 +39,7 @@ from gie_core.constants import AUTO_DTYPE, DTYPE_TABLE, LOAD_DEFAULTS, T5_MAX_LE
 from gie_core.engine.encoders import TextEncoders
 from gie_core.weights import gguf as gguf_files
 from gie_core.weights import loading, single_file
+from gie_core.weights.fp8_compute import prepare_fp8_compute, stored_weight_scales
 from gie_core.weights.lora import load_lora
 from gie_core.weights.quantize import (
     NO_QUANTIZATION,
@@ -280,7 +281,7 @@ def _check_storage(part: str, row: Storage, name: str, src: Source, run_device) 
             raise ValueError(f"{part} quantization '{name}' needs bitsandbytes, which is not installed: "
                              "pip install \"gpt-image-edit-nodes[bnb]\" (CUDA GPUs), or use 'fp8'")
         raise ValueError(f"{part} {word} '{name}' needs the '{row.package}' package: pip install {row.package}")
-    if row.method == "layerwise" and not hasattr(torch, "float8_e4m3fn"):
+    if row.method in ("layerwise", "scaled_mm") and not hasattr(torch, "float8_e4m3fn"):
         raise ValueError(f"{part} quantization '{name}' needs a torch with float8 dtypes (torch {torch.__version__} has none)")
     if row.devices and run_device is not None and torch.device(run_device).type not in row.devices:
         raise ValueError(f"{part} quantization '{name}' ({row.package or row.method}) runs on "
@@ -368,10 +369,14 @@ def _done(plan: LoadPlan, module, **extra) -> LoadedPart:
 
 
 def _layerwise(plan: LoadPlan, module: torch.nn.Module) -> torch.nn.Module:
-    """Apply a layerwise row to a module loaded in the compute dtype (loaders that stream
-    straight into the stored dtype do it themselves)."""
+    """Apply a layerwise or fp8-compute row to a module loaded in the compute dtype (loaders
+    that stream straight into the stored dtype do it themselves)."""
     if plan.storage.method == "layerwise":
         prepare_fp8_storage(module, plan.dtype, plan.part, plan.storage.store)
+    elif plan.storage.method == "scaled_mm":
+        # a scaled-fp8 file keeps its stored per-tensor scales: its fp8 values come back exactly
+        scales = stored_weight_scales(plan.source.path, module, plan.source.layout) if plan.source.kind == "file" else None
+        prepare_fp8_compute(module, plan.dtype, plan.part, scales)  # where it cannot run, a layer logs why once
     return module
 
 
@@ -387,6 +392,8 @@ def _load_transformer(plan: LoadPlan) -> LoadedPart:
                                          transformer_quantize=name).transformer
     else:
         model = _layerwise(plan, single_file.load_bfl_transformer(src.path, dtype=plan.dtype, device=plan.device))
+    if src.kind in ("gie_dir", "kontext_dir") and plan.storage.method == "scaled_mm":
+        model = _layerwise(plan, model)  # the folder loaders stream 'fp8' in themselves; fp8 compute is applied here
     return _done(plan, model.requires_grad_(False))
 
 

@@ -11,11 +11,14 @@ library's own mechanism, wired in, never a private copy:
   dtype only while it runs (diffusers' layerwise casting, :func:`diffusers.hooks.apply_layerwise_casting`);
 - ``bnb``: bitsandbytes int8 / nf4 through transformers' ``BitsAndBytesConfig`` (an optional
   extra, made for CUDA GPUs), quantised while loading onto the run device;
+- ``scaled_mm``: weights in float8 e4m3fn with a per-tensor scale, each linear layer one scaled
+  fp8 matmul (``torch._scaled_mm``) on GPUs with fp8 tensor cores, upcast per call elsewhere
+  (:mod:`gie_core.weights.fp8_compute`; ComfyUI calls it ``fp8_e4m3fn_fast``);
 - ``gguf``: a GGUF file's own block quantisation (Q8_0, Q5/Q4 ...), kept as stored and dequantised
   per layer by diffusers' GGUF quantizer (:mod:`gie_core.weights.gguf`).
 
 Precision-critical small layers stay in the compute dtype under fp8 (see ``FP8_KEEP``), as in
-ComfyUI's fp8 files. (fp8 compute, i.e. fp8 matmuls, is not implemented: no row pretends it is.)
+ComfyUI's fp8 files.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ class Storage:
     description: str
     parts: tuple[str, ...]  # the parts that accept it
     sources: tuple[str, ...]  # the source kinds it applies to
-    method: str  # "auto", "compute", "layerwise", "bnb" or "gguf" (see the module docstring)
+    method: str  # "auto", "compute", "layerwise", "scaled_mm", "bnb" or "gguf" (see the module docstring)
     store: torch.dtype | None = None  # compute: the dtype itself; layerwise: the stored dtype
     bits: int = 0  # bnb: 8 or 4
     package: str = ""  # an optional package it needs
@@ -72,6 +75,9 @@ STORAGE_TABLE: dict[str, Storage] = {
         Storage("fp32", "float32 weights, computed in float32", WEIGHT_PARTS, TENSOR_SOURCES, "compute", torch.float32),
         Storage("fp8", "float8 e4m3fn storage, each layer upcast while it runs (~0.5x the bytes of bf16)",
                 ("transformer", "qwen"), TENSOR_SOURCES, "layerwise", torch.float8_e4m3fn, quantizes=True),
+        Storage("fp8_e4m3fn_fast", "float8 e4m3fn weights with a per-tensor scale, each linear layer one fp8 matmul "
+                "(torch._scaled_mm) on GPUs of compute capability 8.9+ (Ada, Hopper, Blackwell); elsewhere upcast per "
+                "layer as 'fp8'", ("transformer",), TENSOR_SOURCES, "scaled_mm", torch.float8_e4m3fn, quantizes=True),
         Storage("int8", "bitsandbytes LLM.int8 (optional extra 'bnb'; CUDA)", ("qwen",), ("gie_dir",), "bnb", bits=8,
                 package="bitsandbytes", devices=("cuda", "cpu"), run_device=True, quantizes=True),
         Storage("nf4", "bitsandbytes 4-bit NF4, compute in the model dtype (optional extra 'bnb'; CUDA)", ("qwen",),
@@ -104,6 +110,9 @@ def package_available(name: str) -> bool:
     """Whether an optional package is installed (without importing it)."""
     return importlib.util.find_spec(name) is not None
 
+
+# The rows whose frozen weights are float8 (LoRA adapters loaded on them stay in the compute dtype).
+FP8_KINDS = ("fp8", "fp8_e4m3fn_fast")
 
 # Layers kept in the compute dtype under fp8 storage (regular expressions searched in module
 # names). Transformer: the input embedders, the timestep/guidance/pooled MLPs, the final
@@ -144,7 +153,7 @@ def adapters_in_compute_dtype(model: torch.nn.Module) -> int:
     peft gives a new adapter its base layer's dtype, which under fp8 storage is float8: small
     low-rank weights that would lose their precision and cannot be multiplied on every device.
     Adapters are tiny, so they stay in the compute dtype. Returns how many tensors were cast."""
-    if getattr(model, "_gie_quantization", None) != "fp8":
+    if getattr(model, "_gie_quantization", None) not in FP8_KINDS:
         return 0
     compute = getattr(model, "_gie_compute_dtype", torch.bfloat16)
     cast = 0

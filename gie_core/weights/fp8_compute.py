@@ -1,0 +1,247 @@
+"""fp8 that computes in fp8: the mechanics of the ``fp8_e4m3fn_fast`` storage row.
+
+Layerwise casting (the ``fp8`` row) halves the bytes but upcasts every weight to bf16 before
+each matmul: on an H200 a forward took 1.12x as long as bf16. On GPUs with fp8 tensor cores
+(compute capability 8.9 and newer: Ada, Hopper, Blackwell) this row runs each linear layer as
+one scaled fp8 matmul, ``torch._scaled_mm``, the kernel that ComfyUI's ``fp8_e4m3fn_fast`` and
+torchao's float8 training call. It is PyTorch's own kernel, not one written here:
+
+- the weight is float8 e4m3fn with one fp32 scale per tensor (``w ~ w_fp8 * scale``). A
+  scaled-fp8 single file (ours from ``gie-convert --format fp8_scaled``, or ComfyUI's with a
+  ``scaled_fp8`` marker and ``<layer>.scale_weight`` / ``.weight_scale``) keeps its stored scale.
+  The loaders upcast such a file and :func:`prepare_fp8_compute` divides by that same scale
+  again, so the stored fp8 values come back bit for bit (the test checks this). Other sources
+  get ``scale = amax(|w|) / 448``;
+- the input gets a dynamic per-tensor scale (``amax(|x|) / 448``) and is clamped to e4m3's
+  range before it is cast;
+- the bias is added by the kernel, and the output is in the input's dtype;
+- the backward pass (LoRA or connector gradients flowing through a frozen fp8 base) multiplies
+  by the upcast weight: gradients stay in bf16.
+
+Where ``_scaled_mm`` cannot run (the CPU, older GPUs, widths that are not multiples of 16), a
+layer upcasts its weight per call, as layerwise casting does, and
+:func:`fp8_compute_unavailable` gives the note that says why. The precision-critical layers of
+:data:`gie_core.weights.quantize.FP8_KEEP` stay in the compute dtype, as under ``fp8``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gie_core.weights.quantize import FP8_KEEP
+from gie_core.weights.reader import CheckpointReader
+from gie_core.weights.single_file import bfl_flux_key_to_diffusers
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FP8",
+    "FP8_MAX",
+    "MIN_CAPABILITY",
+    "Fp8Linear",
+    "fp8_compute_unavailable",
+    "fp8_linear",
+    "prepare_fp8_compute",
+    "quantize_per_tensor",
+    "set_fp8_matmul",
+    "stored_weight_scales",
+]
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+MIN_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada (8.9), Hopper (9.0), Blackwell (10.x, 12.x)
+MATMUL_MODES = ("auto", "scaled_mm", "cast")  # auto: scaled_mm where it can run, else cast
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def fp8_compute_unavailable(device: torch.device | str | None) -> str | None:
+    """Why fp8 matmuls cannot run on ``device`` (None when they can): then each layer is upcast
+    per call instead (the layerwise-casting path)."""
+    dev = torch.device(device if device is not None else "cpu")
+    if not hasattr(torch, "_scaled_mm"):
+        return f"torch {torch.__version__} has no _scaled_mm"
+    if dev.type != "cuda":
+        return (f"fp8 matmuls run on CUDA GPUs of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer; "
+                f"on {dev.type} each fp8 layer is upcast while it runs, as 'fp8' storage does")
+    cap = _capability(dev.index if dev.index is not None else torch.cuda.current_device())
+    if cap < MIN_CAPABILITY:
+        return (f"{torch.cuda.get_device_name(dev)} has compute capability {cap[0]}.{cap[1]}; fp8 matmuls need "
+                f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer (Ada, Hopper, Blackwell), so each fp8 layer is "
+                "upcast while it runs, as 'fp8' storage does")
+    return None
+
+
+def quantize_per_tensor(weight: torch.Tensor, scale: torch.Tensor | float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w_fp8, scale)`` with ``w ~ w_fp8 * scale``; ``scale`` None: ``amax(|w|) / 448``. The
+    scale is an fp32 scalar tensor on the weight's device."""
+    w = weight.detach().float()
+    if scale is None:
+        scale = (w.abs().amax() / FP8_MAX).clamp(min=1e-12)
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=w.device).reshape(())
+    return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def _quantize_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dynamic per-tensor scale for activations ``x`` [M, K], clamped to e4m3's range."""
+    scale = (x.detach().abs().amax().float() / FP8_MAX).clamp(min=1e-12)
+    return (x * (1.0 / scale).to(x.dtype)).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+@functools.lru_cache(maxsize=None)
+def _note_once(why: str) -> None:
+    """Log each reason fp8 compute falls back to upcasting once per process."""
+    logger.warning("fp8_e4m3fn_fast: %s", why)
+
+
+class _ScaledMatmul(torch.autograd.Function):
+    """``x @ (w_fp8 * scale).T + bias`` as one fp8 matmul; the backward to ``x`` (and the bias)
+    in ``x``'s dtype with the upcast weight (the fp8 weight itself is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias):  # x [M, K], weight [N, K] fp8, scale fp32 []
+        x_fp8, x_scale = _quantize_input(x)
+        out = torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=scale,
+                               bias=bias.to(x.dtype) if bias is not None else None, out_dtype=x.dtype)
+        ctx.save_for_backward(weight, scale)
+        ctx.dtype, ctx.has_bias = x.dtype, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [M, N]
+        weight, scale = ctx.saved_tensors
+        grad_x = grad.to(ctx.dtype) @ (weight.to(ctx.dtype) * scale.to(ctx.dtype)) if ctx.needs_input_grad[0] else None
+        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return grad_x, None, None, grad_b
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight * scale, bias)`` computed as a scaled fp8 matmul (any leading dims)."""
+    lead = x.shape[:-1]
+    out = _ScaledMatmul.apply(x.reshape(-1, x.shape[-1]), weight, scale, bias)
+    return out.reshape(*lead, weight.shape[0])
+
+
+class Fp8Linear(nn.Linear):
+    """A frozen linear layer stored in float8 e4m3fn with a per-tensor scale, computing as a
+    scaled fp8 matmul where the device can (:func:`fp8_compute_unavailable`), else upcasting
+    its weight per call. A subclass of ``nn.Linear``, so peft's LoRA wraps it as any linear."""
+
+    matmul: str = "auto"  # one of MATMUL_MODES (set_fp8_matmul changes it per model)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype,
+                    scale: torch.Tensor | float | None = None) -> Fp8Linear:
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        weight, scale = quantize_per_tensor(linear.weight, scale)
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=False)
+        layer.register_buffer("weight_scale", scale)
+        layer.compute_dtype = compute_dtype
+        return layer
+
+    def _use_scaled_mm(self, x: torch.Tensor) -> bool:
+        if self.matmul != "auto":
+            return self.matmul == "scaled_mm"
+        why = fp8_compute_unavailable(x.device)
+        if why is None and x.dtype not in (torch.bfloat16, torch.float16):
+            why = f"fp8 matmuls here compute in bf16 or fp16, and this run computes in {str(x.dtype).replace('torch.', '')}"
+        if why is None and (self.in_features % 16 or self.out_features % 16):
+            why = f"a {self.in_features}->{self.out_features} layer is not a multiple of 16 wide, as fp8 matmuls need"
+        if why is not None:
+            _note_once(why)
+        return why is None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_scaled_mm(x):
+            return fp8_linear(x, self.weight, self.weight_scale, self.bias)
+        weight = self.weight.to(x.dtype) * self.weight_scale.to(x.dtype)  # the layerwise-casting path
+        return F.linear(x, weight, self.bias.to(x.dtype) if self.bias is not None else None)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fp8_e4m3fn x per-tensor scale"
+
+
+def prepare_fp8_compute(model: nn.Module, compute_dtype: torch.dtype, part: str = "transformer",
+                        scales: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """Replace ``model``'s linear layers by :class:`Fp8Linear` (the layers of ``FP8_KEEP[part]``
+    stay in ``compute_dtype``). ``scales``: ``{layer name: per-tensor scale}`` stored with the
+    weights (:func:`stored_weight_scales`), so a scaled-fp8 file's values come back as stored.
+    Returns ``model``."""
+    if compute_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise ValueError("the compute dtype of fp8 compute must be bf16, fp16 or fp32")
+    keep = [re.compile(p) for p in FP8_KEEP[part]]
+    scales = scales or {}
+    targets = [(name, module) for name, module in model.named_modules()
+               if type(module) is nn.Linear and not any(p.search(name) for p in keep)]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Fp8Linear.from_linear(linear, compute_dtype, scales.get(name)))
+    model._gie_quantization = "fp8_e4m3fn_fast"
+    model._gie_compute_dtype = compute_dtype
+    return model
+
+
+def set_fp8_matmul(model: nn.Module, mode: str) -> int:
+    """Force how ``model``'s fp8 layers multiply: "scaled_mm", "cast" (upcast per call) or
+    "auto" (the default). Returns how many layers it set (benchmarks and tests compare both)."""
+    if mode not in MATMUL_MODES:
+        raise ValueError(f"fp8 matmul mode '{mode}' is unknown; expected one of {', '.join(MATMUL_MODES)}")
+    layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    for layer in layers:
+        layer.matmul = mode
+    return len(layers)
+
+
+# A tensor every transformer file of a layout has: what comes before it is the file's key prefix
+# (ComfyUI's "model.diffusion_model.", or none).
+_LAYOUT_MARKER = {"bfl_transformer": "img_in.weight", "diffusers_transformer": "x_embedder.weight"}
+
+
+def stored_weight_scales(path: str | Path, model: nn.Module, layout: str) -> dict[str, torch.Tensor]:
+    """``{diffusers layer name: scale}`` of the per-tensor weight scales a scaled-fp8 transformer
+    file of ``layout`` ("bfl_transformer" or "diffusers_transformer", as
+    :func:`gie_core.weights.parts.resolve_source` found it) stores (``<layer>.scale_weight`` /
+    ``<layer>.weight_scale``; a fused BFL ``qkv`` / ``linear1`` scale applies to each of its
+    parts). Per-row scales are left out: those layers get a per-tensor scale of their own."""
+    if layout not in _LAYOUT_MARKER:
+        return {}
+    bfl = layout == "bfl_transformer"
+    cfg = model.config
+    inner = cfg.num_attention_heads * cfg.attention_head_dim
+    scales: dict[str, torch.Tensor] = {}
+    with CheckpointReader.open(path) as reader:
+        marker = next((k for k in reader.keys() if k.endswith(_LAYOUT_MARKER[layout])), _LAYOUT_MARKER[layout])
+        prefix = marker[: -len(_LAYOUT_MARKER[layout])]
+        for key in reader.keys():
+            if not key.startswith(prefix) or not key.endswith((".scale_weight", ".weight_scale")):
+                continue
+            scale = reader.read(key)
+            if scale.numel() != 1:
+                continue
+            layer = key[len(prefix):].rsplit(".", 1)[0]
+            weight_key = f"{prefix}{layer}.weight"
+            if weight_key not in reader:
+                continue
+            if bfl:
+                meta = torch.empty(reader.shape(weight_key), device="meta")
+                names = [n for n, _ in bfl_flux_key_to_diffusers(f"{layer}.weight", meta, inner_dim=inner,
+                                                                  mlp_hidden_dim=4 * inner)]
+            else:
+                names = [f"{layer}.weight"]
+            for name in names:
+                scales[name[: -len(".weight")]] = scale.float().reshape(())
+    return scales
