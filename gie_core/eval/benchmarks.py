@@ -8,7 +8,7 @@ judging rubric fits it): the CLI, the generator, the scorer and the comparison a
 | ``imgedit`` | ImgEdit-Bench single-turn JSON: ``{key: {"id": image path, "prompt", "edit_type"}}`` + image folder | ``OUT/<key>.png`` |
 | ``gedit`` | GEdit-Bench rows (parquet shards of ``stepfun-ai/GEdit-Bench``, or JSON/JSONL): ``key, task_type, instruction, instruction_language, input_image[, input_image_raw, Intersection_exist]`` | ``OUT/fullset/<task_type>/<language>/<key>.png`` + the source as ``<key>_SRCIMG.png`` beside it |
 | ``complex-edit`` | Complex-Edit rows (parquet, an image folder's ``metadata.jsonl``, or JSON/JSONL): ``image``, ``edit.compound[level-1].compound_instruction`` | ``OUT/<index:05d>.png`` (one folder per level and image type) |
-| ``omnicontext`` | OmniContext rows (parquet or JSON/JSONL): ``key, task_type, instruction, input_images`` (SINGLE = ``single_character``, ``single_object``) | ``OUT/fullset/<task_type>/<key>.png`` |
+| ``omnicontext`` | OmniContext rows (parquet or JSON/JSONL): ``key, task_type, instruction, input_images`` (SINGLE = ``single_character``, ``single_object`` by default; the MULTIPLE and SCENE tasks with ``--task-types``: up to two input images a sample) | ``OUT/fullset/<task_type>/<key>.png`` |
 | ``jsonl`` | your own JSONL (or JSON list): ``{"image", "instruction"[, "key", "category", "mask"]}`` | ``OUT/<key>.png`` |
 
 Image fields may be a path (relative to the instruction set's folder, or to ``images``), or a
@@ -37,6 +37,10 @@ ImageRef = str | bytes  # a file path, or the encoded bytes of an image
 _SAFE_PATH_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 
 OMNICONTEXT_SINGLE = ("single_character", "single_object")
+# the in-context tasks with several input images (OmniGen2's OmniContext dataset card names them);
+# a sample runs when it has at most MAX_IMAGES_PER_TURN images (Image 1 and Image 2)
+OMNICONTEXT_MULTIPLE = ("multiple_character", "multiple_object", "multiple_character_object")
+OMNICONTEXT_SCENE = ("scene_character", "scene_object", "scene_character_object")
 GEDIT_LANGUAGES = ("en", "cn")
 COMPLEX_EDIT_LEVELS = range(1, 9)
 COMPLEX_EDIT_IMAGE_TYPES = ("real", "syn")
@@ -54,6 +58,7 @@ class Sample:
     language: str = "en"
     reference: ImageRef | None = None  # the source image the judge compares with, when not ``image``
     mask: ImageRef | None = None  # optional edit mask (white = edited) for the similarity metrics
+    more_images: tuple[ImageRef, ...] = ()  # further input images (OmniContext's multi-image tasks), in order
     extra: dict = field(default_factory=dict)  # benchmark fields worth keeping (e.g. Intersection_exist)
 
     @property
@@ -325,8 +330,10 @@ def load_complex_edit(path: Path, sel: SelectOptions) -> list[Sample]:
 
 def load_omnicontext(path: Path, sel: SelectOptions) -> list[Sample]:
     """OmniContext rows (``key, task_type, instruction, input_images``) from parquet shards or JSON/JSONL.
-    Only the SINGLE tasks (one reference image) are kept unless ``task_types`` says otherwise:
-    GPT-Image-Edit takes one reference image."""
+    Only the SINGLE tasks (one reference image, what the paper reports) are kept unless
+    ``task_types`` says otherwise; the MULTIPLE and SCENE tasks' further images are
+    ``Sample.more_images`` (the edit takes Image 1 and Image 2, as the reference app does; a
+    sample with more is recorded as failed when generated, naming the limit)."""
     if path.is_file() and path.suffix.lower() in (".json", ".jsonl"):
         rows, base = _as_rows(read_json_rows(path), path), path.parent
     else:
@@ -344,6 +351,7 @@ def load_omnicontext(path: Path, sel: SelectOptions) -> list[Sample]:
             key=check_path_part(_field(row, ("key",), what), what), instruction=_instruction(_field(row, ("instruction",), what), what),
             image=refs[0], category=check_path_part(_field(row, ("task_type",), what), what, "task_type"), index=i,
             language=str(row.get("instruction_language") or "en"), extra={"n_input_images": len(refs)},
+            more_images=tuple(refs[1:]),
         ))
     if not sel.task_types:
         sel = SelectOptions(**{**sel.__dict__, "task_types": OMNICONTEXT_SINGLE})
