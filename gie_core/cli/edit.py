@@ -109,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output",
                    help="output PNG path (needed unless --answer); with --batch N, files OUTPUT_0.png ... are written; "
                         "with --jobs, the output folder")
+    for add in (_weight_options, _editing_options, _conversation_options, _jobs_options, _speed_options,
+                _rewrite_options, _runtime_options):
+        add(p)
+    return p
+
+
+def _weight_options(p: argparse.ArgumentParser) -> None:
+    """--model, --kontext and the single files."""
     w = p.add_argument_group("weights (local paths only)")
     w.add_argument("--model", help="GPT-Image-Edit checkpoint directory (the released final_checkpoint layout)")
     w.add_argument("--kontext", help="FLUX.1-Kontext-dev diffusers directory (VAE, CLIP, T5, tokenizers, scheduler, stock transformer)")
@@ -125,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="a FLUX/Kontext LoRA safetensors applied to the transformer, strength 1 unless given; repeatable")
     w.add_argument("--tokenizers", help="folder with tokenizer/ (CLIP) and tokenizer_2/ (T5), for single-file text encoders")
+
+
+def _editing_options(p: argparse.ArgumentParser) -> None:
+    """The edit's own values (steps, guidance, seed, size, snapping, true CFG, the reference)."""
     s = p.add_argument_group("editing")
     s.add_argument("--mode", choices=FUSION_MODES, help="conditioning: vlm+t5 (released model, default with --model), vlm, t5 (stock Kontext, default without --model), or the training modes")
     s.add_argument("--steps", type=int, default=DEFAULT_STEPS,
@@ -153,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reference-resample", choices=REFERENCE_RESAMPLE_MODES, default=DEFAULT_REFERENCE_RESAMPLE,
                    help="how the input is resized for the reference: lanczos (default, as diffusers) or nearest "
                         "(what upstream's evaluation did: use it to reproduce the published numbers)")
+
+
+def _conversation_options(p: argparse.ArgumentParser) -> None:
+    """Conversations, answers and the task head (the reference app)."""
     c = p.add_argument_group("conversations and answers (the reference app)")
     c.add_argument("--conversation", metavar="FILE",
                    help="a conversation file (JSON) to continue, made when missing: its turns and images condition "
@@ -167,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--task-head", metavar="FILE", help="task head file for --route auto (default: the --model folder's)")
     c.add_argument("--max-new-tokens", type=int, default=ANSWER_MAX_NEW_TOKENS,
                    help=f"bound on an answer's length (default {ANSWER_MAX_NEW_TOKENS}, the app's)")
+
+
+def _jobs_options(p: argparse.ArgumentParser) -> None:
+    """Many edits, one load."""
     j = p.add_argument_group("many edits, one load")
     j.add_argument("--jobs", metavar="LIST",
                    help="a job list: a .jsonl/.json file of {image, instruction[, image2, seed|seeds, name, negative]}, a .tsv/.txt "
@@ -174,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "instruction; -o is then the output folder (NAME_sSEED.png), and a rerun skips the outputs that exist")
     j.add_argument("--seeds", metavar="SEEDS",
                    help="seeds to make of every image: '1,2,3' or '0-3' (default: --seed); a job's own seeds win")
+
+
+def _speed_options(p: argparse.ArgumentParser) -> None:
+    """Step caches, attention, compile and lighter weights."""
     q = p.add_argument_group("speed and memory (see README: Speed and memory)")
     cache_help = "; ".join(f"{m.name}[:{m.value_name.upper()}] ({m.title}, default {m.default:g}, "
                            f"{m.low:g}..{m.high:g})" for m in CACHE_TABLE)
@@ -191,12 +215,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quantize-qwen", default=NO_QUANTIZATION, choices=quantize_choices("qwen"),
                    help="store Qwen2.5-VL lighter: " + "; ".join(f"{n} = {STORAGE_TABLE[n].description}"
                                                                 for n in quantize_choices("qwen") if n != NO_QUANTIZATION))
+
+
+def _rewrite_options(p: argparse.ArgumentParser) -> None:
+    """Instruction rewriting before the edit."""
     w2 = p.add_argument_group("instruction rewriting")
     w2.add_argument("--rewrite", action="store_true",
                     help="first rewrite the instruction into an explicit one with the checkpoint's Qwen2.5-VL (as gie-rewrite; "
                          "needs --model and a mode using the VLM); the rewrite is printed on stderr")
     w2.add_argument("--rewrite-max-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                     help=f"bound on the rewriting answer's length (default {DEFAULT_MAX_NEW_TOKENS})")
+
+
+def _runtime_options(p: argparse.ArgumentParser) -> None:
+    """dtype, offload, device, progress."""
     r = p.add_argument_group("runtime")
     r.add_argument("--dtype", choices=[AUTO_DTYPE, *DTYPE_NAMES], default=LOAD_DEFAULTS["cli"].dtype,
                    help="compute dtype of the weights (default bf16 on GPU, fp32 on CPU)")
@@ -205,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "sequential (also stream transformer blocks: for 24 GB cards)")
     r.add_argument("--device", default=None, help="torch device (default: cuda if present, else mps, else cpu)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
+
 
 
 def parse_size(text: str) -> tuple[int, int]:
