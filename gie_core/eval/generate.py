@@ -25,11 +25,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from gie_core.constants import DEFAULT_TARGET_AREA, MAX_IMAGES_PER_TURN, SIZE_MULTIPLE
+from gie_core.engine.conversation import Conversation
 from gie_core.engine.modes import fusion_mode
 from gie_core.checks import check_choice
 from gie_core.engine.request import resolve_edit
 from gie_core.engine.rewrite import check_rewrite_options, rewrite_instruction
-from gie_core.eval.benchmarks import Benchmark, Sample, load_sample_image
+from gie_core.eval.benchmarks import Benchmark, Sample, load_sample_image, multiturn_turn_output
 from gie_core.eval.runs import RunFolder, Shard, sample_seed
 from gie_core.files import atomic_write
 from gie_core.imaging.images import preferred_kontext_size
@@ -147,6 +148,8 @@ def make_sample(pipe, sample: Sample, bench: Benchmark, folder: RunFolder, setti
         image = image.resize(bench.paper_input_size, Image.LANCZOS)  # upstream's Complex-Edit squashed its inputs
     image2 = load_sample_image(sample.more_images[0], f"sample '{sample.key}' image 2") if sample.more_images else None
     request = settings.request(image, sample.key, [image2.size] if image2 is not None else ())
+    if "turns" in sample.extra:
+        return _make_turns(pipe, sample, bench, folder, settings, record, image, request)
     instruction = sample.instruction
     if settings.rewrite and image2 is not None:
         raise ValueError("instruction rewriting reads one image; this sample has two (run it without --rewrite)")
@@ -159,6 +162,21 @@ def make_sample(pipe, sample: Sample, bench: Benchmark, folder: RunFolder, setti
     write_source_copy(sample, bench, folder)  # first: a sample is done once its output is on disk
     atomic_write(folder.output(bench, sample), lambda tmp: out.save(tmp, format="PNG"))
     record.update(status="ok", width=request.width, height=request.height)
+
+
+def _make_turns(pipe, sample: Sample, bench: Benchmark, folder: RunFolder, settings: GenerateSettings,
+                record: dict, image: Image.Image, request) -> None:
+    """A multi-turn sample: its turns in order as one conversation (each edit conditions the next,
+    as in the reference app), every turn's image written atomically, the last one last."""
+    if settings.rewrite:
+        raise ValueError("instruction rewriting reads one instruction; multi-turn samples run without --rewrite")
+    conversation = Conversation()  # the first turn too: the conversation's layout from the start
+    for n, text in enumerate(sample.extra["turns"], 1):
+        result = pipe.edit(image if n == 1 else None, text, conversation=conversation, request=request)
+        conversation, out = result.conversation, result.images[0]
+        path = folder.path(multiturn_turn_output(sample, n), f"{bench.name} sample '{sample.key}' turn {n}")
+        atomic_write(path, lambda tmp, out=out: out.save(tmp, format="PNG"))
+    record.update(status="ok", width=request.width, height=request.height, turns=len(sample.extra["turns"]))
 
 
 def run_generate(
