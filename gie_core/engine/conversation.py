@@ -161,8 +161,8 @@ class Turn:
             raise ConversationError(f"turn role '{self.role}' is unknown; expected one of {', '.join(ROLES)}")
         if not isinstance(self.text, str):
             raise ConversationError(f"turn text must be a string, not {type(self.text).__name__}")
-        if self.role == ASSISTANT and len(self.images) + bool(self.text) != 1:
-            raise ConversationError("an assistant turn is one image (an edit) or one text (an answer)")
+        if self.role == ASSISTANT and (len(self.images) > 1 or (self.images and self.text)):
+            raise ConversationError("an assistant turn is one image (an edit) or one text (an answer, maybe empty)")
 
     def content(self, layout: str = DEFAULT_CONVERSATION_LAYOUT) -> list[dict]:
         """The turn's message parts as the app builds them: the text part (when there is text) and
