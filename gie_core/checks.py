@@ -9,10 +9,34 @@ input, the value and what was expected.
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
+import importlib.util
 import math
 import numbers
 
-__all__ = ["check_choice", "check_float", "check_int"]
+__all__ = ["check_choice", "check_float", "check_int", "import_problem"]
+
+
+def import_problem(package: str, install: str) -> str:
+    """Why the optional ``package`` cannot be used here ("" when it imports): not installed, or
+    installed but failing at import (a wheel built for another torch or CUDA raises ImportError,
+    OSError or RuntimeError there). ``install`` says how to get a working one. Asked before any
+    weight is read, so a run says so at once instead of failing minutes later."""
+    if importlib.util.find_spec(package) is None:
+        return f"{package} is not installed ({install})"
+    try:
+        importlib.import_module(package)
+    except Exception as exc:  # noqa: BLE001 - a broken binary raises ImportError, OSError or RuntimeError
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        try:
+            torch_version = importlib.metadata.version("torch")  # without importing torch
+        except importlib.metadata.PackageNotFoundError:
+            torch_version = "(none)"
+        return (f"{package} is installed but does not import with torch {torch_version} "
+                f"({type(exc).__name__}: {first}); "
+                f"install a build for this torch ({install})")
+    return ""
 
 
 def check_int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:

@@ -119,3 +119,17 @@ def test_an_optimizer_whose_package_does_not_import_is_refused_before_any_weight
     with pytest.raises(ValueError, match="optim.optimizer is 'adamw8bit' but bitsandbytes is installed but does not import"):
         Trainer(cfg).setup()
     assert not (tmp_path / "run").exists()  # refused before the run folder is made
+
+
+def test_a_bitsandbytes_that_does_not_import_is_refused_for_qwen_before_any_weight(tmp_path, monkeypatch, gie_dir):
+    """int8/nf4 Qwen with a bitsandbytes wheel built for another CUDA: refused by check_load, with
+    the import error, before a weight is read (not minutes later inside transformers)."""
+    from gie_core.weights.parts import check_load
+
+    (tmp_path / "pkg" / "bitsandbytes").mkdir(parents=True)
+    (tmp_path / "pkg" / "bitsandbytes" / "__init__.py").write_text("raise OSError('libbitsandbytes_cuda130.so: cannot open')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
+    monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)
+    with pytest.raises(ValueError, match=r"qwen quantization 'nf4' cannot run here: bitsandbytes is installed but does "
+                                         r"not import with torch .*libbitsandbytes_cuda130\.so"):
+        check_load("qwen", gie_dir, "nf4", run_device="cuda")

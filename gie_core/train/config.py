@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import difflib
 import json
-import importlib
 import importlib.util
 import math
 import os
@@ -34,6 +33,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from gie_core.checks import import_problem
 from gie_core.constants import (
     DEFAULT_GUIDANCE,
     DEFAULT_SEED,
@@ -163,15 +163,8 @@ class OptimizerSpec:
         when the optimizer is built."""
         if self.package is None or not self.installed:
             return self.missing
-        try:
-            importlib.import_module(self.package)
-        except Exception as exc:  # noqa: BLE001 - a broken binary raises ImportError, OSError or RuntimeError
-            import torch  # start-up: only reached from a training run, which has torch loaded
-
-            return (f"{self.package} is installed but does not import with torch {torch.__version__} "
-                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); install a build for this "
-                    f"torch ({self.install}), or use the default optimizer adamw")
-        return ""
+        problem = import_problem(self.package, self.install)
+        return f"{problem}, or use the default optimizer adamw" if problem else ""
 
 
 OPTIMIZER_TABLE: dict[str, OptimizerSpec] = {

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from gie_core.checks import import_problem
 from gie_core.constants import AUTO_DTYPE, DTYPE_TABLE, LOAD_DEFAULTS, T5_MAX_LENGTH, TASK_HEAD_PT, TASK_HEAD_SAFETENSORS
 from gie_core.engine.encoders import TextEncoders
 from gie_core.engine.taskhead import TaskHead
@@ -290,6 +291,8 @@ def _check_storage(part: str, row: Storage, name: str, src: Source, run_device) 
             raise ValueError(f"{part} quantization '{name}' needs bitsandbytes, which is not installed: "
                              "pip install \"gpt-image-edit-nodes[bnb]\" (CUDA GPUs), or use 'fp8'")
         raise ValueError(f"{part} {word} '{name}' needs the '{row.package}' package: pip install {row.package}")
+    if row.package and (problem := import_problem(row.package, f"pip install {row.package}")):
+        raise ValueError(f"{part} {word} '{name}' cannot run here: {problem}; or use 'fp8'")
     if row.method in ("layerwise", "scaled_mm") and not hasattr(torch, "float8_e4m3fn"):
         raise ValueError(f"{part} quantization '{name}' needs a torch with float8 dtypes (torch {torch.__version__} has none)")
     if row.devices and run_device is not None and torch.device(run_device).type not in row.devices:
