@@ -11,13 +11,13 @@ memory"):
   read in order (``posix_fadvise`` SEQUENTIAL, then WILLNEED a few tensors ahead, from a reader
   thread), and each tensor's pages are mapped in one call (``madvise(MADV_POPULATE_READ)``, GIL
   released) instead of one page fault at a time: a cold file is read at disk speed;
-- a file whose loaded tensors all keep their stored dtype on the CPU stays mapped, and the
-  tensors *are* its pages (:meth:`SafetensorsFile.view`, copy-on-write: writes stay private);
-  nothing is copied, and the pages are the bytes kept;
-- any other file (a cast such as bf16 -> fp32 or -> fp8, or a device other than the CPU) is
-  copied in chunks straight from the mapping into the tensors the model keeps, allocated once in
-  their final dtype, and each chunk's pages are dropped from the process as soon as it is copied
-  (peak memory: the bytes kept plus one chunk). The file is unmapped when the load ends.
+- when every tensor a load reads keeps its stored dtype on the CPU, the files stay mapped and
+  the tensors *are* their pages (:meth:`SafetensorsFile.view`, copy-on-write: writes stay
+  private); nothing is copied, and the pages are the bytes kept;
+- any other load (a cast such as bf16 -> fp32, fp8 storage, a device other than the CPU) copies
+  in chunks straight from the mapping into the tensors the model keeps, allocated once in their
+  final dtype, and each chunk's pages are dropped from the process as soon as it is copied (peak
+  memory: the bytes kept plus one chunk). The files are unmapped when the load ends.
 
 A view is as aligned in memory as its tensor is in the file (8 bytes at least); CPU kernels may
 then round the last bit of a result differently than on a 64-byte-aligned copy (as with any
@@ -417,19 +417,18 @@ class CheckpointReader:
         through a disk), each loaded by :meth:`load` in ``dtype`` (one dtype for every floating
         tensor, or one per key; None: as stored) on ``device``.
 
-        A file stays mapped, its tensors being views of it, only when every tensor this call
-        loads from it keeps its stored dtype on the CPU; any other file is copied tensor by
-        tensor and unmapped at the end (no cast source stays in memory). ``workers`` threads
+        The files stay mapped, their tensors being views of them, only when every tensor this
+        call loads keeps its stored dtype on the CPU; otherwise (a cast, fp8 storage, another
+        device) every tensor is copied and the files are unmapped at the end: nothing of a
+        source that is not used as stored stays in memory. ``workers`` threads
         (default one; 0: none) read ahead of the copying, at most ``max_ahead_bytes``: into the
         page cache, and for mapped files into the process."""
         keys = sorted(keys, key=self.offset)
         device = torch.device(device)
         targets = {k: _target(self.dtype(k), dtype.get(k) if isinstance(dtype, Mapping) else dtype) for k in keys}
         used = {id(self.file_of(k)): self.file_of(k) for k in keys}
-        kept = set(used) if device.type == "cpu" else set()
-        for k in keys:
-            if targets[k] != self.dtype(k):
-                kept.discard(id(self.file_of(k)))
+        as_stored = device.type == "cpu" and all(targets[k] == self.dtype(k) for k in keys)
+        kept = set(used) if as_stored else set()
         for f in used.values():
             f.advise_sequential()
         fetched = self._fetched(keys, kept, workers, max_ahead_bytes)
