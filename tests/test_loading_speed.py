@@ -56,8 +56,8 @@ def test_weights_in_their_final_dtype_are_the_files_pages_and_stay_private(gie_d
 def test_reader_yields_every_tensor_once_in_file_order(gie_dir):
     with CheckpointReader.open(gie_dir) as reader:
         keys = reader.keys()
-        for workers in (0, 2):  # mapped lazily, or fetched ahead by reader threads
-            got = [k for k, _ in reader.iter_loaded(reversed(keys), torch.float32, "cpu", workers=workers,
+        for read_ahead in (False, True):  # with the kernel asked to read ahead, or not
+            got = [k for k, _ in reader.iter_loaded(reversed(keys), torch.float32, "cpu", read_ahead=read_ahead,
                                                     max_ahead_bytes=1)]
             assert sorted(got) == sorted(keys)
             assert got == sorted(keys, key=reader.offset)

@@ -414,9 +414,8 @@ def load_kontext_dir(
     ``transformer_quantize="fp8"`` stores the transformer's layers in float8 (see
     :mod:`gie_core.weights.quantize`). Weights are read from safetensors only: a folder holding
     ``.bin`` files alone is refused, naming it."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel  # start-up: diffusers' models (~4 s)
-    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel  # start-up: transformers' models (~4 s)
-
+    # Each model class is imported only when its part is loaded: diffusers' autoencoders package
+    # and transformers' text models cost about a second of start-up each.
     p = Path(path)
     kontext_index(p)
     dtype = parse_dtype(dtype)
@@ -439,15 +438,25 @@ def load_kontext_dir(
             raise CheckpointError(f"could not load {name} from {p}: {exc}") from None
         return m.to(device).eval().requires_grad_(False)
 
-    transformer = vae = None
+    transformer = vae = scheduler = None
     if "transformer" in parts:
+        from diffusers import FluxTransformer2DModel  # start-up: diffusers' models (~3 s)
+
         transformer = load_diffusers_model(FluxTransformer2DModel, sub("transformer"), dtype, device,
                                            quantize=transformer_quantize, part="transformer")
     if "vae" in parts:
+        from diffusers import AutoencoderKL  # start-up: diffusers' autoencoders (~1 s)
+
         vae = load_diffusers_model(AutoencoderKL, sub("vae"), dtype, device)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(sub("scheduler")) if "scheduler" in parts else None
+    if "scheduler" in parts:
+        from diffusers import FlowMatchEulerDiscreteScheduler  # start-up: diffusers' schedulers
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(sub("scheduler"))
     text = None
     if "clip" in parts or "t5" in parts:
+        # start-up: transformers' text models (~1 s), imported only when a text encoder is loaded
+        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
         clip = model(CLIPTextModel, "text_encoder") if "clip" in parts else None
         clip_tok = AutoTokenizer.from_pretrained(sub("tokenizer"), local_files_only=True) if "clip" in parts else None
         t5 = model(T5EncoderModel, "text_encoder_2") if "t5" in parts else None

@@ -386,7 +386,7 @@ def _load_transformer(plan: LoadPlan) -> LoadedPart:
         model = loading.load_kontext_dir(src.path, dtype=plan.dtype, device=plan.device, parts=("transformer",),
                                          transformer_quantize=name).transformer
     else:
-        model = _layerwise(plan, single_file.load_bfl_transformer(src.path, dtype=plan.dtype, device=plan.device))
+        model = single_file.load_bfl_transformer(src.path, dtype=plan.dtype, device=plan.device, quantize=name)
     return _done(plan, model.requires_grad_(False))
 
 

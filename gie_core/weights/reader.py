@@ -265,10 +265,21 @@ class SafetensorsFile:
         if end == begin:
             return
         start = self._data_start + begin
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._fh.fileno(), start, end - begin, os.POSIX_FADV_WILLNEED)
+        self.advise_range(start, end - begin)
         if map_pages:
             self._map_pages(start, end - begin)
+
+    def map_pages(self, key: str) -> None:
+        """Map the tensor's pages into the process now, in one call (read from disk if needed)."""
+        _, _, begin, end = self._entries[key]
+        if end > begin:
+            self._map_pages(self._data_start + begin, end - begin)
+
+    def advise_range(self, start: int, length: int) -> None:
+        """Ask the kernel to read ``[start, start + length)`` of the file into the page cache
+        (asynchronously; the page cache is not this process's memory)."""
+        if length > 0 and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fh.fileno(), start, length, os.POSIX_FADV_WILLNEED)
 
     def _map_pages(self, start: int, length: int) -> None:
         """Map ``[start, start + length)`` of the file into the process in one call (one touch a page
@@ -340,6 +351,43 @@ class SafetensorsFile:
         self.close()
 
 
+class _ReadAhead:
+    """Keeps the kernel reading the next tensors of a load into the page cache, up to
+    ``max_ahead`` bytes beyond what the loader has consumed (``posix_fadvise`` WILLNEED on
+    stretches of adjacent tensors: asynchronous, and page cache, not this process's memory), so
+    the disk keeps reading while the loader maps or copies. Runs on the loader's own thread (a
+    second Python thread would contend for the GIL with the copying)."""
+
+    def __init__(self, reader: CheckpointReader, keys: list[str], max_ahead: int):
+        self._spans = []  # (file, start, end) per key, in load order
+        for k in keys:
+            f = reader.file_of(k)
+            _, _, begin, end = f._entries[k]
+            self._spans.append((f, f._data_start + begin, f._data_start + end))
+        self._max_ahead = max_ahead
+        self._next = 0  # first span not asked for yet
+        self._issued = self._consumed = 0
+        self._advance()
+
+    def _advance(self) -> None:
+        if self._issued - self._consumed > self._max_ahead // 2 or self._next >= len(self._spans):
+            return
+        f, lo, hi = self._spans[self._next]
+        while self._next < len(self._spans) and self._issued - self._consumed < self._max_ahead:
+            g, start, end = self._spans[self._next]
+            if g is not f or start > hi + mmap.PAGESIZE:  # another file, or a gap: ask for what we have
+                f.advise_range(lo, hi - lo)
+                f, lo = g, start
+            hi = end
+            self._issued += end - start
+            self._next += 1
+        f.advise_range(lo, hi - lo)
+
+    def consumed(self, nbytes: int) -> None:
+        self._consumed += nbytes
+        self._advance()
+
+
 class CheckpointReader:
     """A checkpoint made of one or more safetensors files, addressed by tensor name."""
 
@@ -395,7 +443,7 @@ class CheckpointReader:
         target = _target(f.dtype(key), dtype)
         device = torch.device(device)
         if view and device.type == "cpu" and target == f.dtype(key):
-            f.prefetch(key)  # the load reads the pages, not the first forward
+            f.map_pages(key)  # the load reads the pages, not the first forward
             return f.view(key)
         return f.copy_into(key, torch.empty(f.shape(key), dtype=target, device=device))
 
@@ -410,7 +458,7 @@ class CheckpointReader:
         dtype: torch.dtype | Mapping[str, torch.dtype | None] | None = None,
         device: torch.device | str = "cpu",
         *,
-        workers: int = 1,
+        read_ahead: bool = True,
         max_ahead_bytes: int = 256 * 2**20,
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(key, tensor)`` for ``keys`` in file order (front to back: the fastest way
@@ -420,9 +468,9 @@ class CheckpointReader:
         The files stay mapped, their tensors being views of them, only when every tensor this
         call loads keeps its stored dtype on the CPU; otherwise (a cast, fp8 storage, another
         device) every tensor is copied and the files are unmapped at the end: nothing of a
-        source that is not used as stored stays in memory. ``workers`` threads
-        (default one; 0: none) read ahead of the copying, at most ``max_ahead_bytes``: into the
-        page cache, and for mapped files into the process."""
+        source that is not used as stored stays in memory. With ``read_ahead`` the kernel is
+        asked to read the next tensors into the page cache, at most ``max_ahead_bytes`` ahead,
+        while the current one is mapped or copied."""
         keys = sorted(keys, key=self.offset)
         device = torch.device(device)
         targets = {k: _target(self.dtype(k), dtype.get(k) if isinstance(dtype, Mapping) else dtype) for k in keys}
@@ -431,39 +479,17 @@ class CheckpointReader:
         kept = set(used) if as_stored else set()
         for f in used.values():
             f.advise_sequential()
-        fetched = self._fetched(keys, kept, workers, max_ahead_bytes)
+        ahead = _ReadAhead(self, keys, max_ahead_bytes) if read_ahead else None
         try:
             for k in keys:
-                next(fetched)
-                yield k, self.load(k, targets[k], device, view=id(self.file_of(k)) in kept)
+                tensor = self.load(k, targets[k], device, view=id(self.file_of(k)) in kept)
+                if ahead is not None:
+                    ahead.consumed(self.nbytes(k))
+                yield k, tensor
         finally:
-            fetched.close()
             for i, f in used.items():
                 if i not in kept:
                     f.unmap()
-
-    def _fetched(self, keys: list[str], kept: set[int], workers: int, max_ahead_bytes: int) -> Iterator[None]:
-        """Yields once per key, when its bytes have been read ahead (at once without workers)."""
-        if workers < 1 or len(keys) < 2:
-            yield from (None for _ in keys)
-            return
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gie-fetch") as pool:
-            pending: deque = deque()
-            ahead = nxt = 0
-            try:
-                while nxt < len(keys) or pending:
-                    while nxt < len(keys) and (not pending or ahead + self.nbytes(keys[nxt]) <= max_ahead_bytes):
-                        k, f = keys[nxt], self.file_of(keys[nxt])
-                        pending.append((k, pool.submit(f.prefetch, k, map_pages=id(f) in kept)))
-                        ahead += self.nbytes(k)
-                        nxt += 1
-                    k, fut = pending.popleft()
-                    ahead -= self.nbytes(k)
-                    fut.result()
-                    yield None
-            finally:
-                for _, fut in pending:
-                    fut.cancel()
 
     def iter_tensors(
         self, keys: Iterable[str], *, workers: int = 4, max_ahead_bytes: int = 512 * 2**20

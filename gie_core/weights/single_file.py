@@ -25,6 +25,7 @@ import torch
 
 from gie_core.engine.encoders import QwenVLEncoder, load_qwen_image_processor
 from gie_core.weights.loading import map_qwen_key, qwen_config_from_gie, quiet_transformers
+from gie_core.weights.quantize import prepare_fp8_storage, storage
 from gie_core.weights.reader import FLOAT8_DTYPES, CheckpointError, CheckpointReader, assign_weights, empty_weights
 
 # Names of the shipped configs (files in gie_core/configs/, without ".json").
@@ -436,7 +437,8 @@ def _flux_config_from_shapes(reader: CheckpointReader, prefix: str, path, *, bfl
 
 
 def load_bfl_transformer(
-    path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"
+    path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
+    quantize: str = "none",
 ):
     """Load a FLUX(.1 Kontext) transformer file as a diffusers ``FluxTransformer2DModel``.
 
@@ -444,8 +446,12 @@ def load_bfl_transformer(
     without the ``model.diffusion_model.`` prefix of ComfyUI checkpoints, and diffusers-layout
     files; bf16/fp16/fp32, plain fp8 and ComfyUI scaled fp8 weights (upcast to ``dtype``).
     The architecture is the real Kontext config with the sizes read from the tensor shapes.
+    ``quantize="fp8"``: each tensor goes straight into float8 storage as it is read (the model
+    is never held in ``dtype`` first).
     """
     from diffusers import FluxTransformer2DModel  # start-up: diffusers' models (~4 s)
+
+    q = storage(quantize)
 
     with CheckpointReader.open(path) as reader:
         kind, prefix = require_kind(reader, path, ("bfl_transformer", "diffusers_transformer"))
@@ -454,6 +460,8 @@ def load_bfl_transformer(
         config, mlp_hidden = _flux_config_from_shapes(reader, prefix, path, bfl=bfl)
         with empty_weights():
             model = FluxTransformer2DModel.from_config(model_kwargs(config))
+        if q.method == "layerwise":
+            prepare_fp8_storage(model, dtype, "transformer", q.store)
 
         def tensors() -> Iterator[tuple[str, torch.Tensor]]:
             for key, tensor in _iter_component(reader, prefix):
