@@ -196,6 +196,10 @@ def test_fp8_loads_keep_no_mapping_of_the_bf16_source(bf16_kontext, bf16_gie):
         dtypes = {p.dtype for p in model.parameters()}
         assert dtypes == {torch.float8_e4m3fn, torch.bfloat16}  # fp8 blocks, the kept layers in bf16
     assert _mapped(files) == []
+    # the same transformer as one file (as ComfyUI users keep it) stores the same fp8 bytes
+    single = bf16_kontext.parent / "kontext-transformer.safetensors"
+    shutil.copy(bf16_kontext / "transformer" / "diffusion_pytorch_model.safetensors", single)
+    _equal_state(load_part("transformer", single, storage="fp8", dtype="bf16").module, kontext)
 
 
 @needs_proc_maps
