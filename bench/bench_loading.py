@@ -268,8 +268,9 @@ def main():
         if "transformer" in cases:
             paths["transformer"] = root / "kontext"
             if not (paths["transformer"] / "model_index.json").exists():
-                n = write_transformer(paths["transformer"], args.transformer_gb)
-                print(f"wrote a {n / 1e9:.2f} GB diffusers-layout transformer (bf16) in {paths['transformer']}")
+                write_transformer(paths["transformer"], args.transformer_gb)
+            n = (paths["transformer"] / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_size
+            print(f"diffusers-layout transformer: {n / 1e9:.2f} GB (bf16, real width) in {paths['transformer']}")
         if "released" in cases:
             paths["released"] = root / "released"
             n = write_checkpoint(paths["released"], args.released_gb)

@@ -230,3 +230,13 @@ def test_released_qwen_equals_transformers_loader(bf16_gie, dtype):
         bf16_gie, config=qwen_config_from_gie(gie_config(bf16_gie)), dtype=dtype, local_files_only=True,
         use_safetensors=True)
     _equal_state(ours, theirs)
+
+
+def test_a_tensor_copied_in_chunks_equals_one_cast(gie_dir):
+    # large tensors (beyond WHOLE_COPY_BYTES) are cast page-aligned chunk by chunk
+    with CheckpointReader.open(gie_dir) as reader:
+        key = max(reader.keys(), key=reader.nbytes)
+        f = reader.file_of(key)
+        assert f.nbytes(key) > 3 * 4096  # several chunks, the last one partial
+        out = f.copy_into(key, torch.empty(reader.shape(key), dtype=torch.bfloat16), chunk_bytes=4096)
+        assert torch.equal(out, reader.read(key).to(torch.bfloat16))

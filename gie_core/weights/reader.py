@@ -4,20 +4,24 @@ Checkpoints here are tens of GB, so weights are read tensor by tensor, never a s
 in memory, and written atomically (a crash mid-save never replaces a good file with a
 half-written one).
 
-How a load reads a file (measured with ``bench/bench_loading.py``; see the README's "Speed and
-memory"):
+How a load reads a file (each choice measured with ``bench/bench_loading.py`` against the
+libraries' loaders, in fresh processes, warm and cold; see the README's "Speed and memory"):
 
-- the file is memory-mapped and read front to back: the kernel is told the whole range will be
-  read in order (``posix_fadvise`` SEQUENTIAL, then WILLNEED a few tensors ahead, from a reader
-  thread), and each tensor's pages are mapped in one call (``madvise(MADV_POPULATE_READ)``, GIL
-  released) instead of one page fault at a time: a cold file is read at disk speed;
+- the files are memory-mapped and read front to back; the kernel is told so (``posix_fadvise``
+  SEQUENTIAL) and asked to read ahead (WILLNEED, asynchronous): every tensor of the load at once
+  when they are kept as the files' pages, 256 MB ahead of the copying otherwise. A cold file then
+  comes in at the disk's pace. (Mapping each tensor's pages eagerly with
+  ``madvise(MADV_POPULATE_READ)`` was slower cold on top of read-ahead, and a read-ahead thread
+  contended with the copying for the GIL; both were dropped.)
 - when every tensor a load reads keeps its stored dtype on the CPU, the files stay mapped and
   the tensors *are* their pages (:meth:`SafetensorsFile.view`, copy-on-write: writes stay
   private); nothing is copied, and the pages are the bytes kept;
 - any other load (a cast such as bf16 -> fp32, fp8 storage, a device other than the CPU) copies
-  in chunks straight from the mapping into the tensors the model keeps, allocated once in their
-  final dtype, and each chunk's pages are dropped from the process as soon as it is copied (peak
-  memory: the bytes kept plus one chunk). The files are unmapped when the load ends.
+  each tensor straight from the mapping into the tensor the model keeps, in its final dtype, and
+  drops the source pages from the process right after (they stay in the page cache): in one
+  ``.to()`` up to 256 MB (as fast as the libraries' per-tensor cast), in 64 MB chunks beyond
+  (:meth:`SafetensorsFile.copy_into`), so a load peaks at the bytes kept plus at most 256 MB of
+  source. The files are unmapped when the load ends.
 
 A view is as aligned in memory as its tensor is in the file (8 bytes at least); CPU kernels may
 then round the last bit of a result differently than on a 64-byte-aligned copy (as with any
@@ -78,7 +82,12 @@ _HAS_PREADV = hasattr(os, "preadv")
 # Bytes of a file copied (and cast) per step into a tensor the model keeps: small beside any
 # checkpoint, so the pages in flight stay out of peak memory; large enough that the per-step
 # calls cost nothing measurable.
-COPY_CHUNK_BYTES = 32 * 2**20
+COPY_CHUNK_BYTES = 64 * 2**20
+# A tensor up to this size is copied (and cast) in one step and its source pages dropped after:
+# measured as fast as the libraries' per-tensor ``.to()``, while chunking every tensor was ~15%
+# slower; larger ones (Qwen's 1 GB token embeddings) go in chunks, so a load peaks at the bytes
+# kept plus at most this much of the source.
+WHOLE_COPY_BYTES = 256 * 2**20
 
 # madvise(MADV_POPULATE_READ) (Linux >= 5.14): the kernel maps a range's pages (reading them
 # from disk when needed) in one call, with the GIL released (ctypes), faster than touching
@@ -437,15 +446,21 @@ class CheckpointReader:
              view: bool = True) -> torch.Tensor:
         """The tensor as a model will keep it: ``dtype`` (floating tensors only; None = as
         stored) on ``device``. With ``view`` and no cast on the CPU it is the file's own pages
-        (:meth:`SafetensorsFile.view`, mapped now); otherwise a new tensor, filled chunk by
-        chunk straight from the mapped file (:meth:`SafetensorsFile.copy_into`)."""
+        (:meth:`SafetensorsFile.view`); otherwise a new tensor copied straight from the mapped
+        file, whose source pages then leave the process (in chunks beyond
+        ``WHOLE_COPY_BYTES``: :meth:`SafetensorsFile.copy_into`)."""
         f = self.file_of(key)
         target = _target(f.dtype(key), dtype)
         device = torch.device(device)
         if view and device.type == "cpu" and target == f.dtype(key):
-            f.map_pages(key)  # the load reads the pages, not the first forward
-            return f.view(key)
-        return f.copy_into(key, torch.empty(f.shape(key), dtype=target, device=device))
+            return f.view(key)  # its pages come in as the kernel reads ahead (see iter_loaded)
+        if f.nbytes(key) > WHOLE_COPY_BYTES:
+            return f.copy_into(key, torch.empty(f.shape(key), dtype=target, device=device))
+        source = f.view(key)
+        out = source.to(device=device, dtype=target, copy=True)
+        del source
+        f.release(key)  # the source pages leave the process (they stay in the page cache)
+        return out
 
     def offset(self, key: str) -> tuple[int, int]:
         """(file number, byte offset) of a tensor: sorting by it reads the files front to back."""
@@ -479,6 +494,8 @@ class CheckpointReader:
         kept = set(used) if as_stored else set()
         for f in used.values():
             f.advise_sequential()
+        if as_stored:
+            max_ahead_bytes = sum(self.nbytes(k) for k in keys)  # every page is kept: ask for all of them now
         ahead = _ReadAhead(self, keys, max_ahead_bytes) if read_ahead else None
         try:
             for k in keys:
