@@ -265,25 +265,6 @@ class SafetensorsFile:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self._fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
-    def prefetch(self, key: str, *, map_pages: bool = True) -> None:
-        """Start reading the tensor's bytes into the page cache now (``posix_fadvise`` WILLNEED:
-        asynchronous, and outside this process's memory) and, with ``map_pages``, map them into
-        the process (read from disk when needed), so that using its :meth:`view` later does not
-        wait on the disk. Releases the GIL while it reads, so it can run ahead on a thread."""
-        _, _, begin, end = self._entries[key]
-        if end == begin:
-            return
-        start = self._data_start + begin
-        self.advise_range(start, end - begin)
-        if map_pages:
-            self._map_pages(start, end - begin)
-
-    def map_pages(self, key: str) -> None:
-        """Map the tensor's pages into the process now, in one call (read from disk if needed)."""
-        _, _, begin, end = self._entries[key]
-        if end > begin:
-            self._map_pages(self._data_start + begin, end - begin)
-
     def advise_range(self, start: int, length: int) -> None:
         """Ask the kernel to read ``[start, start + length)`` of the file into the page cache
         (asynchronously; the page cache is not this process's memory)."""
