@@ -106,11 +106,13 @@ def gguf_metadata(path: str | os.PathLike) -> dict[str, object]:
     return out
 
 
-def read_gguf_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_gguf_tensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of a complete GGUF file (:func:`open_checked`) in fresh memory, as diffusers'
     ``load_gguf_checkpoint`` gives them (quantised blocks as its ``GGUFParameter``, F16/F32 as
-    plain tensors), or a :class:`CheckpointError` naming a quantisation diffusers cannot
-    dequantise, before any tensor is read.
+    plain tensors, cast to ``dtype`` one at a time as they are read when given: the model keeps
+    them in its compute dtype, and casting them all at once later would hold both copies), or a
+    :class:`CheckpointError` naming a quantisation diffusers cannot dequantise, before any
+    tensor is read.
 
     Read front to back by positional reads with the kernel's read-ahead, never through the
     file's memory map: the file's pages never enter the process, so loading peaks at the bytes
@@ -134,7 +136,11 @@ def read_gguf_tensors(path: Path) -> dict[str, torch.Tensor]:
             if read_at(fh, memoryview(data), int(t.data_offset)) < data.nbytes:
                 raise CheckpointError(f"{path} is truncated: could not read tensor '{t.name}'")
             weights = torch.from_numpy(data)
-            state[t.name] = weights if t.tensor_type in plain else GGUFParameter(weights, quant_type=t.tensor_type)
+            if t.tensor_type not in plain:
+                weights = GGUFParameter(weights, quant_type=t.tensor_type)
+            elif dtype is not None:
+                weights = weights.to(dtype)
+            state[t.name] = weights
     return state
 
 
@@ -170,7 +176,7 @@ def load_gguf_transformer(
     from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig  # start-up: diffusers' models (~4 s)
 
     p = Path(path)
-    raw = read_gguf_tensors(p)
+    raw = read_gguf_tensors(p, dtype)
     state = {}
     for key, tensor in raw.items():
         for prefix in _PREFIXES:

@@ -19,9 +19,9 @@ libraries' loaders, in fresh processes, warm and cold; see the README's "Speed a
 - any other load (a cast such as bf16 -> fp32, fp8 storage, a device other than the CPU) copies
   each tensor straight from the mapping into the tensor the model keeps, in its final dtype, and
   drops the source pages from the process right after (they stay in the page cache): in one
-  ``.to()`` up to 256 MB (as fast as the libraries' per-tensor cast), in 64 MB chunks beyond
-  (:meth:`SafetensorsFile.copy_into`), so a load peaks at the bytes kept plus at most 256 MB of
-  source. The files are unmapped when the load ends.
+  ``.to()`` up to 256 MB (as fast as the libraries' per-tensor cast), in 16 MB chunks beyond
+  that and for narrowing casts such as bf16 -> fp8 (:meth:`SafetensorsFile.copy_into`), so a
+  load peaks at the bytes kept plus at most one widening tensor's source (<= 256 MB). The files are unmapped when the load ends.
 
 A view is as aligned in memory as its tensor is in the file (8 bytes at least); CPU kernels may
 then round the last bit of a result differently than on a 64-byte-aligned copy (as with any
@@ -82,11 +82,12 @@ _HAS_PREADV = hasattr(os, "preadv")
 # Bytes of a file copied (and cast) per step into a tensor the model keeps: small beside any
 # checkpoint, so the pages in flight stay out of peak memory; large enough that the per-step
 # calls cost nothing measurable.
-COPY_CHUNK_BYTES = 64 * 2**20
+COPY_CHUNK_BYTES = 16 * 2**20
 # A tensor up to this size is copied (and cast) in one step and its source pages dropped after:
-# measured as fast as the libraries' per-tensor ``.to()``, while chunking every tensor was ~15%
-# slower; larger ones (Qwen's 1 GB token embeddings) go in chunks, so a load peaks at the bytes
-# kept plus at most this much of the source.
+# measured as fast as the libraries' per-tensor ``.to()``, while chunking every bf16 -> fp32 cast
+# was ~15% slower; larger ones (Qwen's 1 GB token embeddings) and narrowing casts (bf16 -> fp8,
+# where one tensor's source outweighs several kept ones) go in chunks, so a load peaks at the
+# bytes kept plus at most this much of the source.
 WHOLE_COPY_BYTES = 256 * 2**20
 
 # madvise(MADV_POPULATE_READ) (Linux >= 5.14): the kernel maps a range's pages (reading them
@@ -435,7 +436,8 @@ class CheckpointReader:
         device = torch.device(device)
         if view and device.type == "cpu" and target == f.dtype(key):
             return f.view(key)  # its pages come in as the kernel reads ahead (see iter_loaded)
-        if f.nbytes(key) > WHOLE_COPY_BYTES:
+        if f.nbytes(key) > WHOLE_COPY_BYTES or target.itemsize < f.dtype(key).itemsize:
+            # chunks: a large tensor, or a narrowing cast (fp8) whose source would outweigh what is kept
             return f.copy_into(key, torch.empty(f.shape(key), dtype=target, device=device))
         source = f.view(key)
         out = source.to(device=device, dtype=target, copy=True)
