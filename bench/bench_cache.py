@@ -1,9 +1,12 @@
 """Step caching on vs off, per method: wall-time ratio and PSNR against the uncached image.
 
 The same model, reference, conditioning and seed on both sides; each cached run is timed
-against an uncached run right before it (alternating, ``--repeats`` pairs, medians), so drift in
-machine load falls on both. Also prints the fraction of transformer-block work the cache
-skipped (counted, so it does not depend on timing noise). Goal: >= 1.8x at PSNR >= 30 dB.
+against an uncached run beside it (``--repeats`` pairs), so drift in machine load falls on
+both. Also prints the fraction of transformer-block work the cache skipped (counted, so it
+does not depend on timing noise). Goal: >= 1.8x at PSNR >= 30 dB. Pairs run in alternating
+order (uncached first, then cached first, ...), at least 3; each method reports the ratio of
+medians, the median of the pairs' ratios and their spread, with a note when the spread exceeds
+10%.
 
 The default model is a random 6-block FLUX (2 double + 4 single blocks, width 256, context
 256 tokens) at 384x256 for 28 steps on the CPU: large enough that the transformer dominates
@@ -13,7 +16,7 @@ change more from step to step than trained ones, so caches skip less here than o
 (First-Block Cache never skips at its default on random weights): run on real weights for the
 numbers users see.
 
-    python bench/bench_cache.py [--methods fbcache:0.3,magcache,taylorseer] [--steps 28] [--repeats 2] [--device cpu]
+    python bench/bench_cache.py [--methods fbcache:0.3,magcache,taylorseer] [--steps 28] [--repeats 3] [--device cpu]
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_gpu, for --ful
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _measure import interleaved, machine_line, median_spread, spread_note  # noqa: E402
 from bench_gpu import build_models  # noqa: E402
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -103,11 +107,14 @@ def main():
     ap.add_argument("--width", type=int, default=384)
     ap.add_argument("--height", type=int, default=256)
     ap.add_argument("--steps", type=int, default=28)
-    ap.add_argument("--repeats", type=int, default=2, help="uncached/cached pairs per method (default 2)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="uncached/cached pairs per method, the order alternating (default 3, at least 3)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--full", action="store_true", help="the real 12B architecture (random weights, bf16; a GPU)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     args = ap.parse_args()
+    if args.repeats < 3:
+        ap.error(f"--repeats is {args.repeats}; at least 3 pairs are needed for a median and a spread")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -117,20 +124,22 @@ def main():
     run(None)  # warm-up
     _, base, base_calls = run(None)
     n_params = sum(p.numel() for p in transformer.parameters())
+    print(machine_line())
     print(f"model: FLUX transformer {len(transformer.transformer_blocks)} double + "
           f"{len(transformer.single_transformer_blocks)} single blocks, {n_params / 1e6:.1f} M parameters ({dtype}), "
-          f"{args.width}x{args.height}, {args.steps} steps, device {device}; {args.repeats} uncached/cached pairs per method")
-    print(f"  {'method':<16} {'time ratio':>10} {'PSNR (dB)':>10} {'attention computed':>19}")
+          f"{args.width}x{args.height}, {args.steps} steps, device {device}; {args.repeats} uncached/cached pairs per method, order alternating")
+    print(f"  {'method':<16} {'time ratio':>10} {'paired':>8} {'spread':>7} {'PSNR (dB)':>10} {'attention computed':>19}")
     for spec in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        plain, cached = [], []
-        for _ in range(args.repeats):
-            t0, _, _ = run(None)
-            t1, out, n = run(spec)
-            plain.append(t0)
-            cached.append(t1)
+        runs = interleaved({"uncached": lambda: run(None), "cached": lambda spec=spec: run(spec)}, args.repeats)
+        plain, cached = [r[0] for r in runs["uncached"]], [r[0] for r in runs["cached"]]
+        _, out, n = runs["cached"][-1]
         ratio = statistics.median(plain) / statistics.median(cached)
-        print(f"  {spec:<16} {ratio:>9.2f}x {psnr(out, base):>10.1f} {n:>10d}/{base_calls:<8d}")
-    print("  goal: >= 1.8x at PSNR >= 30 dB (time ratio = uncached / cached wall time, medians)")
+        pair, spread = median_spread(a / b for a, b in zip(plain, cached))
+        print(f"  {spec:<16} {ratio:>9.2f}x {pair:>7.2f}x {spread:>7.0%} {psnr(out, base):>10.1f} {n:>10d}/{base_calls:<8d}"
+              f"{spread_note(spread)}")
+    print("  goal: >= 1.8x at PSNR >= 30 dB (time ratio = uncached / cached wall time, medians; paired = median of the"
+          " pairs' ratios, spread = (max - min) / median of those)")
+    print(f"  load average at the end {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

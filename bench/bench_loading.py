@@ -1,19 +1,30 @@
-"""Loading a synthetic multi-GB checkpoint in the released GPT-Image-Edit layout.
+"""Loading against the library loaders a user would otherwise call, on the same files and dtype path.
 
-Writes (once, into --dir) a random bf16 checkpoint with the released key names and shards,
-then, each in a fresh process, measures:
-- ours: ``load_gie_checkpoint`` (Qwen2.5-VL + connector + Kontext transformer), streamed;
-- plain: ``Qwen2_5_VLForConditionalGeneration.from_pretrained`` of the same directory
-  (transformers' own loader; it reads the Qwen part and its lm_head).
-After loading, every page of every weight is touched (as moving to a GPU would), so loaders
-that only map files are charged for reading them. Both sides run ``--repeats`` times,
-alternating, with a warm page cache (the files just read) and with a cold one (the shards'
-pages evicted with ``posix_fadvise(DONTNEED)`` before each run); each reports the median time.
-Prints, measured in this one run: load time per byte loaded, ours / from_pretrained (goal
-<= 1.0, warm and cold), and peak RSS over the process's import-time baseline / bytes loaded
-(goal <= 1.15).
+Two checkpoints with random weights are written into a temporary folder (free disk is checked
+first; the folder is removed at the end unless ``--dir`` names one to keep):
 
-    python bench/bench_loading.py [--gb 2] [--dir /tmp/gie-bench-ckpt] [--repeats 3]
+- ``transformer``: a diffusers-layout FLUX.1 Kontext transformer at the real width (3072, 24
+  heads) with enough blocks for ``--transformer-gb`` (default 1.7 GB, bf16), in a FLUX.1-Kontext
+  folder. Ours: ``load_part("transformer", folder, storage, dtype)``; the library:
+  ``FluxTransformer2DModel.from_pretrained(folder/transformer, torch_dtype=...)`` (and for fp8
+  its own ``enable_layerwise_casting(storage_dtype=float8_e4m3fn)``);
+- ``released``: a checkpoint in the released GPT-Image-Edit layout (``--released-gb``, default
+  2 GB, sharded, pre-4.52 key names), sized mostly by Qwen2.5-VL layers. Ours:
+  ``load_gie_checkpoint(parts=("encoder",), lm_head=True)``; the library:
+  ``Qwen2_5_VLForConditionalGeneration.from_pretrained`` of the same folder. Both load the same
+  tensors (Qwen with its output head; transformers renames the old key names itself).
+
+Each measurement is a fresh process (libraries imported before its memory baseline), and after
+loading every page of every weight is touched (as a forward or a move to a GPU would), so a
+loader that only maps files is charged for reading them. Per checkpoint and dtype path (bf16 =
+the files' dtype; fp32 = every weight cast, the CLI's CPU default; fp8 for the transformer),
+warm page cache and cold (the files' pages dropped before every run, checked with mincore),
+``--pairs`` interleaved pairs in alternating order. Reported: median seconds and spread per side,
+the ratio of medians (ours / library; goal <= 1.0), and each side's memory beside the bytes it
+keeps: steady VmRSS and peak VmHWM over the process's baseline, and its anonymous / file-backed
+parts (goal: peak <= 1.05x the bytes kept).
+
+    python bench/bench_loading.py [--cases transformer,released] [--dtypes bf16,fp32,fp8] [--pairs 3]
 """
 
 from __future__ import annotations
@@ -21,10 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,28 +42,24 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# Every library is imported here, in each child too, before its RSS baseline: only loading is measured.
+# Every library is imported here, in each child too, before its memory baseline: only loading is measured.
 import torch  # noqa: E402
+from _measure import (disk_free, drop_page_cache, interleaved, machine_line, median_spread, proc_status,  # noqa: E402
+                      report_child, run_child, spread_note, warm_page_cache)
 from diffusers import FluxTransformer2DModel  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402, F401
 
 from gie_core.engine.encoders import load_qwen_image_processor  # noqa: E402, F401  (what loading imports lazily)
 from gie_core.testing.tiny import build_tokenizers  # noqa: E402
 from gie_core.weights.loading import gie_config, load_gie_checkpoint, qwen_config_from_gie  # noqa: E402
+from gie_core.weights.parts import load_part  # noqa: E402
 from gie_core.weights.reader import save_safetensors_atomic  # noqa: E402
+from gie_core.weights.single_file import load_config, model_kwargs  # noqa: E402
 
-
-def _rss_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _current_rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.bfloat16}  # fp8: stored fp8, computed in bf16
 
 
 def released_entries(hidden: int, gb: float) -> tuple[list[tuple[str, tuple]], dict, dict, dict]:
@@ -135,83 +140,155 @@ def write_checkpoint(path: Path, gb: float) -> int:
     return total
 
 
-def child(kind: str, path: str) -> None:
-    """Runs in a fresh process (the module's imports done): note the baseline, load, report."""
-    base = _current_rss_mb()
-    t = time.perf_counter()
-    if kind == "ours":
-        ck = load_gie_checkpoint(path, dtype="bf16", device="cpu")
-        n = sum(p.numel() for m in (ck.encoder.model, ck.connector, ck.transformer) for p in m.parameters())
-    else:
-        m = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, config=qwen_config_from_gie(gie_config(path)),
-                                                               dtype="bfloat16", local_files_only=True)
-        n = sum(p.numel() for p in m.parameters())
-    # Touch every page of every weight (as moving to a GPU would): mmap-backed loaders only
-    # read lazily, so without this their time and memory would not count the reading.
-    models = (ck.encoder.model, ck.connector, ck.transformer) if kind == "ours" else (m,)
+def write_transformer(root: Path, gb: float) -> int:
+    """A FLUX.1-Kontext folder (model_index.json + transformer/) whose transformer is real-width,
+    random, bf16, with 2 double blocks and enough single blocks for about ``gb`` GB."""
+    cfg = model_kwargs(load_config("flux1-kontext-dev-transformer"))
+    cfg.update(num_layers=2, num_single_layers=1)
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**cfg)
+    single = sum(p.numel() for p in model.single_transformer_blocks[0].parameters()) * 2
+    base = sum(p.numel() for p in model.parameters()) * 2
+    cfg["num_single_layers"] = 1 + max(0, int((gb * 1e9 - base) // single) + 1)
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**cfg)
+    folder = root / "transformer"
+    folder.mkdir(parents=True)
+    model.save_config(folder)
+    gen = torch.Generator().manual_seed(0)
+    state = {k: (torch.randn(v.shape, generator=gen) * 0.02).to(torch.bfloat16) for k, v in model.state_dict().items()}
+    save_file(state, folder / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "FluxKontextPipeline",
+                                                      "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    return sum(t.numel() * 2 for t in state.values())
+
+
+def _touch(models) -> None:
+    """One element of every page of every weight (as a forward or a move to a GPU would read them)."""
     with torch.no_grad():
-        for mod in models:
-            for p in mod.parameters():
-                p.detach().reshape(-1)[::2048].float().sum()
-    dt = time.perf_counter() - t
-    print(json.dumps({"seconds": dt, "peak_mb": _rss_peak_mb(), "base_mb": base, "params": n}))
+        for m in models:
+            for p in m.parameters():
+                flat = p.detach().reshape(-1)
+                flat[:: max(1, 4096 // flat.element_size())].float().sum()
 
 
-def evict(path: Path) -> None:
-    """Drop the checkpoint's pages from the page cache (a cold read next time), as far as the
-    kernel allows without privileges: clean, unmapped pages of these files."""
-    for f in sorted(path.glob("*.safetensors")):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+def _kept_bytes(models) -> int:
+    return sum(t.numel() * t.element_size() for m in models for t in m.state_dict().values())
 
 
-def run_child(kind: str, path: Path, cold: bool) -> dict:
-    if cold:
-        evict(path)
-    out = subprocess.run([sys.executable, __file__, "--child", kind, "--dir", str(path)], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def child(case: str, side: str, dtype_name: str, path: Path) -> None:
+    """Runs in a fresh process (the module's imports done): baseline, load, touch, report."""
+    dtype = DTYPES[dtype_name]
+    base = proc_status()
+    t = time.perf_counter()
+    if case == "transformer" and side == "ours":
+        models = [load_part("transformer", path, "fp8" if dtype_name == "fp8" else "auto", dtype=dtype).module]
+    elif case == "transformer":
+        m = FluxTransformer2DModel.from_pretrained(path / "transformer", torch_dtype=dtype, use_safetensors=True,
+                                                   local_files_only=True)
+        if dtype_name == "fp8":
+            m.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+        models = [m]
+    elif side == "ours":
+        models = [load_gie_checkpoint(path, dtype=dtype, parts=("encoder",), lm_head=True).encoder.model]
+    else:
+        models = [Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            path, config=qwen_config_from_gie(gie_config(path)), dtype=dtype, local_files_only=True, use_safetensors=True)]
+    _touch(models)
+    report_child({"seconds": time.perf_counter() - t, "kept": _kept_bytes(models)}, base)
+
+
+def measure(case: str, path: Path, dtype_name: str, cold: bool, pairs: int) -> dict:
+    files = sorted(path.rglob("*.safetensors"))
+    notes: list[str] = []
+
+    def side(name):
+        def run():
+            notes.append(drop_page_cache(files) if cold else f"warm: {warm_page_cache(files):.0%} cached")
+            return run_child([__file__, "--child", case, name, dtype_name, str(path)])
+        return run
+
+    return {"runs": interleaved({"ours": side("ours"), "library": side("library")}, pairs), "notes": notes}
+
+
+LIBRARY = {"transformer": "FluxTransformer2DModel.from_pretrained", "released": "Qwen2_5_VLForConditionalGeneration.from_pretrained"}
+
+
+def print_result(case: str, dtype_name: str, state: str, res: dict) -> float:
+    runs = res["runs"]
+    ours, _ = median_spread(r["seconds"] for r in runs["ours"])
+    lib, _ = median_spread(r["seconds"] for r in runs["library"])
+    ratio = ours / lib
+    paired, pspread = median_spread(a["seconds"] / b["seconds"] for a, b in zip(runs["ours"], runs["library"]))
+    print(f"  {case} {dtype_name} {state}: ours / {LIBRARY[case]} = {ratio:.2f} (medians; paired {paired:.2f})"
+          f"{'  <= 1.0' if ratio <= 1.0 else '  > 1.0 (goal <= 1.0)'}")
+    if state == "cold":
+        print(f"    page cache before each run: {sorted(set(n.split(':')[0] for n in res['notes']))}, "
+              f"worst {max(res['notes'], key=lambda n: float(n.split(': ')[1].split('%')[0]))}")
+    for name in ("ours", "library"):
+        rs = runs[name]
+        sec, spread = median_spread(r["seconds"] for r in rs)
+        kept = rs[0]["kept"]
+        peak = max(r["hwm"] - r["base_rss"] for r in rs) / kept
+        steady = max(r["rss"] - r["base_rss"] for r in rs) / kept
+        anon = statistics.median(r["anon"] for r in rs) / 1e9
+        filed = statistics.median(r["file"] for r in rs) / 1e9
+        print(f"    {name:8s} {sec:6.2f} s (spread {spread:.0%}), {kept / sec / 1e9:5.2f} GB/s; kept {kept / 1e9:.2f} GB; "
+              f"over baseline: steady {steady:.3f}x, peak {peak:.3f}x the bytes kept "
+              f"(grown: anon {anon:.2f} GB + file-backed {filed:.2f} GB){spread_note(spread)}")
+    return ratio
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gb", type=float, default=2.0)
-    ap.add_argument("--dir", default="/tmp/gie-bench-ckpt")
-    ap.add_argument("--repeats", type=int, default=3, help="runs per side and cache state, alternating (default 3)")
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 epilog="Writes ~4 GB of random checkpoints (temporary unless --dir is given).")
+    ap.add_argument("--cases", default="transformer,released", help="transformer, released (default both)")
+    ap.add_argument("--dtypes", default="bf16,fp32,fp8", help="bf16, fp32, fp8 (fp8: transformer only; default all)")
+    ap.add_argument("--states", default="warm,cold", help="warm, cold page cache (default both)")
+    ap.add_argument("--pairs", type=int, default=3, help="interleaved ours/library pairs per measurement (default 3)")
+    ap.add_argument("--transformer-gb", type=float, default=1.7)
+    ap.add_argument("--released-gb", type=float, default=2.0)
+    ap.add_argument("--dir", default=None, help="keep the checkpoints here (reused when present); default: a temp dir")
+    ap.add_argument("--child", nargs=4, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    path = Path(args.dir)
     if args.child:
-        child(args.child, str(path))
+        case, side, dtype_name, path = args.child
+        child(case, side, dtype_name, Path(path))
         return
-    total = write_checkpoint(path, args.gb)
-    run_child("ours", path, cold=False)  # warm the page cache once for the warm runs
-    results = {(kind, cold): [] for kind in ("ours", "plain") for cold in (False, True)}
-    for _ in range(args.repeats):  # alternate, so drift in machine load falls on both sides alike
-        for cold in (False, True):
-            for kind in ("ours", "plain"):
-                results[(kind, cold)].append(run_child(kind, path, cold))
-    print(f"checkpoint: {total / 1e9:.2f} GB in {path}; {args.repeats} runs per side and page-cache state, alternating")
+    cases = [c for c in args.cases.split(",") if c]
+    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="gie-bench-loading-"))
+    need = (args.transformer_gb if "transformer" in cases else 0) + (args.released_gb if "released" in cases else 0)
+    root.mkdir(parents=True, exist_ok=True)
+    if disk_free(root) < (need + 2) * 1e9:
+        sys.exit(f"{root}: {disk_free(root) / 1e9:.1f} GB free, the checkpoints need {need:.1f} GB plus 2 GB of margin")
+    print(machine_line())
     ratios = {}
-    for cold in (False, True):
-        state = "cold" if cold else "warm"
-        per_byte = {}
-        for kind, name in (("ours", "ours (Qwen w/o lm_head + connector + transformer)"), ("plain", "from_pretrained (Qwen + lm_head)")):
-            runs = results[(kind, cold)]
-            nbytes = runs[0]["params"] * 2
-            sec = statistics.median(r["seconds"] for r in runs)
-            rss = max((r["peak_mb"] - r["base_mb"]) * 2**20 for r in runs) / nbytes
-            per_byte[kind] = sec / nbytes
-            print(f"  {state}  {name:50s} {nbytes / 1e9:5.2f} GB  median {sec:6.2f} s  "
-                  f"({nbytes / sec / 1e9:5.2f} GB/s)  peak RSS over baseline / bytes = {rss:.3f}")
-        ratios[state] = per_byte["ours"] / per_byte["plain"]
-    for state, r in ratios.items():
-        print(f"  load time per byte, ours / from_pretrained, {state} page cache = {r:.3f}  (goal <= 1.0)")
-    ours_rss = max((r["peak_mb"] - r["base_mb"]) * 2**20 for c in (False, True) for r in results[("ours", c)])
-    print(f"  ours peak RSS over baseline / bytes loaded = {ours_rss / (results[('ours', False)][0]['params'] * 2):.3f}  (goal <= 1.15)")
+    try:
+        paths = {}
+        if "transformer" in cases:
+            paths["transformer"] = root / "kontext"
+            if not (paths["transformer"] / "model_index.json").exists():
+                write_transformer(paths["transformer"], args.transformer_gb)
+            n = (paths["transformer"] / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_size
+            print(f"diffusers-layout transformer: {n / 1e9:.2f} GB (bf16, real width) in {paths['transformer']}")
+        if "released" in cases:
+            paths["released"] = root / "released"
+            n = write_checkpoint(paths["released"], args.released_gb)
+            print(f"released-layout checkpoint: {n / 1e9:.2f} GB (bf16) in {paths['released']}")
+        for case, path in paths.items():
+            for dtype_name in [d for d in args.dtypes.split(",") if d]:
+                if dtype_name == "fp8" and case != "transformer":
+                    continue
+                for state in [s for s in args.states.split(",") if s]:
+                    res = measure(case, path, dtype_name, state == "cold", args.pairs)
+                    ratios[(case, dtype_name, state)] = print_result(case, dtype_name, state, res)
+    finally:
+        if not args.dir:
+            shutil.rmtree(root, ignore_errors=True)
+    worst = max(ratios.values()) if ratios else float("nan")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"{len(ratios)} measurements, {args.pairs} alternating pairs each; worst time ratio {worst:.2f} (goal <= 1.0); "
+          f"load average at the end {load}")
 
 
 if __name__ == "__main__":

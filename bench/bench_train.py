@@ -1,6 +1,6 @@
 """Training speed: ``gie-train`` steps per second vs a plain diffusers flow-matching step, same tiny model.
 
-    python bench/bench_train.py [--steps 30] [--resolution 128] [--trainable full] [--device cpu|cuda]
+    python bench/bench_train.py [--steps 30] [--resolution 128] [--trainable full] [--device cpu|cuda] [--pairs 3]
 
 Both sides train the same Kontext transformer parameters (plus our connector) on the same
 pairs at the same size, batch 1, fp32 (bf16 autocast with --bf16):
@@ -13,7 +13,10 @@ pairs at the same size, batch 1, fp32 (bf16 autocast with --bf16):
   bookkeeping and the connector forward;
 - ``gie-train (encoders)``: our Trainer encoding Qwen-VL / VAE on the fly, for reference.
 
-Not part of the test suite. Prints one line per variant and the ratio.
+Each side runs ``--pairs`` times, interleaved with the others in alternating order (after 3
+untimed warm-up steps each); prints each side's median steps/s with its spread, the ratio to the
+plain step (of medians, and the median of the per-round ratios), and a note when a spread
+exceeds 10%. Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _measure import interleaved, machine_line, median_spread, spread_note  # noqa: E402
 from diffusers import FluxKontextPipeline  # noqa: E402
 from diffusers.training_utils import compute_density_for_timestep_sampling  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -61,8 +66,8 @@ def write_dataset(root: Path, n: int, size: int) -> Path:
     return root / "data.txt"
 
 
-def plain_diffusers_steps_per_second(kontext_dir: Path, trainable: str, steps: int, size: int, device, bf16: bool) -> float:
-    """A diffusers-example style Kontext step on precomputed tensors."""
+def plain_diffusers_step(kontext_dir: Path, trainable: str, size: int, device, bf16: bool):
+    """A diffusers-example style Kontext step on precomputed tensors, as ``step()``."""
     comps = load_kontext_dir(kontext_dir, dtype="fp32", parts=("transformer", "vae", "scheduler"))
     transformer, vae = comps.transformer.to(device), comps.vae.to(device)
     transformer.requires_grad_(False)
@@ -105,13 +110,13 @@ def plain_diffusers_steps_per_second(kontext_dir: Path, trainable: str, steps: i
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return steps_per_second(step, steps, device)
+    for _ in range(3):  # untimed, as ours warms up
+        step()
+    return step
 
 
 def steps_per_second(step, steps: int, device) -> float:
-    """Steps per second of ``step()`` over ``steps`` timed calls, after 3 untimed ones (as ours warms up)."""
-    for _ in range(3):
-        step()
+    """Steps per second of ``step()`` over ``steps`` timed calls."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -122,13 +127,14 @@ def steps_per_second(step, steps: int, device) -> float:
     return steps / (time.perf_counter() - start)
 
 
-def ours_steps_per_second(tiny, data_txt: Path, out: Path, trainable: str, steps: int, size: int, cache: bool, bf16: bool) -> float:
+def ours_trainer(tiny, data_txt: Path, out: Path, trainable: str, size: int, cache: bool, bf16: bool) -> Trainer:
+    """Our Trainer on the same model and pairs, set up and warmed up by 3 steps."""
     opts = {
         "output_dir": str(out), "model.kontext": str(tiny.kontext_dir), "model.gie": str(tiny.gie_dir),
         "model.init_transformer": "kontext", "model.init_connector": "fresh", "data.data_txt": str(data_txt),
         "data.resolution": size, "data.num_workers": 0, "train.stage": 2, "train.trainable": trainable,
         "train.gradient_checkpointing": False, "train.mixed_precision": "bf16" if bf16 else "no",
-        "train.max_steps": steps + 3, "optim.lr": 1e-5, "log.progress": False, "log.every": 0,
+        "train.max_steps": 3, "optim.lr": 1e-5, "log.progress": False, "log.every": 0,
         "checkpoint.every": 0, "export.at_end": False, "data.cache_dir": str(out.parent / "cache"),
         "data.cache_dtype": "fp32", "data.use_cache": cache,
     }
@@ -136,12 +142,14 @@ def ours_steps_per_second(tiny, data_txt: Path, out: Path, trainable: str, steps
     if cache:
         build_cache(load_config(overrides={**opts, "data.use_cache": False}), progress=False)
     trainer = Trainer(cfg).setup()
-    # warm up 3 steps, then time the rest of the loop (data loading included, checkpointing not)
-    trainer.cfg.train.max_steps = 3
     trainer.train()
-    trainer.cfg.train.max_steps = steps + 3
-    result = trainer.train()
-    return result.steps_per_second
+    return trainer
+
+
+def ours_steps_per_second(trainer: Trainer, steps: int) -> float:
+    """``steps`` more steps of the trainer's loop (data loading included, checkpointing not)."""
+    trainer.cfg.train.max_steps += steps
+    return trainer.train().steps_per_second
 
 
 def main(argv=None) -> int:
@@ -152,6 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--pairs", type=int, default=3, help="rounds of every side, the order alternating (default 3)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -161,14 +170,24 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data_txt = write_dataset(tmp / "data", 4, args.resolution)
-        plain = plain_diffusers_steps_per_second(tiny.kontext_dir, args.trainable, args.steps, args.resolution, device, args.bf16)
-        cached = ours_steps_per_second(tiny, data_txt, tmp / "run-cache", args.trainable, args.steps, args.resolution, True, args.bf16)
-        live = ours_steps_per_second(tiny, data_txt, tmp / "run-live", args.trainable, args.steps, args.resolution, False, args.bf16)
+        plain = plain_diffusers_step(tiny.kontext_dir, args.trainable, args.resolution, device, args.bf16)
+        cached = ours_trainer(tiny, data_txt, tmp / "run-cache", args.trainable, args.resolution, True, args.bf16)
+        live = ours_trainer(tiny, data_txt, tmp / "run-live", args.trainable, args.resolution, False, args.bf16)
+        runs = interleaved({
+            "plain": lambda: steps_per_second(plain, args.steps, device),
+            "cache": lambda: ours_steps_per_second(cached, args.steps),
+            "encoders": lambda: ours_steps_per_second(live, args.steps),
+        }, args.pairs)
+    print(machine_line())
     print(f"device {device}, {args.resolution}x{args.resolution}, batch 1, trainable {args.trainable}, "
-          f"{'bf16' if args.bf16 else 'fp32'}, {args.steps} timed steps")
-    print(f"plain diffusers step      {plain:8.2f} steps/s")
-    print(f"gie-train (cache)         {cached:8.2f} steps/s   ({cached / plain:.2f}x plain)")
-    print(f"gie-train (encoders)      {live:8.2f} steps/s   ({live / plain:.2f}x plain)")
+          f"{'bf16' if args.bf16 else 'fp32'}, {args.steps} timed steps a run, {args.pairs} rounds, order alternating")
+    plain_med, plain_spread = median_spread(runs["plain"])
+    print(f"plain diffusers step      {plain_med:8.2f} steps/s   (spread {plain_spread:.0%}){spread_note(plain_spread)}")
+    for name, label in (("cache", "gie-train (cache)"), ("encoders", "gie-train (encoders)")):
+        med, spread = median_spread(runs[name])
+        paired, pspread = median_spread(a / b for a, b in zip(runs[name], runs["plain"]))
+        print(f"{label:<25} {med:8.2f} steps/s   ({med / plain_med:.2f}x plain; paired {paired:.2f}x, spread {pspread:.0%})"
+              f"{spread_note(max(spread, pspread))}")
     return 0
 
 

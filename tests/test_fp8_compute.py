@@ -171,3 +171,20 @@ def test_lora_on_fp8_compute_acts_as_on_bf16(kontext_dir, tmp_path):
 def test_the_row_is_refused_where_it_does_not_apply(gie_dir):
     with pytest.raises(ValueError, match=f"qwen quantization '{ROW}' is not available for the qwen"):
         check_load("qwen", gie_dir, ROW)
+
+
+@pytest.mark.parametrize("kind", ["gie_dir", "kontext_dir"])
+def test_the_folder_loaders_honour_the_row_when_called_directly(kind, request):
+    """`load_gie_checkpoint` / `load_kontext_dir(transformer_quantize="fp8_e4m3fn_fast")` give the
+    fp8-compute layers too (before, called without load_part, they silently loaded the compute dtype)."""
+    from gie_core.weights import loading
+
+    folder = request.getfixturevalue(kind)
+    if kind == "gie_dir":
+        model = loading.load_gie_checkpoint(folder, dtype="fp32", parts=("transformer",),
+                                            transformer_quantize="fp8_e4m3fn_fast").transformer
+    else:
+        model = loading.load_kontext_dir(folder, dtype="fp32", parts=("transformer",),
+                                         transformer_quantize="fp8_e4m3fn_fast").transformer
+    fp8 = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    assert fp8 and all(m.weight.dtype == torch.float8_e4m3fn for m in fp8)

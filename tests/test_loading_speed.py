@@ -5,15 +5,19 @@ streamed like the rest. Load time and memory against ``from_pretrained`` are mea
 
 from __future__ import annotations
 
+import gc
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from gie_core.weights.loading import OnDemandLMHead, load_connector, load_gie_checkpoint
+from gie_core.weights.loading import OnDemandLMHead, load_connector, load_gie_checkpoint, load_kontext_dir
 from gie_core.engine.components import module_bytes as resident_bytes
 from gie_core.weights.reader import CheckpointReader
 
@@ -52,8 +56,8 @@ def test_weights_in_their_final_dtype_are_the_files_pages_and_stay_private(gie_d
 def test_reader_yields_every_tensor_once_in_file_order(gie_dir):
     with CheckpointReader.open(gie_dir) as reader:
         keys = reader.keys()
-        for workers in (0, 2):  # mapped lazily, or fetched ahead by reader threads
-            got = [k for k, _ in reader.iter_loaded(reversed(keys), torch.float32, "cpu", workers=workers,
+        for read_ahead in (False, True):  # with the kernel asked to read ahead, or not
+            got = [k for k, _ in reader.iter_loaded(reversed(keys), torch.float32, "cpu", read_ahead=read_ahead,
                                                     max_ahead_bytes=1)]
             assert sorted(got) == sorted(keys)
             assert got == sorted(keys, key=reader.offset)
@@ -112,3 +116,127 @@ def test_a_truncated_shard_is_still_refused(gie_dir, tmp_path):
     shard.write_bytes(data[: len(data) - 100])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         load_gie_checkpoint(copy, dtype="fp32")
+
+
+# --------------------------------------------------------------------------------------------
+# What stays in memory after a load, and casting loads against the libraries' own loaders
+# --------------------------------------------------------------------------------------------
+
+needs_proc_maps = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+
+
+def _mapped(paths) -> list[str]:
+    """The files among ``paths`` that this process still maps (after freeing what nobody holds)."""
+    gc.collect()
+    maps = Path("/proc/self/maps").read_text()
+    return sorted(str(p) for p in paths if str(p) in maps)
+
+
+def _bf16_copy(src: Path, dst: Path) -> Path:
+    """``src`` (a model folder) with every safetensors file rewritten in bf16 and the other files copied."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.suffix == ".safetensors":
+            save_file({k: v.to(torch.bfloat16) for k, v in load_file(f).items()}, dst / f.name, metadata={"format": "pt"})
+        elif f.is_file():
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def bf16_kontext(kontext_dir, tmp_path_factory):
+    """A FLUX.1-Kontext folder whose transformer and VAE files are bf16 (as the released ones are)."""
+    root = tmp_path_factory.mktemp("kontext-bf16") / "kontext"
+    root.mkdir()
+    shutil.copy(kontext_dir / "model_index.json", root / "model_index.json")
+    for part in ("transformer", "vae"):
+        _bf16_copy(kontext_dir / part, root / part)
+    return root
+
+
+@pytest.fixture(scope="module")
+def bf16_gie(gie_dir, tmp_path_factory):
+    """The released-layout checkpoint with its shards in bf16."""
+    return _bf16_copy(gie_dir, tmp_path_factory.mktemp("gie-bf16") / "gie")
+
+
+def _equal_state(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.equal(a[name], b[name]), name
+
+
+@needs_proc_maps
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_casting_load_equals_diffusers_and_leaves_no_mapping_of_the_file(bf16_kontext, dtype):
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    files = sorted(bf16_kontext.glob("*/*.safetensors"))
+    c = load_kontext_dir(bf16_kontext, dtype=dtype, parts=("transformer", "vae"))
+    assert _mapped(files) == []  # every tensor was cast: nothing of the bf16 files stays
+    for ours, cls, part in ((c.transformer, FluxTransformer2DModel, "transformer"), (c.vae, AutoencoderKL, "vae")):
+        _equal_state(ours, cls.from_pretrained(bf16_kontext / part, torch_dtype=dtype, use_safetensors=True))
+    # the same files loaded at their stored dtype are their own pages (and equal diffusers' too)
+    same = load_kontext_dir(bf16_kontext, dtype=torch.bfloat16, parts=("transformer",)).transformer
+    assert _mapped(files) == [str(bf16_kontext / "transformer" / "diffusion_pytorch_model.safetensors")]
+    _equal_state(same, FluxTransformer2DModel.from_pretrained(bf16_kontext / "transformer", torch_dtype=torch.bfloat16))
+
+
+@needs_proc_maps
+def test_fp8_loads_keep_no_mapping_of_the_bf16_source(bf16_kontext, bf16_gie):
+    from gie_core.weights.parts import load_part
+
+    files = sorted(bf16_kontext.glob("*/*.safetensors")) + sorted(bf16_gie.glob("*.safetensors"))
+    kontext = load_part("transformer", bf16_kontext, storage="fp8", dtype="bf16").module
+    released = load_part("transformer", bf16_gie, storage="fp8", dtype="bf16").module
+    qwen = load_gie_checkpoint(bf16_gie, dtype="bf16", parts=("encoder",), qwen_quantize="fp8").encoder.model
+    for model in (kontext, released, qwen):
+        dtypes = {p.dtype for p in model.parameters()}
+        assert dtypes == {torch.float8_e4m3fn, torch.bfloat16}  # fp8 blocks, the kept layers in bf16
+    assert _mapped(files) == []
+    # the same transformer as one file (as ComfyUI users keep it) stores the same fp8 bytes
+    single = bf16_kontext.parent / "kontext-transformer.safetensors"
+    shutil.copy(bf16_kontext / "transformer" / "diffusion_pytorch_model.safetensors", single)
+    _equal_state(load_part("transformer", single, storage="fp8", dtype="bf16").module, kontext)
+
+
+@needs_proc_maps
+def test_a_gguf_load_keeps_no_mapping_of_the_file(kontext_dir, tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    import bfl_layout
+    from gie_core.weights.gguf import load_gguf_transformer, write_gguf
+
+    tr = FluxTransformer2DModel.from_pretrained(kontext_dir / "transformer", local_files_only=True)
+    path = write_gguf(bfl_layout.flux_diffusers_to_bfl(tr.state_dict()), tmp_path / "kontext-Q8_0.gguf", "Q8_0")
+    model = load_gguf_transformer(path, dtype=torch.bfloat16)
+    assert any(type(p).__name__ == "GGUFParameter" for p in model.parameters())
+    assert _mapped([path]) == []
+
+
+@needs_proc_maps
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_released_qwen_equals_transformers_loader(bf16_gie, dtype):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from gie_core.weights.loading import gie_config, qwen_config_from_gie
+
+    ours = load_gie_checkpoint(bf16_gie, dtype=dtype, parts=("encoder",), lm_head=True).encoder.model
+    shards = sorted(bf16_gie.glob("*.safetensors"))
+    assert (_mapped(shards) == []) == (dtype != torch.bfloat16)  # a cast leaves nothing mapped; bf16 is the files' pages
+    theirs = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        bf16_gie, config=qwen_config_from_gie(gie_config(bf16_gie)), dtype=dtype, local_files_only=True,
+        use_safetensors=True)
+    _equal_state(ours, theirs)
+
+
+def test_a_tensor_copied_in_chunks_equals_one_cast(gie_dir):
+    # large tensors (beyond WHOLE_COPY_BYTES) are cast page-aligned chunk by chunk
+    with CheckpointReader.open(gie_dir) as reader:
+        key = max(reader.keys(), key=reader.nbytes)
+        f = reader.file_of(key)
+        assert f.nbytes(key) > 3 * 4096  # several chunks, the last one partial
+        out = f.copy_into(key, torch.empty(reader.shape(key), dtype=torch.bfloat16), chunk_bytes=4096)
+        assert torch.equal(out, reader.read(key).to(torch.bfloat16))

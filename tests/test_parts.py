@@ -170,6 +170,7 @@ def test_bitsandbytes_loads_where_it_runs(gie_dir, monkeypatch):
     """A bnb row loads straight onto the run device (its weights cannot move afterwards); other
     storages load on the CPU and visit the device when used; a device bnb cannot run is refused."""
     monkeypatch.setattr(parts, "package_available", lambda name: True)  # the plan only; nothing loads
+    monkeypatch.setattr(parts, "import_problem", lambda name, install: "")
     assert check_load("qwen", gie_dir, "int8", run_device="cuda:0").device == torch.device("cuda:0")
     assert check_load("qwen", gie_dir, "nf4", run_device="cuda:0").device == torch.device("cuda:0")
     assert check_load("qwen", gie_dir, "fp8", run_device="cuda:0").device == torch.device("cpu")

@@ -30,15 +30,12 @@ import functools
 import logging
 import re
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gie_core.weights.quantize import FP8_KEEP
-from gie_core.weights.reader import CheckpointReader
-from gie_core.weights.single_file import bfl_flux_key_to_diffusers
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +49,6 @@ __all__ = [
     "prepare_fp8_compute",
     "quantize_per_tensor",
     "set_fp8_matmul",
-    "stored_weight_scales",
 ]
 
 FP8 = torch.float8_e4m3fn
@@ -178,7 +174,7 @@ def prepare_fp8_compute(model: nn.Module, compute_dtype: torch.dtype, part: str 
                         scales: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """Replace ``model``'s linear layers by :class:`Fp8Linear` (the layers of ``FP8_KEEP[part]``
     stay in ``compute_dtype``). ``scales``: ``{layer name: per-tensor scale}`` stored with the
-    weights (:func:`stored_weight_scales`), so a scaled-fp8 file's values come back as stored.
+    weights (:func:`gie_core.weights.single_file.stored_weight_scales`), so a scaled-fp8 file's values come back as stored.
     Returns ``model``."""
     if compute_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         raise ValueError("the compute dtype of fp8 compute must be bf16, fp16 or fp32")
@@ -204,44 +200,3 @@ def set_fp8_matmul(model: nn.Module, mode: str) -> int:
     for layer in layers:
         layer.matmul = mode
     return len(layers)
-
-
-# A tensor every transformer file of a layout has: what comes before it is the file's key prefix
-# (ComfyUI's "model.diffusion_model.", or none).
-_LAYOUT_MARKER = {"bfl_transformer": "img_in.weight", "diffusers_transformer": "x_embedder.weight"}
-
-
-def stored_weight_scales(path: str | Path, model: nn.Module, layout: str) -> dict[str, torch.Tensor]:
-    """``{diffusers layer name: scale}`` of the per-tensor weight scales a scaled-fp8 transformer
-    file of ``layout`` ("bfl_transformer" or "diffusers_transformer", as
-    :func:`gie_core.weights.parts.resolve_source` found it) stores (``<layer>.scale_weight`` /
-    ``<layer>.weight_scale``; a fused BFL ``qkv`` / ``linear1`` scale applies to each of its
-    parts). Per-row scales are left out: those layers get a per-tensor scale of their own."""
-    if layout not in _LAYOUT_MARKER:
-        return {}
-    bfl = layout == "bfl_transformer"
-    cfg = model.config
-    inner = cfg.num_attention_heads * cfg.attention_head_dim
-    scales: dict[str, torch.Tensor] = {}
-    with CheckpointReader.open(path) as reader:
-        marker = next((k for k in reader.keys() if k.endswith(_LAYOUT_MARKER[layout])), _LAYOUT_MARKER[layout])
-        prefix = marker[: -len(_LAYOUT_MARKER[layout])]
-        for key in reader.keys():
-            if not key.startswith(prefix) or not key.endswith((".scale_weight", ".weight_scale")):
-                continue
-            scale = reader.read(key)
-            if scale.numel() != 1:
-                continue
-            layer = key[len(prefix):].rsplit(".", 1)[0]
-            weight_key = f"{prefix}{layer}.weight"
-            if weight_key not in reader:
-                continue
-            if bfl:
-                meta = torch.empty(reader.shape(weight_key), device="meta")
-                names = [n for n, _ in bfl_flux_key_to_diffusers(f"{layer}.weight", meta, inner_dim=inner,
-                                                                  mlp_hidden_dim=4 * inner)]
-            else:
-                names = [f"{layer}.weight"]
-            for name in names:
-                scales[name[: -len(".weight")]] = scale.float().reshape(())
-    return scales

@@ -32,10 +32,11 @@ import torch
 
 from gie_core.files import atomic_write
 from gie_core.weights.loading import _dtype_kwarg
-from gie_core.weights.reader import CheckpointError
+from gie_core.weights.reader import CheckpointError, read_at
 from gie_core.weights.single_file import _flux_config_from_shapes, bfl_flux_key_to_diffusers
 
-__all__ = ["GGUF_WRITE_TYPES", "gguf_metadata", "is_gguf", "load_gguf_transformer", "open_checked", "write_gguf"]
+__all__ = ["GGUF_WRITE_TYPES", "gguf_metadata", "is_gguf", "load_gguf_transformer", "open_checked", "read_gguf_tensors",
+           "write_gguf"]
 
 # What write_gguf can store: block quantisations the gguf package encodes, and plain floats.
 GGUF_WRITE_TYPES: tuple[str, ...] = ("Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "BF16", "F16", "F32")
@@ -105,6 +106,44 @@ def gguf_metadata(path: str | os.PathLike) -> dict[str, object]:
     return out
 
 
+def read_gguf_tensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a complete GGUF file (:func:`open_checked`) in fresh memory, as diffusers'
+    ``load_gguf_checkpoint`` gives them (quantised blocks as its ``GGUFParameter``, F16/F32 as
+    plain tensors, cast to ``dtype`` one at a time as they are read when given: the model keeps
+    them in its compute dtype, and casting them all at once later would hold both copies), or a
+    :class:`CheckpointError` naming a quantisation diffusers cannot dequantise, before any
+    tensor is read.
+
+    Read front to back by positional reads with the kernel's read-ahead, never through the
+    file's memory map: the file's pages never enter the process, so loading peaks at the bytes
+    kept, and nothing of the file is mapped once the load returns."""
+    from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES, GGUFParameter  # start-up: diffusers (~3 s)
+
+    plain = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+    tensors = sorted(open_checked(path).tensors, key=lambda t: int(t.data_offset))
+    for t in tensors:
+        if t.tensor_type not in plain and t.tensor_type not in SUPPORTED_GGUF_QUANT_TYPES:
+            raise CheckpointError(
+                f"{path}: tensor '{t.name}' is quantised as {t.tensor_type.name}, which diffusers cannot dequantise "
+                f"(it reads {', '.join(q.name for q in SUPPORTED_GGUF_QUANT_TYPES)})"
+            )
+    state: dict[str, torch.Tensor] = {}
+    with open(path, "rb", buffering=0) as fh:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        for t in tensors:
+            data = np.empty(t.data.shape, dtype=t.data.dtype)  # t.data maps the file; its pages are never touched
+            if read_at(fh, memoryview(data), int(t.data_offset)) < data.nbytes:
+                raise CheckpointError(f"{path} is truncated: could not read tensor '{t.name}'")
+            weights = torch.from_numpy(data)
+            if t.tensor_type not in plain:
+                weights = GGUFParameter(weights, quant_type=t.tensor_type)
+            elif dtype is not None:
+                weights = weights.to(dtype)
+            state[t.name] = weights
+    return state
+
+
 class _Shapes:
     """The reader interface the shape-to-config code of :mod:`gie_core.weights.single_file` reads
     (``keys``, ``shape``, ``in``), over a loaded GGUF state dict (logical shapes, not the
@@ -135,14 +174,9 @@ def load_gguf_transformer(
     FLUX transformer or uses a quantisation diffusers cannot dequantise.
     """
     from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig  # start-up: diffusers' models (~4 s)
-    from diffusers.models.model_loading_utils import load_gguf_checkpoint  # start-up: diffusers (~3 s)
 
     p = Path(path)
-    open_checked(p)  # complete, before diffusers reads it
-    try:
-        raw = load_gguf_checkpoint(str(p))
-    except ValueError as exc:  # an unsupported quantisation type, named by diffusers
-        raise CheckpointError(f"{p}: {exc}".split("\n\nTo request")[0]) from None
+    raw = read_gguf_tensors(p, dtype)
     state = {}
     for key, tensor in raw.items():
         for prefix in _PREFIXES:

@@ -26,8 +26,9 @@ import torch
 from gie_core.constants import DTYPE_TABLE, MIXED_PRECISION_DTYPES, T5_MAX_LENGTH
 from gie_core.engine.connector import Connector
 from gie_core.engine.encoders import QwenVLEncoder, TextEncoders, load_qwen_image_processor, torchvision_available
+from gie_core.weights.fp8_compute import prepare_fp8_compute
 from gie_core.weights.quantize import bnb_config, prepare_fp8_storage, storage
-from gie_core.weights.reader import CheckpointError, CheckpointReader, assign_weights, empty_weights
+from gie_core.weights.reader import CheckpointError, CheckpointReader, empty_weights, stream_weights
 
 DTYPES = {name: getattr(torch, attr) for name, attr in DTYPE_TABLE.items()}
 
@@ -213,8 +214,7 @@ def load_qwen_from_gie(
         names[key] = map_qwen_key(key, model_keys)
         if names[key] is None:
             raise CheckpointError(f"{path}: tensor '{key}' does not belong to a Qwen2.5-VL model")
-    pairs = ((names[key], tensor) for key, tensor in reader.iter_loaded(keys, dtype, device))
-    assign_weights(model, pairs, dtype=dtype, device=device, what=f"Qwen2.5-VL weights in {path}")
+    stream_weights(model, reader, names, dtype=dtype, device=device, what=f"Qwen2.5-VL weights in {path}")
     if tied:
         model.tie_weights()
     return model.eval().requires_grad_(False)
@@ -265,8 +265,7 @@ def load_connector_from_reader(reader: CheckpointReader, prefix: str, what: str,
     num_queries = reader.shape(by_name["queries"])[0] if "queries" in by_name else 0
     with empty_weights():
         conn = Connector(inp, out, hidden, type_embedding="type_embedding" in by_name, num_queries=num_queries)
-    pairs = ((name(k), t) for k, t in reader.iter_loaded(keys, dtype, device))
-    assign_weights(conn, pairs, dtype=dtype, device=device, what=f"connector in {what}")
+    stream_weights(conn, reader, {k: name(k) for k in keys}, dtype=dtype, device=device, what=f"connector in {what}")
     return conn.eval().requires_grad_(False)
 
 
@@ -282,9 +281,10 @@ def load_flux_transformer_from_reader(reader: CheckpointReader, prefix: str, con
         transformer = FluxTransformer2DModel.from_config(cfg)
     if q.method == "layerwise":
         prepare_fp8_storage(transformer, dtype, "transformer", q.store)
-    keys = [k for k in reader.keys() if k.startswith(prefix)]
-    pairs = ((k[len(prefix):], t) for k, t in reader.iter_loaded(keys, dtype, device))
-    assign_weights(transformer, pairs, dtype=dtype, device=device, what=what)
+    names = {k: k[len(prefix):] for k in reader.keys() if k.startswith(prefix)}
+    stream_weights(transformer, reader, names, dtype=dtype, device=device, what=what)
+    if q.method == "scaled_mm":
+        prepare_fp8_compute(transformer, dtype, "transformer")
     return transformer.eval().requires_grad_(False)
 
 
@@ -417,9 +417,8 @@ def load_kontext_dir(
     ``transformer_quantize="fp8"`` stores the transformer's layers in float8 (see
     :mod:`gie_core.weights.quantize`). Weights are read from safetensors only: a folder holding
     ``.bin`` files alone is refused, naming it."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel  # start-up: diffusers' models (~4 s)
-    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel  # start-up: transformers' models (~4 s)
-
+    # Each model class is imported only when its part is loaded: diffusers' autoencoders package
+    # and transformers' text models cost about a second of start-up each.
     p = Path(path)
     kontext_index(p)
     dtype = parse_dtype(dtype)
@@ -442,20 +441,70 @@ def load_kontext_dir(
             raise CheckpointError(f"could not load {name} from {p}: {exc}") from None
         return m.to(device).eval().requires_grad_(False)
 
-    transformer = model(FluxTransformer2DModel, "transformer") if "transformer" in parts else None
-    q = storage(transformer_quantize)
-    if transformer is not None and q.method == "layerwise":
-        prepare_fp8_storage(transformer, dtype, "transformer", q.store)
-    vae = model(AutoencoderKL, "vae") if "vae" in parts else None
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(sub("scheduler")) if "scheduler" in parts else None
+    transformer = vae = scheduler = None
+    if "transformer" in parts:
+        from diffusers import FluxTransformer2DModel  # start-up: diffusers' models (~3 s)
+
+        transformer = load_diffusers_model(FluxTransformer2DModel, sub("transformer"), dtype, device,
+                                           quantize=transformer_quantize, part="transformer")
+    if "vae" in parts:
+        from diffusers import AutoencoderKL  # start-up: diffusers' autoencoders (~1 s)
+
+        vae = load_diffusers_model(AutoencoderKL, sub("vae"), dtype, device)
+    if "scheduler" in parts:
+        from diffusers import FlowMatchEulerDiscreteScheduler  # start-up: diffusers' schedulers
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(sub("scheduler"))
     text = None
     if "clip" in parts or "t5" in parts:
+        # start-up: transformers' text models (~1 s), imported only when a text encoder is loaded
+        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
         clip = model(CLIPTextModel, "text_encoder") if "clip" in parts else None
         clip_tok = AutoTokenizer.from_pretrained(sub("tokenizer"), local_files_only=True) if "clip" in parts else None
         t5 = model(T5EncoderModel, "text_encoder_2") if "t5" in parts else None
         t5_tok = AutoTokenizer.from_pretrained(sub("tokenizer_2"), local_files_only=True) if "t5" in parts else None
         text = TextEncoders(clip, clip_tok, t5, t5_tok, t5_max_length or T5_MAX_LENGTH)
     return KontextComponents(transformer, vae, scheduler, text)
+
+
+def load_diffusers_model(cls, folder: Path, dtype: torch.dtype, device, *, quantize: str = "none",
+                         part: str = "transformer"):
+    """A diffusers model folder (``config.json`` + safetensors, sharded or not) streamed through
+    :class:`CheckpointReader` into ``dtype`` on ``device``: the tensors are the same as
+    ``cls.from_pretrained(folder, torch_dtype=dtype)``'s, read front to back with read-ahead,
+    cast in chunks straight into the kept tensors (``quantize="fp8"``: straight into float8
+    storage, the bf16 file never held). A folder whose names are not the model's current ones
+    (an older diffusers layout) goes through ``from_pretrained``, which knows the renames."""
+    require_safetensors(folder)
+    q = storage(quantize)
+    try:
+        config = cls.load_config(folder, local_files_only=True)
+        with empty_weights():
+            model = cls.from_config(config)
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"could not read the model config in {folder}: {exc}") from None
+    with CheckpointReader.open(folder) as reader:
+        names = {k: k for k in reader.keys()}
+        if set(names) != set(model.state_dict()):
+            del model
+            try:
+                model = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True, **_dtype_kwarg(cls, dtype))
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"could not load {folder}: {exc}") from None
+            model = model.to(device)
+            if q.method == "layerwise":
+                prepare_fp8_storage(model, dtype, part, q.store)
+            elif q.method == "scaled_mm":
+                prepare_fp8_compute(model, dtype, part)
+            return model.eval().requires_grad_(False)
+        if q.method == "layerwise":
+            prepare_fp8_storage(model, dtype, part, q.store)
+        stream_weights(model, reader, names, dtype=dtype, device=device, what=f"{cls.__name__} weights in {folder}")
+        if q.method == "scaled_mm":
+            prepare_fp8_compute(model, dtype, part)
+    model.register_to_config(_name_or_path=folder)  # as from_pretrained records it
+    return model.eval().requires_grad_(False)
 
 
 # --------------------------------------------------------------------------------------

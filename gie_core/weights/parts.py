@@ -41,7 +41,7 @@ from gie_core.engine.encoders import TextEncoders
 from gie_core.engine.taskhead import TaskHead
 from gie_core.weights import gguf as gguf_files
 from gie_core.weights import loading, single_file
-from gie_core.weights.fp8_compute import prepare_fp8_compute, stored_weight_scales
+from gie_core.weights.fp8_compute import prepare_fp8_compute
 from gie_core.weights.lora import load_lora
 from gie_core.weights.quantize import (
     NO_QUANTIZATION,
@@ -387,7 +387,7 @@ def _layerwise(plan: LoadPlan, module: torch.nn.Module) -> torch.nn.Module:
         prepare_fp8_storage(module, plan.dtype, plan.part, plan.storage.store)
     elif plan.storage.method == "scaled_mm":
         # a scaled-fp8 file keeps its stored per-tensor scales: its fp8 values come back exactly
-        scales = stored_weight_scales(plan.source.path, module, plan.source.layout) if plan.source.kind == "file" else None
+        scales = single_file.stored_weight_scales(plan.source.path, module, plan.source.layout) if plan.source.kind == "file" else None
         prepare_fp8_compute(module, plan.dtype, plan.part, scales)  # where it cannot run, a layer logs why once
     return module
 
@@ -403,9 +403,9 @@ def _load_transformer(plan: LoadPlan) -> LoadedPart:
         model = loading.load_kontext_dir(src.path, dtype=plan.dtype, device=plan.device, parts=("transformer",),
                                          transformer_quantize=name).transformer
     else:
-        model = _layerwise(plan, single_file.load_bfl_transformer(src.path, dtype=plan.dtype, device=plan.device))
-    if src.kind in ("gie_dir", "kontext_dir") and plan.storage.method == "scaled_mm":
-        model = _layerwise(plan, model)  # the folder loaders stream 'fp8' in themselves; fp8 compute is applied here
+        model = single_file.load_bfl_transformer(src.path, dtype=plan.dtype, device=plan.device, quantize=name)
+        if plan.storage.method == "scaled_mm":  # fp8 compute keeps a scaled-fp8 file's stored scales
+            model = _layerwise(plan, model)
     return _done(plan, model.requires_grad_(False))
 
 

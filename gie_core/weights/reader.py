@@ -4,16 +4,24 @@ Checkpoints here are tens of GB, so weights are read tensor by tensor, never a s
 in memory, and written atomically (a crash mid-save never replaces a good file with a
 half-written one).
 
-Two ways to get a tensor out of a file:
+How a load reads a file (each choice measured with ``bench/bench_loading.py`` against the
+libraries' loaders, in fresh processes, warm and cold; see the README's "Speed and memory"):
 
-- :meth:`SafetensorsFile.read`: a copy in fresh CPU memory (positional reads, thread-safe);
-- :meth:`SafetensorsFile.view`: the file's bytes themselves, mapped copy-on-write (no copy at
-  all; writes stay private to the process). :meth:`CheckpointReader.load` uses a view when the
-  stored tensor already is what the model needs (same dtype, on the CPU): loading is then as
-  fast as the page cache (or the disk) delivers, like ``from_pretrained``'s mmap, and the pages
-  of tensors that are copied anyway (cast, or sent to a GPU) leave the process right after.
-  Tensors are taken in file order (front to back through the disk); when they go to a GPU, a
-  reader thread fetches the next ones' pages while the current one is copied.
+- the files are memory-mapped and read front to back; the kernel is told so (``posix_fadvise``
+  SEQUENTIAL) and asked to read ahead (WILLNEED, asynchronous): every tensor of the load at once
+  when they are kept as the files' pages, 256 MB ahead of the copying otherwise. A cold file then
+  comes in at the disk's pace. (Mapping each tensor's pages eagerly with
+  ``madvise(MADV_POPULATE_READ)`` was slower cold on top of read-ahead, and a read-ahead thread
+  contended with the copying for the GIL; both were dropped.)
+- when every tensor a load reads keeps its stored dtype on the CPU, the files stay mapped and
+  the tensors *are* their pages (:meth:`SafetensorsFile.view`, copy-on-write: writes stay
+  private); nothing is copied, and the pages are the bytes kept;
+- any other load (a cast such as bf16 -> fp32, fp8 storage, a device other than the CPU) copies
+  each tensor straight from the mapping into the tensor the model keeps, in its final dtype, and
+  drops the source pages from the process right after (they stay in the page cache): in one
+  ``.to()`` up to 256 MB (as fast as the libraries' per-tensor cast), in 16 MB chunks beyond
+  that and for narrowing casts such as bf16 -> fp8 (:meth:`SafetensorsFile.copy_into`), so a
+  load peaks at the bytes kept plus at most one widening tensor's source (<= 256 MB). The files are unmapped when the load ends.
 
 A view is as aligned in memory as its tensor is in the file (8 bytes at least); CPU kernels may
 then round the last bit of a result differently than on a 64-byte-aligned copy (as with any
@@ -71,6 +79,17 @@ class CheckpointError(ValueError):
 
 _HAS_PREADV = hasattr(os, "preadv")
 
+# Bytes of a file copied (and cast) per step into a tensor the model keeps: small beside any
+# checkpoint, so the pages in flight stay out of peak memory; large enough that the per-step
+# calls cost nothing measurable.
+COPY_CHUNK_BYTES = 16 * 2**20
+# A tensor up to this size is copied (and cast) in one step and its source pages dropped after:
+# measured as fast as the libraries' per-tensor ``.to()``, while chunking every bf16 -> fp32 cast
+# was ~15% slower; larger ones (Qwen's 1 GB token embeddings) and narrowing casts (bf16 -> fp8,
+# where one tensor's source outweighs several kept ones) go in chunks, so a load peaks at the
+# bytes kept plus at most this much of the source.
+WHOLE_COPY_BYTES = 256 * 2**20
+
 # madvise(MADV_POPULATE_READ) (Linux >= 5.14): the kernel maps a range's pages (reading them
 # from disk when needed) in one call, with the GIL released (ctypes), faster than touching
 # each page. None until tried; False where the kernel or libc lacks it.
@@ -102,6 +121,25 @@ def _populate(address: int, length: int) -> bool:
         _madvise = False  # EINVAL: an older kernel; touch the pages instead from now on
         return False
     return True
+
+
+def read_at(fh, view: memoryview, offset: int, lock: threading.Lock | None = None) -> int:
+    """Fill ``view`` with the bytes of the (unbuffered) file ``fh`` from ``offset`` on, by
+    positional reads (thread-safe; no memory map); returns how many bytes were read (fewer at
+    the end of the file). Without ``os.preadv`` it seeks under ``lock``."""
+    view = view.cast("B")
+    pos = 0
+    while pos < len(view):
+        if _HAS_PREADV:
+            got = os.preadv(fh.fileno(), [view[pos:]], offset + pos)
+        else:
+            with lock or contextlib.nullcontext():
+                fh.seek(offset + pos)
+                got = fh.readinto(view[pos:])
+        if not got:
+            break
+        pos += got
+    return pos
 
 
 def _read_exact(fh, n: int) -> bytes:
@@ -193,18 +231,8 @@ class SafetensorsFile:
         reads, so several tensors can be read at once."""
         dtype, shape, begin, end = self._entries[key]
         buf = torch.empty(end - begin, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
-        pos, offset = 0, self._data_start + begin
-        while pos < len(view):
-            if _HAS_PREADV:
-                got = os.preadv(self._fh.fileno(), [view[pos:]], offset + pos)
-            else:
-                with self._lock:
-                    self._fh.seek(offset + pos)
-                    got = self._fh.readinto(view[pos:])
-            if not got:
-                raise CheckpointError(f"{self.path} is truncated: could not read tensor '{key}'")
-            pos += got
+        if read_at(self._fh, memoryview(buf.numpy()), self._data_start + begin, self._lock) < end - begin:
+            raise CheckpointError(f"{self.path} is truncated: could not read tensor '{key}'")
         return buf.view(dtype).reshape(shape)
 
     def _mapping(self) -> mmap.mmap:
@@ -233,33 +261,73 @@ class SafetensorsFile:
                                 offset=self._data_start + begin)
         return flat.reshape(shape)
 
-    def prefetch(self, key: str) -> None:
-        """Bring the tensor's pages into memory now (read from disk when the page cache lacks
-        them), so that using its :meth:`view` later does not wait on the disk. Releases the GIL
-        while it reads, so several tensors can be fetched at once."""
-        _, _, begin, end = self._entries[key]
-        if end == begin:
-            return
-        start = self._data_start + begin
-        if hasattr(os, "posix_fadvise"):  # one large asynchronous read for a cold page cache
-            os.posix_fadvise(self._fh.fileno(), start, end - begin, os.POSIX_FADV_WILLNEED)
-        pages = np.frombuffer(self._mapping(), dtype=np.uint8, count=end - begin, offset=start)
-        if _populate(pages.ctypes.data, end - begin):
+    def advise_sequential(self) -> None:
+        """Tell the kernel this file will be read front to back (it then reads further ahead)."""
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+    def advise_range(self, start: int, length: int) -> None:
+        """Ask the kernel to read ``[start, start + length)`` of the file into the page cache
+        (asynchronously; the page cache is not this process's memory)."""
+        if length > 0 and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fh.fileno(), start, length, os.POSIX_FADV_WILLNEED)
+
+    def _map_pages(self, start: int, length: int) -> None:
+        """Map ``[start, start + length)`` of the file into the process in one call (one touch a page
+        where the kernel lacks MADV_POPULATE_READ)."""
+        pages = np.frombuffer(self._mapping(), dtype=np.uint8, count=length, offset=start)
+        if _populate(pages.ctypes.data, length):
             return
         int(pages[:: mmap.PAGESIZE].sum(dtype=np.uint64))  # one byte of every page: faults them in
+
+    def _drop_pages(self, start: int, length: int) -> None:
+        """Unmap the pages lying wholly inside ``[start, start + length)`` of the file from this
+        process (they stay in the page cache)."""
+        if self._map is None:
+            return
+        page = mmap.PAGESIZE
+        first = -(-start // page) * page
+        stop = (start + length) // page * page
+        if stop > first and hasattr(self._map, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED, first, stop - first)
+
+    def copy_into(self, key: str, out: torch.Tensor, *, chunk_bytes: int = COPY_CHUNK_BYTES) -> torch.Tensor:
+        """Copy the tensor into ``out`` (a contiguous tensor of its shape, any dtype, any device),
+        cast on the way, ``chunk_bytes`` of the file at a time straight from the mapping; each
+        chunk's pages leave the process as soon as it is copied, so the copy costs the memory of
+        ``out`` plus one chunk. Returns ``out``."""
+        dtype, shape, begin, end = self._entries[key]
+        if tuple(out.shape) != shape or not out.is_contiguous():
+            raise ValueError(f"copy_into: '{key}' is {shape}, the destination {tuple(out.shape)} (contiguous expected)")
+        if end == begin:
+            return out
+        if not self.aligned(key):
+            return out.copy_(self.read(key))
+        size = dtype.itemsize
+        step = max(mmap.PAGESIZE, chunk_bytes // mmap.PAGESIZE * mmap.PAGESIZE) // size  # whole pages per chunk
+        numel, flat, start = (end - begin) // size, out.view(-1), self._data_start + begin
+        for i in range(0, numel, step):
+            n = min(step, numel - i)
+            offset = start + i * size
+            self._map_pages(offset, n * size)
+            src = torch.frombuffer(self._mapping(), dtype=dtype, count=n, offset=offset)
+            flat[i:i + n].copy_(src)
+            del src
+            self._drop_pages(offset, n * size)
+        return out
 
     def release(self, key: str) -> None:
         """Drop the mapped pages that lie wholly inside the tensor's bytes from this process
         (they stay in the page cache). Only for a tensor whose view nobody keeps: pages that
         were written to would be lost."""
-        if self._map is None:
-            return
         _, _, begin, end = self._entries[key]
-        page = mmap.PAGESIZE
-        start = -(-(self._data_start + begin) // page) * page
-        stop = (self._data_start + end) // page * page
-        if stop > start and hasattr(self._map, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-            self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
+        self._drop_pages(self._data_start + begin, end - begin)
+
+    def unmap(self) -> None:
+        """Forget this file's mapping: it leaves the process as soon as no view of it is left
+        (at once after a load that copied every tensor). A later view maps the file again."""
+        with self._lock:
+            self._map = None
 
     def close(self) -> None:
         # The mapping is never closed explicitly: views (a loaded model's weights) hold a
@@ -272,6 +340,43 @@ class SafetensorsFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _ReadAhead:
+    """Keeps the kernel reading the next tensors of a load into the page cache, up to
+    ``max_ahead`` bytes beyond what the loader has consumed (``posix_fadvise`` WILLNEED on
+    stretches of adjacent tensors: asynchronous, and page cache, not this process's memory), so
+    the disk keeps reading while the loader maps or copies. Runs on the loader's own thread (a
+    second Python thread would contend for the GIL with the copying)."""
+
+    def __init__(self, reader: CheckpointReader, keys: list[str], max_ahead: int):
+        self._spans = []  # (file, start, end) per key, in load order
+        for k in keys:
+            f = reader.file_of(k)
+            _, _, begin, end = f._entries[k]
+            self._spans.append((f, f._data_start + begin, f._data_start + end))
+        self._max_ahead = max_ahead
+        self._next = 0  # first span not asked for yet
+        self._issued = self._consumed = 0
+        self._advance()
+
+    def _advance(self) -> None:
+        if self._issued - self._consumed > self._max_ahead // 2 or self._next >= len(self._spans):
+            return
+        f, lo, hi = self._spans[self._next]
+        while self._next < len(self._spans) and self._issued - self._consumed < self._max_ahead:
+            g, start, end = self._spans[self._next]
+            if g is not f or start > hi + mmap.PAGESIZE:  # another file, or a gap: ask for what we have
+                f.advise_range(lo, hi - lo)
+                f, lo = g, start
+            hi = end
+            self._issued += end - start
+            self._next += 1
+        f.advise_range(lo, hi - lo)
+
+    def consumed(self, nbytes: int) -> None:
+        self._consumed += nbytes
+        self._advance()
 
 
 class CheckpointReader:
@@ -319,23 +424,25 @@ class CheckpointReader:
         except KeyError:
             raise CheckpointError(f"tensor '{key}' is not in the checkpoint ({self.describe()})") from None
 
-    def load(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    def load(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu", *,
+             view: bool = True) -> torch.Tensor:
         """The tensor as a model will keep it: ``dtype`` (floating tensors only; None = as
-        stored) on ``device``. Without a cast on the CPU it is a view of the file (no copy);
-        otherwise it is copied once, straight from the mapped file, and those pages are dropped."""
+        stored) on ``device``. With ``view`` and no cast on the CPU it is the file's own pages
+        (:meth:`SafetensorsFile.view`); otherwise a new tensor copied straight from the mapped
+        file, whose source pages then leave the process (in chunks beyond
+        ``WHOLE_COPY_BYTES``: :meth:`SafetensorsFile.copy_into`)."""
         f = self.file_of(key)
-        stored = f.dtype(key)
-        target = dtype if dtype is not None and stored.is_floating_point else stored
+        target = _target(f.dtype(key), dtype)
         device = torch.device(device)
-        if device.type == "cpu" and target == stored:
-            return f.view(key)
-        if device.type == "cpu":
-            out = f.read(key).to(target)  # a cast makes a new tensor anyway: read into a private buffer
-            return out
-        view = f.view(key)
-        out = view.to(device=device, dtype=target)
-        del view
-        f.release(key)
+        if view and device.type == "cpu" and target == f.dtype(key):
+            return f.view(key)  # its pages come in as the kernel reads ahead (see iter_loaded)
+        if f.nbytes(key) > WHOLE_COPY_BYTES or target.itemsize < f.dtype(key).itemsize:
+            # chunks: a large tensor, or a narrowing cast (fp8) whose source would outweigh what is kept
+            return f.copy_into(key, torch.empty(f.shape(key), dtype=target, device=device))
+        source = f.view(key)
+        out = source.to(device=device, dtype=target, copy=True)
+        del source
+        f.release(key)  # the source pages leave the process (they stay in the page cache)
         return out
 
     def offset(self, key: str) -> tuple[int, int]:
@@ -346,43 +453,43 @@ class CheckpointReader:
     def iter_loaded(
         self,
         keys: Iterable[str],
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | Mapping[str, torch.dtype | None] | None = None,
         device: torch.device | str = "cpu",
         *,
-        workers: int | None = None,
-        max_ahead_bytes: int = 512 * 2**20,
+        read_ahead: bool = True,
+        max_ahead_bytes: int = 256 * 2**20,
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(key, self.load(key, dtype, device))`` in file order (front to back: the
-        fastest way through a disk).
+        """Yield ``(key, tensor)`` for ``keys`` in file order (front to back: the fastest way
+        through a disk), each loaded by :meth:`load` in ``dtype`` (one dtype for every floating
+        tensor, or one per key; None: as stored) on ``device``.
 
-        ``workers`` threads fetch the next tensors' pages (at most ``max_ahead_bytes`` ahead), so
-        the disk keeps reading while tensors are copied to a device. Default: one for a device
-        other than the CPU; none for the CPU, whose views are mapped, not read: their pages come
-        in on first use, as with ``from_pretrained``'s memory map."""
+        The files stay mapped, their tensors being views of them, only when every tensor this
+        call loads keeps its stored dtype on the CPU; otherwise (a cast, fp8 storage, another
+        device) every tensor is copied and the files are unmapped at the end: nothing of a
+        source that is not used as stored stays in memory. With ``read_ahead`` the kernel is
+        asked to read the next tensors into the page cache, at most ``max_ahead_bytes`` ahead,
+        while the current one is mapped or copied."""
         keys = sorted(keys, key=self.offset)
-        if workers is None:
-            workers = 0 if torch.device(device).type == "cpu" else 1
-        if workers < 1 or len(keys) < 2:
+        device = torch.device(device)
+        targets = {k: _target(self.dtype(k), dtype.get(k) if isinstance(dtype, Mapping) else dtype) for k in keys}
+        used = {id(self.file_of(k)): self.file_of(k) for k in keys}
+        as_stored = device.type == "cpu" and all(targets[k] == self.dtype(k) for k in keys)
+        kept = set(used) if as_stored else set()
+        for f in used.values():
+            f.advise_sequential()
+        if as_stored:
+            max_ahead_bytes = sum(self.nbytes(k) for k in keys)  # every page is kept: ask for all of them now
+        ahead = _ReadAhead(self, keys, max_ahead_bytes) if read_ahead else None
+        try:
             for k in keys:
-                yield k, self.load(k, dtype, device)
-            return
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gie-fetch") as pool:
-            pending: deque = deque()
-            ahead = nxt = 0
-            try:
-                while nxt < len(keys) or pending:
-                    while nxt < len(keys) and (not pending or ahead + self.nbytes(keys[nxt]) <= max_ahead_bytes):
-                        k = keys[nxt]
-                        pending.append((k, pool.submit(self.file_of(k).prefetch, k)))
-                        ahead += self.nbytes(k)
-                        nxt += 1
-                    k, fut = pending.popleft()
-                    ahead -= self.nbytes(k)
-                    fut.result()
-                    yield k, self.load(k, dtype, device)
-            finally:
-                for _, fut in pending:
-                    fut.cancel()
+                tensor = self.load(k, targets[k], device, view=id(self.file_of(k)) in kept)
+                if ahead is not None:
+                    ahead.consumed(self.nbytes(k))
+                yield k, tensor
+        finally:
+            for i, f in used.items():
+                if i not in kept:
+                    f.unmap()
 
     def iter_tensors(
         self, keys: Iterable[str], *, workers: int = 4, max_ahead_bytes: int = 512 * 2**20
@@ -422,6 +529,12 @@ class CheckpointReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _target(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a tensor stored as ``stored`` is loaded in when ``dtype`` is asked for: floating
+    tensors take it, others (and None) keep their own."""
+    return dtype if dtype is not None and stored.is_floating_point else stored
 
 
 def find_safetensors(path: str | os.PathLike) -> list[Path]:
@@ -484,6 +597,45 @@ def _keep_fp32(model: torch.nn.Module) -> tuple[str, ...]:
     return tuple(keep)
 
 
+def _weight_dtype(old: torch.Tensor, name: str, dtype: torch.dtype, keep32: tuple[str, ...]) -> torch.dtype:
+    """The dtype :func:`assign_weights` gives a floating tensor for the model's ``old`` one."""
+    if old.dtype in FLOAT8_DTYPES:
+        return old.dtype  # a layer stored in fp8 (layerwise casting upcasts it at compute)
+    if keep32 and dtype == torch.float16 and any(f".{k}." in f".{name}" for k in keep32):
+        return torch.float32
+    return dtype
+
+
+def weight_dtypes(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """Parameter/buffer name -> the dtype :func:`assign_weights` keeps it in, for a model built
+    under :func:`empty_weights` and loaded in ``dtype``: what a reader loads each tensor in,
+    so that nothing is cast twice."""
+    keep32 = _keep_fp32(model)
+    persistent = set(model.state_dict().keys())
+    named = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n in persistent)]
+    return {n: _weight_dtype(t, n, dtype, keep32) for n, t in named if t.is_floating_point()}
+
+
+def stream_weights(
+    model: torch.nn.Module,
+    reader: CheckpointReader,
+    names: Mapping[str, str],
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    what: str = "checkpoint",
+) -> torch.nn.Module:
+    """Fill a model built under :func:`empty_weights` from ``reader``: ``names`` maps checkpoint
+    keys to parameter names. Each tensor is read once, front to back through the files, straight
+    into the dtype the model keeps it in (:func:`weight_dtypes`; a view of the file when that is
+    its stored dtype on the CPU, see :meth:`CheckpointReader.iter_loaded`), then assigned
+    (:func:`assign_weights`, strict)."""
+    wanted = weight_dtypes(model, dtype)
+    per_key = {k: wanted.get(n, dtype) for k, n in names.items()}
+    pairs = ((names[k], t) for k, t in reader.iter_loaded(names, per_key, device))
+    return assign_weights(model, pairs, dtype=dtype, device=device, what=what)
+
+
 def assign_weights(
     model: torch.nn.Module,
     tensors: Iterable[tuple[str, torch.Tensor]],
@@ -520,11 +672,7 @@ def assign_weights(
                 f"{what}: tensor '{name}' has shape {tuple(tensor.shape)} but the model expects {want} "
                 "(is this checkpoint for a different architecture?)"
             )
-        target = dtype
-        if old.dtype in FLOAT8_DTYPES:
-            target = old.dtype  # a layer stored in fp8 (layerwise casting upcasts it at compute)
-        elif keep32 and any(f".{k}." in f".{name}" for k in keep32) and dtype == torch.float16:
-            target = torch.float32
+        target = _weight_dtype(old, name, dtype, keep32)
         value = tensor.to(device=device, dtype=target) if tensor.is_floating_point() else tensor.to(device)
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model

@@ -25,6 +25,7 @@ import torch
 
 from gie_core.engine.encoders import QwenVLEncoder, load_qwen_image_processor
 from gie_core.weights.loading import map_qwen_key, qwen_config_from_gie, quiet_transformers
+from gie_core.weights.quantize import prepare_fp8_storage, storage
 from gie_core.weights.reader import FLOAT8_DTYPES, CheckpointError, CheckpointReader, assign_weights, empty_weights
 
 # Names of the shipped configs (files in gie_core/configs/, without ".json").
@@ -436,7 +437,8 @@ def _flux_config_from_shapes(reader: CheckpointReader, prefix: str, path, *, bfl
 
 
 def load_bfl_transformer(
-    path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"
+    path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
+    quantize: str = "none",
 ):
     """Load a FLUX(.1 Kontext) transformer file as a diffusers ``FluxTransformer2DModel``.
 
@@ -444,8 +446,12 @@ def load_bfl_transformer(
     without the ``model.diffusion_model.`` prefix of ComfyUI checkpoints, and diffusers-layout
     files; bf16/fp16/fp32, plain fp8 and ComfyUI scaled fp8 weights (upcast to ``dtype``).
     The architecture is the real Kontext config with the sizes read from the tensor shapes.
+    ``quantize="fp8"``: each tensor goes straight into float8 storage as it is read (the model
+    is never held in ``dtype`` first).
     """
     from diffusers import FluxTransformer2DModel  # start-up: diffusers' models (~4 s)
+
+    q = storage(quantize)
 
     with CheckpointReader.open(path) as reader:
         kind, prefix = require_kind(reader, path, ("bfl_transformer", "diffusers_transformer"))
@@ -454,6 +460,8 @@ def load_bfl_transformer(
         config, mlp_hidden = _flux_config_from_shapes(reader, prefix, path, bfl=bfl)
         with empty_weights():
             model = FluxTransformer2DModel.from_config(model_kwargs(config))
+        if q.method == "layerwise":
+            prepare_fp8_storage(model, dtype, "transformer", q.store)
 
         def tensors() -> Iterator[tuple[str, torch.Tensor]]:
             for key, tensor in _iter_component(reader, prefix):
@@ -844,3 +852,48 @@ def default_scheduler():
     from diffusers import FlowMatchEulerDiscreteScheduler  # start-up: diffusers (~2 s)
 
     return FlowMatchEulerDiscreteScheduler.from_config(model_kwargs(load_config(SCHEDULER_CONFIG)))
+
+
+# --------------------------------------------------------------------------------------------
+# Scaled-fp8 files: their stored per-tensor weight scales (for fp8 compute)
+# --------------------------------------------------------------------------------------------
+
+# A tensor every transformer file of a layout has: what comes before it is the file's key prefix
+# (ComfyUI's "model.diffusion_model.", or none).
+_LAYOUT_MARKER = {"bfl_transformer": "img_in.weight", "diffusers_transformer": "x_embedder.weight"}
+
+
+def stored_weight_scales(path: str | Path, model: torch.nn.Module, layout: str) -> dict[str, torch.Tensor]:
+    """``{diffusers layer name: scale}`` of the per-tensor weight scales a scaled-fp8 transformer
+    file of ``layout`` ("bfl_transformer" or "diffusers_transformer", as
+    :func:`gie_core.weights.parts.resolve_source` found it) stores (``<layer>.scale_weight`` /
+    ``<layer>.weight_scale``; a fused BFL ``qkv`` / ``linear1`` scale applies to each of its
+    parts). Per-row scales are left out: those layers get a per-tensor scale of their own."""
+    if layout not in _LAYOUT_MARKER:
+        return {}
+    bfl = layout == "bfl_transformer"
+    cfg = model.config
+    inner = cfg.num_attention_heads * cfg.attention_head_dim
+    scales: dict[str, torch.Tensor] = {}
+    with CheckpointReader.open(path) as reader:
+        marker = next((k for k in reader.keys() if k.endswith(_LAYOUT_MARKER[layout])), _LAYOUT_MARKER[layout])
+        prefix = marker[: -len(_LAYOUT_MARKER[layout])]
+        for key in reader.keys():
+            if not key.startswith(prefix) or not key.endswith((".scale_weight", ".weight_scale")):
+                continue
+            scale = reader.read(key)
+            if scale.numel() != 1:
+                continue
+            layer = key[len(prefix):].rsplit(".", 1)[0]
+            weight_key = f"{prefix}{layer}.weight"
+            if weight_key not in reader:
+                continue
+            if bfl:
+                meta = torch.empty(reader.shape(weight_key), device="meta")
+                names = [n for n, _ in bfl_flux_key_to_diffusers(f"{layer}.weight", meta, inner_dim=inner,
+                                                                  mlp_hidden_dim=4 * inner)]
+            else:
+                names = [f"{layer}.weight"]
+            for name in names:
+                scales[name[: -len(".weight")]] = scale.float().reshape(())
+    return scales
