@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import bfl_layout  # noqa: E402
+from workflow_check import computed_size_height, node_specs, overlaps  # noqa: E402
 from gie_core.cli import comfy_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -887,13 +888,37 @@ def screenshot(page, shots: Path, name: str, node_ids=()) -> Path:
     return path
 
 
+def drawn_layout(page) -> dict[int, dict]:
+    """Per node: the rectangle the page draws it in (title bar included) and its computeSize() height."""
+    rows = page.evaluate(
+        "() => app.graph.nodes.map(n => ({id: n.id, type: n.type, rect: [...n.boundingRect], computed: n.computeSize()[1]}))")
+    return {r["id"]: r for r in rows}
+
+
+def check_drawn_layout(page, specs, moment: str) -> None:
+    """No node drawn over another, and the frontend's computed heights are the layout model's
+    (tests/workflow_check.py, which the default suite checks every shipped workflow with)."""
+    layout = drawn_layout(page)
+    assert overlaps({i: tuple(r["rect"]) for i, r in layout.items()}) == [], moment
+    model = {i: computed_size_height(specs.get(r["type"]), r["type"]) for i, r in layout.items()}
+    assert {i: r["computed"] for i, r in layout.items()} == model, moment
+
+
+@pytest.fixture(scope="session")
+def specs(pack_nodes):
+    return node_specs(*pack_nodes)
+
+
 def ui_node_ids(page, cls: str) -> list[int]:
     return page.evaluate("(cls) => app.graph.nodes.filter(n => n.comfyClass === cls).map(n => n.id)", cls)
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
-def test_ui_workflow_loads_matches_its_api_twin_and_queues(page, server, shots, name):
+def test_ui_workflow_loads_matches_its_api_twin_and_queues(page, server, shots, specs, name):
     load_ui(page, name)
+    for node_id in ui_node_ids(page, "LoadImage"):  # its preview widget comes with the picture
+        page.wait_for_function("(id) => app.graph.getNodeById(id).imgs?.[0]?.naturalWidth > 0", arg=node_id, timeout=30_000)
+    check_drawn_layout(page, specs, "as loaded")
     # the frontend's own conversion equals the shipped API twin (class_type and inputs)
     output = page.evaluate("async () => (await app.graphToPrompt()).output")
     api = load_api(name)
@@ -920,6 +945,8 @@ def test_ui_workflow_loads_matches_its_api_twin_and_queues(page, server, shots, 
                                    arg=[node_id, start], timeout=30_000)
     page.wait_for_timeout(500)  # the executed images reach the page
     screenshot(page, shots, f"workflow_{name}")
+    layout = drawn_layout(page)  # the results shown on the nodes push nothing under another
+    assert overlaps({i: tuple(r["rect"]) for i, r in layout.items()}) == []
     assert not page.gie_errors, page.gie_errors
 
 

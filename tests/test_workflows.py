@@ -18,7 +18,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import nodes  # noqa: E402
 from nodes import comfy  # noqa: E402
-from workflow_check import check_api, check_ui, node_specs, run_prompt, ui_to_api  # noqa: E402
+from workflow_check import (  # noqa: E402
+    check_api, check_ui, computed_size_height, node_specs, overlaps, rendered_rects, run_prompt, ui_to_api,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO / "workflows"
@@ -100,6 +102,35 @@ def test_api_workflow_is_valid(name, specs):
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_ui_workflow_matches_its_api_twin(name, specs):
     assert ui_to_api(load(TEMPLATES / f"{name}.json"), specs) == load(API_DIR / f"{name}.json")
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_no_node_hides_another_at_its_drawn_size(name, specs):
+    """Every node, drawn at the size ComfyUI's frontend gives it (its widgets, sockets and title bar;
+    a saved size smaller than that grows on load), stays clear of every other node, and the file
+    saves that size."""
+    ui = load(TEMPLATES / f"{name}.json")
+    assert overlaps(rendered_rects(ui, specs)) == []
+    for node in ui["nodes"]:
+        assert node["size"][1] >= computed_size_height(specs.get(node["type"]), node["type"]), node["id"]
+
+
+def test_drawn_size_counts_every_widget_and_socket(specs):
+    """The layout model is not vacuous: the loader whose quantize widgets hid behind the node below
+    (shipped sizes before issue 17) is found, and so is a node moved onto another."""
+    ui = load(TEMPLATES / "released_model_edit.json")
+    by_id = {n["id"]: n for n in ui["nodes"]}
+    # GIE Checkpoint Loader: 3 output rows, 5 widgets (20 px + 4 gap each), 8 + 6 px padding
+    assert computed_size_height(specs["GIECheckpointLoader"], "GIECheckpointLoader") == 3 * 20 + 5 * 24 + 8 + 6
+    # the multiline instruction is a 50 px text area; Load Image carries its 220 px preview
+    assert computed_size_height(specs["GIEQwenVLEncode"], "GIEQwenVLEncode") == 3 * 20 + 54 + 8 + 6
+    assert computed_size_height(specs["LoadImage"], "LoadImage") == 2 * 20 + 24 + 24 + 224 + 8 + 6
+    old = copy.deepcopy(ui)  # the layout shipped before: saved 190 px, drawn 194, next node at y 240
+    by_old = {n["id"]: n for n in old["nodes"]}
+    by_old[1]["size"][1], by_old[2]["pos"][1] = 190, 240
+    assert overlaps(rendered_rects(old, specs)) == ["nodes 1 and 2 overlap by 340 x 24 px"]
+    by_id[6]["pos"] = list(by_id[5]["pos"])
+    assert any(o.startswith("nodes 5 and 6 overlap") for o in overlaps(rendered_rects(ui, specs)))
 
 
 def _types(api):
