@@ -44,6 +44,7 @@ from PIL import Image  # noqa: E402
 import bfl_layout  # noqa: E402
 from workflow_check import computed_size_height, node_specs, overlaps  # noqa: E402
 from gie_core.cli import comfy_run  # noqa: E402
+from nodes.loaders import COMFY_TOKENIZERS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 UI_DIR = REPO / "workflows"
@@ -83,6 +84,10 @@ WIDE_FILES = {
     "t5": "wide-t5xxl.safetensors",
     "vae": "wide-ae.safetensors",  # the real FLUX VAE architecture (random): ComfyUI's VAE loader hard-codes its widths
 }
+# The tiny Qwen2.5-VL with Qwen2.5's real vocabulary size and special-token ids, so ComfyUI's bundled
+# Qwen2.5 tokenizer (comfy/text_encoders/qwen25_tokenizer, the loader's default) can drive it.
+REAL_VOCAB_QWEN = "tiny-qwen2.5-vl-real-vocab.safetensors"
+REAL_QWEN_VOCAB_SIZE = 152064  # Qwen2.5-VL-7B's embedding rows
 INPUT_SIZE = (80, 48)  # 5:3: snaps to 3:2 -> 81x54, so Pad To Ratio pads both axes
 OUT_W, OUT_H = 64, 48  # the sampler's output size in the runs (multiples of 16)
 STEPS = 2
@@ -120,6 +125,9 @@ WORKFLOW_INPUTS = {
         "GIEConnectorLoader": {"connector_name": WIDE_FILES["connector"], "dtype": "fp32"},
         "GIEKontextSampler": {"reference_resize": "keep"},
     },
+    # the Qwen loader's default tokenizer, ComfyUI's bundled one, on a Qwen with the real vocabulary
+    "bundled_tokenizer": {"GIEKontextModelLoader": {"model_name": TINY_SPLIT["transformer"]},
+                          "GIEQwenVLLoader": {"qwen_name": REAL_VOCAB_QWEN, "tokenizer": COMFY_TOKENIZERS}},
     # our VAE loader and ComfyUI's on the same file (one ComfyUI's loader accepts)
     "native_vae_check": {"GIEKontextModelLoader": {"model_name": TINY_SPLIT["transformer"]},
                          "GIEVAELoader": {"vae_name": WIDE_FILES["vae"], "dtype": "fp32"}},
@@ -173,6 +181,37 @@ def place_models(tiny_set, models: Path) -> None:
     (models / "gie_connectors").mkdir(exist_ok=True)
     wide = build_wide_set(tiny_set, models)
     convert(wide, models, name=WIDE_GIE)
+    build_real_vocab_qwen(models / "text_encoders" / TINY_SPLIT["qwen"], models / "text_encoders" / REAL_VOCAB_QWEN)
+
+
+def build_real_vocab_qwen(tiny_file: Path, out: Path) -> None:
+    """gie-convert's tiny Qwen file with its embedding (and LM head) grown to Qwen2.5's vocabulary and
+    its config's special-token ids set to those of ComfyUI's bundled tokenizer."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from gie_core.weights.reader import CheckpointReader, save_safetensors_atomic
+
+    tok = AutoTokenizer.from_pretrained(Path(COMFYUI_DIR) / "comfy" / "text_encoders" / "qwen25_tokenizer",
+                                        local_files_only=True)
+    ids = {name: tok.convert_tokens_to_ids(token) for name, token in (
+        ("bos_token_id", "<|endoftext|>"), ("pad_token_id", "<|endoftext|>"), ("eos_token_id", "<|im_end|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
+        ("vision_token_id", "<|vision_pad|>"), ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"))}
+    assert ids["image_token_id"] == 151655, ids  # the real Qwen2.5 ids
+    g = torch.Generator().manual_seed(0)
+    with CheckpointReader.open(tiny_file) as r:
+        meta = dict(r.metadata)
+        cfg = json.loads(meta["gie_qwen_config"])
+        state = {}
+        for key in r.keys():
+            t = r.read(key)
+            if key.endswith(("embed_tokens.weight", "lm_head.weight")) and t.shape[0] == cfg["vocab_size"]:
+                t = torch.randn(REAL_QWEN_VOCAB_SIZE, t.shape[1], generator=g).to(t.dtype) * 0.02
+            state[key] = t
+    cfg.update(ids, vocab_size=REAL_QWEN_VOCAB_SIZE)
+    meta["gie_qwen_config"] = json.dumps(cfg)
+    save_safetensors_atomic(state, out, metadata=meta)
 
 
 def bypass_kontext_scale(prompt: dict) -> None:
@@ -659,6 +698,20 @@ def test_native_ksampler_matches_our_sampler_on_the_converted_weights(server, tm
     print(f"native vs ours, {NATIVE_PARITY_STEPS} steps: max |diff| {diff.max()} / 255, PSNR {psnr:.1f} dB")
     if NATIVE_PARITY_STEPS == 8:
         assert diff.max() <= 1
+
+
+def test_qwen_vl_encode_runs_with_comfyuis_bundled_tokenizer(server, tmp_path, capsys):
+    """The path the README recommends: GIE Qwen-VL Loader with its default tokenizer, ComfyUI's bundled
+    Qwen2.5 one, whose tokenizer_config.json carries the text-only Qwen2.5 chat template. Qwen-VL Encode
+    renders the image + instruction prompt itself, so the shipped workflow runs (it failed with
+    'TypeError: can only concatenate str (not "list") to str', issue 17)."""
+    prompt = load_api("released_model_from_single_files")
+    loader = next(i for i, n in prompt.items() if n["class_type"] == "GIEQwenVLLoader")
+    assert prompt[loader]["inputs"]["tokenizer"] == COMFY_TOKENIZERS  # as shipped
+    saved = run_api(server, prompt, "bundled_tokenizer", tmp_path, capsys, "bundled_tokenizer")
+    for s in small_run_sets(prompt, INPUT_SIZE, "bundled_tokenizer"):
+        comfy_run.apply_set(prompt, s)
+    check_outputs(prompt, saved, INPUT_SIZE)
 
 
 def test_native_load_vae_serves_our_sampler(server, tmp_path, capsys):
