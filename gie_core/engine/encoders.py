@@ -10,11 +10,9 @@ import torch
 from PIL import Image
 
 from gie_core.engine.connector import QwenFeatures, TextFeatures
+from gie_core.engine.conversation import QWEN_DEFAULT_SYSTEM, render_qwen_prompt  # noqa: F401  (re-exported)
 from gie_core.constants import CLIP_MAX_LENGTH, QWEN_IMAGE_SIZE, T5_MAX_LENGTH
 from gie_core.imaging.images import ImageLike, to_pil, to_tensor
-
-# The default system block the Qwen2.5-VL chat template inserts; the reference removes it.
-QWEN_DEFAULT_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 
 
 def check_instruction(instruction: str) -> str:
@@ -87,13 +85,12 @@ class QwenVLEncoder:
         return getattr(cfg, "text_config", cfg).hidden_size
 
     def prompt(self, instruction: str) -> str:
-        """The chat text of the reference format (image first, generation prompt, no system block)."""
+        """The chat text of the reference format (image first, generation prompt, no system block),
+        rendered by :func:`gie_core.engine.conversation.render_qwen_prompt`, never by the tokenizer
+        folder's own chat template (ComfyUI's bundled one is the text-only Qwen2.5 template)."""
         check_instruction(instruction)
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if text.startswith(QWEN_DEFAULT_SYSTEM):
-            text = text[len(QWEN_DEFAULT_SYSTEM):]
-        return text
+        return render_qwen_prompt(messages, default_system=False)
 
     def prepare_images(self, images: ImageLike) -> list[Image.Image]:
         """Any accepted image form -> PIL RGB images resized to the fixed square (PIL bicubic)."""

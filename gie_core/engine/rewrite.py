@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from gie_core.engine.conversation import render_qwen_prompt
 from gie_core.engine.encoders import check_instruction
 from gie_core.imaging.images import ImageLike
 
@@ -280,7 +281,7 @@ def rewrite_chat(encoder, instruction: str, prompt: str = REWRITE_PROMPT, system
             {"type": "text", "text": prompt.replace("{instruction}", instruction.strip())},
         ]},
     ]
-    return encoder.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return render_qwen_prompt(messages)  # never the tokenizer folder's template (it may be text-only)
 
 
 def _stop_token_ids(tokenizer) -> list[int]:

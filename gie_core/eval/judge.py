@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from gie_core.engine.conversation import render_qwen_prompt
 from gie_core.engine.rewrite import MAX_NEW_TOKENS_LIMIT
 from gie_core.weights.parts import check_load, load_part
 
@@ -452,7 +453,7 @@ class QwenJudge:
         """The chat text: the judge's system block, then the images first and the question."""
         content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
         messages = [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": content}]
-        return self.encoder.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return render_qwen_prompt(messages)  # never the tokenizer folder's template (it may be text-only)
 
     def inputs(self, images: list[Image.Image], prompt: str) -> dict:
         """Model inputs for several images in one prompt (each image's pad expanded to its token count)."""

@@ -779,8 +779,7 @@ def qwen_processing(tokenizer_dir, preprocessor_dir=None):
         raise CheckpointError(f"{tok_dir} has no Qwen tokenizer files (tokenizer.json or vocab.json + merges.txt)")
     with quiet_transformers():
         tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise CheckpointError(f"{tok_dir}: the Qwen tokenizer has no chat template (tokenizer_config.json)")
+    # its chat template (if any) is never used: prompts are rendered by gie_core.engine.conversation
     cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
     for d in (preprocessor_dir, tok_dir):
         if d is not None and (Path(d) / "preprocessor_config.json").is_file():
