@@ -551,3 +551,43 @@ def tidy_layout(ui: dict, specs: dict[str, NodeSpec], gap: int = 20) -> dict:
                 node["pos"][1] = below
         placed.append(node)
     return ui
+
+
+def build_ui(nodes: list[dict], links: list[tuple], specs: dict[str, NodeSpec]) -> dict:
+    """A UI-format workflow as the frontend saves it, from ``nodes`` (``{"id", "type", "pos",
+    "size", "widgets_values"}`` and optionally ``title``, ``color``, ``bgcolor``) and ``links``
+    (``(source id, output slot, target id, input name)``); for writing shipped workflows."""
+    by_id = {n["id"]: n for n in nodes}
+    wired = {}  # (target id, input name) -> (link id, source id, slot, type)
+    for lid, (src, slot, dst, name) in enumerate(links, start=1):
+        wired[(dst, name)] = (lid, src, slot, specs[by_id[src]["type"]].outputs[slot])
+    order = execution_order({str(n["id"]): {"inputs": {name: [str(w[1]), w[2]] for (d, name), w in wired.items()
+                                                       if d == n["id"]}} for n in nodes})
+    out_nodes, ui_links = [], []
+    for n in nodes:
+        spec = specs.get(n["type"])
+        entry = {"id": n["id"], "type": n["type"], "pos": list(n["pos"]), "size": list(n["size"]), "flags": {},
+                 "order": order.index(str(n["id"])), "mode": 0, "inputs": [], "outputs": [],
+                 "properties": {} if spec is None else {"Node name for S&R": n["type"]},
+                 "widgets_values": list(n.get("widgets_values", []))}
+        if spec is not None:
+            linked = {name for (d, name) in wired if d == n["id"]}
+            for slot, i in enumerate(spec.ui_inputs(linked)):
+                w = wired.get((n["id"], i.name))
+                item = {"name": i.name, "type": i.type, "link": w[0] if w else None}
+                if i.is_widget:
+                    item["widget"] = {"name": i.name}
+                entry["inputs"].append(item)
+                if w:
+                    ui_links.append([w[0], w[1], w[2], n["id"], slot, w[3]])
+            names = n.get("output_names") or spec.outputs
+            for slot, t in enumerate(spec.outputs):
+                entry["outputs"].append({"name": names[slot], "type": t, "slot_index": slot,
+                                         "links": [w[0] for (d, _), w in wired.items() if w[1] == n["id"] and w[2] == slot]})
+        for key in ("title", "color", "bgcolor"):
+            if key in n:
+                entry[key] = n[key]
+        out_nodes.append(entry)
+    return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": out_nodes,
+            "links": sorted(ui_links), "groups": [], "config": {}, "extra": {"ds": {"scale": 0.75, "offset": [0, 0]}},
+            "version": 0.4}
