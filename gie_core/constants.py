@@ -134,3 +134,35 @@ LOAD_DEFAULTS: dict[str, DoorDefaults] = {
                      "trainer places the parts itself (memory.* options), it has no offload"),
     )
 }
+
+# Conversations, answers and the task head: the reference app (app.py / univa/serve/cli.py of
+# wyhlovecpp/GPT-Image-Edit), see gie_core.engine.conversation and gie_core.engine.taskhead.
+MAX_IMAGES_PER_TURN = 2  # the app's Image 1 and optional Image 2 (reference)
+# Ours: every image of a conversation is a Kontext condition image (~4k tokens each at 1 MP), so
+# a long conversation would grow without bound; the app has no limit.
+MAX_CONVERSATION_IMAGES = 8
+ANSWER_MAX_NEW_TOKENS = 128  # the app's answers: greedy, max_new_tokens=128
+ANSWER_MAX_NEW_TOKENS_RANGE = (1, 4096)
+# What a turn does: "auto" asks the task head (edit when there is none), or force one (the app's
+# "Enhance Generation" / "Enhance Understanding" switches).
+ROUTE_MODES: tuple[str, ...] = ("auto", "edit", "answer")
+DEFAULT_ROUTE = "auto"
+# The shipped task head's file beside the checkpoint (a torch pickle, read with weights_only=True)
+# and the safetensors file gie-convert writes from it (preferred when both are there).
+TASK_HEAD_PT = "task_head_final.pt"
+TASK_HEAD_SAFETENSORS = "task_head.safetensors"
+TASK_HEAD_TOKEN = "assistant"  # the head reads the last hidden state at this token (id 77091 in Qwen2.5)
+# Output size of a turn with several images: the mean of their sizes at the nearest of these
+# ratios, about this many pixels (the app's dynamic_resize(h, w, 'any_11ratio', anchor_pixels=1024*1024)).
+MULTI_IMAGE_RATIOS: tuple[tuple[int, int], ...] = (
+    (16, 9), (9, 16), (7, 5), (5, 7), (5, 4), (4, 5), (4, 3), (3, 4), (3, 2), (2, 3), (1, 1))
+MULTI_IMAGE_ANCHOR_PIXELS = 1024 * 1024
+MULTI_IMAGE_STRIDE = 32
+# The conversation file gie-edit --conversation reads and writes.
+CONVERSATION_FORMAT = "gpt-image-edit-conversation"
+CONVERSATION_VERSION = 1
+CONVERSATION_MODEL = "qwen2.5-vl"  # the prompt protocol a conversation is rendered in
+# How a user turn's parts are ordered: "app" (text, then the images: app.py and serve/cli.py) or
+# "edit" (images, then text: the evaluation scripts' and training data's one-image prompt).
+CONVERSATION_LAYOUTS: tuple[str, ...] = ("app", "edit")
+DEFAULT_CONVERSATION_LAYOUT = "app"

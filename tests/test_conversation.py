@@ -153,3 +153,163 @@ def test_renderer_refuses_malformed_messages():
         render_qwen_prompt([{"role": "user", "content": [{"type": "image"}, "text"]}])
     with pytest.raises(TypeError, match="messages must be a list"):
         render_qwen_prompt("hello")
+
+
+# --------------------------------------------------------------------------------------------
+# The app's prompt, token for token
+# --------------------------------------------------------------------------------------------
+
+from gie_core.engine.conversation import Conversation, ConversationError  # noqa: E402
+
+SLOT = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def app_chat_text(tokenizer, convo: list[dict]) -> str:
+    """app.py's chat_step: the processor's chat template, then the first (system) block cut off."""
+    chat_text = tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
+    return "<|im_end|>\n".join(chat_text.split("<|im_end|>\n")[1:])
+
+
+def app_user(text, *images):
+    """A user message as app.py builds it: the text part, then one part per image (448x448 bounds)."""
+    content = [{"type": "text", "text": text}] if text else []
+    return {"role": "user", "content": content + [
+        {"type": "image", "image": im, "min_pixels": 448 * 448, "max_pixels": 448 * 448} for im in images]}
+
+
+@pytest.fixture(scope="module")
+def images():
+    return noise_image(128, 96, 1), noise_image(64, 64, 2), noise_image(80, 112, 3)
+
+
+def test_one_turn_one_image_prompt_is_the_apps(tokenizer_dirs, images):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dirs.qwen)
+    conv = Conversation().add_user("read the sign", [images[0]])
+    expected = f"<|im_start|>user\nread the sign{SLOT}<|im_end|>\n<|im_start|>assistant\n"
+    assert conv.prompt() == expected == app_chat_text(tok, [app_user("read the sign", "a.png")])
+
+
+def test_two_images_prompt_is_the_apps(tokenizer_dirs, images):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dirs.qwen)
+    text = "put the hat from image 2 on the dog in image 1"
+    conv = Conversation().add_user(text, images[:2])
+    expected = f"<|im_start|>user\n{text}{SLOT}{SLOT}<|im_end|>\n<|im_start|>assistant\n"
+    assert conv.prompt() == expected == app_chat_text(tok, [app_user(text, "a.png", "b.png")])
+
+
+def test_three_turns_with_generated_images_and_an_answer_are_the_apps(tokenizer_dirs, images):
+    """Edit, question, edit: each generated image is the assistant's turn, answers are text."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dirs.qwen)
+    conv = (Conversation().add_user("combine these two scenes", images[:2]).add_assistant_image(images[2])
+            .add_user("what colour is the sky?").add_assistant_text("blue")
+            .add_user("make the sky a sunset"))
+    convo = [app_user("combine these two scenes", "a.png", "b.png"),
+             {"role": "assistant", "content": [{"type": "image", "image": "gen0.png"}]},
+             app_user("what colour is the sky?"),
+             {"role": "assistant", "content": [{"type": "text", "text": "blue"}]},
+             app_user("make the sky a sunset")]
+    expected = (f"<|im_start|>user\ncombine these two scenes{SLOT}{SLOT}<|im_end|>\n"
+                f"<|im_start|>assistant\n{SLOT}<|im_end|>\n"
+                "<|im_start|>user\nwhat colour is the sky?<|im_end|>\n"
+                "<|im_start|>assistant\nblue<|im_end|>\n"
+                "<|im_start|>user\nmake the sky a sunset<|im_end|>\n<|im_start|>assistant\n")
+    assert conv.prompt() == expected == app_chat_text(tok, convo)
+    assert conv.images() == [images[0], images[1], images[2]]  # every image in order: Kontext's conditions
+
+
+def test_conversation_tokens_equal_the_apps_tokens(encoder, images):
+    """The encoder's token ids for a 3-turn, 3-image conversation are the app's chat text
+    tokenized with each image slot expanded to its 256 tokens (448x448 -> 32x32 patches, 2x2 merge)."""
+    conv = (Conversation().add_user("combine these two scenes", images[:2]).add_assistant_image(images[2])
+            .add_user("make it night"))
+    enc = encoder.conversation_inputs(conv)
+    text = app_chat_text(encoder.tokenizer, [
+        app_user("combine these two scenes", "a", "b"), {"role": "assistant", "content": [{"type": "image"}]},
+        app_user("make it night")])
+    expected = encoder.tokenizer(text.replace("<|image_pad|>", "<|image_pad|>" * 256))["input_ids"]
+    assert enc["input_ids"][0].tolist() == expected
+    assert enc["image_grid_thw"].tolist() == [[1, 32, 32]] * 3
+
+
+def test_one_turn_one_image_edit_layout_encodes_exactly_as_today(encoder, images):
+    """The evaluation format (image first) as a conversation gives today's prompt, ids and hidden
+    states bit for bit (the parity with upstream does not move)."""
+    conv = Conversation(layout="edit").add_user(INSTRUCTION, [images[0]])
+    assert conv.prompt() == encoder.prompt(INSTRUCTION)
+    today = encoder.inputs(images[0], INSTRUCTION)
+    ours = encoder.conversation_inputs(conv)
+    assert today.keys() == ours.keys()
+    for k in today:
+        assert torch.equal(today[k], ours[k]), k
+    assert torch.equal(encoder.encode(images[0], INSTRUCTION).hidden, encoder.encode_conversation(conv).hidden)
+
+
+def test_limits_and_turn_order(images):
+    with pytest.raises(ConversationError, match="at most 2 images \\(Image 1 and an optional Image 2\\), got 3"):
+        Conversation().add_user("combine", images)
+    with pytest.raises(ConversationError, match="the turn is empty"):
+        Conversation().add_user("  ")
+    with pytest.raises(ConversationError, match="has no reply yet"):
+        Conversation().add_user("a", [images[0]]).add_user("b")
+    with pytest.raises(ConversationError, match="can only reply to a user turn"):
+        Conversation().add_assistant_text("hello")
+    with pytest.raises(ConversationError, match="layout 'chat' is unknown; expected one of app, edit"):
+        Conversation(layout="chat")
+    conv = Conversation()
+    for i in range(4):  # 2 user images + 1 edit per turn: 8 images after 3 turns fill the limit
+        if i == 3:
+            with pytest.raises(ConversationError, match="at most 8 are kept"):
+                conv.add_user("more", images[:2])
+            break
+        conv = conv.add_user("more", images[:2] if i < 2 else images[:1]).add_assistant_image(images[2])
+    base = Conversation()
+    assert base.add_user("x", [images[0]]) is not base and len(base) == 0  # immutable
+
+
+# --------------------------------------------------------------------------------------------
+# The conversation file
+# --------------------------------------------------------------------------------------------
+
+
+def test_conversation_file_round_trip(tmp_path, images):
+    conv = (Conversation().add_user("combine these", images[:2]).add_assistant_image(images[2])
+            .add_user("what is it?").add_assistant_text("a dog"))
+    path = conv.save(tmp_path / "chat.json")
+    back = Conversation.load(path)
+    assert back.prompt() == conv.prompt() and back.layout == conv.layout
+    assert [np.asarray(a).tolist() == np.asarray(b).tolist() for a, b in zip(back.images(), conv.images())] == [True] * 3
+    assert [(t.role, t.text) for t in back.turns] == [(t.role, t.text) for t in conv.turns]
+    assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "is not valid JSON .*corrupt"),
+    (json.dumps({"messages": []}), "is not a GPT-Image-Edit conversation"),
+    (json.dumps({"format": "gpt-image-edit-conversation", "version": 99, "model": "qwen2.5-vl", "turns": []}),
+     "format version 99; this release reads version 1"),
+    (json.dumps({"format": "gpt-image-edit-conversation", "version": 1, "model": "qwen2-vl", "turns": []}),
+     "was written for model 'qwen2-vl'"),
+    (json.dumps({"format": "gpt-image-edit-conversation", "version": 1, "model": "qwen2.5-vl",
+                 "turns": [{"role": "user", "text": "x", "images": ["bm90IGEgcG5n"]}]}),
+     "turn 1 image 1 is not a readable image"),
+    (json.dumps({"format": "gpt-image-edit-conversation", "version": 1, "model": "qwen2.5-vl",
+                 "turns": [{"role": "assistant", "text": "hi", "images": []}]}),
+     "turn 1: the assistant can only reply"),
+])
+def test_corrupt_or_foreign_conversation_files_are_refused(tmp_path, content, message):
+    path = tmp_path / "chat.json"
+    path.write_text(content)
+    with pytest.raises(ConversationError, match=message) as info:
+        Conversation.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_conversation_file_is_named(tmp_path):
+    with pytest.raises(ValueError, match="conversation file .*nope.json does not exist"):
+        Conversation.load(tmp_path / "nope.json")

@@ -2,7 +2,8 @@
 
 Writes, under ``--out`` (point it at ComfyUI's ``models`` folder): ``diffusion_models/`` (the
 fine-tuned Kontext transformer, BFL layout: native Load Diffusion Model reads it),
-``text_encoders/`` (the Qwen2.5-VL, ComfyUI's layout) and ``gie_connectors/`` (the connector).
+``text_encoders/`` (the Qwen2.5-VL, ComfyUI's layout) and ``gie_connectors/`` (the connector, and
+the task head as safetensors when the folder ships ``task_head_final.pt``).
 ``--compare-qwen FILE`` says whether the checkpoint's Qwen equals a stock Qwen2.5-VL file, so
 you can keep the one you have instead of a second 15 GB copy.
 """
@@ -14,7 +15,8 @@ import sys
 
 from gie_core.cli.common import run_command
 from gie_core.cli.help import HelpFormatter
-from gie_core.weights.convert import CONVERT_PARTS, FORMATS, TRANSFORMER_FORMATS, compare_qwen, convert
+from gie_core.constants import TASK_HEAD_PT
+from gie_core.weights.convert import CONVERT_PARTS, DEFAULT_CONVERT_PARTS, FORMATS, TRANSFORMER_FORMATS, compare_qwen, convert
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="the GPT-Image-Edit checkpoint folder, or a gie-train export folder")
     p.add_argument("--out", help="where to write (a ComfyUI models folder: files go to diffusion_models/, "
                                  "text_encoders/ and gie_connectors/ under it)")
-    p.add_argument("--parts", default=",".join(CONVERT_PARTS),
-                   help=f"comma-separated parts to write (default: {','.join(CONVERT_PARTS)}; an export has no qwen)")
+    p.add_argument("--parts", default=None,
+                   help=f"comma-separated parts to write, of {','.join(CONVERT_PARTS)} (default: "
+                        f"{','.join(DEFAULT_CONVERT_PARTS)}, and task_head when the folder has {TASK_HEAD_PT}; "
+                        "an export has no qwen)")
     p.add_argument("--transformer-format", choices=TRANSFORMER_FORMATS, default="bf16",
                    help="transformer storage: bf16 (default, 23.8 GB), fp8_e4m3fn or fp8_scaled (ComfyUI's scaled fp8, "
                         "11.9 GB), fp16, fp32, or gguf_q8_0 (a .gguf file for ComfyUI-GGUF and gie-edit, ~12.6 GB)")
@@ -68,7 +72,7 @@ def run(args) -> int:
         print(f"Qwen2.5-VL vs {args.compare_qwen}: {result.summary()}")
         status = 0 if result.equal else 3
     if args.out is not None:
-        parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+        parts = None if args.parts is None else [p.strip() for p in args.parts.split(",") if p.strip()]
 
         def report(part, path):
             print(f"{part}: {path}", file=sys.stderr if args.compare_qwen else sys.stdout)

@@ -95,6 +95,7 @@ class QwenFeatures:
 
     hidden: torch.Tensor
     num_queries: int = 0  # > 0 when MetaQuery tokens were appended at the end
+    input_ids: torch.Tensor | None = None  # [B, L - num_queries] the token ids (the task head finds its token)
 
 
 @dataclass

@@ -9,9 +9,10 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from gie_core.checks import check_int
 from gie_core.engine.connector import QwenFeatures, TextFeatures
-from gie_core.engine.conversation import QWEN_DEFAULT_SYSTEM, render_qwen_prompt  # noqa: F401  (re-exported)
-from gie_core.constants import CLIP_MAX_LENGTH, QWEN_IMAGE_SIZE, T5_MAX_LENGTH
+from gie_core.engine.conversation import QWEN_DEFAULT_SYSTEM, Conversation, render_qwen_prompt  # noqa: F401  (re-exported)
+from gie_core.constants import ANSWER_MAX_NEW_TOKENS, ANSWER_MAX_NEW_TOKENS_RANGE, CLIP_MAX_LENGTH, QWEN_IMAGE_SIZE, T5_MAX_LENGTH
 from gie_core.imaging.images import ImageLike, to_pil, to_tensor
 
 
@@ -99,8 +100,11 @@ class QwenVLEncoder:
             pils = to_pil(to_tensor(images))
         else:
             to_tensor(pils)  # validates mode and size
+        return [self._square(p) for p in pils]
+
+    def _square(self, image: Image.Image) -> Image.Image:
         s = self.image_size
-        return [p if p.size == (s, s) else p.resize((s, s), Image.BICUBIC) for p in pils]
+        return image if image.size == (s, s) else image.resize((s, s), Image.BICUBIC)
 
     def inputs(self, images: ImageLike, instruction: str, text: str | None = None) -> dict:
         """Model inputs for a batch of images sharing one instruction (same length, no padding).
@@ -109,23 +113,33 @@ class QwenVLEncoder:
         """
         pils = self.prepare_images(images)
         text = text if text is not None else self.prompt(instruction)
-        if self.processor is not None:
-            enc = self.processor(text=[text] * len(pils), images=pils, return_tensors="pt")
-            enc = dict(enc)
+        return self._model_inputs([text] * len(pils), pils)
+
+    def conversation_inputs(self, conversation: Conversation) -> dict:
+        """Model inputs of a whole conversation: one prompt (:meth:`Conversation.prompt`) holding
+        every image of it in order, each resized to the fixed square."""
+        pils = [self._square(im) for im in conversation.images()]  # each checked when it joined; sizes may differ
+        return self._model_inputs([conversation.prompt()], pils)
+
+    def _model_inputs(self, texts: list[str], pils: list[Image.Image]) -> dict:
+        """Tokens, pixels and grids of ``texts`` whose image slots take ``pils`` in order (each
+        text's slots take the next images: one per text for a batch, all of them for one chat)."""
+        if self.processor is not None and pils:
+            enc = dict(self.processor(text=texts, images=pils, return_tensors="pt"))
         else:
-            vision = self.image_processor(images=pils, return_tensors="pt")
-            grid = vision["image_grid_thw"]  # [B, 3]
-            counts = (grid.prod(-1) // self.merge_size**2).tolist()
+            enc = {}
             pad = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
-            texts = [text.replace(pad, pad * n, 1) for n in counts]
-            enc = dict(self.tokenizer(texts, return_tensors="pt", padding=True))
-            enc["pixel_values"] = vision["pixel_values"]
-            enc["image_grid_thw"] = grid
+            if pils:
+                vision = self.image_processor(images=pils, return_tensors="pt")
+                enc["pixel_values"], enc["image_grid_thw"] = vision["pixel_values"], vision["image_grid_thw"]  # grid [N, 3]
+                counts = iter((enc["image_grid_thw"].prod(-1) // self.merge_size**2).tolist())
+                texts = [_expand_slots(t, pad, counts) for t in texts]
+            enc = {**dict(self.tokenizer(texts, return_tensors="pt", padding=True)), **enc}
         ids = enc["input_ids"]
-        n_img = int((ids[0] == self.image_token_id).sum())
-        expected = int(enc["image_grid_thw"][0].prod()) // self.merge_size**2
+        n_img = int((ids == self.image_token_id).sum())
+        expected = int(enc["image_grid_thw"].prod(-1).sum()) // self.merge_size**2 if pils else 0
         if n_img != expected:
-            raise RuntimeError(f"Qwen input has {n_img} image tokens but the image needs {expected}")
+            raise RuntimeError(f"Qwen input has {n_img} image tokens but the image(s) need {expected}")
         if self._passes_token_types:  # transformers 5 needs it for mRoPE positions; 4.x finds image tokens by id
             enc["mm_token_type_ids"] = (ids == self.image_token_id).to(torch.int32)
         else:
@@ -139,14 +153,23 @@ class QwenVLEncoder:
         N learned tokens are appended to the input and their outputs come last. ``grad`` lets
         gradients flow (to trainable queries; the encoder's own weights stay frozen)."""
         with torch.set_grad_enabled(grad):
-            return self._encode(images, instruction, queries)
+            return self._forward(self.inputs(images, instruction), queries)
 
-    def _encode(self, images, instruction, queries) -> QwenFeatures:
-        enc = self.inputs(images, instruction)
+    def encode_conversation(
+        self, conversation: Conversation, queries: torch.Tensor | None = None, *, grad: bool = False
+    ) -> QwenFeatures:
+        """Last hidden states [1, L, H] of a conversation rendered as the reference app does (every
+        image of it, the system block removed, the assistant prompt after a waiting user turn).
+        A one-turn one-image conversation in the "edit" layout equals :meth:`encode` exactly."""
+        with torch.set_grad_enabled(grad):
+            return self._forward(self.conversation_inputs(conversation), queries)
+
+    def _forward(self, enc: dict, queries) -> QwenFeatures:
         base = self._base_model()
         device = _module_device(base)
         kwargs = {k: v.to(device) for k, v in enc.items() if torch.is_tensor(v)}
-        kwargs["pixel_values"] = kwargs["pixel_values"].to(next(base.parameters()).dtype)
+        if "pixel_values" in kwargs:
+            kwargs["pixel_values"] = kwargs["pixel_values"].to(next(base.parameters()).dtype)
         n_q = 0
         if queries is not None:
             n_q = queries.shape[0]
@@ -162,7 +185,76 @@ class QwenVLEncoder:
             kwargs["inputs_embeds"] = embeds
         self.reset_positions()  # stale deltas from a previous generate() would shift positions
         out = base(**kwargs, use_cache=False, return_dict=True)
-        return QwenFeatures(out.last_hidden_state, num_queries=n_q)
+        return QwenFeatures(out.last_hidden_state, num_queries=n_q, input_ids=enc["input_ids"])
+
+    def role_token_position(self, input_ids: torch.Tensor, role: str = "assistant") -> int:
+        """Where the last ``<|im_start|>{role}`` of a batch-1 prompt ends: the position of the role
+        word's last token. For the generation prompt ``<|im_start|>assistant\n`` in Qwen2.5's
+        vocabulary that is the one "assistant" token (id 77091) the app's task head reads; a
+        tokenizer that splits the word (tiny test ones) gives its last piece."""
+        start = self.tokenizer.convert_tokens_to_ids("<|im_start|>")
+        word = self.tokenizer.encode(role, add_special_tokens=False)
+        ids = input_ids.reshape(-1).tolist()
+        for i in range(len(ids) - len(word), -1, -1):
+            if ids[i] == start and ids[i + 1:i + 1 + len(word)] == word:
+                return i + len(word)
+        raise ValueError(f"the prompt has no '<|im_start|>{role}' for the task head to read; the conversation must "
+                         "end with a user turn")
+
+    @torch.no_grad()
+    def answer(self, conversation: Conversation, max_new_tokens: int = ANSWER_MAX_NEW_TOKENS) -> str:
+        """The model's text reply to the conversation's waiting user turn, generated greedily (the
+        app generates with ``max_new_tokens=128`` and the default greedy decoding); the
+        generated tokens only, special tokens removed. Reads the language-model head (a checkpoint
+        folder's is read on first use; a single Qwen file must include it: ``gie-convert --lm-head``)."""
+        from transformers import GenerationConfig  # start-up: transformers only once an answer is asked
+
+        max_new_tokens = check_int("max new tokens", max_new_tokens, *ANSWER_MAX_NEW_TOKENS_RANGE)
+        if not conversation.pending:
+            raise ValueError("the conversation has no waiting user turn to answer; add the question first")
+        if getattr(self.model, "lm_head", None) is None:
+            raise ValueError("this Qwen2.5-VL has no language-model head, so it cannot answer; use the checkpoint "
+                             "folder, or a Qwen file written with gie-convert --lm-head")
+        enc = self.conversation_inputs(conversation)
+        param = next(self.model.parameters())
+        kwargs = {k: v.to(param.device) for k, v in enc.items() if torch.is_tensor(v)}
+        if "pixel_values" in kwargs:
+            kwargs["pixel_values"] = kwargs["pixel_values"].to(param.dtype)
+        stop = self.stop_token_ids()
+        tok = self.tokenizer
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=stop,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else stop[0], use_cache=True,
+        )
+        self.reset_positions()  # stale mRoPE deltas would shift the positions
+        try:
+            out = self.model.generate(**kwargs, generation_config=config)
+        finally:
+            self.reset_positions()  # and these would shift the next encode()
+        return tok.decode(out[0, kwargs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+    def stop_token_ids(self) -> list[int]:
+        """The ids that end a reply: ``<|im_end|>``, ``<|endoftext|>`` and the eos token."""
+        tok, ids = self.tokenizer, []
+        for t in ("<|im_end|>", "<|endoftext|>"):
+            i = tok.convert_tokens_to_ids(t)
+            if isinstance(i, int) and i != tok.unk_token_id and i not in ids:
+                ids.append(i)
+        if tok.eos_token_id is not None and tok.eos_token_id not in ids:
+            ids.append(tok.eos_token_id)
+        return ids
+
+
+def _expand_slots(text: str, pad: str, counts) -> str:
+    """``text`` with each image pad repeated by the next count of ``counts`` (its image's tokens)."""
+    pieces = text.split(pad)
+    out = [pieces[0]]
+    for piece in pieces[1:]:
+        n = next(counts, None)
+        if n is None:
+            raise RuntimeError("the Qwen prompt has more image slots than images")
+        out.append(pad * n + piece)
+    return "".join(out)
 
 
 class TextEncoders:

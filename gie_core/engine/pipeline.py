@@ -28,10 +28,17 @@ import torch
 from PIL import Image
 
 from gie_core.engine.conditioning import Conditioning
+from gie_core.engine.conversation import Conversation
 from gie_core.engine.connector import Connector, fuse
 from gie_core.engine.components import Placement, fixed_device
 from gie_core.checks import check_int
-from gie_core.constants import LOAD_DEFAULTS, SEED_RANGE
+from gie_core.constants import (
+    ANSWER_MAX_NEW_TOKENS,
+    DEFAULT_ROUTE,
+    LOAD_DEFAULTS,
+    SEED_RANGE,
+    TASK_HEAD_TOKEN,
+)
 from gie_core.engine.encoders import QwenVLEncoder, TextEncoders, check_instruction
 from gie_core.imaging.images import ImageLike, prepare_reference, to_pil, to_rgb, to_tensor
 from gie_core.weights.parts import (
@@ -51,17 +58,21 @@ from gie_core.imaging.ratio import PadRecord, apply_padding, crop_padding
 from gie_core.weights.lora import activated
 from gie_core.engine.request import EditRequest, resolve_device, resolve_edit
 from gie_core.engine.sampler import InterruptFn, KontextModels, ProgressFn, encode_reference, sample
+from gie_core.engine.taskhead import Route, TaskHead, assistant_hidden, check_route
+from gie_core.engine.taskhead import route as route_turn
 
 
 @dataclass
 class EncodedEdit:
-    """One image and instruction, encoded once: what any number of seeds of it are sampled from."""
+    """One edit (an image and instruction, or a conversation turn), encoded once: what any number
+    of seeds of it are sampled from."""
 
     request: EditRequest
     positive: Conditioning
     negative: Conditioning | None
-    reference_latents: torch.Tensor  # [B, 16, h, w], normalised VAE latents of the reference, on the CPU
+    reference_latents: list[torch.Tensor]  # each [B, 16, h, w]: normalised VAE latents of a condition image, on the CPU
     pad_record: PadRecord | None
+    conversation: Conversation | None = None  # a turn's conversation, its user turn waiting for the edit
 
 
 @dataclass
@@ -71,6 +82,28 @@ class EditResult:
     pad_record: PadRecord | None = None
     conditioning: Conditioning | None = None
     info: dict = field(default_factory=dict)
+    conversation: Conversation | None = None  # a turn's conversation with the edit (the first image) as the reply
+
+
+@dataclass
+class AnswerResult:
+    """A text reply to a turn, and the conversation with it as the assistant's turn."""
+
+    text: str
+    conversation: Conversation
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass
+class TurnResult:
+    """One conversation turn: how it was routed, and its edit or its answer."""
+
+    route: Route
+    conversation: Conversation
+    edit: EditResult | None = None
+    answer: str | None = None
 
 
 class EditPipeline:
@@ -88,8 +121,10 @@ class EditPipeline:
         device: str | torch.device | None = None,
         offload: str = "none",
         loras: tuple[tuple[str, float], ...] = (),
+        task_head: TaskHead | None = None,
     ):
         self.loras = tuple(loras)  # (adapter name, strength), activated for each sampling run
+        self.task_head = task_head  # the generate-or-answer head; None: "auto" routes edit
         self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
         self.text, self.qwen, self.connector = text, qwen, connector
         self.placement = Placement(resolve_device(device), offload)
@@ -104,6 +139,7 @@ class EditPipeline:
             mods += [self.text.clip, self.text.t5]
         if self.qwen is not None:
             mods.append(self.qwen.model)
+        mods.append(self.task_head)
         return [m for m in mods if m is not None]
 
     def on_device(self, *modules):
@@ -139,7 +175,7 @@ class EditPipeline:
                   offload: str = LOAD_DEFAULTS["library"].offload) -> EditPipeline:
         """Load the parts of a checked :class:`PipelineLoads` (see :func:`plan_paths`)."""
         plans = loads.plans
-        loaded = {name: load(plan) for name, plan in plans.items() if name not in ("clip", "t5")}
+        loaded = {name: load(plan) for name, plan in plans.items() if name not in ("clip", "t5")}  # task_head too
         text = load_text_encoders(plans["clip"], plans.get("t5"))
         transformer = loaded["transformer"].module
         loras = tuple((load_part("lora", path, transformer=transformer).adapter, float(strength))
@@ -148,12 +184,28 @@ class EditPipeline:
         return cls(
             transformer=transformer, vae=module["vae"], scheduler=scheduler_from(loads.scheduler_source), text=text,
             qwen=module.get("qwen"), connector=module.get("connector"), device=device, offload=offload, loras=loras,
+            task_head=module.get("task_head"),
         )
 
     # ------------------------------------------------------------------
     def conditioning(self, images: ImageLike, instruction: str, mode: str = DEFAULT_FUSION_MODE) -> Conditioning:
         """Encode and fuse (image, instruction) into Kontext conditioning for ``mode``."""
         check_instruction(instruction)
+        return self._fused(lambda queries: self.qwen.encode(images, instruction, queries=queries), instruction, mode)
+
+    def conversation_conditioning(self, conversation: Conversation, mode: str = DEFAULT_FUSION_MODE) -> Conditioning:
+        """Kontext conditioning of a conversation's waiting turn, as the app builds it: Qwen2.5-VL
+        reads the whole conversation (every image, the system block removed), T5 and CLIP the
+        current turn's text. A one-turn one-image conversation in the "edit" layout gives exactly
+        :meth:`conditioning`'s result."""
+        if not conversation.pending:
+            raise ValueError("the conversation has no waiting user turn to edit for; add the instruction first")
+        instruction = check_instruction(conversation.current_turn().text)
+        return self._fused(lambda queries: self.qwen.encode_conversation(conversation, queries=queries), instruction, mode)
+
+    def _fused(self, encode_vlm, instruction: str, mode: str) -> Conditioning:
+        """Fuse ``encode_vlm(queries)`` (Qwen features, when the mode reads them) with T5/CLIP of
+        ``instruction`` into ``mode``'s conditioning, on the CPU."""
         spec = fusion_mode(mode)
         vlm = None
         if spec.needs_qwen:
@@ -161,7 +213,7 @@ class EditPipeline:
                 raise ValueError(f"fusion mode '{mode}' needs the Qwen-VL encoder and connector (load a GPT-Image-Edit checkpoint)")
             queries = self.connector.queries if spec.queries else None
             with self.on_device(self.qwen.model):
-                vlm = self.qwen.encode(images, instruction, queries=queries)
+                vlm = encode_vlm(queries)
         if self.text is None:
             raise ValueError("no CLIP/T5 text encoders are loaded")
         with self.on_device(self.text.clip, self.text.t5):
@@ -172,16 +224,24 @@ class EditPipeline:
 
     def encode(
         self,
-        image: ImageLike,
+        image: ImageLike | None,
         instruction: str,
         *,
+        image2: ImageLike | None = None,
+        conversation: Conversation | None = None,
         request: EditRequest | None = None,
         negative_instruction: str | None = None,
         **options,
     ) -> EncodedEdit:
         """Check, pad (when snapping) and encode ``image`` + ``instruction`` once: the conditioning
         (and the negative one with true CFG) and the prepared reference, ready for
-        :meth:`render` with any seed. ``request`` or ``options`` as for :meth:`edit`."""
+        :meth:`render` with any seed. ``request`` or ``options`` as for :meth:`edit`; with
+        ``image2`` or a ``conversation`` the edit is a conversation turn (:meth:`encode_turn`)."""
+        if image2 is not None or conversation is not None:
+            return self.encode_turn(conversation, instruction, [im for im in (image, image2) if im is not None],
+                                    request=request, negative_instruction=negative_instruction, **options)
+        if image is None:
+            raise ValueError("the edit has no input image; give one (or continue a conversation)")
         check_instruction(instruction)
         checked = to_tensor(image, "input image")  # validates type, mode, size and values
         n_images = checked.shape[0]
@@ -214,7 +274,45 @@ class EditPipeline:
         reference = prepare_reference(images, request.reference_resize, resample=request.reference_resample)
         with self.on_device(self.vae):
             latents = encode_reference(self.vae, reference, self.device).cpu()  # once, for every seed
-        return EncodedEdit(request, positive, negative, latents, record)
+        return EncodedEdit(request, positive, negative, [latents], record)
+
+    def encode_turn(
+        self,
+        conversation: Conversation | None,
+        instruction: str,
+        images=(),
+        *,
+        request: EditRequest | None = None,
+        negative_instruction: str | None = None,
+        **options,
+    ) -> EncodedEdit:
+        """Encode an edit turn of a conversation (a new one when ``conversation`` is None): the user
+        turn ``instruction`` + ``images`` (0-2) is added; Qwen reads the whole conversation, and
+        every image of it is a Kontext condition image at its own size (each resized by the
+        request's reference rule, never stacked). An automatic output size follows this turn's
+        images (the last turn with images when this one has none): the one-image rule, or the
+        app's rule for two (:func:`gie_core.imaging.ratio.multi_image_output_size`)."""
+        check_instruction(instruction)
+        base = conversation if conversation is not None else Conversation()
+        if not isinstance(base, Conversation):
+            raise TypeError(f"conversation must be a Conversation, not {type(base).__name__}")
+        conv = base.add_user(instruction, images)
+        conv.check_edit_fits()
+        sizes = [im.size for im in conv.sizing_images()]
+        if request is None:
+            request = _resolve_options(sizes[0], 1, options, more_images=sizes[1:])
+        elif options:
+            raise TypeError(f"pass either a request or options, not both (got {', '.join(sorted(options))})")
+        positive = self.conversation_conditioning(conv, request.mode)
+        negative = None
+        if request.do_true_cfg:
+            negative = self.conversation_conditioning(base.add_user(negative_instruction or " ", images), request.mode)
+        latents = []
+        with self.on_device(self.vae):
+            for im in conv.images():  # once, for every seed
+                ref = prepare_reference(im, request.reference_resize, resample=request.reference_resample)
+                latents.append(encode_reference(self.vae, ref, self.device).cpu())
+        return EncodedEdit(request, positive, negative, latents, None, conv)
 
     def render(
         self,
@@ -234,19 +332,23 @@ class EditPipeline:
         with self.on_device(self.transformer, self.vae), loras:
             out = sample(
                 KontextModels(self.transformer, self.vae, self.scheduler), encoded.positive, None, request,
-                reference_latents=[encoded.reference_latents], negative=encoded.negative, device=self.device,
+                reference_latents=list(encoded.reference_latents), negative=encoded.negative, device=self.device,
                 progress=progress, interrupt=interrupt,
             ).cpu()
         if encoded.pad_record is not None:
             out = crop_padding(out, encoded.pad_record)
         info = {"width": request.width, "height": request.height, "mode": request.mode, "request": request}
-        return EditResult(to_pil(out), out, encoded.pad_record, encoded.positive, info)
+        images = to_pil(out)
+        conversation = encoded.conversation.add_assistant_image(images[0]) if encoded.conversation is not None else None
+        return EditResult(images, out, encoded.pad_record, encoded.positive, info, conversation)
 
     def edit(
         self,
-        image: ImageLike,
+        image: ImageLike | None,
         instruction: str,
         *,
+        image2: ImageLike | None = None,
+        conversation: Conversation | None = None,
         request: EditRequest | None = None,
         negative_instruction: str | None = None,
         progress: ProgressFn | None = None,
@@ -265,18 +367,95 @@ class EditPipeline:
         ``reference_resize``, ``reference_resample``, ``cache`` ("magcache", "taylorseer:3", ...),
         ``attention`` ("sdpa", "flash", ...), ``compile``... Their defaults are ``resolve_edit``'s.
         ``negative_instruction``: the negative prompt for true CFG (" " when none is given).
+
+        ``image2``: the app's optional Image 2 (``pipe.edit(person, "put the jacket from image 2 on
+        the person in image 1", image2=jacket)``); ``conversation``: a
+        :class:`gie_core.engine.conversation.Conversation` to continue (``image`` may then be None).
+        Either makes the edit a conversation turn (see :meth:`encode_turn`) and the result carries
+        ``conversation``, extended by this turn and its first image.
         """
-        encoded = self.encode(image, instruction, request=request, negative_instruction=negative_instruction, **options)
+        encoded = self.encode(image, instruction, image2=image2, conversation=conversation, request=request,
+                              negative_instruction=negative_instruction, **options)
         return self.render(encoded, progress=progress, interrupt=interrupt)
+
+    # ------------------------------------------------------------------
+    # Answers and routing (the reference app's understanding branch and task head)
+    # ------------------------------------------------------------------
+    def ask(
+        self,
+        image: ImageLike | None,
+        question: str,
+        *,
+        image2: ImageLike | None = None,
+        conversation: Conversation | None = None,
+        max_new_tokens: int = ANSWER_MAX_NEW_TOKENS,
+    ) -> AnswerResult:
+        """Answer ``question`` about ``image`` (and ``image2``), or continue ``conversation``, with
+        the checkpoint's Qwen2.5-VL generating text as the app does (greedy, 128 new tokens by
+        default). Reads Qwen's language-model head (on first use unless loaded with ``lm_head=True``)."""
+        check_instruction(question)
+        base = conversation if conversation is not None else Conversation()
+        conv = base.add_user(question, [im for im in (image, image2) if im is not None])
+        return self.answer_turn(conv, max_new_tokens)
+
+    def answer_turn(self, conversation: Conversation, max_new_tokens: int = ANSWER_MAX_NEW_TOKENS) -> AnswerResult:
+        """The text reply to a conversation's waiting user turn."""
+        if self.qwen is None:
+            raise ValueError("answers need the Qwen2.5-VL: load a GPT-Image-Edit checkpoint (or --qwen) and a VLM mode")
+        with self.on_device(self.qwen.model):
+            text = self.qwen.answer(conversation, max_new_tokens)
+        return AnswerResult(text, conversation.add_assistant_text(text))
+
+    def route(self, conversation: Conversation, mode: str = DEFAULT_ROUTE) -> Route:
+        """Edit or answer the conversation's waiting turn: ``mode`` "edit"/"answer" force it;
+        "auto" asks the task head (one Qwen forward), and edits when the checkpoint has none."""
+        mode = check_route(mode)
+        if mode != "auto" or self.task_head is None:
+            return route_turn(mode, self.task_head)
+        if self.qwen is None:
+            raise ValueError("the task head reads Qwen2.5-VL features; load a GPT-Image-Edit checkpoint")
+        with self.on_device(self.qwen.model):
+            features = self.qwen.encode_conversation(conversation)
+            hidden = assistant_hidden(features, self.qwen.role_token_position(features.input_ids, TASK_HEAD_TOKEN))
+        with self.on_device(self.task_head):
+            return route_turn(mode, self.task_head, hidden)
+
+    def turn(
+        self,
+        conversation: Conversation | None,
+        text: str,
+        images=(),
+        *,
+        route: str = DEFAULT_ROUTE,
+        max_new_tokens: int = ANSWER_MAX_NEW_TOKENS,
+        progress: ProgressFn | None = None,
+        interrupt: InterruptFn | None = None,
+        **options,
+    ) -> TurnResult:
+        """One turn of the app's chat: add the user's ``text`` and ``images`` (0-2) to
+        ``conversation``, route it (:meth:`route`), then edit (``options`` as for :meth:`edit`)
+        or answer. The result carries the conversation extended by the reply."""
+        check_instruction(text)
+        check_route(route)
+        base = conversation if conversation is not None else Conversation()
+        pending = base.add_user(text, images)
+        decision = self.route(pending, route)
+        if decision.decision == "answer":
+            answered = self.answer_turn(pending, max_new_tokens)
+            return TurnResult(decision, answered.conversation, answer=answered.text)
+        encoded = self.encode_turn(base, text, images, **options)
+        result = self.render(encoded, progress=progress, interrupt=interrupt)
+        return TurnResult(decision, result.conversation, edit=result)
 
 
 # What the image itself decides, so EditPipeline.edit's options cannot set it.
-_FROM_THE_IMAGE = ("image_width", "image_height", "n_images")
+_FROM_THE_IMAGE = ("image_width", "image_height", "n_images", "more_images")
 
 
-def _resolve_options(checked: torch.Tensor, n_images: int, options: dict) -> EditRequest:
+def _resolve_options(checked, n_images: int, options: dict, more_images=()) -> EditRequest:
     """The :class:`EditRequest` of :meth:`EditPipeline.edit`'s keyword options: ``resolve_edit``'s
-    keywords (``size`` = (width, height) as a shorthand), the image's size and batch added."""
+    keywords (``size`` = (width, height) as a shorthand), the image's size and batch added
+    (``checked``: the image tensor [B, H, W, 3], or its (width, height))."""
     options = dict(options)
     known = set(inspect.signature(resolve_edit).parameters) - set(_FROM_THE_IMAGE)
     unknown = sorted(set(options) - known - {"size"})
@@ -288,7 +467,8 @@ def _resolve_options(checked: torch.Tensor, n_images: int, options: dict) -> Edi
         if "width" in options or "height" in options:
             raise TypeError("give size=(width, height) or width/height, not both")
         options["width"], options["height"] = size
-    return resolve_edit(image_width=checked.shape[2], image_height=checked.shape[1], n_images=n_images, **options)
+    width, height = (checked.shape[2], checked.shape[1]) if torch.is_tensor(checked) else checked
+    return resolve_edit(image_width=width, image_height=height, n_images=n_images, more_images=more_images, **options)
 
 
 # ----------------------------------------------------------------------
@@ -323,12 +503,17 @@ def plan_paths(
     qwen_quantize: str = "none",
     qwen_file: str | os.PathLike | None = None,
     qwen_tokenizer_dir: str | os.PathLike | None = None,
+    task_head_file: str | os.PathLike | None = None,
+    lm_head: bool = False,
 ) -> PipelineLoads:
     """Which source gives each part ``mode`` needs, every choice checked by
     :func:`gie_core.weights.parts.check_load` before a weight is read (``gie-edit`` calls this
     up front). ``tokenizer_dir``: a folder with ``tokenizer/`` (CLIP) and ``tokenizer_2/`` (T5)
     for single-file text encoders (default: ``kontext_dir``); ``qwen_tokenizer_dir``: the
-    tokenizer of ``qwen_file`` (default: ``gie_dir``)."""
+    tokenizer of ``qwen_file`` (default: ``gie_dir``). ``task_head_file``: the generate-or-answer
+    head (default: the checkpoint folder's ``task_head.safetensors`` / ``task_head_final.pt`` when it
+    has one; without any, route "auto" edits). ``lm_head``: read Qwen's language-model head now
+    (answers read it; a checkpoint folder's is otherwise read on first use)."""
     spec = fusion_mode(mode)
     run_device = resolve_device(device)
     check_quantization("transformer", transformer_quantize, run_device)
@@ -336,7 +521,9 @@ def plan_paths(
     gie_dir = require_source(gie_dir, "gie_dir") if gie_dir is not None else None
     kontext_dir = require_source(kontext_dir, "kontext_dir") if kontext_dir is not None else None
     common = {"dtype": dtype, "device": "cpu", "run_device": run_device}
-    vlm = _plan_vlm(spec, mode, gie_dir, qwen_file, qwen_tokenizer_dir, connector_file, qwen_quantize, common)
+    vlm = _plan_vlm(spec, mode, gie_dir, qwen_file, qwen_tokenizer_dir, connector_file, qwen_quantize, common, lm_head)
+    if task_head_file is not None or (gie_dir is not None and "task_head" in gie_dir.holds):
+        vlm["task_head"] = check_load("task_head", task_head_file or gie_dir, **common)
     missing = [part for part, given in (("transformer", transformer_file or gie_dir), ("vae", vae_file),
                                         ("clip", clip_file), ("t5", t5_file or not spec.needs_t5)) if not given]
     if kontext_dir is None and missing:
@@ -373,7 +560,7 @@ def _plan_text(spec, kontext_dir, clip_file, t5_file, tokenizer_dir, common) -> 
 
 
 def _plan_vlm(spec, mode, gie_dir, qwen_file, qwen_tokenizer_dir, connector_file, qwen_quantize,
-              common) -> dict[str, LoadPlan]:
+              common, lm_head: bool = False) -> dict[str, LoadPlan]:
     """Qwen2.5-VL and the connector for the VLM modes: split files, else the checkpoint's."""
     if spec.needs_qwen and gie_dir is None and not (qwen_file is not None and connector_file is not None):
         raise ValueError(
@@ -386,7 +573,12 @@ def _plan_vlm(spec, mode, gie_dir, qwen_file, qwen_tokenizer_dir, connector_file
     plans = {}
     if connector_file is not None or spec.needs_qwen:
         plans["connector"] = check_load("connector", connector_file or gie_dir, **common)
+    if lm_head and not spec.needs_qwen:
+        raise ValueError(f"answers need the Qwen2.5-VL, which fusion mode '{mode}' does not load; use a VLM mode "
+                         "(e.g. vlm+t5) with a GPT-Image-Edit checkpoint")
     if spec.needs_qwen:
         options = {"tokenizer_dir": qwen_tokenizer_dir or gie_dir.path} if qwen_file is not None else {}
+        if lm_head:
+            options["lm_head"] = True
         plans["qwen"] = check_load("qwen", qwen_file or gie_dir, qwen_quantize, **common, **options)
     return plans

@@ -29,6 +29,7 @@ from gie_core.constants import (
     DEFAULT_TRUE_CFG,
     GUIDANCE_RANGE,
     MAX_IMAGE_SIDE,
+    MAX_IMAGES_PER_TURN,
     REFERENCE_METHODS,
     REFERENCE_RESAMPLE_MODES,
     REFERENCE_RESIZE_MODES,
@@ -40,7 +41,14 @@ from gie_core.constants import (
 from gie_core.engine.acceleration import DEFAULT_ATTENTION, Acceleration, resolve_acceleration
 from gie_core.engine.modes import DEFAULT_FUSION_MODE, fusion_mode
 from gie_core.imaging.images import check_size, reference_size
-from gie_core.imaging.ratio import PadRecord, aspect_fits, parse_color, parse_ratios, plan_padding
+from gie_core.imaging.ratio import (
+    PadRecord,
+    aspect_fits,
+    multi_image_output_size,
+    parse_color,
+    parse_ratios,
+    plan_padding,
+)
 
 __all__ = [
     "EditRequest",
@@ -184,6 +192,7 @@ class EditRequest:
     reference_method: str = DEFAULT_REFERENCE_METHOD  # how several references are placed
     cfg_batch: bool = True  # true CFG: positive and negative in one batch when their lengths match
     acceleration: Acceleration = Acceleration()  # step cache, attention backend, compiled blocks
+    more_images: tuple[tuple[int, int], ...] = ()  # (width, height) of the turn's other input images (Image 2)
 
     @property
     def do_true_cfg(self) -> bool:
@@ -224,6 +233,7 @@ def resolve_edit(
     cache=None,
     attention: str = DEFAULT_ATTENTION,
     compile: bool = False,
+    more_images=(),
 ) -> EditRequest:
     """Check every input and work out the run, with no model and no pixels needed.
 
@@ -241,6 +251,10 @@ def resolve_edit(
     :class:`gie_core.engine.acceleration.StepCache` or None), ``attention`` and ``compile``: the
     speed choices of :mod:`gie_core.engine.acceleration` (names and values checked here; what this
     machine cannot run falls back to the default when sampling, with a note).
+    ``more_images``: the (width, height) of the other input images of the turn (the app's Image
+    2): with them an automatic output size is the app's rule for several images
+    (:func:`gie_core.imaging.ratio.multi_image_output_size`); each image is a reference at its own
+    size, so snapping (which pads one image) and a batch of input images are refused.
     """
     acceleration = resolve_acceleration(cache, attention, compile)
     mode = fusion_mode(mode).name
@@ -259,13 +273,38 @@ def resolve_edit(
     check_choice("reference method", reference_method, REFERENCE_METHODS)
     if not isinstance(cfg_batch, bool):
         raise ValueError(f"cfg batch is {cfg_batch!r} but must be true or false")
+    more_images = _check_more_images(more_images, n_images, snap)
     sizes = _resolve_sizes(image_width, image_height, width, height, area, snap, pad_color, placement, reference_resize)
+    if more_images and not (width or height):
+        sizes["width"], sizes["height"] = multi_image_output_size([(image_width, image_height), *more_images])
     return EditRequest(
         mode=mode, steps=steps, guidance=guidance, seed=seed, batch_size=total,
         n_images=n_images, true_cfg=true_cfg, reference_resize=reference_resize,
         reference_resample=reference_resample, input_width=image_width, input_height=image_height,
-        pad_color=pad_color, reference_method=reference_method, cfg_batch=cfg_batch, acceleration=acceleration, **sizes,
+        pad_color=pad_color, reference_method=reference_method, cfg_batch=cfg_batch, acceleration=acceleration,
+        more_images=more_images, **sizes,
     )
+
+
+def _check_more_images(more_images, n_images: int, snap) -> tuple[tuple[int, int], ...]:
+    """The other input images' sizes, checked: at most MAX_IMAGES_PER_TURN images in all, each a
+    usable size; no snapping and no image batch beside them."""
+    sizes = tuple(tuple(s) for s in more_images or ())
+    if not sizes:
+        return ()
+    if len(sizes) + 1 > MAX_IMAGES_PER_TURN:
+        raise ValueError(f"an edit takes at most {MAX_IMAGES_PER_TURN} input images (Image 1 and an optional Image 2), "
+                         f"got {len(sizes) + 1}")
+    for i, size in enumerate(sizes, start=2):
+        if len(size) != 2:
+            raise ValueError(f"image {i} size must be (width, height), not {size!r}")
+        check_size(*size, f"input image {i}")
+    if n_images > 1:
+        raise ValueError(f"image 1 is a batch of {n_images} images; with a second image, edit one image at a time")
+    if snap:
+        raise ValueError("snap pads one input image to a ratio; it cannot be used with a second image (each "
+                         "image is placed at its own size)")
+    return sizes
 
 
 def _resolve_sizes(image_width, image_height, width, height, area, snap, pad_color, placement, reference_resize) -> dict:

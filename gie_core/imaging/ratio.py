@@ -27,7 +27,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from gie_core.constants import ASPECT_TOLERANCE, DEFAULT_RATIOS, PREFERRED_KONTEXT_RESOLUTIONS, RESIDUAL_PADDING_THRESHOLD, SIZE_MULTIPLE
+from gie_core.constants import (
+    ASPECT_TOLERANCE,
+    DEFAULT_RATIOS,
+    MULTI_IMAGE_ANCHOR_PIXELS,
+    MULTI_IMAGE_RATIOS,
+    MULTI_IMAGE_STRIDE,
+    PREFERRED_KONTEXT_RESOLUTIONS,
+    RESIDUAL_PADDING_THRESHOLD,
+    SIZE_MULTIPLE,
+)
 
 __all__ = [
     "RATIO_SETS",
@@ -47,6 +56,7 @@ __all__ = [
     "padding_mask",
     "residual_padding_fraction",
     "has_residual_padding",
+    "multi_image_output_size",
 ]
 
 Ratio = tuple[int, int]
@@ -579,3 +589,33 @@ def has_residual_padding(
         raise ValueError(f"threshold {threshold!r} must be a fraction in 0..1")
     frac = residual_padding_fraction(image, color=color, tolerance=tolerance)
     return frac > threshold, frac
+
+
+# --------------------------------------------------------------------------------------------
+# Output size of an edit with several input images
+# --------------------------------------------------------------------------------------------
+
+
+def multi_image_output_size(
+    sizes: Iterable[tuple[int, int]],
+    anchor_pixels: int = MULTI_IMAGE_ANCHOR_PIXELS,
+    ratios: tuple[Ratio, ...] = MULTI_IMAGE_RATIOS,
+    stride: int = MULTI_IMAGE_STRIDE,
+) -> tuple[int, int]:
+    """(width, height) of an edit of several images, as the reference app sizes it: the mean of
+    the (width, height) ``sizes`` (truncated to integers), its nearest ratio of ``ratios``, and that
+    ratio scaled by a whole factor to about ``anchor_pixels`` in multiples of ``stride``
+    (``dynamic_resize(h, w, 'any_11ratio', anchor_pixels=1024*1024)`` of univa/utils/anyres_util.py).
+    E.g. 1024x768 and 800x600 -> mean 912x684 (4:3) -> 1152x864."""
+    sizes = [tuple(s) for s in sizes]
+    if not sizes:
+        raise ValueError("multi_image_output_size needs at least one (width, height)")
+    for w, h in sizes:
+        _check_size(w, h)
+    mean_w = int(sum(w for w, _ in sizes) / len(sizes))
+    mean_h = int(sum(h for _, h in sizes) / len(sizes))
+    aspect = mean_w / mean_h
+    rw, rh = min(ratios, key=lambda r: abs(r[0] / r[1] - aspect))  # the first of equally near ones
+    base_w, base_h = rw * stride, rh * stride
+    scale = max(1, round(math.sqrt(anchor_pixels / (base_w * base_h))))
+    return base_w * scale // stride * stride, base_h * scale // stride * stride

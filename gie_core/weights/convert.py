@@ -8,7 +8,9 @@ From the released ``final_checkpoint/`` folder (or a ``gie-train`` export) it wr
 - the Qwen2.5-VL as one file in the layout ComfyUI's Qwen2.5-VL text-encoder loader reads
   (``model.*``, ``visual.*``: the names of the released checkpoint; ``text_encoders/``),
   ``lm_head`` only when asked (instruction rewriting needs it);
-- the connector as one small file whose metadata carries its configuration (``gie_connectors/``).
+- the connector as one small file whose metadata carries its configuration (``gie_connectors/``);
+- the generate-or-answer task head, when the folder ships one (``task_head_final.pt``, a torch
+  pickle read once with ``torch.load(weights_only=True)``), as safetensors (``gie_connectors/``).
 
 Everything is streamed tensor by tensor (a fused tensor reads only its parts), never a whole
 model in memory, and each file is written atomically: an interrupted conversion leaves no
@@ -34,7 +36,9 @@ from gie_core.engine.connector import Connector
 from gie_core.files import atomic_write, check_output_path, existing_folder, free_space, human_size
 from gie_core.weights.gguf import write_gguf
 from gie_core.weights.loading import DTYPES, GIE_DENOISER_PREFIX, GIE_PROJECTOR_PREFIX, gie_config, released_qwen_key
-from gie_core.weights.parts import resolve_source
+from gie_core.constants import TASK_HEAD_PT
+from gie_core.engine.taskhead import TaskHead
+from gie_core.weights.parts import read_task_head_state, resolve_source, task_head_path
 from gie_core.weights.single_file import (
     _BFL_DOUBLE_MODULES,
     _BFL_DOUBLE_QKV,
@@ -47,6 +51,7 @@ from gie_core.weights.reader import FLOAT8_DTYPES, CheckpointError, CheckpointRe
 
 __all__ = [
     "CONVERT_PARTS",
+    "DEFAULT_CONVERT_PARTS",
     "FORMATS",
     "ConversionSource",
     "QwenComparison",
@@ -58,7 +63,9 @@ __all__ = [
     "write_safetensors_streamed",
 ]
 
-CONVERT_PARTS = ("transformer", "qwen", "connector")
+CONVERT_PARTS = ("transformer", "qwen", "connector", "task_head")
+# what a conversion writes when no parts are named: these, and the task head when the source has one
+DEFAULT_CONVERT_PARTS = ("transformer", "qwen", "connector")
 # weight storage of the transformer and Qwen files (fp32 keeps a checkpoint's values exactly)
 FORMATS = ("bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_scaled")
 # the transformer also as GGUF (ComfyUI-GGUF's loader and ours read it; written with the gguf package)
@@ -66,7 +73,8 @@ GGUF_FORMATS = {"gguf_q8_0": "Q8_0"}
 TRANSFORMER_FORMATS = FORMATS + tuple(GGUF_FORMATS)
 _PLAIN = DTYPES  # the plain formats are the dtype names every door uses
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-FOLDERS = {"transformer": "diffusion_models", "qwen": "text_encoders", "connector": "gie_connectors"}
+FOLDERS = {"transformer": "diffusion_models", "qwen": "text_encoders", "connector": "gie_connectors",
+           "task_head": "gie_connectors"}
 GENERATOR = "gpt-image-edit gie-convert"
 
 _ST_DTYPES = {
@@ -145,6 +153,7 @@ class ConversionSource:
     qwen: Path | None  # released layout only: every tensor outside denoise_tower.*
     connector: tuple[Path, str] | None
     config: dict = field(default_factory=dict)  # the released config.json (flat Qwen fields + denoise_tower)
+    task_head: Path | None = None  # task_head_final.pt / task_head.safetensors beside a released checkpoint
 
     def describe(self) -> str:
         return f"{self.path} ({'released GPT-Image-Edit checkpoint' if self.kind == 'released' else 'gie-train export'})"
@@ -172,7 +181,8 @@ def open_source(path: str | os.PathLike) -> ConversionSource:
         if folder.kind != "gie_dir":
             raise CheckpointError(f"source {folder.describe()} is not a GPT-Image-Edit checkpoint; gie-convert takes the "
                                   "released final_checkpoint/ folder or a gie-train export folder")
-        return ConversionSource(p, "released", (p, GIE_DENOISER_PREFIX), p, (p, GIE_PROJECTOR_PREFIX), gie_config(p))
+        return ConversionSource(p, "released", (p, GIE_DENOISER_PREFIX), p, (p, GIE_PROJECTOR_PREFIX), gie_config(p),
+                                task_head_path(p))
     if (p / "gpt-image-edit" / "config.json").is_file():
         return open_source(p / "gpt-image-edit")
     transformer = p / "transformer.safetensors"
@@ -411,6 +421,7 @@ def output_paths(out_dir: str | os.PathLike, name: str, parts=CONVERT_PARTS, tra
         "transformer": f"{name}-kontext-{transformer_format}{suffix}",
         "qwen": f"{name}-qwen2.5-vl-{qwen_format}{'-lm_head' if lm_head else ''}.safetensors",
         "connector": f"{name}-connector.safetensors",
+        "task_head": f"{name}-task-head.safetensors",
     }
     return {p: out / FOLDERS[p] / names[p] for p in parts}
 
@@ -419,7 +430,7 @@ def convert(
     source: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    parts: Iterable[str] = CONVERT_PARTS,
+    parts: Iterable[str] | None = None,
     transformer_format: str = "bf16",
     qwen_format: str = "bf16",
     lm_head: bool = False,
@@ -431,8 +442,11 @@ def convert(
 
     Everything is checked before a weight is read: the source, the parts it holds, the formats,
     existing outputs (kept unless ``overwrite``) and the free disk space. Returns the written
-    paths by part.
+    paths by part. ``parts`` None: :data:`DEFAULT_CONVERT_PARTS`, and the task head when the
+    source has one.
     """
+    if parts is None:
+        parts = DEFAULT_CONVERT_PARTS + (("task_head",) if open_source(source).task_head is not None else ())
     parts = tuple(dict.fromkeys(parts))
     unknown = [p for p in parts if p not in CONVERT_PARTS]
     if unknown or not parts:
@@ -447,6 +461,8 @@ def convert(
     missing = [p for p in parts if getattr(src, p) is None]
     if missing:
         hint = " (a gie-train export has no Qwen: its Qwen is the base model's; keep the Qwen file you use)" if "qwen" in missing else ""
+        if "task_head" in missing:
+            hint += f" (the task head is {TASK_HEAD_PT} beside the released checkpoint's config.json)"
         raise CheckpointError(f"{src.describe()} has no {', '.join(missing)} to convert{hint}")
     paths = output_paths(out_dir, name, parts, transformer_format, qwen_format, lm_head)
     existing = [str(p) for p in paths.values() if p.exists()]
@@ -500,6 +516,8 @@ def _write_part(part: str, src, path: Path, transformer_format: str, qwen_format
                              gie_qwen_config=qwen_cfg)
             _check_space(path, entries)
             return write_safetensors_streamed(path, entries, meta)
+    if part == "task_head":
+        return _write_task_head(src, path)
     wpath, prefix = src.connector
     with CheckpointReader.open(wpath) as reader:
         entries, cfg = _connector_entries(reader, prefix)
@@ -507,6 +525,20 @@ def _write_part(part: str, src, path: Path, transformer_format: str, qwen_format
         mode = reader.metadata.get("gie_fusion_mode")
         meta["gie_fusion_mode"] = mode or ("vlm+t5" if src.kind == "released" else cfg["modes"][0])
         return write_safetensors_streamed(path, entries, meta)
+
+
+def _write_task_head(src: ConversionSource, path: Path) -> Path:
+    """The task head as safetensors (float32, as the app runs it): read once from the shipped
+    ``.pt`` with ``torch.load(weights_only=True)`` (never unpickled otherwise) and checked."""
+    try:
+        head = TaskHead.from_state_dict(read_task_head_state(src.task_head), f"task head {src.task_head}")
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    state = {k: v.float().contiguous() for k, v in head.state_dict().items()}
+    entries = [Entry(k, torch.float32, tuple(v.shape), lambda v=v: v) for k, v in state.items()]
+    meta = _metadata("task_head", src, "fp32", gie_task_head_source=src.task_head.name,
+                     gie_task_head_logits="answer,edit")
+    return write_safetensors_streamed(path, entries, meta)
 
 
 def _check_space(path: Path, entries: list[Entry], fraction: float = 1.0) -> None:

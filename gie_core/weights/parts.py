@@ -20,8 +20,8 @@ and decide nothing about formats. This module alone does:
   :mod:`.single_file`, :mod:`.gguf`, :mod:`.quantize`, :mod:`.lora`, :mod:`.reader`).
 
 A new storage kind is one row of :data:`STORAGE_TABLE` (and its mechanics in :mod:`.quantize`);
-a new part (the task head, when it exists) is one row of :data:`PART_TABLE` and its loader in
-``_LOADERS``.
+a new part is one row of :data:`PART_TABLE` and its loader in ``_LOADERS`` (the task head is
+the latest).
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ from typing import Any
 
 import torch
 
-from gie_core.constants import AUTO_DTYPE, DTYPE_TABLE, LOAD_DEFAULTS, T5_MAX_LENGTH
+from gie_core.constants import AUTO_DTYPE, DTYPE_TABLE, LOAD_DEFAULTS, T5_MAX_LENGTH, TASK_HEAD_PT, TASK_HEAD_SAFETENSORS
 from gie_core.engine.encoders import TextEncoders
+from gie_core.engine.taskhead import TaskHead
 from gie_core.weights import gguf as gguf_files
 from gie_core.weights import loading, single_file
 from gie_core.weights.lora import load_lora
@@ -49,7 +50,7 @@ from gie_core.weights.quantize import (
     quantize_choices,
 )
 from gie_core.weights.quantize import storage as storage_row
-from gie_core.weights.reader import CheckpointError
+from gie_core.weights.reader import CheckpointError, CheckpointReader
 
 __all__ = [
     "PART_TABLE",
@@ -69,6 +70,7 @@ __all__ = [
     "resolve_dtype",
     "resolve_source",
     "scheduler_from",
+    "task_head_path",
 ]
 
 SOURCE_KINDS: dict[str, str] = {
@@ -114,7 +116,8 @@ PART_TABLE: dict[str, Part] = {
         Part("connector", "a GPT-Image-Edit connector"),
         Part("lora", "a FLUX LoRA (added to a loaded transformer as a disabled adapter)", ("transformer",),
              {"transformer": ("file",)}),
-        # The task head joins here as one row (and one loader in _LOADERS) when it exists.
+        Part("task_head", "the generate-or-answer task head (task_head_final.pt or task_head.safetensors; "
+                          "always float32, as the app runs it)"),
     )
 }
 
@@ -188,6 +191,11 @@ def resolve_source(path: str | os.PathLike | Source, part: str | None = None) ->
         return Source(p, "gguf", _SOURCE_HOLDS["gguf"], "gguf")
     if part == "lora":
         return Source(p, "file", ("lora",), "lora")
+    if part == "task_head" or p.suffix == ".pt":  # the head's file is checked by its loader's reader
+        if p.suffix not in (".pt", ".safetensors"):
+            raise CheckpointError(f"{p} is not a task head file: expected {TASK_HEAD_PT} (read with "
+                                  f"torch.load(weights_only=True)) or a .safetensors file")
+        return Source(p, "file", ("task_head",), "task_head")
     kinds = single_file.file_kinds(p)
     layouts = [k for k in single_file.KINDS if k in kinds]
     holds = tuple(dict.fromkeys(_LAYOUT_PART[k] for k in layouts))
@@ -219,7 +227,8 @@ def _folder_source(p: Path) -> Source:
         if "denoise_tower" in cfg:
             loading.gie_config(p)
             loading.require_safetensors(p)
-            return Source(p, "gie_dir", _SOURCE_HOLDS["gie_dir"])
+            head = ("task_head",) if task_head_path(p) is not None else ()
+            return Source(p, "gie_dir", _SOURCE_HOLDS["gie_dir"] + head)
         if "qwen2_5_vl" in str(cfg.get("model_type", "")):
             loading.require_safetensors(p)
             return Source(p, "qwen_dir", _SOURCE_HOLDS["qwen_dir"])
@@ -450,6 +459,42 @@ def _load_connector(plan: LoadPlan) -> LoadedPart:
     return _done(plan, loading.load_connector(plan.source.path, dtype=plan.dtype, device=plan.device))
 
 
+def task_head_path(folder: str | os.PathLike) -> Path | None:
+    """The task head file in a checkpoint folder: ``task_head.safetensors`` (gie-convert's), else
+    the shipped ``task_head_final.pt``; None when the folder has neither."""
+    for name in (TASK_HEAD_SAFETENSORS, TASK_HEAD_PT):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def read_task_head_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The task head's tensors from a ``.safetensors`` file, or from the shipped ``.pt`` with
+    ``torch.load(weights_only=True)`` (tensors and plain containers only: a pickle that
+    would run code is refused, never executed)."""
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        with CheckpointReader.open(p) as r:
+            return {k: r.read(k) for k in r.keys()}
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for code, RuntimeError/EOFError for damaged zips
+        raise CheckpointError(f"task head {p} cannot be read with torch.load(weights_only=True): "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise CheckpointError(f"task head {p} is not a state dict of tensors")
+    return state
+
+
+def _load_task_head(plan: LoadPlan) -> LoadedPart:
+    path = task_head_path(plan.source.path) if plan.source.kind == "gie_dir" else plan.source.path
+    try:
+        head = TaskHead.from_state_dict(read_task_head_state(path), f"task head {path}")
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    return _done(plan, head.float().to(plan.device))
+
+
 def _load_lora(plan: LoadPlan) -> LoadedPart:
     transformer = plan.options["transformer"]
     return _done(plan, transformer, adapter=load_lora(transformer, plan.source.path))
@@ -463,6 +508,7 @@ _LOADERS: dict[str, Callable[[LoadPlan], LoadedPart]] = {
     "vae": _load_vae,
     "connector": _load_connector,
     "lora": _load_lora,
+    "task_head": _load_task_head,
 }
 
 

@@ -38,8 +38,8 @@ __all__ = [
     "storage",
 ]
 
-# Every part :mod:`gie_core.weights.parts` loads (the task head joins as one more name when it exists).
-ALL_PARTS = ("transformer", "qwen", "t5", "clip", "vae", "connector", "lora")
+# Every part :mod:`gie_core.weights.parts` loads.
+ALL_PARTS = ("transformer", "qwen", "t5", "clip", "vae", "connector", "lora", "task_head")
 WEIGHT_PARTS = tuple(p for p in ALL_PARTS if p != "lora")  # a LoRA takes its transformer's storage
 # Kinds of sources (see gie_core.weights.parts.Source).
 ALL_SOURCES = ("gie_dir", "kontext_dir", "qwen_dir", "file", "gguf")
