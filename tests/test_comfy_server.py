@@ -135,6 +135,8 @@ WORKFLOW_INPUTS = {
 SMALL_INPUTS = {
     "GIEKontextSampler": {"steps": STEPS, "width": OUT_W, "height": OUT_H},
     "GIERewriteInstruction": {"max_new_tokens": 16},
+    "GIEConversationTurn": {"reference_resize": "keep", "max_new_tokens": 16},
+    "GIEAnswer": {"max_new_tokens": 16},
 }
 LOG_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 

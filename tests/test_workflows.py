@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import itertools
 import json
 import os
 import sys
@@ -34,6 +35,8 @@ WORKFLOWS = (
     "released_model_edit_with_rewriting",
     "released_model_native_sampler",
     "released_model_from_single_files",
+    "two_image_composition",
+    "three_turn_conversation",
 )
 # ComfyUI's own loaders and KSampler run only in the real server (tests/test_comfy_server.py)
 NATIVE_ONLY = ("released_model_native_sampler",)
@@ -123,7 +126,8 @@ def test_drawn_size_counts_every_widget_and_socket(specs):
     # GIE Checkpoint Loader: 3 output rows, 5 widgets (20 px + 4 gap each), 8 + 6 px padding
     assert computed_size_height(specs["GIECheckpointLoader"], "GIECheckpointLoader") == 3 * 20 + 5 * 24 + 8 + 6
     # the multiline instruction is a 50 px text area; Load Image carries its 220 px preview
-    assert computed_size_height(specs["GIEQwenVLEncode"], "GIEQwenVLEncode") == 3 * 20 + 54 + 8 + 6
+    # (4 socket rows: qwen_vl, image, connector, image_2)
+    assert computed_size_height(specs["GIEQwenVLEncode"], "GIEQwenVLEncode") == 4 * 20 + 54 + 8 + 6
     assert computed_size_height(specs["LoadImage"], "LoadImage") == 2 * 20 + 24 + 24 + 224 + 8 + 6
     old = copy.deepcopy(ui)  # the layout shipped before: saved 190 px, drawn 194, next node at y 240
     by_old = {n["id"]: n for n in old["nodes"]}
@@ -169,6 +173,19 @@ def test_workflows_do_what_their_names_say():
     assert {"GIEKontextModelLoader", "GIEVAELoader", "GIETextEncodersLoader", "GIEQwenVLLoader", "GIEConnectorLoader",
             "GIEKontextSampler"} <= set(_types(singles))
     assert not {"GIECheckpointLoader", "GIEKontextDiffusersLoader"} & set(_types(singles))
+    two = api["two_image_composition"]  # Image 1 and Image 2 reach Qwen and Kontext
+    loads = sorted(nid for nid, n in two.items() if n["class_type"] == "LoadImage")
+    for cls in ("GIEQwenVLEncode", "GIEKontextSampler"):
+        (n,) = [n for n in two.values() if n["class_type"] == cls]
+        assert [n["inputs"]["image"][0], n["inputs"]["image_2"][0]] == loads
+    chat = api["three_turn_conversation"]  # edit, question, edit: each turn continues the previous one
+    turns = sorted((nid for nid, n in chat.items() if n["class_type"] in ("GIEConversationTurn", "GIEAnswer")), key=int)
+    assert [chat[t]["class_type"] for t in turns] == ["GIEConversationTurn", "GIEAnswer", "GIEConversationTurn"]
+    assert all(chat[b]["inputs"]["conversation"] == [a, 1] for a, b in itertools.pairwise(turns))
+    samplers = {nid: n for nid, n in chat.items() if n["class_type"] == "GIEKontextSampler"}
+    assert sorted(n["inputs"]["positive"][0] for n in samplers.values()) == [turns[0], turns[2]]
+    assert all("image" not in n["inputs"] for n in samplers.values())  # the turn carries every image
+    assert chat[turns[1]]["inputs"]["previous_result"][0] in samplers  # turn 1's image joins before the question
     for a in api.values():  # the names a user has, per the README
         for n in a.values():
             if n["class_type"] == "GIECheckpointLoader":
@@ -312,6 +329,8 @@ QUICK = {
     "GIEConnectorLoader": {"dtype": "fp32"},
     "GIEKontextSampler": {"steps": 1, "width": 48, "height": 0, "reference_resize": "keep"},
     "GIERewriteInstruction": {"max_new_tokens": 16},
+    "GIEConversationTurn": {"reference_resize": "keep", "max_new_tokens": 8},
+    "GIEAnswer": {"max_new_tokens": 8},
 }
 
 
@@ -327,5 +346,15 @@ def test_workflow_runs_in_process(name, runnable):
             assert out[nid]["result"][0].shape == (1, 40, 56, 3)  # back to the input's size
         if node["class_type"] == "GIEPaddingCheck":
             assert isinstance(out[nid]["result"][0], float) and out[nid]["ui"]["text"]
+        if node["class_type"] == "GIEAnswer":  # the answer is text, shown on the node, and joins the conversation
+            text, conv = out[nid]["result"]
+            assert isinstance(text, str) and out[nid]["ui"]["text"] == [text] and conv.turns[-1].text == text
+        if node["class_type"] == "GIEConversationTurn":  # every image so far is a reference of the edit
+            cond, conv = out[nid]["result"][:2]
+            assert conv.pending and len(cond[0][1]["reference_latents"]) == len(conv.images())
+    if name == "three_turn_conversation":
+        last = max((nid for nid, n in api.items() if n["class_type"] == "GIEConversationTurn"), key=int)
+        conv = out[last]["result"][1]
+        assert [t.role for t in conv.turns] == ["user", "assistant"] * 2 + ["user"] and len(conv.images()) == 2
     saved = [nid for nid, n in api.items() if n["class_type"] == "SaveImage"]
     assert saved and all(out[nid]["ui"]["images"] for nid in saved)

@@ -480,8 +480,11 @@ WIDGETS_PADDING = 8
 NODE_MARGIN = 6
 MULTILINE_MIN_HEIGHT = 50  # a multiline STRING's text area (DOM widget, --comfy-widget-min-height)
 IMAGE_PREVIEW_MIN_HEIGHT = 220  # LoadImage's image preview widget
-# Widgets web/gie.js adds (never saved): an info line block of LINE_HEIGHT 16 per line + 8, two lines at first.
-EXTENSION_WIDGETS = {"GIEPadToRatio": 2 * 16 + 8, "GIEPaddingCheck": 2 * 16 + 8, "GIERewriteInstruction": 2 * 16 + 8}
+# Widgets web/gie.js adds (never saved): lines of text, 16 px a line + 8 (the snap preview's two lines; the
+# one line of a node that shows its result after a run).
+_RESULT_LINE = 1 * 16 + 8
+EXTENSION_WIDGETS = {"GIEPadToRatio": 2 * 16 + 8, "GIEPaddingCheck": _RESULT_LINE, "GIERewriteInstruction": _RESULT_LINE,
+                     "GIEAnswer": _RESULT_LINE, "GIEConversationTurn": _RESULT_LINE}
 VIRTUAL_WIDGETS = {"Note": [MULTILINE_MIN_HEIGHT], "MarkdownNote": [MULTILINE_MIN_HEIGHT]}
 
 
