@@ -716,6 +716,45 @@ def test_qwen_vl_encode_runs_with_comfyuis_bundled_tokenizer(server, tmp_path, c
     check_outputs(prompt, saved, INPUT_SIZE)
 
 
+def test_two_images_through_native_ksampler(server, tmp_path, capsys):
+    """Image 2 on the native path, both ways a user wires it, on the converted real-width transformer: Qwen-VL
+    Encode's image_2 plus one native VAEEncode + ReferenceLatent per image; and GIE Conversation Turn (with
+    ComfyUI's own VAE), whose CONDITIONING already carries every image as a reference latent. Image 2 reaches
+    the model (the image changes without it)."""
+    base = load_api("released_model_native_sampler")
+    bypass_kontext_scale(base)
+    ids = {n["class_type"]: i for i, n in base.items()}
+    image_2 = {"class_type": "LoadImage", "inputs": {"image": "portrait.png"}, "_meta": {"title": "Image 2"}}
+    per_image = json.loads(json.dumps(base))
+    per_image.update({"900": image_2,
+                      "901": {"class_type": "VAEEncode", "inputs": {"pixels": ["900", 0], "vae": [ids["VAELoader"], 0]},
+                              "_meta": {"title": "VAE Encode (Image 2)"}},
+                      "902": {"class_type": "ReferenceLatent", "inputs": {"conditioning": [ids["ReferenceLatent"], 0],
+                                                                          "latent": ["901", 0]},
+                              "_meta": {"title": "ReferenceLatent (Image 2)"}}})
+    per_image[ids["GIEQwenVLEncode"]]["inputs"]["image_2"] = ["900", 0]
+    per_image[ids["FluxGuidance"]]["inputs"]["conditioning"] = ["902", 0]
+    saved = run_api(server, per_image, "native_per_image", tmp_path, capsys, "released_model_native_sampler")
+    assert pixels(saved[0]).shape == (OUT_H, OUT_W, 3)
+
+    turned = {}
+    for name, with_2 in (("turn_two", True), ("turn_one", False)):
+        prompt = json.loads(json.dumps(base))
+        loaders = {c: [ids[c], 0] for c in ("GIEQwenVLLoader", "GIEConnectorLoader", "GIETextEncodersLoader", "VAELoader")}
+        turn_inputs = {"qwen_vl": loaders["GIEQwenVLLoader"], "connector": loaders["GIEConnectorLoader"],
+                       "text_encoders": loaders["GIETextEncodersLoader"], "vae": loaders["VAELoader"],
+                       "instruction": "put the hat from image 2 on the dog in image 1", "mode": "vlm+t5", "route": "edit",
+                       "reference_resize": "keep", "image": base[ids["GIEQwenVLEncode"]]["inputs"]["image"]}
+        prompt["910"] = {"class_type": "GIEConversationTurn", "inputs": turn_inputs, "_meta": {"title": "Turn"}}
+        if with_2:
+            prompt["900"] = image_2
+            turn_inputs["image_2"] = ["900", 0]
+        prompt[ids["FluxGuidance"]]["inputs"]["conditioning"] = ["910", 0]
+        turned[name] = run_api(server, prompt, name, tmp_path, capsys, "released_model_native_sampler")[0]
+    assert pixels(turned["turn_two"]).shape == (OUT_H, OUT_W, 3)
+    assert np.abs(pixels(turned["turn_two"]) - pixels(turned["turn_one"])).max() > 0
+
+
 def test_native_load_vae_serves_our_sampler(server, tmp_path, capsys):
     """ComfyUI's own Load VAE (ae.safetensors) into our Kontext Sampler gives the image our VAE loader gives."""
     prompt = load_api("released_model_from_single_files")
