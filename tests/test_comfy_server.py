@@ -1031,8 +1031,9 @@ def test_ui_workflow_loads_matches_its_api_twin_and_queues(page, server, shots, 
     assert res.get("prompt_id") and not res.get("node_errors"), res
     entry = server.wait_history(res["prompt_id"])
     assert entry["status"]["status_str"] == "success", entry["status"]
-    # the text Padding Check and Rewrite Instruction return is shown on the node
-    for cls, start in (("GIEPaddingCheck", "residual padding "), ("GIERewriteInstruction", "")):
+    # the text Padding Check, Rewrite Instruction, Answer and Conversation Turn return is shown on the node
+    for cls, start in (("GIEPaddingCheck", "residual padding "), ("GIERewriteInstruction", ""), ("GIEAnswer", ""),
+                       ("GIEConversationTurn", "edit")):
         for node_id in ui_node_ids(page, cls):
             page.wait_for_function("([id, start]) => (app.graph.getNodeById(id).gieExecutedText ?? null) !== null"
                                    " && app.graph.getNodeById(id).gieExecutedText.startsWith(start)",

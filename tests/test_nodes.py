@@ -992,3 +992,5 @@ def test_route_auto_asks_the_task_head_and_edits_without_one(loaded, task_head_c
     assert "task head" in without["ui"]["text"][0]
     forced = turn(loaded, "what is this?", route="edit", image=img, task_head=head)
     assert forced["result"][1].pending
+    with pytest.raises(Exception, match="holds no task_head"):  # a folder without one says so
+        N["GIETaskHeadLoader"]().load("gpt-image-edit")
