@@ -171,6 +171,8 @@ class GIEConversationTurn:
         qwen = require(qwen_vl, "qwen_vl", QWEN_HINT)
         conn = require(connector, "connector", "the GPT-Image-Edit loaders' connector output")
         conv = user_turn(conversation, previous_result, instruction, image, image_2)
+        if route == "edit":
+            conv.check_edit_fits()  # before any model runs (auto learns its route from the encoding)
         spec = fusion_mode(mode)
         queries = conn.model.queries if spec.queries else None
         with qwen.use():

@@ -22,6 +22,7 @@ import bfl_layout  # noqa: E402
 import nodes  # noqa: E402
 from gie_core.engine.components import Placement  # noqa: E402
 from gie_core.engine.connector import QwenFeatures, TextFeatures  # noqa: E402
+from gie_core.engine.conversation import Conversation  # noqa: E402
 from gie_core.imaging.ratio import PadRecord  # noqa: E402
 from gie_core.engine.sampler import SamplingInterrupted  # noqa: E402
 from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy  # noqa: E402
@@ -952,6 +953,23 @@ def test_conversation_inputs_are_checked_before_any_model_runs(loaded):
         run_sampler(loaded.gie_kontext, loaded.vae, plain, None)
     with pytest.raises(TypeError, match="conversation must come from a GIE turn node"):
         turn(loaded, conversation="chat.json", image=img)
+    small = image(16, 16)
+    full = Conversation()
+    for text, n in (("a", 2), ("b", 2), ("c", 1)):  # 8 images: the most a conversation keeps
+        full = full.add_user(text, [small] * n).add_assistant_image(small)
+    with pytest.raises(ValueError, match="at most 8 are kept"):
+        turn(loaded, "one more", conversation=full)
+
+
+def test_turn_nodes_touch_no_model_for_bad_input(loaded, monkeypatch):
+    """Bad input is refused before Qwen, the connector or the VAE run."""
+    monkeypatch.setattr(type(loaded.qwen.model), "encode_conversation",
+                        lambda *a, **k: pytest.fail("Qwen ran for a turn that was refused"))
+    monkeypatch.setattr(type(loaded.qwen.model), "answer", lambda *a, **k: pytest.fail("Qwen answered a refused turn"))
+    with pytest.raises(ValueError, match="image_2 is connected but image is not"):
+        turn(loaded, image_2=image())
+    with pytest.raises(ValueError, match="instruction is empty"):
+        N["GIEAnswer"]().answer(loaded.qwen, " ", 8, image=image())
 
 
 @pytest.fixture(scope="module")
