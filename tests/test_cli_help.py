@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from gie_core.cli import comfy_run, convert, edit, rewrite, train
+from gie_core.cli import ask, comfy_run, convert, edit, rewrite, train
 from gie_core.cli import eval as eval_cli
 from gie_core.cli.help import HelpFormatter, help_with_default, plain_text
 
@@ -17,7 +17,7 @@ SAYS_DEFAULT = re.compile(r"\bdefaults?\b(?!\s*\()", re.I)
 
 
 def parsers() -> dict[str, argparse.ArgumentParser]:
-    found = {"gie-edit": edit.build_parser(), "gie-rewrite": rewrite.build_parser(),
+    found = {"gie-edit": edit.build_parser(), "gie-ask": ask.build_parser(), "gie-rewrite": rewrite.build_parser(),
              "gie-convert": convert.build_parser(), "gie-comfy-run": comfy_run.build_parser()}
     found |= {f"gie-train {c}" if c != "train" else "gie-train": train.build_parser(c) for c in train.COMMANDS}
     found["gie-eval"] = top = eval_cli.build_parser()

@@ -313,3 +313,20 @@ def test_corrupt_or_foreign_conversation_files_are_refused(tmp_path, content, me
 def test_missing_conversation_file_is_named(tmp_path):
     with pytest.raises(ValueError, match="conversation file .*nope.json does not exist"):
         Conversation.load(tmp_path / "nope.json")
+
+
+def test_turn_text_is_kept_as_typed_and_images_come_in_any_form(encoder, images):
+    """The text is not stripped (the app does not; a one-image turn stays today's prompt), and
+    a turn takes PIL images in any mode or ComfyUI tensors, a [B, H, W, 3] batch being B images."""
+    text = "make it winter \n"
+    conv = Conversation(layout="edit").add_user(text, [images[0]])
+    assert conv.current_turn().text == text and conv.prompt() == encoder.prompt(text)
+    rgba = images[1].convert("RGBA")
+    batch = torch.rand(2, 24, 32, 3)
+    c = Conversation().add_user("combine", batch)
+    assert [im.size for im in c.images()] == [(32, 24), (32, 24)]
+    assert Conversation().add_user("x", rgba).images()[0].mode == "RGB"
+    with pytest.raises(ConversationError, match="at most 2 images"):
+        Conversation().add_user("x", torch.rand(3, 24, 32, 3))
+    with pytest.raises(ValueError, match="at least 16 px"):
+        Conversation().add_user("x", [Image.new("RGB", (8, 64))])

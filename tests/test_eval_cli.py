@@ -108,13 +108,21 @@ def test_a_corrupt_sample_is_recorded_and_the_rest_finish(tmp_path, kontext_dir,
     assert "1 made, 2 already done, 1 failed" in capsys.readouterr().err
 
 
-def test_a_sample_needing_several_references_is_recorded_not_squeezed(tmp_path, kontext_dir):
-    data = synthetic.write_omnicontext(tmp_path / "omni", n=1)
+def test_a_sample_needing_more_references_than_a_turn_takes_is_recorded_not_squeezed(tmp_path, kontext_dir):
+    """OmniContext's multi-image tasks run with Image 1 and Image 2 (issue 17); a sample with three
+    input images is recorded as failed, naming the limit, and nothing is squeezed."""
+    data = synthetic.write_omnicontext(tmp_path / "omni", n=2)  # multi0 reads images 0 and 1
+    with open(data, "a") as f:
+        f.write(json.dumps({"key": "multi3", "task_type": "multiple_object", "instruction": "All three together.",
+                            "instruction_language": "en",
+                            "input_images": ["images/0.png", "images/0.png", "images/0.png"]}) + "\n")
     out = tmp_path / "run"
     assert main(["generate", "omnicontext", str(data), "--task-types", "all", "-o", str(out), "--kontext", str(kontext_dir), *FAST]) == 0
     recs = {r["key"]: r for r in _records(out)}
     assert recs["o0"]["status"] == "ok" and (out / "fullset/single_character/o0.png").is_file()
-    assert recs["multi0"]["status"] == "failed" and "2 input images" in recs["multi0"]["reason"]
+    assert recs["multi0"]["status"] == "ok" and (out / "fullset/multiple_character/multi0.png").is_file()
+    assert recs["multi3"]["status"] == "failed" and "3 input images" in recs["multi3"]["reason"]
+    assert "at most 2" in recs["multi3"]["reason"] and not (out / "fullset/multiple_object/multi3.png").exists()
 
 
 def test_seeds_belong_to_the_sample_not_the_run(tmp_path, kontext_dir):

@@ -1,5 +1,10 @@
 """``gie-edit``: edit one image by an instruction (or a list of jobs) from the command line.
 
+As the reference app: ``gie-edit a.png b.png "put the hat from the second image on the dog"``
+takes an optional second image; ``--conversation chat.json`` continues a saved conversation (the
+turn and its reply are appended atomically once made); ``--answer`` (or ``gie-ask``) prints a
+text answer instead of editing; ``--route auto`` lets the checkpoint's task head decide.
+
 With no weights given it runs a demo: a tiny random model set in the real on-disk layouts is
 built once into the user's cache and the whole pipeline runs on a bundled sample image.
 
@@ -23,6 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from gie_core.checks import check_float
+from gie_core.cli.ask import answer_one, answer_plan, load_conversation
 from gie_core.cli.common import (
     OUTPUT_SUFFIXES,
     device_and_dtype,
@@ -34,6 +40,7 @@ from gie_core.cli.common import (
 )
 from gie_core.cli.help import HelpFormatter
 from gie_core.constants import (
+    ANSWER_MAX_NEW_TOKENS,
     AUTO_DTYPE,
     DEFAULT_GUIDANCE,
     DEFAULT_REFERENCE_RESAMPLE,
@@ -45,15 +52,19 @@ from gie_core.constants import (
     GUIDANCE_RANGE,
     LOAD_DEFAULTS,
     LORA_STRENGTH_RANGE,
+    MAX_IMAGES_PER_TURN,
     OFFLOAD_MODES,
     REFERENCE_RESAMPLE_MODES,
     REFERENCE_RESIZE_MODES,
+    ROUTE_MODES,
     SEED_RANGE,
     STEPS_RANGE,
     TRUE_CFG_RANGE,
 )
 from gie_core.engine.acceleration import ATTENTION_TABLE, CACHE_TABLE, DEFAULT_ATTENTION, NO_CACHE
+from gie_core.engine.conversation import Conversation
 from gie_core.engine.encoders import check_instruction
+from gie_core.engine.taskhead import check_route
 from gie_core.engine.jobs import parse_seeds, plan_outputs, read_jobs, run_jobs
 from gie_core.engine.modes import DEFAULT_FUSION_MODE, FUSION_MODES, STOCK_FUSION_MODE, fusion_mode
 from gie_core.engine.pipeline import EditPipeline, plan_paths
@@ -82,14 +93,30 @@ def build_parser() -> argparse.ArgumentParser:
             "      --vae ae.safetensors --t5 t5xxl_fp16.safetensors --clip clip_l.safetensors --tokenizers FLUX.1-Kontext-dev\n"
             "  gie-edit --jobs jobs.jsonl -o out/ --model ... --kontext ... --seeds 1,2,3   # many edits, one load\n"
             "  gie-edit photo.jpg 'make it winter' -o out.png --model ... --kontext ... --cache magcache --quantize-transformer fp8\n"
+            "  gie-edit a.png b.png 'put the hat from the second image on the dog' -o out.png --model ... --kontext ...\n"
+            "  gie-edit a.png 'make it winter' -o 1.png --conversation chat.json --model ... --kontext ...\n"
+            "  gie-edit 'now add snow on the roof' -o 2.png --conversation chat.json --model ... --kontext ...\n"
+            "  gie-edit --answer image.png 'what does the sign say?' --model ...   # prints the answer (as gie-ask)\n"
             "  gie-edit -o demo.png            # demo on tiny random models\n"
         ),
         allow_abbrev=False,
     )
-    p.add_argument("input", nargs="?", help="image to edit (PNG/JPEG/WebP...); the demo uses a bundled sample")
-    p.add_argument("instruction", nargs="?", help="the edit, e.g. 'replace the sky with a sunset'")
-    p.add_argument("-o", "--output", required=True,
-                   help="output PNG path; with --batch N, files OUTPUT_0.png ... are written; with --jobs, the output folder")
+    p.add_argument("inputs", nargs="*", metavar="[IMAGE [IMAGE2]] INSTRUCTION",
+                   help=f"the image to edit (PNG/JPEG/WebP...), an optional second image (the app's Image 2: at most "
+                        f"{MAX_IMAGES_PER_TURN} a turn) and the instruction, e.g. 'replace the sky with a sunset'; with "
+                        "--conversation the images may be left out (the conversation's are used); the demo uses a "
+                        "bundled sample")
+    p.add_argument("-o", "--output",
+                   help="output PNG path (needed unless --answer); with --batch N, files OUTPUT_0.png ... are written; "
+                        "with --jobs, the output folder")
+    for add in (_weight_options, _editing_options, _conversation_options, _jobs_options, _speed_options,
+                _rewrite_options, _runtime_options):
+        add(p)
+    return p
+
+
+def _weight_options(p: argparse.ArgumentParser) -> None:
+    """--model, --kontext and the single files."""
     w = p.add_argument_group("weights (local paths only)")
     w.add_argument("--model", help="GPT-Image-Edit checkpoint directory (the released final_checkpoint layout)")
     w.add_argument("--kontext", help="FLUX.1-Kontext-dev diffusers directory (VAE, CLIP, T5, tokenizers, scheduler, stock transformer)")
@@ -106,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="a FLUX/Kontext LoRA safetensors applied to the transformer, strength 1 unless given; repeatable")
     w.add_argument("--tokenizers", help="folder with tokenizer/ (CLIP) and tokenizer_2/ (T5), for single-file text encoders")
+
+
+def _editing_options(p: argparse.ArgumentParser) -> None:
+    """The edit's own values (steps, guidance, seed, size, snapping, true CFG, the reference)."""
     s = p.add_argument_group("editing")
     s.add_argument("--mode", choices=FUSION_MODES, help="conditioning: vlm+t5 (released model, default with --model), vlm, t5 (stock Kontext, default without --model), or the training modes")
     s.add_argument("--steps", type=int, default=DEFAULT_STEPS,
@@ -134,13 +165,39 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reference-resample", choices=REFERENCE_RESAMPLE_MODES, default=DEFAULT_REFERENCE_RESAMPLE,
                    help="how the input is resized for the reference: lanczos (default, as diffusers) or nearest "
                         "(what upstream's evaluation did: use it to reproduce the published numbers)")
+
+
+def _conversation_options(p: argparse.ArgumentParser) -> None:
+    """Conversations, answers and the task head (the reference app)."""
+    c = p.add_argument_group("conversations and answers (the reference app)")
+    c.add_argument("--conversation", metavar="FILE",
+                   help="a conversation file (JSON) to continue, made when missing: its turns and images condition "
+                        "this edit, and this turn and its reply are appended to it once made (atomically: a failed or "
+                        "killed run leaves the file as it was)")
+    c.add_argument("--answer", action="store_true",
+                   help="answer the instruction as a question about the image(s) with the checkpoint's Qwen2.5-VL and "
+                        "print the text (as gie-ask; loads only the Qwen); same as --route answer")
+    c.add_argument("--route", choices=ROUTE_MODES, default="edit",
+                   help="edit (default), answer, or auto: the checkpoint's task head (task_head_final.pt / "
+                        "task_head.safetensors) decides as the app does; without a head auto edits, with a note")
+    c.add_argument("--task-head", metavar="FILE", help="task head file for --route auto (default: the --model folder's)")
+    c.add_argument("--max-new-tokens", type=int, default=ANSWER_MAX_NEW_TOKENS,
+                   help=f"bound on an answer's length (default {ANSWER_MAX_NEW_TOKENS}, the app's)")
+
+
+def _jobs_options(p: argparse.ArgumentParser) -> None:
+    """Many edits, one load."""
     j = p.add_argument_group("many edits, one load")
     j.add_argument("--jobs", metavar="LIST",
-                   help="a job list: a .jsonl/.json file of {image, instruction[, seed|seeds, name, negative]}, a .tsv/.txt "
+                   help="a job list: a .jsonl/.json file of {image, instruction[, image2, seed|seeds, name, negative]}, a .tsv/.txt "
                         "file of 'image<TAB>instruction[<TAB>seeds]' lines, or a folder of images each with a same-named .txt "
                         "instruction; -o is then the output folder (NAME_sSEED.png), and a rerun skips the outputs that exist")
     j.add_argument("--seeds", metavar="SEEDS",
                    help="seeds to make of every image: '1,2,3' or '0-3' (default: --seed); a job's own seeds win")
+
+
+def _speed_options(p: argparse.ArgumentParser) -> None:
+    """Step caches, attention, compile and lighter weights."""
     q = p.add_argument_group("speed and memory (see README: Speed and memory)")
     cache_help = "; ".join(f"{m.name}[:{m.value_name.upper()}] ({m.title}, default {m.default:g}, "
                            f"{m.low:g}..{m.high:g})" for m in CACHE_TABLE)
@@ -158,12 +215,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quantize-qwen", default=NO_QUANTIZATION, choices=quantize_choices("qwen"),
                    help="store Qwen2.5-VL lighter: " + "; ".join(f"{n} = {STORAGE_TABLE[n].description}"
                                                                 for n in quantize_choices("qwen") if n != NO_QUANTIZATION))
+
+
+def _rewrite_options(p: argparse.ArgumentParser) -> None:
+    """Instruction rewriting before the edit."""
     w2 = p.add_argument_group("instruction rewriting")
     w2.add_argument("--rewrite", action="store_true",
                     help="first rewrite the instruction into an explicit one with the checkpoint's Qwen2.5-VL (as gie-rewrite; "
                          "needs --model and a mode using the VLM); the rewrite is printed on stderr")
     w2.add_argument("--rewrite-max-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                     help=f"bound on the rewriting answer's length (default {DEFAULT_MAX_NEW_TOKENS})")
+
+
+def _runtime_options(p: argparse.ArgumentParser) -> None:
+    """dtype, offload, device, progress."""
     r = p.add_argument_group("runtime")
     r.add_argument("--dtype", choices=[AUTO_DTYPE, *DTYPE_NAMES], default=LOAD_DEFAULTS["cli"].dtype,
                    help="compute dtype of the weights (default bf16 on GPU, fp32 on CPU)")
@@ -172,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "sequential (also stream transformer blocks: for 24 GB cards)")
     r.add_argument("--device", default=None, help="torch device (default: cuda if present, else mps, else cpu)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
+
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -214,7 +279,7 @@ def rewrite_for_edit(pipe, image, instruction: str, max_new_tokens: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # images and instruction may sit between options
     return run_command("gie-edit", lambda: run(args))
 
 
@@ -224,8 +289,11 @@ class EditInputs:
     inputs, the values :func:`edit_request` gives the resolver, and the loading options."""
 
     demo: bool  # no weights given: the tiny random models and the bundled sample
-    input_path: str | None  # one edit (None with --jobs)
+    input_path: str | None  # one edit (None with --jobs, or a conversation turn with no new image)
     instruction: str | None
+    input2: str | None  # the app's Image 2
+    conversation: Conversation | None  # the conversation to continue (loaded and checked)
+    route: str  # ROUTE_MODES
     mode: str
     gie_dir: str | None
     kontext_dir: str | None
@@ -243,33 +311,46 @@ def run(args) -> int:
     inputs = check_inputs(args)
     if args.jobs is not None:
         return _edit_jobs(args, inputs)
+    if inputs.route == "answer":
+        return answer_one(args, inputs)
+    if inputs.input2 is not None or inputs.conversation is not None or inputs.route == "auto":
+        return _edit_turn(args, inputs)
     return _edit_one(args, inputs)
 
 
 def check_inputs(args) -> EditInputs:
     """Every command-line input checked (combinations, paths, numbers, choices, device); nothing read."""
     demo = not any((args.model, args.kontext, args.transformer, args.vae, args.t5, args.clip, args.qwen))
-    _check_combinations(args)
-    input_path, instruction = _input_and_instruction(args, demo)
+    route = "answer" if args.answer else check_route(args.route)
+    _check_combinations(args, route)
+    conversation = load_conversation(args.conversation)
+    paths, instruction = _input_and_instruction(args, demo, conversation is not None)
     gie_dir, kontext_dir = (None, None) if demo else (args.model, args.kontext)
     mode = args.mode or (DEFAULT_FUSION_MODE if (gie_dir or demo or args.qwen) else STOCK_FUSION_MODE)
     _check_weight_paths(args)
     device, dtype = device_and_dtype(args.device, args.dtype)
     size = parse_size(args.size)
+    if route == "answer":  # only the Qwen loads: its choices are checked by answer_plan
+        return EditInputs(demo=demo, input_path=paths[0], instruction=instruction, input2=paths[1],
+                          conversation=conversation, route=route, mode=mode, gie_dir=gie_dir, kontext_dir=kontext_dir,
+                          reference_resize="preferred", size=(0, 0), background="white", device=device, dtype=dtype,
+                          load={"plan": answer_plan(args, demo, dtype, device)})
     return EditInputs(
-        demo=demo, input_path=input_path, instruction=instruction, mode=mode, gie_dir=gie_dir,
+        demo=demo, input_path=paths[0], instruction=instruction, input2=paths[1], conversation=conversation,
+        route=route, mode=mode, gie_dir=gie_dir,
         kontext_dir=kontext_dir, reference_resize=args.reference_size or ("keep" if demo else "preferred"),
         size=size, background=args.pad_color if args.snap and args.pad_color != "edge" else "white",
         device=device, dtype=dtype, load=_check_loading(args, demo, gie_dir, kontext_dir, mode, dtype, device),
     )
 
 
-def edit_request(args, inputs: EditInputs, image, seed: int):
+def edit_request(args, inputs: EditInputs, image, seed: int, more_images=()):
     """The :class:`gie_core.engine.request.EditRequest` of these options for one input ``image``
-    (PIL) and ``seed``: the CLI's one call of the resolver."""
+    (PIL) and ``seed`` (``more_images``: the (width, height) of Image 2): the CLI's one call of
+    the resolver."""
     width, height = inputs.size
     return resolve_edit(
-        image_width=image.width, image_height=image.height, mode=inputs.mode, steps=args.steps,
+        image_width=image.width, image_height=image.height, more_images=more_images, mode=inputs.mode, steps=args.steps,
         guidance=args.guidance, seed=seed, width=width, height=height,
         area=DEMO_AREA if inputs.demo else DEFAULT_TARGET_AREA, batch_size=args.batch, true_cfg=args.true_cfg,
         snap=args.snap, pad_color=args.pad_color, reference_resize=inputs.reference_resize,
@@ -277,33 +358,52 @@ def edit_request(args, inputs: EditInputs, image, seed: int):
     )
 
 
-def _check_combinations(args) -> None:
+def _check_combinations(args, route: str) -> None:
+    if args.answer and args.route not in ("edit", "answer"):
+        raise ValueError(f"--answer is --route answer; it contradicts --route {args.route}")
     if args.jobs is not None:
-        if args.input or args.instruction is not None:
+        if args.inputs:
             raise ValueError("give either INPUT and INSTRUCTION or --jobs, not both")
         if args.rewrite:
             raise ValueError("--rewrite works on one edit at a time; it is not available with --jobs")
+        if args.conversation is not None or route != "edit":
+            raise ValueError("--jobs makes plain edits; --conversation, --answer and --route go with one edit")
     elif args.seeds is not None:
         raise ValueError("--seeds goes with --jobs; for one edit use --seed")
+    if route == "answer":
+        if args.output is not None:
+            raise ValueError("--answer prints the answer; it writes no image, so drop -o")
+    elif args.output is None:
+        raise ValueError("give -o OUTPUT (the image to write; with --jobs, the output folder)")
+    if args.rewrite and (args.conversation is not None or route != "edit" or len(args.inputs) > 2):
+        raise ValueError("--rewrite works on a plain one-image edit, not with a second image, --conversation or --route")
+    if args.snap and (args.conversation is not None or route == "auto" or len(args.inputs) > 2):
+        raise ValueError("--snap pads one input image; it cannot be used with a second image or a conversation")
+    if args.task_head is not None and not Path(args.task_head).is_file():
+        raise ValueError(f"--task-head {args.task_head} is not a file")
 
 
-def _input_and_instruction(args, demo: bool) -> tuple[str | None, str | None]:
-    """The one edit's input path and instruction (None, None with --jobs); the demo's sample and
-    instruction stand in for missing ones."""
+def _input_and_instruction(args, demo: bool, continuing: bool) -> tuple[tuple[str | None, str | None], str | None]:
+    """The turn's image paths (Image 1, Image 2; None where not given) and instruction, from the
+    positional arguments; ((None, None), None) with --jobs. The demo's sample and instruction
+    stand in for missing ones; a continued conversation may take no new image."""
     if args.jobs is not None:
-        return None, None
-    if demo:
-        input_path = args.input or str(Path(__file__).resolve().parent.parent / "assets" / "sample.png")
-        instruction = args.instruction  # an empty one is refused below, never replaced
-        if instruction is None:
-            instruction = DEMO_INSTRUCTION
-            print(f"gie-edit: demo: no instruction given, using '{DEMO_INSTRUCTION}'", file=sys.stderr)
+        return (None, None), None
+    given = list(args.inputs)
+    if len(given) > MAX_IMAGES_PER_TURN + 1:
+        raise ValueError(f"{len(given) - 1} images given but a turn takes at most {MAX_IMAGES_PER_TURN} "
+                         f"(Image 1 and an optional Image 2): give [IMAGE [IMAGE2]] INSTRUCTION")
+    if demo and len(given) <= 1 and not continuing:
+        image = given[0] if given else str(Path(__file__).resolve().parent.parent / "assets" / "sample.png")
+        print(f"gie-edit: demo: no instruction given, using '{DEMO_INSTRUCTION}'", file=sys.stderr)
+        images, instruction = [image], DEMO_INSTRUCTION
+    elif not given or (len(given) == 1 and not continuing):
+        raise ValueError("give the INPUT image and the INSTRUCTION (or --jobs LIST)")
     else:
-        if not args.input or args.instruction is None:
-            raise ValueError("give the INPUT image and the INSTRUCTION (or --jobs LIST)")
-        input_path, instruction = args.input, args.instruction
-    check_instruction(instruction)
-    return input_path, instruction
+        images, instruction = given[:-1], given[-1]
+    check_instruction(instruction)  # an empty one is refused, never replaced
+    images += [None] * (2 - len(images))
+    return (images[0], images[1]), instruction
 
 
 def _check_weight_paths(args) -> None:
@@ -322,6 +422,7 @@ def _check_loading(args, demo: bool, gie_dir, kontext_dir, mode: str, dtype, dev
         tokenizer_dir=args.tokenizers, connector_file=args.connector, qwen_file=args.qwen,
         qwen_tokenizer_dir=args.qwen_tokenizer, lora_files=loras, mode=mode, dtype=dtype, device=device,
         transformer_quantize=args.quantize_transformer, qwen_quantize=args.quantize_qwen,
+        task_head_file=args.task_head, lm_head=False,
     )
     if not demo:  # every weight choice checked against its source (headers only); the demo's are built below
         plan_paths(gie_dir=gie_dir, kontext_dir=kontext_dir, **weights)
@@ -364,6 +465,13 @@ def _load_pipeline(args, inputs: EditInputs):
     return EditPipeline.from_paths(gie_dir=gie_dir, kontext_dir=kontext_dir, offload=args.offload, **inputs.load)
 
 
+def save_conversation(path: str | None, conversation: Conversation) -> None:
+    """Replace the conversation file (when one was given) atomically with the extended conversation."""
+    if path is not None:
+        conversation.save(path)
+        print(f"gie-edit: conversation: {path} ({len(conversation)} turns)", file=sys.stderr)
+
+
 @contextlib.contextmanager
 def _progress_bar(quiet: bool, total: int, desc: str):
     """A ``progress(done, total)`` callback drawing a bar on stderr (none with --quiet)."""
@@ -402,8 +510,43 @@ def _edit_one(args, inputs: EditInputs) -> int:
     return 0
 
 
+def _edit_turn(args, inputs: EditInputs) -> int:
+    """A conversation turn: the images (0-2) join the conversation, the request is resolved for its
+    size rule, the models load once, the turn is routed, then edited (the image written) or
+    answered (the text printed); the conversation file is replaced atomically at the end."""
+    images = [load_input(p, f"input image {i + 1}", background=inputs.background)
+              for i, p in enumerate((inputs.input_path, inputs.input2)) if p is not None]
+    base = inputs.conversation or Conversation()
+    pending = base.add_user(inputs.instruction, images)
+    if inputs.route == "edit":
+        pending.check_edit_fits()
+    sizing = pending.sizing_images()
+    request = edit_request(args, inputs, sizing[0], args.seed, [im.size for im in sizing[1:]])
+    outs = output_paths(args.output, request.batch_size)
+    request = dataclasses.replace(request, acceleration=_runnable(request.acceleration, inputs.device))
+    pipe = _load_pipeline(args, inputs)
+    decision = pipe.route(pending, inputs.route)
+    if inputs.route == "auto":
+        print(f"gie-edit: route: {decision.note}", file=sys.stderr)
+    if decision.decision == "answer":
+        answered = pipe.answer_turn(pending, args.max_new_tokens)
+        print(answered.text)
+        save_conversation(args.conversation, answered.conversation)
+        return 0
+    pending.check_edit_fits()
+    encoded = pipe.encode_turn(base, inputs.instruction, images, request=request, negative_instruction=args.negative)
+    with _progress_bar(args.quiet, request.steps, "sampling") as progress:
+        result = pipe.render(encoded, progress=progress)
+    for im, path in zip(result.images, outs):
+        save_image(im, path)
+        print(path)
+    save_conversation(args.conversation, result.conversation)
+    return 0
+
+
 def _edit_jobs(args, inputs: EditInputs) -> int:
-    plan, requests = _plan_jobs(args, lambda image, seed: edit_request(args, inputs, image, seed), inputs.background)
+    plan, requests = _plan_jobs(args, lambda image, seed, more: edit_request(args, inputs, image, seed, more),
+                                inputs.background)
     effective = _runnable(next(iter(requests.values())).acceleration, inputs.device)
     requests = {job: dataclasses.replace(r, acceleration=effective) for job, r in requests.items()}
     todo = [item for item in plan if not item.done]
@@ -428,7 +571,8 @@ def _plan_jobs(args, resolve, background):
 
     def check(job):  # every job's problems are gathered by read_jobs and reported together
         check_instruction(job.instruction)
-        requests[job] = resolve(load_input(str(job.image), background=background), job.seeds[0])
+        more = [load_input(str(job.image2), "image2", background=background).size] if job.image2 is not None else []
+        requests[job] = resolve(load_input(str(job.image), background=background), job.seeds[0], more)
 
     jobs = read_jobs(args.jobs, default_seeds=seeds, check=check)
     batch = next(iter(requests.values())).batch_size

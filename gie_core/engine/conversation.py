@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from gie_core.constants import (
@@ -29,7 +30,7 @@ from gie_core.constants import (
     MAX_IMAGES_PER_TURN,
 )
 from gie_core.files import atomic_write_text, read_text
-from gie_core.imaging.images import to_pil, to_rgb, to_tensor
+from gie_core.imaging.images import check_size, to_pil, to_rgb, to_tensor
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -115,6 +116,18 @@ class ConversationError(ValueError):
     """A conversation (or conversation file) that cannot be used: the message says why."""
 
 
+def _image_list(images) -> list:
+    """A turn's images as a list: one image (PIL, or a ComfyUI tensor [H, W, 3]), a batch tensor
+    [B, H, W, 3] (B images), or a sequence of images; None or () for none."""
+    if images is None:
+        return []
+    if isinstance(images, Image.Image):
+        return [images]
+    if torch.is_tensor(images):
+        return [images[i] for i in range(images.shape[0])] if images.ndim == 4 else [images]
+    return list(images)
+
+
 def _check_layout(layout: str) -> str:
     if layout not in CONVERSATION_LAYOUTS:
         raise ConversationError(f"conversation layout '{layout}' is unknown; expected one of {', '.join(CONVERSATION_LAYOUTS)}")
@@ -122,10 +135,12 @@ def _check_layout(layout: str) -> str:
 
 
 def _as_rgb(image, what: str) -> Image.Image:
-    """One image of a turn as a PIL RGB image (a PIL image, or a ComfyUI/array image of batch 1)."""
+    """One image of a turn as a PIL RGB image (a PIL image in any mode, or a ComfyUI/array image of
+    batch 1), its size checked."""
     if isinstance(image, Image.Image):
-        to_tensor(image, what)  # checks the size
-        return to_rgb(image)
+        rgb = to_rgb(image)
+        check_size(*rgb.size, what)
+        return rgb
     tensor = to_tensor(image, what)
     if tensor.shape[0] != 1:
         raise ConversationError(f"{what} is a batch of {tensor.shape[0]} images; give one image per slot")
@@ -181,7 +196,7 @@ class Conversation:
         """This conversation with a user turn: ``text`` and 0-:data:`MAX_IMAGES_PER_TURN` images."""
         if not isinstance(text, str):
             raise ConversationError(f"the turn's text must be a string, not {type(text).__name__}")
-        images = [images] if isinstance(images, Image.Image) else list(images or ())
+        images = _image_list(images)
         if len(images) > MAX_IMAGES_PER_TURN:
             raise ConversationError(
                 f"a turn takes at most {MAX_IMAGES_PER_TURN} images (Image 1 and an optional Image 2), got {len(images)}")
@@ -197,7 +212,7 @@ class Conversation:
                 f"the conversation would hold {total} images but at most {MAX_CONVERSATION_IMAGES} are kept (each is a "
                 "Kontext condition image); start a new conversation")
         pils = tuple(_as_rgb(im, f"image {i + 1} of the turn") for i, im in enumerate(images))
-        return replace(self, turns=self.turns + (Turn(USER, text.strip(), pils),))
+        return replace(self, turns=self.turns + (Turn(USER, text, pils),))  # as typed: the app does not strip
 
     def _reply(self, turn: Turn) -> Conversation:
         if not self.turns or self.turns[-1].role != USER:

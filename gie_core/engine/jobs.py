@@ -8,7 +8,8 @@ Job lists (:func:`read_jobs`):
 
 - a JSON Lines (``.jsonl``) or JSON (``.json``, a list) file of records
   ``{"image": "a.png", "instruction": "make it winter", "seed": 7}`` (or ``"seeds": [1, 2]``;
-  optional ``"name"`` for the output file names and ``"negative"`` for true CFG);
+  optional ``"name"`` for the output file names, ``"negative"`` for true CFG and ``"image2"`` for
+  a second input image, the reference app's Image 2);
 - a tab-separated text file (``.tsv`` / ``.txt``): ``image<TAB>instruction[<TAB>seeds]`` per
   line, ``#`` comments and blank lines skipped;
 - a folder: each image with a same-named ``.txt`` beside it holding its instruction.
@@ -61,6 +62,7 @@ class EditJob:
     name: str
     negative: str | None = None
     where: str = ""  # "file:line" (or the image path) for messages
+    image2: Path | None = None  # a second input image (the app's Image 2)
 
 
 @dataclass
@@ -145,12 +147,14 @@ def _record_job(rec, base: Path, where: str, default_seeds: tuple[int, ...]) -> 
     """One record -> a job; its name is "" unless the record gives one (see :func:`_named`)."""
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: a job must be an object with 'image' and 'instruction', not {type(rec).__name__}")
-    unknown = set(rec) - {"image", "instruction", "seed", "seeds", "name", "negative"}
+    unknown = set(rec) - {"image", "image2", "instruction", "seed", "seeds", "name", "negative"}
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; a job has image, instruction, "
-                         "seed or seeds, name, negative")
+                         "image2, seed or seeds, name, negative")
     if not isinstance(rec.get("image"), str) or not rec["image"]:
         raise ValueError(f"{where}: 'image' must be a path")
+    if "image2" in rec and (not isinstance(rec["image2"], str) or not rec["image2"]):
+        raise ValueError(f"{where}: 'image2' must be a path (a second input image)")
     if not isinstance(rec.get("instruction"), str) or not rec["instruction"].strip():
         raise ValueError(f"{where}: 'instruction' must be a non-empty text")
     if "seed" in rec and "seeds" in rec:
@@ -162,8 +166,9 @@ def _record_job(rec, base: Path, where: str, default_seeds: tuple[int, ...]) -> 
     if negative is not None and not isinstance(negative, str):
         raise ValueError(f"{where}: 'negative' must be a text")
     image = (base / rec["image"]).expanduser()
+    image2 = (base / rec["image2"]).expanduser() if "image2" in rec else None
     name = _job_name(str(rec["name"]), where) if rec.get("name") is not None else ""
-    return EditJob(image, rec["instruction"], seeds, name, negative, where)
+    return EditJob(image, rec["instruction"], seeds, name, negative, where, image2)
 
 
 class _Problems(list):
@@ -345,7 +350,8 @@ def run_jobs(
     :class:`gie_core.engine.pipeline.EditPipeline`), encoding each job once for all its seeds.
 
     ``requests``: each job's resolved request (checked before loading); ``load_image(job)`` reads
-    its image; ``save(image, path)`` writes one output atomically; ``progress(done, total)``
+    its image (``job.image``; for a job with ``image2`` it is also called with a job whose
+    ``image`` is that second image); ``save(image, path)`` writes one output atomically; ``progress(done, total)``
     counts sampling steps across every job; ``written(path)`` is told of each file. Returns the
     number of (job, seed) items run. Ctrl-C raises :class:`JobsInterrupted` (a
     ``KeyboardInterrupt``) counting the images this run wrote.
@@ -380,7 +386,9 @@ def _render_all(pipe, todo: Sequence[JobOutput], requests, load_image, keep, pro
     for item in todo:
         by_job.setdefault(item.job, []).append(item)
     for job, items in by_job.items():
-        encoded = pipe.encode(load_image(job), job.instruction, request=requests[job], negative_instruction=job.negative)
+        image2 = load_image(dataclasses.replace(job, image=job.image2)) if job.image2 is not None else None
+        encoded = pipe.encode(load_image(job), job.instruction, image2=image2, request=requests[job],
+                              negative_instruction=job.negative)
         for item in items:
             base = done_steps
 

@@ -303,6 +303,8 @@ class EditPipeline:
             request = _resolve_options(sizes[0], 1, options, more_images=sizes[1:])
         elif options:
             raise TypeError(f"pass either a request or options, not both (got {', '.join(sorted(options))})")
+        if request.pad is not None or request.n_images != 1:
+            raise ValueError("a conversation turn edits one image at a time at its own size: no snap, no image batch")
         positive = self.conversation_conditioning(conv, request.mode)
         negative = None
         if request.do_true_cfg:

@@ -274,9 +274,8 @@ def resolve_edit(
     if not isinstance(cfg_batch, bool):
         raise ValueError(f"cfg batch is {cfg_batch!r} but must be true or false")
     more_images = _check_more_images(more_images, n_images, snap)
-    sizes = _resolve_sizes(image_width, image_height, width, height, area, snap, pad_color, placement, reference_resize)
-    if more_images and not (width or height):
-        sizes["width"], sizes["height"] = multi_image_output_size([(image_width, image_height), *more_images])
+    sizes = _resolve_sizes(image_width, image_height, width, height, area, snap, pad_color, placement, reference_resize,
+                           more_images)
     return EditRequest(
         mode=mode, steps=steps, guidance=guidance, seed=seed, batch_size=total,
         n_images=n_images, true_cfg=true_cfg, reference_resize=reference_resize,
@@ -307,9 +306,12 @@ def _check_more_images(more_images, n_images: int, snap) -> tuple[tuple[int, int
     return sizes
 
 
-def _resolve_sizes(image_width, image_height, width, height, area, snap, pad_color, placement, reference_resize) -> dict:
+def _resolve_sizes(image_width, image_height, width, height, area, snap, pad_color, placement, reference_resize,
+                   more_images=()) -> dict:
     """The run's geometry: the pad record when snapping, the output size and the reference size
-    (the ``EditRequest`` fields ``pad``, ``width``, ``height``, ``reference_width``/``_height``)."""
+    (the ``EditRequest`` fields ``pad``, ``width``, ``height``, ``reference_width``/``_height``).
+    With ``more_images`` an automatic size is the reference app's rule for several images, anchored
+    at ``area`` (the app's 1024*1024 by default)."""
     area = check_int("target area", area, SIZE_MULTIPLE * SIZE_MULTIPLE, MAX_IMAGE_SIDE * MAX_IMAGE_SIDE)
     record = None
     if snap:
@@ -320,6 +322,8 @@ def _resolve_sizes(image_width, image_height, width, height, area, snap, pad_col
     if record is not None:
         check_size(edited_w, edited_h, "padded input image")
     out_w, out_h = resolve_output_size(width, height, edited_w, edited_h, area)
+    if more_images and not (width or height):
+        out_w, out_h = multi_image_output_size([(image_width, image_height), *more_images], anchor_pixels=area)
     if record is not None and not aspect_fits(out_w, out_h, edited_w, edited_h):
         rw, rh = record.ratio
         raise ValueError(

@@ -8,7 +8,8 @@ judging rubric fits it): the CLI, the generator, the scorer and the comparison a
 | ``imgedit`` | ImgEdit-Bench single-turn JSON: ``{key: {"id": image path, "prompt", "edit_type"}}`` + image folder | ``OUT/<key>.png`` |
 | ``gedit`` | GEdit-Bench rows (parquet shards of ``stepfun-ai/GEdit-Bench``, or JSON/JSONL): ``key, task_type, instruction, instruction_language, input_image[, input_image_raw, Intersection_exist]`` | ``OUT/fullset/<task_type>/<language>/<key>.png`` + the source as ``<key>_SRCIMG.png`` beside it |
 | ``complex-edit`` | Complex-Edit rows (parquet, an image folder's ``metadata.jsonl``, or JSON/JSONL): ``image``, ``edit.compound[level-1].compound_instruction`` | ``OUT/<index:05d>.png`` (one folder per level and image type) |
-| ``omnicontext`` | OmniContext rows (parquet or JSON/JSONL): ``key, task_type, instruction, input_images`` (SINGLE = ``single_character``, ``single_object``) | ``OUT/fullset/<task_type>/<key>.png`` |
+| ``imgedit-multiturn`` | ImgEdit's Multi-Turn suite: JSON ``{key: {"id": image path, "turn1", "turn2"[, "turn3"]}}``, one file per category (a folder of them reads all; the category is the file's stem) | ``OUT/<category>/<key>_turn<N>.png`` for every turn (upstream judges them by hand) |
+| ``omnicontext`` | OmniContext rows (parquet or JSON/JSONL): ``key, task_type, instruction, input_images`` (SINGLE = ``single_character``, ``single_object`` by default; the MULTIPLE and SCENE tasks with ``--task-types``: up to two input images a sample) | ``OUT/fullset/<task_type>/<key>.png`` |
 | ``jsonl`` | your own JSONL (or JSON list): ``{"image", "instruction"[, "key", "category", "mask"]}`` | ``OUT/<key>.png`` |
 
 Image fields may be a path (relative to the instruction set's folder, or to ``images``), or a
@@ -37,6 +38,10 @@ ImageRef = str | bytes  # a file path, or the encoded bytes of an image
 _SAFE_PATH_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 
 OMNICONTEXT_SINGLE = ("single_character", "single_object")
+# the in-context tasks with several input images (OmniGen2's OmniContext dataset card names them);
+# a sample runs when it has at most MAX_IMAGES_PER_TURN images (Image 1 and Image 2)
+OMNICONTEXT_MULTIPLE = ("multiple_character", "multiple_object", "multiple_character_object")
+OMNICONTEXT_SCENE = ("scene_character", "scene_object", "scene_character_object")
 GEDIT_LANGUAGES = ("en", "cn")
 COMPLEX_EDIT_LEVELS = range(1, 9)
 COMPLEX_EDIT_IMAGE_TYPES = ("real", "syn")
@@ -54,6 +59,7 @@ class Sample:
     language: str = "en"
     reference: ImageRef | None = None  # the source image the judge compares with, when not ``image``
     mask: ImageRef | None = None  # optional edit mask (white = edited) for the similarity metrics
+    more_images: tuple[ImageRef, ...] = ()  # further input images (OmniContext's multi-image tasks), in order
     extra: dict = field(default_factory=dict)  # benchmark fields worth keeping (e.g. Intersection_exist)
 
     @property
@@ -319,14 +325,66 @@ def load_complex_edit(path: Path, sel: SelectOptions) -> list[Sample]:
 
 
 # --------------------------------------------------------------------------------------------
+# ImgEdit Multi-Turn
+# --------------------------------------------------------------------------------------------
+
+_TURN = re.compile(r"^turn(\d+)$")
+
+
+def load_imgedit_multiturn(path: Path, sel: SelectOptions) -> list[Sample]:
+    """ImgEdit's Multi-Turn suite (``Benchmark/Multiturn/Multiturn_readme.md`` of PKU-YuanGroup/ImgEdit):
+    JSON ``{key: {"id": image path, "turn1": ..., "turn2": ..., "turn3": ...}}``, one file per
+    category (content understanding, content memory, version backtracking); ``path`` is one file or
+    a folder of them, the category is a file's stem. The turns run in order as one conversation
+    (``Sample.extra["turns"]``); the sample's instruction is its last turn. Images under
+    ``sel.images`` or the JSON's folder."""
+    files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+    if not files:
+        raise InstructionSetError(f"{path} holds no .json files of ImgEdit multi-turn instructions")
+    samples = []
+    for f in files:
+        data = read_json_rows(f)
+        if not isinstance(data, dict):
+            raise InstructionSetError(f"{f} must be an ImgEdit JSON object of key -> {{id, turn1, turn2, ...}}")
+        category = check_path_part(f.stem, f"{f.name}", "category")
+        base = Path(sel.images) if sel.images else f.parent
+        for key, item in data.items():
+            what = f"{f.name} entry '{key}'"
+            if not isinstance(item, dict):
+                raise InstructionSetError(f"{what} must be an object with id, turn1, turn2, ...")
+            numbered = sorted((int(m.group(1)), v) for k, v in item.items() if (m := _TURN.match(k)))
+            if [n for n, _ in numbered] != list(range(1, len(numbered) + 1)) or not numbered:
+                raise InstructionSetError(f"{what} must have turn1, turn2, ... in sequence")
+            turns = [_instruction(v, f"{what} turn {n}") for n, v in numbered]
+            plain = check_path_part(key, what)
+            samples.append(Sample(
+                key=f"{category}_{plain}", instruction=turns[-1], image=_image_ref(_field(item, ("id", "image"), what), base, what),
+                category=category, index=len(samples), extra={"turns": turns, "turn_key": plain},
+            ))
+    return _finish(samples, sel, f"ImgEdit multi-turn set {path}")
+
+
+def multiturn_turn_output(sample: Sample, turn: int) -> str:
+    """Where turn ``turn`` (1-based) of a multi-turn sample is written."""
+    return f"{sample.category}/{sample.extra['turn_key']}_turn{turn}.png"
+
+
+def multiturn_output(sample: Sample) -> str:
+    """A multi-turn sample's output: its last turn (written last, so the sample is done once it exists)."""
+    return multiturn_turn_output(sample, len(sample.extra["turns"]))
+
+
+# --------------------------------------------------------------------------------------------
 # OmniContext
 # --------------------------------------------------------------------------------------------
 
 
 def load_omnicontext(path: Path, sel: SelectOptions) -> list[Sample]:
     """OmniContext rows (``key, task_type, instruction, input_images``) from parquet shards or JSON/JSONL.
-    Only the SINGLE tasks (one reference image) are kept unless ``task_types`` says otherwise:
-    GPT-Image-Edit takes one reference image."""
+    Only the SINGLE tasks (one reference image, what the paper reports) are kept unless
+    ``task_types`` says otherwise; the MULTIPLE and SCENE tasks' further images are
+    ``Sample.more_images`` (the edit takes Image 1 and Image 2, as the reference app does; a
+    sample with more is recorded as failed when generated, naming the limit)."""
     if path.is_file() and path.suffix.lower() in (".json", ".jsonl"):
         rows, base = _as_rows(read_json_rows(path), path), path.parent
     else:
@@ -344,6 +402,7 @@ def load_omnicontext(path: Path, sel: SelectOptions) -> list[Sample]:
             key=check_path_part(_field(row, ("key",), what), what), instruction=_instruction(_field(row, ("instruction",), what), what),
             image=refs[0], category=check_path_part(_field(row, ("task_type",), what), what, "task_type"), index=i,
             language=str(row.get("instruction_language") or "en"), extra={"n_input_images": len(refs)},
+            more_images=tuple(refs[1:]),
         ))
     if not sel.task_types:
         sel = SelectOptions(**{**sel.__dict__, "task_types": OMNICONTEXT_SINGLE})
@@ -392,6 +451,9 @@ BENCHMARKS: dict[str, Benchmark] = {
                   source_path=gedit_source, subsets=(("intersection", gedit_intersection),)),
         Benchmark("complex-edit", "Complex-Edit", "complex-edit", load_complex_edit, _key_png, "OUT/<index:05d>.png",
                   paper_input_size=(1024, 1024)),
+        Benchmark("imgedit-multiturn", "ImgEdit Multi-Turn (judged by hand upstream; a judge here reads the last "
+                  "turn against the source)", "viescore", load_imgedit_multiturn, multiturn_output,
+                  "OUT/<category>/<key>_turn<N>.png"),
         Benchmark("omnicontext", "OmniContext", "omnicontext", load_omnicontext, omnicontext_output,
                   "OUT/fullset/<task_type>/<key>.png"),
         Benchmark("jsonl", "your own JSONL set", "viescore", load_jsonl, _key_png, "OUT/<key>.png"),

@@ -24,12 +24,13 @@ from dataclasses import asdict, dataclass, field
 from PIL import Image
 from tqdm import tqdm
 
-from gie_core.constants import DEFAULT_TARGET_AREA, SIZE_MULTIPLE
+from gie_core.constants import DEFAULT_TARGET_AREA, MAX_IMAGES_PER_TURN, SIZE_MULTIPLE
+from gie_core.engine.conversation import Conversation
 from gie_core.engine.modes import fusion_mode
 from gie_core.checks import check_choice
 from gie_core.engine.request import resolve_edit
 from gie_core.engine.rewrite import check_rewrite_options, rewrite_instruction
-from gie_core.eval.benchmarks import Benchmark, Sample, load_sample_image
+from gie_core.eval.benchmarks import Benchmark, Sample, load_sample_image, multiturn_turn_output
 from gie_core.eval.runs import RunFolder, Shard, sample_seed
 from gie_core.files import atomic_write
 from gie_core.imaging.images import preferred_kontext_size
@@ -70,13 +71,15 @@ class GenerateSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def request(self, image: Image.Image, key: str):
-        """The resolved edit request of one sample (checked like every edit request)."""
+    def request(self, image: Image.Image, key: str, more_images=()):
+        """The resolved edit request of one sample (checked like every edit request);
+        ``more_images``: the (width, height) of its Image 2 (an automatic size is then the app's
+        rule for several images, :func:`gie_core.imaging.ratio.multi_image_output_size`)."""
         width, height = self.width, self.height
         if self.geometry == "paper" and not (width or height):
             width, height = paper_output_size(image.width, image.height)
         return resolve_edit(
-            image_width=image.width, image_height=image.height, mode=self.mode, steps=self.steps,
+            image_width=image.width, image_height=image.height, more_images=more_images, mode=self.mode, steps=self.steps,
             guidance=self.guidance, seed=sample_seed(self.seed, key), width=width, height=height,
             reference_resize=self.reference_resize, reference_resample=self.reference_resample,
         )
@@ -136,23 +139,44 @@ def make_sample(pipe, sample: Sample, bench: Benchmark, folder: RunFolder, setti
     Raises when the sample cannot be made (the caller records the reason and goes on; a rewrite
     made before the failure stays in the record).
     """
-    n_inputs = sample.extra.get("n_input_images", 1)
-    if n_inputs > 1:
-        raise ValueError(f"the sample has {n_inputs} input images; GPT-Image-Edit edits one reference image")
+    n_inputs = 1 + len(sample.more_images)
+    if n_inputs > MAX_IMAGES_PER_TURN:
+        raise ValueError(f"the sample has {n_inputs} input images; an edit takes at most {MAX_IMAGES_PER_TURN} "
+                         "(Image 1 and an optional Image 2, as the reference app)")
     image = load_sample_image(sample.image, f"sample '{sample.key}' image")
     if settings.geometry == "paper" and bench.paper_input_size and image.size != bench.paper_input_size:
         image = image.resize(bench.paper_input_size, Image.LANCZOS)  # upstream's Complex-Edit squashed its inputs
-    request = settings.request(image, sample.key)
+    image2 = load_sample_image(sample.more_images[0], f"sample '{sample.key}' image 2") if sample.more_images else None
+    request = settings.request(image, sample.key, [image2.size] if image2 is not None else ())
+    if "turns" in sample.extra:
+        return _make_turns(pipe, sample, bench, folder, settings, record, image, request)
     instruction = sample.instruction
+    if settings.rewrite and image2 is not None:
+        raise ValueError("instruction rewriting reads one image; this sample has two (run it without --rewrite)")
     if settings.rewrite:
         with pipe.on_device(pipe.qwen.model):
             rw = rewrite_instruction(pipe.qwen, image, instruction, max_new_tokens=settings.rewrite_max_tokens)
         instruction = rw.instruction
         record.update(rewritten=rw.instruction, rewrite_fell_back=rw.fell_back, rewrite_reason=rw.reason)
-    out = pipe.edit(image, instruction, request=request).images[0]
+    out = pipe.edit(image, instruction, image2=image2, request=request).images[0]
     write_source_copy(sample, bench, folder)  # first: a sample is done once its output is on disk
     atomic_write(folder.output(bench, sample), lambda tmp: out.save(tmp, format="PNG"))
     record.update(status="ok", width=request.width, height=request.height)
+
+
+def _make_turns(pipe, sample: Sample, bench: Benchmark, folder: RunFolder, settings: GenerateSettings,
+                record: dict, image: Image.Image, request) -> None:
+    """A multi-turn sample: its turns in order as one conversation (each edit conditions the next,
+    as in the reference app), every turn's image written atomically, the last one last."""
+    if settings.rewrite:
+        raise ValueError("instruction rewriting reads one instruction; multi-turn samples run without --rewrite")
+    conversation = Conversation()  # the first turn too: the conversation's layout from the start
+    for n, text in enumerate(sample.extra["turns"], 1):
+        result = pipe.edit(image if n == 1 else None, text, conversation=conversation, request=request)
+        conversation, out = result.conversation, result.images[0]
+        path = folder.path(multiturn_turn_output(sample, n), f"{bench.name} sample '{sample.key}' turn {n}")
+        atomic_write(path, lambda tmp, out=out: out.save(tmp, format="PNG"))
+    record.update(status="ok", width=request.width, height=request.height, turns=len(sample.extra["turns"]))
 
 
 def run_generate(
