@@ -166,3 +166,5 @@ CONVERSATION_MODEL = "qwen2.5-vl"  # the prompt protocol a conversation is rende
 # "edit" (images, then text: the evaluation scripts' and training data's one-image prompt).
 CONVERSATION_LAYOUTS: tuple[str, ...] = ("app", "edit")
 DEFAULT_CONVERSATION_LAYOUT = "app"
+# A conversation turn with no image anywhere is text to image, at the app's default Height/Width.
+TEXT_TO_IMAGE_SIZE = (1024, 1024)

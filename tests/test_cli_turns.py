@@ -164,3 +164,12 @@ def test_jobs_take_a_second_image(tmp_path, photos, weights, gie_dir, kontext_di
     with Image.open(out / "two_s3.png") as got:
         assert np.array_equal(np.asarray(got), np.asarray(lib.images[0]))
     assert torch.is_tensor(lib.tensor)
+
+
+def test_a_new_conversation_without_an_image_is_text_to_image(tmp_path, weights):
+    chat, out = tmp_path / "chat.json", tmp_path / "t2i.png"
+    assert main(["a puppy playing in a sunny park", "-o", str(out), "--conversation", str(chat), *weights, *COMMON]) == 0
+    conv = Conversation.load(chat)
+    assert [t.role for t in conv.turns] == ["user", "assistant"] and conv.turns[0].images == ()
+    with Image.open(out) as im:
+        assert im.size == (64, 48) and np.array_equal(np.asarray(im), np.asarray(conv.images()[0]))

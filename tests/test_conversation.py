@@ -330,3 +330,11 @@ def test_turn_text_is_kept_as_typed_and_images_come_in_any_form(encoder, images)
         Conversation().add_user("x", torch.rand(3, 24, 32, 3))
     with pytest.raises(ValueError, match="at least 16 px"):
         Conversation().add_user("x", [Image.new("RGB", (8, 64))])
+
+
+def test_an_empty_answer_is_still_a_turn(tmp_path, images):
+    """A model may answer nothing at all (its first token ends the reply): the turn is kept, and
+    renders as the app's template renders an empty text part."""
+    conv = Conversation().add_user("say nothing", [images[0]]).add_assistant_text("")
+    assert conv.prompt().endswith("<|im_start|>assistant\n<|im_end|>\n")
+    assert Conversation.load(conv.save(tmp_path / "c.json")).prompt() == conv.prompt()

@@ -240,3 +240,14 @@ def test_gie_convert_writes_the_task_head_as_safetensors(gie_dir, tmp_path):
     for k, v in shipped.state_dict().items():
         assert torch.equal(v, converted.state_dict()[k]), k
     assert load_part("task_head", d).source.kind == "gie_dir"
+
+
+def test_a_conversation_without_any_image_is_text_to_image(pipe):
+    """The app's text to image: no input image anywhere, no Kontext reference, the app's default
+    1024x1024 when the size is automatic; the generated image then conditions the next turn."""
+    enc = pipe.encode_turn(None, "a red square on a white table", steps=1)
+    assert enc.reference_latents == [] and (enc.request.width, enc.request.height) == (1024, 1024)
+    first = pipe.turn(None, "a red square on a white table", route="edit", steps=1, size=(32, 32))
+    assert first.edit.images[0].size == (32, 32) and len(first.conversation.images()) == 1
+    second = pipe.encode_turn(first.conversation, "make it blue", steps=1)
+    assert len(second.reference_latents) == 1 and (second.request.width, second.request.height) == (1024, 1024)

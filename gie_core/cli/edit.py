@@ -346,11 +346,12 @@ def check_inputs(args) -> EditInputs:
 
 def edit_request(args, inputs: EditInputs, image, seed: int, more_images=()):
     """The :class:`gie_core.engine.request.EditRequest` of these options for one input ``image``
-    (PIL) and ``seed`` (``more_images``: the (width, height) of Image 2): the CLI's one call of
-    the resolver."""
+    (PIL, or its (width, height)) and ``seed`` (``more_images``: the (width, height) of Image 2):
+    the CLI's one call of the resolver."""
     width, height = inputs.size
+    image_width, image_height = image if isinstance(image, tuple) else image.size
     return resolve_edit(
-        image_width=image.width, image_height=image.height, more_images=more_images, mode=inputs.mode, steps=args.steps,
+        image_width=image_width, image_height=image_height, more_images=more_images, mode=inputs.mode, steps=args.steps,
         guidance=args.guidance, seed=seed, width=width, height=height,
         area=DEMO_AREA if inputs.demo else DEFAULT_TARGET_AREA, batch_size=args.batch, true_cfg=args.true_cfg,
         snap=args.snap, pad_color=args.pad_color, reference_resize=inputs.reference_resize,
@@ -520,8 +521,8 @@ def _edit_turn(args, inputs: EditInputs) -> int:
     pending = base.add_user(inputs.instruction, images)
     if inputs.route == "edit":
         pending.check_edit_fits()
-    sizing = pending.sizing_images()
-    request = edit_request(args, inputs, sizing[0], args.seed, [im.size for im in sizing[1:]])
+    sizing = pending.sizing_sizes()
+    request = edit_request(args, inputs, sizing[0], args.seed, sizing[1:])
     outs = output_paths(args.output, request.batch_size)
     request = dataclasses.replace(request, acceleration=_runnable(request.acceleration, inputs.device))
     pipe = _load_pipeline(args, inputs)

@@ -28,6 +28,7 @@ from gie_core.constants import (
     DEFAULT_CONVERSATION_LAYOUT,
     MAX_CONVERSATION_IMAGES,
     MAX_IMAGES_PER_TURN,
+    TEXT_TO_IMAGE_SIZE,
 )
 from gie_core.files import atomic_write_text, read_text
 from gie_core.imaging.images import check_size, to_pil, to_rgb, to_tensor
@@ -160,8 +161,8 @@ class Turn:
             raise ConversationError(f"turn role '{self.role}' is unknown; expected one of {', '.join(ROLES)}")
         if not isinstance(self.text, str):
             raise ConversationError(f"turn text must be a string, not {type(self.text).__name__}")
-        if self.role == ASSISTANT and len(self.images) + bool(self.text) != 1:
-            raise ConversationError("an assistant turn is one image (an edit) or one text (an answer)")
+        if self.role == ASSISTANT and (len(self.images) > 1 or (self.images and self.text)):
+            raise ConversationError("an assistant turn is one image (an edit) or one text (an answer, maybe empty)")
 
     def content(self, layout: str = DEFAULT_CONVERSATION_LAYOUT) -> list[dict]:
         """The turn's message parts as the app builds them: the text part (when there is text) and
@@ -256,11 +257,18 @@ class Conversation:
 
     def sizing_images(self) -> list[Image.Image]:
         """The images an automatic output size follows: the last user turn's that had images (the
-        waiting turn's when it has any; the app keeps its size sliders until new images come)."""
+        waiting turn's when it has any; the app keeps its size sliders until new images come);
+        empty when no user turn had one (see :meth:`sizing_sizes`)."""
         for turn in reversed(self.turns):
             if turn.role == USER and turn.images:
                 return list(turn.images)
-        raise ConversationError("the conversation has no input image yet; give Image 1 with the first edit")
+        return []
+
+    def sizing_sizes(self) -> list[tuple[int, int]]:
+        """The (width, height) an automatic output size follows: those of the last user turn that had
+        images (the waiting turn's when it has any; the app keeps its size sliders until new images
+        come), or :data:`TEXT_TO_IMAGE_SIZE` when no user turn had one (the app's text to image)."""
+        return [im.size for im in self.sizing_images()] or [TEXT_TO_IMAGE_SIZE]
 
     def check_edit_fits(self) -> None:
         """Refuse, before any work, a waiting turn whose edited image would not fit the

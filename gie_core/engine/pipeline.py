@@ -291,14 +291,16 @@ class EditPipeline:
         every image of it is a Kontext condition image at its own size (each resized by the
         request's reference rule, never stacked). An automatic output size follows this turn's
         images (the last turn with images when this one has none): the one-image rule, or the
-        app's rule for two (:func:`gie_core.imaging.ratio.multi_image_output_size`)."""
+        app's rule for two (:func:`gie_core.imaging.ratio.multi_image_output_size`). A conversation
+        with no image at all is text to image (no Kontext reference), sized as a 1024x1024 input
+        would be, as the app's default."""
         check_instruction(instruction)
         base = conversation if conversation is not None else Conversation()
         if not isinstance(base, Conversation):
             raise TypeError(f"conversation must be a Conversation, not {type(base).__name__}")
         conv = base.add_user(instruction, images)
         conv.check_edit_fits()
-        sizes = [im.size for im in conv.sizing_images()]
+        sizes = conv.sizing_sizes()
         if request is None:
             request = _resolve_options(sizes[0], 1, options, more_images=sizes[1:])
         elif options:
