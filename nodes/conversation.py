@@ -191,16 +191,17 @@ class GIEConversationTurn:
         qwen_feats = QwenFeatures(feats.hidden.cpu(), feats.num_queries)
         with conn.use():
             cond = fuse(mode, conn.model, qwen_feats, text_features(text_encoders, instruction)).to("cpu")
-        # placed as the library places a conversation's images (native Flux reads the method too)
-        cond.extra.update(reference_latents=references, reference_latents_method=DEFAULT_REFERENCE_METHOD,
-                          **{TURN_REFERENCES: len(references), TURN_SIZE: (width, height)})
+        cond.extra.update({TURN_REFERENCES: len(references), TURN_SIZE: (width, height)})
+        if references:  # none: text to image (no image in the whole conversation), as in the app
+            # placed as the library places a conversation's images (native Flux reads the method too)
+            cond.extra.update(reference_latents=references, reference_latents_method=DEFAULT_REFERENCE_METHOD)
         return ui_text(decision.note, (cond.to_comfy(), conv, width, height, comfy.blocked()))
 
     @staticmethod
     def references(conv: Conversation, vae, reference_resize: str):
         """The app's output size, and raw VAE latents [1, 16, h, w] (as native VAEEncode gives) of
         every image of the conversation, each at its own reference size."""
-        sizes = [im.size for im in conv.sizing_images()]
+        sizes = conv.sizing_sizes()  # the app's 1024x1024 when no turn had an image (text to image)
         request = resolve_edit(image_width=sizes[0][0], image_height=sizes[0][1], more_images=sizes[1:],
                                reference_resize=reference_resize)
         codec, vae_ctx, _ = vae_input(require(vae, "vae", "a GIE VAE loader's vae or native Load VAE"))

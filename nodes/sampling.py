@@ -232,10 +232,15 @@ class GIEKontextSampler:
         pos = read_conditioning(positive, "positive", transformer)
         ref_latents, ref_method = native_reference_latents(pos)
         check_references(images, pos, ref_latents)
-        if not images and not (width or height) and pos.extra.get(TURN_SIZE):
-            width, height = pos.extra[TURN_SIZE]  # auto: the size the conversation turn chose by the app's rule
-        first = images[0] if images else ref_latents[0]  # the size an automatic output follows
-        first_w, first_h = (first.shape[2], first.shape[1]) if images else (8 * first.shape[3], 8 * first.shape[2])
+        turn_size = pos.extra.get(TURN_SIZE)
+        if not images and not (width or height) and turn_size:
+            width, height = turn_size  # auto: the size the conversation turn chose by the app's rule
+        if images:  # the size an automatic output follows
+            first_w, first_h = images[0].shape[2], images[0].shape[1]
+        elif ref_latents:
+            first_w, first_h = 8 * ref_latents[0].shape[3], 8 * ref_latents[0].shape[2]
+        else:  # a conversation turn without any image: text to image
+            first_w, first_h = turn_size
         request = resolve_edit(
             image_width=first_w, image_height=first_h, n_images=images[0].shape[0] if images else 1, steps=steps,
             guidance=guidance, seed=seed, width=width, height=height, batch_size=batch_size, true_cfg=true_cfg,
@@ -274,7 +279,7 @@ def check_references(images: list, positive: Conditioning, ref_latents) -> None:
         raise ValueError(
             "positive comes from GIE Conversation Turn, which already gives every image of the conversation as a "
             "reference; leave image and image_2 unconnected (connect them to the turn instead)")
-    if not images and not ref_latents:
+    if not images and not ref_latents and TURN_REFERENCES not in positive.extra:  # a turn may be text to image
         raise ValueError("image is not connected and positive carries no reference latents; connect the image to edit "
                          "(or GIE Conversation Turn's conditioning, or native ReferenceLatent)")
 

@@ -944,8 +944,6 @@ def test_conversation_inputs_are_checked_before_any_model_runs(loaded):
         turn(loaded, image_2=img)
     with pytest.raises(ValueError, match="a batch of 2 images"):
         turn(loaded, image=image(batch=2))
-    with pytest.raises(ValueError, match="input image"):
-        turn(loaded)  # the first edit needs an image
     with pytest.raises(ValueError, match="image_2 is connected but image is not"):
         run_sampler(loaded.gie_kontext, loaded.vae, cond, None, image_2=img)
     plain = [[cond[0][0], {"pooled_output": cond[0][1]["pooled_output"]}]]
@@ -959,6 +957,20 @@ def test_conversation_inputs_are_checked_before_any_model_runs(loaded):
         full = full.add_user(text, [small] * n).add_assistant_image(small)
     with pytest.raises(ValueError, match="at most 8 are kept"):
         turn(loaded, "one more", conversation=full)
+
+
+def test_a_turn_without_any_image_is_text_to_image(loaded, pipe):
+    """As in the app: no image in the conversation means text to image (no Kontext reference, the app's
+    1024x1024 when the size is automatic); our sampler takes the turn's conditioning as it is."""
+    from gie_core.constants import TEXT_TO_IMAGE_SIZE
+    from gie_core.engine.request import resolve_edit
+
+    cond, conv, width, height, _ = turn(loaded, "a red bicycle")["result"]
+    assert "reference_latents" not in cond[0][1] and not conv.images()
+    want = resolve_edit(image_width=TEXT_TO_IMAGE_SIZE[0], image_height=TEXT_TO_IMAGE_SIZE[1])
+    assert (width, height) == (want.width, want.height)
+    assert torch.allclose(cond[0][0], pipe.conversation_conditioning(conv, "vlm+t5").context, atol=1e-5)
+    assert_image(run_sampler(loaded.gie_kontext, loaded.vae, cond, None, width=32, height=32, steps=1), 1, 32, 32)
 
 
 def test_turn_nodes_touch_no_model_for_bad_input(loaded, monkeypatch):
