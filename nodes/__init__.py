@@ -6,13 +6,13 @@ Imports without ComfyUI (tests and tools use it directly); ComfyUI-specific call
 
 from __future__ import annotations
 
-from . import comfy, encode, loaders, ratio, rewrite, sampling, web_api
+from . import comfy, conversation, encode, loaders, ratio, rewrite, sampling, web_api
 
 comfy.register_model_folder()
 web_api.register()  # GET /gie/rules and /gie/pad_plan for web/gie.js, inside ComfyUI only
 
 _NODES = {}
-for _module in (loaders, encode, rewrite, sampling, ratio):
+for _module in (loaders, encode, conversation, rewrite, sampling, ratio):
     _NODES.update(_module.NODES)
 
 NODE_CLASS_MAPPINGS = {name: cls for name, (cls, _) in _NODES.items()}

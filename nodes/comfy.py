@@ -296,3 +296,14 @@ def interrupt_check() -> Callable[[], bool]:
         return False
 
     return check_flag
+
+
+def blocked():
+    """What a node returns for an output it does not produce this run (a turn routed to an
+    answer makes no conditioning): ComfyUI's ``ExecutionBlocker(None)``, which silently skips
+    every node that needs that output; None without ComfyUI."""
+    for name in ("comfy_execution.graph_utils", "comfy_execution.graph"):  # it moved between releases
+        blocker = getattr(_optional(name), "ExecutionBlocker", None)
+        if blocker is not None:
+            return blocker(None)
+    return None

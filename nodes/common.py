@@ -33,6 +33,12 @@ ANY_TEXT_ENCODERS = f"{TEXT_ENCODERS},CLIP"  # ours, or native DualCLIPLoader (t
 QWEN_FEATURES = "GIE_QWEN_FEATURES"  # connector.QwenFeatures
 TEXT_FEATURES = "GIE_TEXT_FEATURES"  # connector.TextFeatures
 PAD_RECORD = "GIE_PAD_RECORD"  # ratio.PadRecord
+CONVERSATION = "GIE_CONVERSATION"  # conversation.Conversation (immutable: each turn gives a new one)
+TASK_HEAD = "GIE_TASK_HEAD"  # taskhead.TaskHead (the generate-or-answer head, float32 on the CPU)
+# The conditioning key GIE Conversation Turn sets: every image of the conversation is in its
+# reference_latents, so GIE Kontext Sampler takes no image of its own beside them.
+TURN_REFERENCES = "gie_conversation_references"
+TURN_SIZE = "gie_output_size"  # (width, height) by the app's rule, what the sampler makes when width/height are 0
 
 # The defaults are the nodes' row of gie_core.constants.LOAD_DEFAULTS (its reason says why).
 DTYPE_INPUT = (

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from gie_core.engine.connector import QwenFeatures, TextFeatures, fuse
 from gie_core.engine.conditioning import Conditioning
+from gie_core.engine.conversation import Conversation
 from gie_core.engine.encoders import check_instruction
 from gie_core.engine.modes import DEFAULT_FUSION_MODE, FUSION_MODES, fusion_mode, tooltip as modes_tooltip
 
@@ -58,16 +59,27 @@ class GIEQwenVLEncode:
                     {"tooltip": "Only for MetaQuery connectors: their learned queries join the Qwen input. Leave "
                      "unconnected for the released model."},
                 ),
+                "image_2": (
+                    "IMAGE",
+                    {"tooltip": "Image 2 (the reference app's second image): Qwen reads both, each at 448x448, e.g. "
+                     "'put the jacket from image 2 on the person in image 1'. Give the sampler the same image_2."},
+                ),
             },
         }
 
-    def encode(self, qwen_vl, image, instruction, connector=None):
+    def encode(self, qwen_vl, image, instruction, connector=None, image_2=None):
         qwen = require(qwen_vl, "qwen_vl", "the GPT-Image-Edit Checkpoint Loader's qwen_vl output")
         images = check_image(image)
         check_instruction(instruction)
         queries = getattr(connector.model, "queries", None) if connector is not None else None
         with qwen.use():
-            feats = qwen.model.encode(images, instruction, queries=queries)
+            if image_2 is None:
+                feats = qwen.model.encode(images, instruction, queries=queries)
+            else:  # a one-turn conversation of two images, rendered as the library (and the app) renders it
+                if images.shape[0] != 1:
+                    raise ValueError(f"image is a batch of {images.shape[0]} images; with image_2, encode one pair at a time")
+                turn = Conversation().add_user(instruction, [images, check_image(image_2, "image_2")])
+                feats = qwen.model.encode_conversation(turn, queries=queries)
         return (QwenFeatures(feats.hidden.cpu(), feats.num_queries),)
 
 
@@ -99,20 +111,25 @@ class GIET5Encode:
         }
 
     def encode(self, text_encoders, instruction):
-        text = require(text_encoders, "text_encoders", "a Kontext loader's text_encoders output or DualCLIPLoader")
-        check_instruction(instruction)
-        if is_native_clip(text):
-            feats = native_clip_features(text, instruction)
-            return (feats, Conditioning(feats.t5, feats.pooled).to_comfy())
-        with text.use():
-            feats = text.model.encode(instruction, with_t5=text.model.t5 is not None)
-        feats = TextFeatures(
-            feats.t5.cpu() if feats.t5 is not None else None,
-            feats.pooled.cpu(),
-            feats.pooled_empty.cpu() if feats.pooled_empty is not None else None,
-        )
+        feats = text_features(text_encoders, instruction)
         conditioning = Conditioning(feats.t5, feats.pooled).to_comfy() if feats.t5 is not None else None
         return (feats, conditioning)
+
+
+def text_features(text_encoders, instruction: str) -> TextFeatures:
+    """T5 tokens and CLIP pooled vectors of ``instruction`` (on the CPU) from a ``text_encoders``
+    input: ours (a GIE loader's) or ComfyUI's own CLIP (DualCLIPLoader, type flux)."""
+    text = require(text_encoders, "text_encoders", "a Kontext loader's text_encoders output or DualCLIPLoader")
+    check_instruction(instruction)
+    if is_native_clip(text):
+        return native_clip_features(text, instruction)
+    with text.use():
+        feats = text.model.encode(instruction, with_t5=text.model.t5 is not None)
+    return TextFeatures(
+        feats.t5.cpu() if feats.t5 is not None else None,
+        feats.pooled.cpu(),
+        feats.pooled_empty.cpu() if feats.pooled_empty is not None else None,
+    )
 
 
 def _modes(**needs) -> list[str]:

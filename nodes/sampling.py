@@ -35,7 +35,7 @@ from gie_core.engine.request import EditRequest, resolve_edit, resolve_output_si
 from gie_core.engine.sampler import KontextModels, sample
 
 from . import comfy
-from .common import ANY_VAE, CAT_SAMPLING, KONTEXT, check_image, comfy_latents_in, require, vae_input
+from .common import ANY_VAE, CAT_SAMPLING, KONTEXT, TURN_REFERENCES, TURN_SIZE, check_image, comfy_latents_in, require, vae_input
 
 
 def read_conditioning(cond, name: str, transformer) -> Conditioning:
@@ -121,7 +121,6 @@ class GIEKontextSampler:
                      "FluxKontextMultiReferenceLatentMethod says), as native Flux uses them. ConditioningCombine "
                      "(several entries) is refused: native samplers blend entries, this one does not."},
                 ),
-                "image": ("IMAGE", {"tooltip": "The reference image to edit; a batch edits each image."}),
                 "seed": (
                     "INT",
                     {"default": DEFAULT_SEED, "min": SEED_RANGE[0], "max": SEED_RANGE[1], "control_after_generate": True,
@@ -163,9 +162,21 @@ class GIEKontextSampler:
                 ),
             },
             "optional": {
+                "image": (
+                    "IMAGE",
+                    {"tooltip": "The image to edit (Image 1); a batch edits each image. Leave it unconnected when "
+                     "positive comes from GIE Conversation Turn: its conditioning carries every image of the "
+                     "conversation."},
+                ),
                 "negative": (
                     "CONDITIONING",
                     {"tooltip": "Negative conditioning for true CFG (used only when true_cfg > 1)."},
+                ),
+                "image_2": (
+                    "IMAGE",
+                    {"tooltip": "Image 2 (the reference app's second image), a Kontext reference at its own size after "
+                     "image; with width and height 0 the output size is the app's rule for two images (their mean "
+                     "at ~1 MP)."},
                 ),
                 "true_cfg": (
                     "FLOAT",
@@ -207,26 +218,39 @@ class GIEKontextSampler:
             },
         }
 
-    def sample(self, kontext_model, vae, positive, image, seed, steps, guidance, width, height, batch_size,
-               reference_resize, unload_after, negative=None, true_cfg=DEFAULT_TRUE_CFG,
+    # ``image`` stays the fourth parameter (callers pass it by position); it is optional, so the
+    # widgets after it take their INPUT_TYPES defaults.
+    def sample(self, kontext_model, vae, positive, image=None, seed=DEFAULT_SEED, steps=DEFAULT_STEPS,
+               guidance=DEFAULT_GUIDANCE, width=0, height=0, batch_size=1, reference_resize="preferred",
+               unload_after=False, negative=None, image_2=None, true_cfg=DEFAULT_TRUE_CFG,
                reference_resample=DEFAULT_REFERENCE_RESAMPLE, cache=NO_CACHE, cache_value=0.0,
                attention=DEFAULT_ATTENTION, compile=False):
         model = require(kontext_model, "kontext_model", "a Kontext model loader")
         codec, vae_ctx, vae_unload = vae_input(require(vae, "vae", "a Kontext loader's vae output or native Load VAE"))
         transformer = model.require_transformer()
-        images = check_image(image)
+        images = input_images(image, image_2)
         pos = read_conditioning(positive, "positive", transformer)
         ref_latents, ref_method = native_reference_latents(pos)
+        check_references(images, pos, ref_latents)
+        turn_size = pos.extra.get(TURN_SIZE)
+        if not images and not (width or height) and turn_size:
+            width, height = turn_size  # auto: the size the conversation turn chose by the app's rule
+        if images:  # the size an automatic output follows
+            first_w, first_h = images[0].shape[2], images[0].shape[1]
+        elif ref_latents:
+            first_w, first_h = 8 * ref_latents[0].shape[3], 8 * ref_latents[0].shape[2]
+        else:  # a conversation turn without any image: text to image
+            first_w, first_h = turn_size
         request = resolve_edit(
-            image_width=images.shape[2], image_height=images.shape[1], n_images=images.shape[0], steps=steps,
+            image_width=first_w, image_height=first_h, n_images=images[0].shape[0] if images else 1, steps=steps,
             guidance=guidance, seed=seed, width=width, height=height, batch_size=batch_size, true_cfg=true_cfg,
             has_negative=negative is not None, reference_resize=reference_resize, reference_resample=reference_resample,
             reference_method=ref_method, cache=cache_choice(cache, cache_value), attention=attention,
-            compile=bool(compile),
+            compile=bool(compile), more_images=[(im.shape[2], im.shape[1]) for im in images[1:]],
         )
         neg = read_conditioning(negative, "negative", transformer) if request.do_true_cfg else None
         check_conditioning_batch(pos, neg, request, batch_size)
-        reference = prepare_reference(images, request.reference_resize, resample=request.reference_resample)
+        reference = [prepare_reference(im, request.reference_resize, resample=request.reference_resample) for im in images]
         progress, preview = comfy.step_callbacks(request.steps)
         try:
             with model.placement.use(transformer) as device, vae_ctx, activated(transformer, model.loras):
@@ -240,6 +264,24 @@ class GIEKontextSampler:
                 model.placement.unload(transformer)
                 vae_unload()
         return (out.float().cpu(),)
+
+
+def input_images(image, image_2) -> list:
+    """The sampler's own input images, checked: Image 1, and Image 2 after it."""
+    if image_2 is not None and image is None:
+        raise ValueError("image_2 is connected but image is not; connect Image 1 first")
+    return [check_image(im, name) for name, im in (("image", image), ("image_2", image_2)) if im is not None]
+
+
+def check_references(images: list, positive: Conditioning, ref_latents) -> None:
+    """The input images against what the positive conditioning already carries as references."""
+    if positive.extra.get(TURN_REFERENCES) and images:
+        raise ValueError(
+            "positive comes from GIE Conversation Turn, which already gives every image of the conversation as a "
+            "reference; leave image and image_2 unconnected (connect them to the turn instead)")
+    if not images and not ref_latents and TURN_REFERENCES not in positive.extra:  # a turn may be text to image
+        raise ValueError("image is not connected and positive carries no reference latents; connect the image to edit "
+                         "(or GIE Conversation Turn's conditioning, or native ReferenceLatent)")
 
 
 def check_conditioning_batch(pos: Conditioning, neg: Conditioning | None, request: EditRequest, batch_size: int) -> None:

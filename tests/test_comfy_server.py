@@ -42,7 +42,9 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import bfl_layout  # noqa: E402
+from workflow_check import computed_size_height, node_specs, overlaps  # noqa: E402
 from gie_core.cli import comfy_run  # noqa: E402
+from nodes.loaders import COMFY_TOKENIZERS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 UI_DIR = REPO / "workflows"
@@ -82,6 +84,10 @@ WIDE_FILES = {
     "t5": "wide-t5xxl.safetensors",
     "vae": "wide-ae.safetensors",  # the real FLUX VAE architecture (random): ComfyUI's VAE loader hard-codes its widths
 }
+# The tiny Qwen2.5-VL with Qwen2.5's real vocabulary size and special-token ids, so ComfyUI's bundled
+# Qwen2.5 tokenizer (comfy/text_encoders/qwen25_tokenizer, the loader's default) can drive it.
+REAL_VOCAB_QWEN = "tiny-qwen2.5-vl-real-vocab.safetensors"
+REAL_QWEN_VOCAB_SIZE = 152064  # Qwen2.5-VL-7B's embedding rows
 INPUT_SIZE = (80, 48)  # 5:3: snaps to 3:2 -> 81x54, so Pad To Ratio pads both axes
 OUT_W, OUT_H = 64, 48  # the sampler's output size in the runs (multiples of 16)
 STEPS = 2
@@ -119,6 +125,9 @@ WORKFLOW_INPUTS = {
         "GIEConnectorLoader": {"connector_name": WIDE_FILES["connector"], "dtype": "fp32"},
         "GIEKontextSampler": {"reference_resize": "keep"},
     },
+    # the Qwen loader's default tokenizer, ComfyUI's bundled one, on a Qwen with the real vocabulary
+    "bundled_tokenizer": {"GIEKontextModelLoader": {"model_name": TINY_SPLIT["transformer"]},
+                          "GIEQwenVLLoader": {"qwen_name": REAL_VOCAB_QWEN, "tokenizer": COMFY_TOKENIZERS}},
     # our VAE loader and ComfyUI's on the same file (one ComfyUI's loader accepts)
     "native_vae_check": {"GIEKontextModelLoader": {"model_name": TINY_SPLIT["transformer"]},
                          "GIEVAELoader": {"vae_name": WIDE_FILES["vae"], "dtype": "fp32"}},
@@ -126,6 +135,8 @@ WORKFLOW_INPUTS = {
 SMALL_INPUTS = {
     "GIEKontextSampler": {"steps": STEPS, "width": OUT_W, "height": OUT_H},
     "GIERewriteInstruction": {"max_new_tokens": 16},
+    "GIEConversationTurn": {"reference_resize": "keep", "max_new_tokens": 16},
+    "GIEAnswer": {"max_new_tokens": 16},
 }
 LOG_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -172,6 +183,37 @@ def place_models(tiny_set, models: Path) -> None:
     (models / "gie_connectors").mkdir(exist_ok=True)
     wide = build_wide_set(tiny_set, models)
     convert(wide, models, name=WIDE_GIE)
+    build_real_vocab_qwen(models / "text_encoders" / TINY_SPLIT["qwen"], models / "text_encoders" / REAL_VOCAB_QWEN)
+
+
+def build_real_vocab_qwen(tiny_file: Path, out: Path) -> None:
+    """gie-convert's tiny Qwen file with its embedding (and LM head) grown to Qwen2.5's vocabulary and
+    its config's special-token ids set to those of ComfyUI's bundled tokenizer."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from gie_core.weights.reader import CheckpointReader, save_safetensors_atomic
+
+    tok = AutoTokenizer.from_pretrained(Path(COMFYUI_DIR) / "comfy" / "text_encoders" / "qwen25_tokenizer",
+                                        local_files_only=True)
+    ids = {name: tok.convert_tokens_to_ids(token) for name, token in (
+        ("bos_token_id", "<|endoftext|>"), ("pad_token_id", "<|endoftext|>"), ("eos_token_id", "<|im_end|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
+        ("vision_token_id", "<|vision_pad|>"), ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"))}
+    assert ids["image_token_id"] == 151655, ids  # the real Qwen2.5 ids
+    g = torch.Generator().manual_seed(0)
+    with CheckpointReader.open(tiny_file) as r:
+        meta = dict(r.metadata)
+        cfg = json.loads(meta["gie_qwen_config"])
+        state = {}
+        for key in r.keys():
+            t = r.read(key)
+            if key.endswith(("embed_tokens.weight", "lm_head.weight")) and t.shape[0] == cfg["vocab_size"]:
+                t = torch.randn(REAL_QWEN_VOCAB_SIZE, t.shape[1], generator=g).to(t.dtype) * 0.02
+            state[key] = t
+    cfg.update(ids, vocab_size=REAL_QWEN_VOCAB_SIZE)
+    meta["gie_qwen_config"] = json.dumps(cfg)
+    save_safetensors_atomic(state, out, metadata=meta)
 
 
 def bypass_kontext_scale(prompt: dict) -> None:
@@ -660,6 +702,59 @@ def test_native_ksampler_matches_our_sampler_on_the_converted_weights(server, tm
         assert diff.max() <= 1
 
 
+def test_qwen_vl_encode_runs_with_comfyuis_bundled_tokenizer(server, tmp_path, capsys):
+    """The path the README recommends: GIE Qwen-VL Loader with its default tokenizer, ComfyUI's bundled
+    Qwen2.5 one, whose tokenizer_config.json carries the text-only Qwen2.5 chat template. Qwen-VL Encode
+    renders the image + instruction prompt itself, so the shipped workflow runs (it failed with
+    'TypeError: can only concatenate str (not "list") to str', issue 17)."""
+    prompt = load_api("released_model_from_single_files")
+    loader = next(i for i, n in prompt.items() if n["class_type"] == "GIEQwenVLLoader")
+    assert prompt[loader]["inputs"]["tokenizer"] == COMFY_TOKENIZERS  # as shipped
+    saved = run_api(server, prompt, "bundled_tokenizer", tmp_path, capsys, "bundled_tokenizer")
+    for s in small_run_sets(prompt, INPUT_SIZE, "bundled_tokenizer"):
+        comfy_run.apply_set(prompt, s)
+    check_outputs(prompt, saved, INPUT_SIZE)
+
+
+def test_two_images_through_native_ksampler(server, tmp_path, capsys):
+    """Image 2 on the native path, both ways a user wires it, on the converted real-width transformer: Qwen-VL
+    Encode's image_2 plus one native VAEEncode + ReferenceLatent per image; and GIE Conversation Turn (with
+    ComfyUI's own VAE), whose CONDITIONING already carries every image as a reference latent. Image 2 reaches
+    the model (the image changes without it)."""
+    base = load_api("released_model_native_sampler")
+    bypass_kontext_scale(base)
+    ids = {n["class_type"]: i for i, n in base.items()}
+    image_2 = {"class_type": "LoadImage", "inputs": {"image": "portrait.png"}, "_meta": {"title": "Image 2"}}
+    per_image = json.loads(json.dumps(base))
+    per_image.update({"900": image_2,
+                      "901": {"class_type": "VAEEncode", "inputs": {"pixels": ["900", 0], "vae": [ids["VAELoader"], 0]},
+                              "_meta": {"title": "VAE Encode (Image 2)"}},
+                      "902": {"class_type": "ReferenceLatent", "inputs": {"conditioning": [ids["ReferenceLatent"], 0],
+                                                                          "latent": ["901", 0]},
+                              "_meta": {"title": "ReferenceLatent (Image 2)"}}})
+    per_image[ids["GIEQwenVLEncode"]]["inputs"]["image_2"] = ["900", 0]
+    per_image[ids["FluxGuidance"]]["inputs"]["conditioning"] = ["902", 0]
+    saved = run_api(server, per_image, "native_per_image", tmp_path, capsys, "released_model_native_sampler")
+    assert pixels(saved[0]).shape == (OUT_H, OUT_W, 3)
+
+    turned = {}
+    for name, with_2 in (("turn_two", True), ("turn_one", False)):
+        prompt = json.loads(json.dumps(base))
+        loaders = {c: [ids[c], 0] for c in ("GIEQwenVLLoader", "GIEConnectorLoader", "GIETextEncodersLoader", "VAELoader")}
+        turn_inputs = {"qwen_vl": loaders["GIEQwenVLLoader"], "connector": loaders["GIEConnectorLoader"],
+                       "text_encoders": loaders["GIETextEncodersLoader"], "vae": loaders["VAELoader"],
+                       "instruction": "put the hat from image 2 on the dog in image 1", "mode": "vlm+t5", "route": "edit",
+                       "reference_resize": "keep", "image": base[ids["GIEQwenVLEncode"]]["inputs"]["image"]}
+        prompt["910"] = {"class_type": "GIEConversationTurn", "inputs": turn_inputs, "_meta": {"title": "Turn"}}
+        if with_2:
+            prompt["900"] = image_2
+            turn_inputs["image_2"] = ["900", 0]
+        prompt[ids["FluxGuidance"]]["inputs"]["conditioning"] = ["910", 0]
+        turned[name] = run_api(server, prompt, name, tmp_path, capsys, "released_model_native_sampler")[0]
+    assert pixels(turned["turn_two"]).shape == (OUT_H, OUT_W, 3)
+    assert np.abs(pixels(turned["turn_two"]) - pixels(turned["turn_one"])).max() > 0
+
+
 def test_native_load_vae_serves_our_sampler(server, tmp_path, capsys):
     """ComfyUI's own Load VAE (ae.safetensors) into our Kontext Sampler gives the image our VAE loader gives."""
     prompt = load_api("released_model_from_single_files")
@@ -887,13 +982,37 @@ def screenshot(page, shots: Path, name: str, node_ids=()) -> Path:
     return path
 
 
+def drawn_layout(page) -> dict[int, dict]:
+    """Per node: the rectangle the page draws it in (title bar included) and its computeSize() height."""
+    rows = page.evaluate(
+        "() => app.graph.nodes.map(n => ({id: n.id, type: n.type, rect: [...n.boundingRect], computed: n.computeSize()[1]}))")
+    return {r["id"]: r for r in rows}
+
+
+def check_drawn_layout(page, specs, moment: str) -> None:
+    """No node drawn over another, and the frontend's computed heights are the layout model's
+    (tests/workflow_check.py, which the default suite checks every shipped workflow with)."""
+    layout = drawn_layout(page)
+    assert overlaps({i: tuple(r["rect"]) for i, r in layout.items()}) == [], moment
+    model = {i: computed_size_height(specs.get(r["type"]), r["type"]) for i, r in layout.items()}
+    assert {i: r["computed"] for i, r in layout.items()} == model, moment
+
+
+@pytest.fixture(scope="session")
+def specs(pack_nodes):
+    return node_specs(*pack_nodes)
+
+
 def ui_node_ids(page, cls: str) -> list[int]:
     return page.evaluate("(cls) => app.graph.nodes.filter(n => n.comfyClass === cls).map(n => n.id)", cls)
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
-def test_ui_workflow_loads_matches_its_api_twin_and_queues(page, server, shots, name):
+def test_ui_workflow_loads_matches_its_api_twin_and_queues(page, server, shots, specs, name):
     load_ui(page, name)
+    for node_id in ui_node_ids(page, "LoadImage"):  # its preview widget comes with the picture
+        page.wait_for_function("(id) => app.graph.getNodeById(id).imgs?.[0]?.naturalWidth > 0", arg=node_id, timeout=30_000)
+    check_drawn_layout(page, specs, "as loaded")
     # the frontend's own conversion equals the shipped API twin (class_type and inputs)
     output = page.evaluate("async () => (await app.graphToPrompt()).output")
     api = load_api(name)
@@ -912,14 +1031,17 @@ def test_ui_workflow_loads_matches_its_api_twin_and_queues(page, server, shots, 
     assert res.get("prompt_id") and not res.get("node_errors"), res
     entry = server.wait_history(res["prompt_id"])
     assert entry["status"]["status_str"] == "success", entry["status"]
-    # the text Padding Check and Rewrite Instruction return is shown on the node
-    for cls, start in (("GIEPaddingCheck", "residual padding "), ("GIERewriteInstruction", "")):
+    # the text Padding Check, Rewrite Instruction, Answer and Conversation Turn return is shown on the node
+    for cls, start in (("GIEPaddingCheck", "residual padding "), ("GIERewriteInstruction", ""), ("GIEAnswer", ""),
+                       ("GIEConversationTurn", "edit")):
         for node_id in ui_node_ids(page, cls):
             page.wait_for_function("([id, start]) => (app.graph.getNodeById(id).gieExecutedText ?? null) !== null"
                                    " && app.graph.getNodeById(id).gieExecutedText.startsWith(start)",
                                    arg=[node_id, start], timeout=30_000)
     page.wait_for_timeout(500)  # the executed images reach the page
     screenshot(page, shots, f"workflow_{name}")
+    layout = drawn_layout(page)  # the results shown on the nodes push nothing under another
+    assert overlaps({i: tuple(r["rect"]) for i, r in layout.items()}) == []
     assert not page.gie_errors, page.gie_errors
 
 

@@ -22,6 +22,7 @@ import bfl_layout  # noqa: E402
 import nodes  # noqa: E402
 from gie_core.engine.components import Placement  # noqa: E402
 from gie_core.engine.connector import QwenFeatures, TextFeatures  # noqa: E402
+from gie_core.engine.conversation import Conversation  # noqa: E402
 from gie_core.imaging.ratio import PadRecord  # noqa: E402
 from gie_core.engine.sampler import SamplingInterrupted  # noqa: E402
 from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy  # noqa: E402
@@ -30,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 N = NODE_CLASS_MAPPINGS
 INSTRUCTION = "make the sky a warm sunset"
 CUSTOM_TYPES = {"GIE_QWEN_VL", "GIE_CONNECTOR", "GIE_KONTEXT", "GIE_VAE", "GIE_TEXT_ENCODERS", "GIE_QWEN_FEATURES",
-                "GIE_TEXT_FEATURES", "GIE_PAD_RECORD"}
+                "GIE_TEXT_FEATURES", "GIE_PAD_RECORD", "GIE_CONVERSATION", "GIE_TASK_HEAD"}
 COMFY_TYPES = {"IMAGE", "MASK", "CONDITIONING", "LATENT"}
 NATIVE_OBJECTS = {"VAE", "CLIP"}  # ComfyUI's own loaders' outputs, taken where ours are
 _real_torch_device = comfy.torch_device  # module fixtures pin the device to the CPU
@@ -152,7 +153,7 @@ def test_node_contract(name, models_root):
                 assert kind == "INT" and opts["max"] == 2**64 - 1 and opts.get("control_after_generate") is True
     assert isinstance(cls.RETURN_TYPES, tuple) and cls.RETURN_TYPES
     assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES) == len(cls.OUTPUT_TOOLTIPS)
-    assert all(t in CUSTOM_TYPES | COMFY_TYPES | {"STRING", "FLOAT", "BOOLEAN"} for t in cls.RETURN_TYPES)
+    assert all(t in CUSTOM_TYPES | COMFY_TYPES | {"STRING", "FLOAT", "BOOLEAN", "INT"} for t in cls.RETURN_TYPES)
     fn = getattr(cls, cls.FUNCTION)
     params = inspect.signature(fn).parameters
     required, optional = set(spec["required"]), set(spec.get("optional", {}))
@@ -180,7 +181,7 @@ def test_pack_entry_point_exports_the_nodes_and_web_directory():
         sys.modules.pop(spec.name, None)
     assert pack.WEB_DIRECTORY == "./web" and (REPO / "web").is_dir()
     assert set(pack.NODE_CLASS_MAPPINGS) == set(N) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
-    assert len(N) == 16
+    assert len(N) == 19
 
 
 def test_only_nodes_comfy_imports_comfyui():
@@ -813,3 +814,213 @@ def test_loaders_store_weights_small_and_read_gguf(loaded, models_root):
 
 def loaded_gie_dir(models_root):
     return (models_root / "gpt_image_edit" / "gpt-image-edit").resolve()
+
+
+# ---------------------------------------------------------------------------------------------
+# Two images, conversations, answers and the task head (issue 17)
+# ---------------------------------------------------------------------------------------------
+
+
+def image8(width=64, height=48, seed=0) -> torch.Tensor:
+    """An image exact in 8 bits: a conversation keeps its images as 8-bit pictures, as the app does."""
+    return (image(width, height, seed=seed) * 255).round() / 255
+
+
+def turn(loaded, instruction=INSTRUCTION, *, route="edit", resize="keep", **optional):
+    """GIE Conversation Turn's full result ({"ui", "result"}) with the checkpoint's parts."""
+    return N["GIEConversationTurn"]().turn(loaded.qwen, loaded.connector, loaded.text, loaded.vae, instruction,
+                                          "vlm+t5", route, resize, **optional)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_set):
+    from gie_core.engine.pipeline import EditPipeline
+
+    return EditPipeline.from_paths(gie_dir=tiny_set.gie_dir, kontext_dir=tiny_set.kontext_dir, mode="vlm+t5",
+                                   dtype="fp32", device="cpu", lm_head=True)
+
+
+def test_two_images_through_qwen_encode_and_our_sampler_equal_the_library(loaded, pipe):
+    """Image 2 on Qwen-VL Encode and Kontext Sampler: Qwen reads both images, Kontext gets each at its
+    own size (never stacked); the node chain equals EditPipeline.edit(image, image2=...)."""
+    img, img2 = image8(64, 48, seed=1), image8(32, 48, seed=2)  # different sizes
+    (qf,) = N["GIEQwenVLEncode"]().encode(loaded.qwen, img, INSTRUCTION, image_2=img2)
+    (qf1,) = N["GIEQwenVLEncode"]().encode(loaded.qwen, img, INSTRUCTION)
+    assert qf.hidden.shape[1] > qf1.hidden.shape[1]  # the second image's tokens are in
+    tf, _ = N["GIET5Encode"]().encode(loaded.text, INSTRUCTION)
+    (cond,) = N["GIEFusionConnector"]().fuse(loaded.connector, tf, "vlm+t5", qf)
+    ours = run_sampler(loaded.gie_kontext, loaded.vae, cond, img, seed=5, image_2=img2)
+    assert_image(ours, 1, 48, 64)
+    ref = pipe.edit(img, INSTRUCTION, image2=img2, steps=2, seed=5, size=(64, 48), reference_resize="keep").tensor
+    assert (ours - ref).abs().max().item() <= 1e-5
+    one = run_sampler(loaded.gie_kontext, loaded.vae, cond, img, seed=5)
+    assert (ours - one).abs().max().item() > 1e-4  # image 2 is a reference, not dropped
+
+
+def test_two_image_output_size_follows_the_apps_rule(loaded, monkeypatch):
+    """width/height 0 with two images: the mean of their sizes at ~1 MP (the library's rule), the same
+    size the Conversation Turn reports."""
+    from gie_core.engine import request as request_module
+    from gie_core.imaging.ratio import multi_image_output_size
+
+    img, img2 = image(64, 48, seed=1), image(32, 48, seed=2)
+    want = multi_image_output_size([(64, 48), (32, 48)])
+    out = turn(loaded, image=img, image_2=img2)["result"]
+    assert (out[2], out[3]) == want
+    seen = []
+    real = request_module.resolve_edit
+    monkeypatch.setattr(sys.modules["nodes.sampling"], "resolve_edit", lambda **kw: seen.append(real(**kw)) or real(
+        **{**kw, "width": 32, "height": 32}))  # record the auto size, sample small
+    (qf,) = N["GIEQwenVLEncode"]().encode(loaded.qwen, img, INSTRUCTION, image_2=img2)
+    tf, _ = N["GIET5Encode"]().encode(loaded.text, INSTRUCTION)
+    (cond,) = N["GIEFusionConnector"]().fuse(loaded.connector, tf, "vlm+t5", qf)
+    run_sampler(loaded.gie_kontext, loaded.vae, cond, img, image_2=img2, width=0, height=0, steps=1)
+    run_sampler(loaded.gie_kontext, loaded.vae, out[0], None, width=0, height=0, steps=1)
+    assert [(r.width, r.height) for r in seen] == [want, want]
+
+
+def test_conversation_turn_gives_references_for_both_samplers(loaded):
+    """A turn's CONDITIONING carries every image of the conversation as raw latents (what native
+    VAEEncode + ReferenceLatent give, placed by the library's method), so our sampler with no image
+    equals it given the image, and native KSampler needs nothing more."""
+    from gie_core.constants import DEFAULT_REFERENCE_METHOD
+    from gie_core.imaging.images import prepare_reference
+
+    img = image8(64, 48, seed=1)
+    out = turn(loaded, image=img)
+    cond, conv, *_ = out["result"]
+    assert conv.pending and len(conv.turns) == 1 and "edit" in out["ui"]["text"][0]
+    info = cond[0][1]
+    assert info["reference_latents_method"] == DEFAULT_REFERENCE_METHOD
+    (raw,) = info["reference_latents"]
+    with torch.no_grad():
+        native = loaded.vae.model.encode(prepare_reference(img, "keep")).latent_dist.mode()
+    assert torch.allclose(raw, native, atol=1e-5)  # native VAEEncode's raw latent
+    from_turn = run_sampler(loaded.gie_kontext, loaded.vae, cond, None, seed=4)
+    plain = [[cond[0][0], {"pooled_output": info["pooled_output"], "reference_latents_method": "index"}]]
+    given = run_sampler(loaded.gie_kontext, loaded.vae, plain, img, seed=4)
+    assert torch.allclose(from_turn, given, atol=1e-4)
+    with pytest.raises(ValueError, match="leave image and image_2 unconnected"):
+        run_sampler(loaded.gie_kontext, loaded.vae, cond, img)
+
+
+def test_conversation_turn_equals_the_library(loaded, pipe):
+    """Two turns through the nodes (the second conditioned on the first's image) give the library's
+    conditioning of the same conversation."""
+    img, img2 = image8(64, 48, seed=1), image8(48, 48, seed=2)
+    cond1, conv1, *_ = turn(loaded, image=img, image_2=img2)["result"]
+    assert torch.allclose(cond1[0][0], pipe.conversation_conditioning(conv1, "vlm+t5").context, atol=1e-5)
+    result = run_sampler(loaded.gie_kontext, loaded.vae, cond1, None, width=32, height=32)
+    cond2, conv2, *_ = turn(loaded, "now make it winter", conversation=conv1, previous_result=result)["result"]
+    assert [t.role for t in conv2.turns] == ["user", "assistant", "user"] and len(conv2.images()) == 3
+    assert len(cond2[0][1]["reference_latents"]) == 3  # both inputs and the first edit
+    assert torch.allclose(cond2[0][0], pipe.conversation_conditioning(conv2, "vlm+t5").context, atol=1e-5)
+
+
+def test_answer_node_returns_text_and_continues_the_conversation(loaded, pipe):
+    img = image(64, 48, seed=1)
+    out = N["GIEAnswer"]().answer(loaded.qwen, "what colour is the sky?", 8, image=img)
+    text, conv = out["result"]
+    assert isinstance(text, str) and out["ui"]["text"] == [text]
+    assert text == pipe.ask(img, "what colour is the sky?", max_new_tokens=8).text
+    assert [t.role for t in conv.turns] == ["user", "assistant"] and conv.turns[-1].text == text
+    # an answered conversation continues with an edit, and a forced answer route blocks the conditioning
+    cond, conv2, *_ = turn(loaded, "make it red", conversation=conv)["result"]
+    assert len(cond[0][1]["reference_latents"]) == 1 and conv2.pending
+    answered = turn(loaded, "and now?", route="answer", conversation=conv2, previous_result=image(32, 32),
+                    max_new_tokens=4)["result"]
+    assert answered[0] is None and answered[2] is None and isinstance(answered[4], str)  # blocked without ComfyUI
+    assert answered[1].turns[-1].text == answered[4]
+
+
+def test_conversation_inputs_are_checked_before_any_model_runs(loaded):
+    img = image()
+    cond, conv, *_ = turn(loaded, image=img)["result"]
+    with pytest.raises(ValueError, match="connect that turn's edited image .* to previous_result"):
+        turn(loaded, "again", conversation=conv)
+    with pytest.raises(ValueError, match="no edit waiting for its image"):
+        N["GIEAnswer"]().answer(loaded.qwen, "why?", 4, image=img, previous_result=img)
+    with pytest.raises(ValueError, match="image_2 is connected but image is not"):
+        turn(loaded, image_2=img)
+    with pytest.raises(ValueError, match="a batch of 2 images"):
+        turn(loaded, image=image(batch=2))
+    with pytest.raises(ValueError, match="image_2 is connected but image is not"):
+        run_sampler(loaded.gie_kontext, loaded.vae, cond, None, image_2=img)
+    plain = [[cond[0][0], {"pooled_output": cond[0][1]["pooled_output"]}]]
+    with pytest.raises(ValueError, match="image is not connected and positive carries no reference latents"):
+        run_sampler(loaded.gie_kontext, loaded.vae, plain, None)
+    with pytest.raises(TypeError, match="conversation must come from a GIE turn node"):
+        turn(loaded, conversation="chat.json", image=img)
+    small = image(16, 16)
+    full = Conversation()
+    for text, n in (("a", 2), ("b", 2), ("c", 1)):  # 8 images: the most a conversation keeps
+        full = full.add_user(text, [small] * n).add_assistant_image(small)
+    with pytest.raises(ValueError, match="at most 8 are kept"):
+        turn(loaded, "one more", conversation=full)
+
+
+def test_a_turn_without_any_image_is_text_to_image(loaded, pipe):
+    """As in the app: no image in the conversation means text to image (no Kontext reference, the app's
+    1024x1024 when the size is automatic); our sampler takes the turn's conditioning as it is."""
+    from gie_core.constants import TEXT_TO_IMAGE_SIZE
+    from gie_core.engine.request import resolve_edit
+
+    cond, conv, width, height, _ = turn(loaded, "a red bicycle")["result"]
+    assert "reference_latents" not in cond[0][1] and not conv.images()
+    want = resolve_edit(image_width=TEXT_TO_IMAGE_SIZE[0], image_height=TEXT_TO_IMAGE_SIZE[1])
+    assert (width, height) == (want.width, want.height)
+    assert torch.allclose(cond[0][0], pipe.conversation_conditioning(conv, "vlm+t5").context, atol=1e-5)
+    assert_image(run_sampler(loaded.gie_kontext, loaded.vae, cond, None, width=32, height=32, steps=1), 1, 32, 32)
+
+
+def test_turn_nodes_touch_no_model_for_bad_input(loaded, monkeypatch):
+    """Bad input is refused before Qwen, the connector or the VAE run."""
+    monkeypatch.setattr(type(loaded.qwen.model), "encode_conversation",
+                        lambda *a, **k: pytest.fail("Qwen ran for a turn that was refused"))
+    monkeypatch.setattr(type(loaded.qwen.model), "answer", lambda *a, **k: pytest.fail("Qwen answered a refused turn"))
+    with pytest.raises(ValueError, match="image_2 is connected but image is not"):
+        turn(loaded, image_2=image())
+    with pytest.raises(ValueError, match="instruction is empty"):
+        N["GIEAnswer"]().answer(loaded.qwen, " ", 8, image=image())
+
+
+@pytest.fixture(scope="module")
+def task_head_checkpoint(models_root, tiny_set):
+    """The tiny checkpoint with a task head beside it that always answers (bias favours 'answer')."""
+    from safetensors.torch import save_file
+
+    from gie_core.constants import TASK_HEAD_SAFETENSORS
+    from gie_core.engine.taskhead import TaskHead
+
+    folder = models_root / "gpt_image_edit" / "gie-with-head"
+    folder.mkdir()
+    for f in tiny_set.gie_dir.iterdir():
+        (folder / f.name).symlink_to(f)
+    hidden = json_config(tiny_set.gie_dir)["hidden_size"]
+    head = TaskHead(hidden, 8)
+    with torch.no_grad():
+        head[3].weight.zero_()
+        head[3].bias.copy_(torch.tensor([5.0, -5.0]))  # [answer, edit]
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, folder / TASK_HEAD_SAFETENSORS)
+    return "gie-with-head"
+
+
+def json_config(folder: Path) -> dict:
+    import json
+
+    return json.loads((folder / "config.json").read_text())
+
+
+def test_route_auto_asks_the_task_head_and_edits_without_one(loaded, task_head_checkpoint):
+    (head,) = N["GIETaskHeadLoader"]().load(task_head_checkpoint)
+    img = image()
+    out = turn(loaded, "what is this?", route="auto", image=img, task_head=head, max_new_tokens=4)
+    cond, conv, _, _, text = out["result"]
+    assert cond is None and isinstance(text, str) and conv.turns[-1].text == text  # answered
+    without = turn(loaded, "what is this?", route="auto", image=img)
+    assert without["result"][4] is None and without["result"][1].pending  # edited, with the reason shown
+    assert "task head" in without["ui"]["text"][0]
+    forced = turn(loaded, "what is this?", route="edit", image=img, task_head=head)
+    assert forced["result"][1].pending
+    with pytest.raises(Exception, match="holds no task_head"):  # a folder without one says so
+        N["GIETaskHeadLoader"]().load("gpt-image-edit")

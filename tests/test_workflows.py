@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import itertools
 import json
 import os
 import sys
@@ -18,7 +19,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import nodes  # noqa: E402
 from nodes import comfy  # noqa: E402
-from workflow_check import check_api, check_ui, node_specs, run_prompt, ui_to_api  # noqa: E402
+from workflow_check import (  # noqa: E402
+    check_api, check_ui, computed_size_height, node_specs, overlaps, rendered_rects, run_prompt, ui_to_api,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO / "workflows"
@@ -32,6 +35,8 @@ WORKFLOWS = (
     "released_model_edit_with_rewriting",
     "released_model_native_sampler",
     "released_model_from_single_files",
+    "two_image_composition",
+    "three_turn_conversation",
 )
 # ComfyUI's own loaders and KSampler run only in the real server (tests/test_comfy_server.py)
 NATIVE_ONLY = ("released_model_native_sampler",)
@@ -102,6 +107,36 @@ def test_ui_workflow_matches_its_api_twin(name, specs):
     assert ui_to_api(load(TEMPLATES / f"{name}.json"), specs) == load(API_DIR / f"{name}.json")
 
 
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_no_node_hides_another_at_its_drawn_size(name, specs):
+    """Every node, drawn at the size ComfyUI's frontend gives it (its widgets, sockets and title bar;
+    a saved size smaller than that grows on load), stays clear of every other node, and the file
+    saves that size."""
+    ui = load(TEMPLATES / f"{name}.json")
+    assert overlaps(rendered_rects(ui, specs)) == []
+    for node in ui["nodes"]:
+        assert node["size"][1] >= computed_size_height(specs.get(node["type"]), node["type"]), node["id"]
+
+
+def test_drawn_size_counts_every_widget_and_socket(specs):
+    """The layout model is not vacuous: the loader whose quantize widgets hid behind the node below
+    (shipped sizes before issue 17) is found, and so is a node moved onto another."""
+    ui = load(TEMPLATES / "released_model_edit.json")
+    by_id = {n["id"]: n for n in ui["nodes"]}
+    # GIE Checkpoint Loader: 3 output rows, 5 widgets (20 px + 4 gap each), 8 + 6 px padding
+    assert computed_size_height(specs["GIECheckpointLoader"], "GIECheckpointLoader") == 3 * 20 + 5 * 24 + 8 + 6
+    # the multiline instruction is a 50 px text area; Load Image carries its 220 px preview
+    # (4 socket rows: qwen_vl, image, connector, image_2)
+    assert computed_size_height(specs["GIEQwenVLEncode"], "GIEQwenVLEncode") == 4 * 20 + 54 + 8 + 6
+    assert computed_size_height(specs["LoadImage"], "LoadImage") == 2 * 20 + 24 + 24 + 224 + 8 + 6
+    old = copy.deepcopy(ui)  # the layout shipped before: saved 190 px, drawn 194, next node at y 240
+    by_old = {n["id"]: n for n in old["nodes"]}
+    by_old[1]["size"][1], by_old[2]["pos"][1] = 190, 240
+    assert overlaps(rendered_rects(old, specs)) == ["nodes 1 and 2 overlap by 340 x 24 px"]
+    by_id[6]["pos"] = list(by_id[5]["pos"])
+    assert any(o.startswith("nodes 5 and 6 overlap") for o in overlaps(rendered_rects(ui, specs)))
+
+
 def _types(api):
     return [n["class_type"] for n in api.values()]
 
@@ -138,6 +173,19 @@ def test_workflows_do_what_their_names_say():
     assert {"GIEKontextModelLoader", "GIEVAELoader", "GIETextEncodersLoader", "GIEQwenVLLoader", "GIEConnectorLoader",
             "GIEKontextSampler"} <= set(_types(singles))
     assert not {"GIECheckpointLoader", "GIEKontextDiffusersLoader"} & set(_types(singles))
+    two = api["two_image_composition"]  # Image 1 and Image 2 reach Qwen and Kontext
+    loads = sorted(nid for nid, n in two.items() if n["class_type"] == "LoadImage")
+    for cls in ("GIEQwenVLEncode", "GIEKontextSampler"):
+        (n,) = [n for n in two.values() if n["class_type"] == cls]
+        assert [n["inputs"]["image"][0], n["inputs"]["image_2"][0]] == loads
+    chat = api["three_turn_conversation"]  # edit, question, edit: each turn continues the previous one
+    turns = sorted((nid for nid, n in chat.items() if n["class_type"] in ("GIEConversationTurn", "GIEAnswer")), key=int)
+    assert [chat[t]["class_type"] for t in turns] == ["GIEConversationTurn", "GIEAnswer", "GIEConversationTurn"]
+    assert all(chat[b]["inputs"]["conversation"] == [a, 1] for a, b in itertools.pairwise(turns))
+    samplers = {nid: n for nid, n in chat.items() if n["class_type"] == "GIEKontextSampler"}
+    assert sorted(n["inputs"]["positive"][0] for n in samplers.values()) == [turns[0], turns[2]]
+    assert all("image" not in n["inputs"] for n in samplers.values())  # the turn carries every image
+    assert chat[turns[1]]["inputs"]["previous_result"][0] in samplers  # turn 1's image joins before the question
     for a in api.values():  # the names a user has, per the README
         for n in a.values():
             if n["class_type"] == "GIECheckpointLoader":
@@ -281,6 +329,8 @@ QUICK = {
     "GIEConnectorLoader": {"dtype": "fp32"},
     "GIEKontextSampler": {"steps": 1, "width": 48, "height": 0, "reference_resize": "keep"},
     "GIERewriteInstruction": {"max_new_tokens": 16},
+    "GIEConversationTurn": {"reference_resize": "keep", "max_new_tokens": 8},
+    "GIEAnswer": {"max_new_tokens": 8},
 }
 
 
@@ -296,5 +346,15 @@ def test_workflow_runs_in_process(name, runnable):
             assert out[nid]["result"][0].shape == (1, 40, 56, 3)  # back to the input's size
         if node["class_type"] == "GIEPaddingCheck":
             assert isinstance(out[nid]["result"][0], float) and out[nid]["ui"]["text"]
+        if node["class_type"] == "GIEAnswer":  # the answer is text, shown on the node, and joins the conversation
+            text, conv = out[nid]["result"]
+            assert isinstance(text, str) and out[nid]["ui"]["text"] == [text] and conv.turns[-1].text == text
+        if node["class_type"] == "GIEConversationTurn":  # every image so far is a reference of the edit
+            cond, conv = out[nid]["result"][:2]
+            assert conv.pending and len(cond[0][1]["reference_latents"]) == len(conv.images())
+    if name == "three_turn_conversation":
+        last = max((nid for nid, n in api.items() if n["class_type"] == "GIEConversationTurn"), key=int)
+        conv = out[last]["result"][1]
+        assert [t.role for t in conv.turns] == ["user", "assistant"] * 2 + ["user"] and len(conv.images()) == 2
     saved = [nid for nid, n in api.items() if n["class_type"] == "SaveImage"]
     assert saved and all(out[nid]["ui"]["images"] for nid in saved)

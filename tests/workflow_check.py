@@ -461,3 +461,136 @@ def _run(api, classes, natives, overrides, cache, _json) -> dict:
         if key is not None:
             cache[key] = entry
     return outputs
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout: the size each node is drawn at, as ComfyUI's frontend computes it
+# ---------------------------------------------------------------------------------------------
+
+# LiteGraph's constants and LGraphNode.computeSize() of ComfyUI's frontend (comfyui-frontend-package
+# 1.27): the title bar sits above ``pos``; the body holds one row per socket (the longer side), then
+# each visible widget with a 4 px gap, 8 px under the widgets and a 6 px margin. On load
+# (app.loadGraphData) every node is grown to max(saved size, computed size). The browser test
+# (tests/test_comfy_server.py) measures the real page against this model.
+TITLE_HEIGHT = 30  # LiteGraph.NODE_TITLE_HEIGHT
+SLOT_HEIGHT = 20  # LiteGraph.NODE_SLOT_HEIGHT
+WIDGET_HEIGHT = 20  # LiteGraph.NODE_WIDGET_HEIGHT
+WIDGET_GAP = 4
+WIDGETS_PADDING = 8
+NODE_MARGIN = 6
+MULTILINE_MIN_HEIGHT = 50  # a multiline STRING's text area (DOM widget, --comfy-widget-min-height)
+IMAGE_PREVIEW_MIN_HEIGHT = 220  # LoadImage's image preview widget
+# Widgets web/gie.js adds (never saved): lines of text, 16 px a line + 8 (the snap preview's two lines; the
+# one line of a node that shows its result after a run).
+_RESULT_LINE = 1 * 16 + 8
+EXTENSION_WIDGETS = {"GIEPadToRatio": 2 * 16 + 8, "GIEPaddingCheck": _RESULT_LINE, "GIERewriteInstruction": _RESULT_LINE,
+                     "GIEAnswer": _RESULT_LINE, "GIEConversationTurn": _RESULT_LINE}
+VIRTUAL_WIDGETS = {"Note": [MULTILINE_MIN_HEIGHT], "MarkdownNote": [MULTILINE_MIN_HEIGHT]}
+
+
+def widget_heights(spec: NodeSpec) -> list[int]:
+    """The drawn height of each widget of a node (without the gaps)."""
+    heights = []
+    for name, kind in spec.widget_slots():
+        i = spec.input(name) if kind == "value" else None
+        multiline = i is not None and i.type == "STRING" and i.options.get("multiline")
+        heights.append(MULTILINE_MIN_HEIGHT if multiline else WIDGET_HEIGHT)
+    if spec.type == "LoadImage":
+        heights.append(IMAGE_PREVIEW_MIN_HEIGHT)
+    if spec.type in EXTENSION_WIDGETS:
+        heights.append(EXTENSION_WIDGETS[spec.type])
+    return heights
+
+
+def computed_size_height(spec: NodeSpec | None, node_type: str) -> int:
+    """The body height (title bar excluded) LGraphNode.computeSize() gives a node."""
+    if spec is None:  # a frontend-only node (Note)
+        sockets, heights = 1, VIRTUAL_WIDGETS.get(node_type, [])
+    else:
+        sockets = max(len([i for i in spec.inputs if not i.is_widget]), len(spec.outputs), 1)
+        heights = widget_heights(spec)
+    body = sockets * SLOT_HEIGHT
+    if heights:
+        body += sum(h + WIDGET_GAP for h in heights) + WIDGETS_PADDING
+    return body + NODE_MARGIN
+
+
+def rendered_rects(ui: dict, specs: dict[str, NodeSpec]) -> dict[int, tuple[float, float, float, float]]:
+    """Per node id, the rectangle (x, y, width, height) it covers on the canvas, title bar included:
+    the saved size grown to the computed one, as loading does."""
+    rects = {}
+    for node in ui["nodes"]:
+        x, y = node["pos"][0], node["pos"][1]
+        w, h = node["size"][0], node["size"][1]
+        h = max(h, computed_size_height(specs.get(node["type"]), node["type"]))
+        rects[node["id"]] = (x, y - TITLE_HEIGHT, w, h + TITLE_HEIGHT)
+    return rects
+
+
+def overlaps(rects: dict) -> list[str]:
+    """Each pair of rectangles that share area, with the overlap in px."""
+    out = []
+    items = sorted(rects.items())
+    for n, (a, (ax, ay, aw, ah)) in enumerate(items):
+        for b, (bx, by, bw, bh) in items[n + 1:]:
+            dx = min(ax + aw, bx + bw) - max(ax, bx)
+            dy = min(ay + ah, by + bh) - max(ay, by)
+            if dx > 0 and dy > 0:
+                out.append(f"nodes {a} and {b} overlap by {dx:g} x {dy:g} px")
+    return out
+
+
+def tidy_layout(ui: dict, specs: dict[str, NodeSpec], gap: int = 20) -> dict:
+    """``ui`` with every node at least its computed height and pushed down, column by column, until
+    none overlaps another (``gap`` px between them); for laying out shipped workflows."""
+    placed: list[dict] = []
+    for node in sorted(ui["nodes"], key=lambda n: (n["pos"][0], n["pos"][1])):
+        node["size"][1] = max(node["size"][1], computed_size_height(specs.get(node["type"]), node["type"]))
+        for other in sorted(placed, key=lambda n: n["pos"][1]):
+            side_by_side = (node["pos"][0] >= other["pos"][0] + other["size"][0]
+                            or other["pos"][0] >= node["pos"][0] + node["size"][0])
+            below = other["pos"][1] + other["size"][1] + TITLE_HEIGHT + gap
+            if not side_by_side and node["pos"][1] < below and node["pos"][1] + node["size"][1] + gap > other["pos"][1] - TITLE_HEIGHT:
+                node["pos"][1] = below
+        placed.append(node)
+    return ui
+
+
+def build_ui(nodes: list[dict], links: list[tuple], specs: dict[str, NodeSpec]) -> dict:
+    """A UI-format workflow as the frontend saves it, from ``nodes`` (``{"id", "type", "pos",
+    "size", "widgets_values"}`` and optionally ``title``, ``color``, ``bgcolor``) and ``links``
+    (``(source id, output slot, target id, input name)``); for writing shipped workflows."""
+    by_id = {n["id"]: n for n in nodes}
+    wired = {}  # (target id, input name) -> (link id, source id, slot, type)
+    for lid, (src, slot, dst, name) in enumerate(links, start=1):
+        wired[(dst, name)] = (lid, src, slot, specs[by_id[src]["type"]].outputs[slot])
+    order = execution_order({str(n["id"]): {"inputs": {name: [str(w[1]), w[2]] for (d, name), w in wired.items()
+                                                       if d == n["id"]}} for n in nodes})
+    out_nodes, ui_links = [], []
+    for n in nodes:
+        spec = specs.get(n["type"])
+        entry = {"id": n["id"], "type": n["type"], "pos": list(n["pos"]), "size": list(n["size"]), "flags": {},
+                 "order": order.index(str(n["id"])), "mode": 0, "inputs": [], "outputs": [],
+                 "properties": {} if spec is None else {"Node name for S&R": n["type"]},
+                 "widgets_values": list(n.get("widgets_values", []))}
+        if spec is not None:
+            linked = {name for (d, name) in wired if d == n["id"]}
+            for slot, i in enumerate(spec.ui_inputs(linked)):
+                w = wired.get((n["id"], i.name))
+                item = {"name": i.name, "type": i.type, "link": w[0] if w else None}
+                if i.is_widget:
+                    item["widget"] = {"name": i.name}
+                entry["inputs"].append(item)
+                if w:
+                    ui_links.append([w[0], w[1], w[2], n["id"], slot, w[3]])
+            names = n.get("output_names") or spec.outputs
+            for slot, t in enumerate(spec.outputs):
+                entry["outputs"].append({"name": names[slot], "type": t, "slot_index": slot,
+                                         "links": [w[0] for (d, _), w in wired.items() if w[1] == n["id"] and w[2] == slot]})
+        for key in ("title", "color", "bgcolor"):
+            if key in n:
+                entry[key] = n[key]
+        out_nodes.append(entry)
+    return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": out_nodes,
+            "links": sorted(ui_links), "groups": [], "config": {}, "extra": {"ds": {"scale": 0.75, "offset": [0, 0]}},
+            "version": 0.4}

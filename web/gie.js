@@ -5,8 +5,8 @@
 //   qwen_features is hidden in a mode that does not need Qwen (or greyed and marked unused while a
 //   link is still plugged in), and text_features says when only its CLIP("") pooled vector is read
 //   (pooled from the empty prompt, no T5 tokens).
-// * Padding Check and Rewrite Instruction show the text they return (the frontend shows no
-//   `ui.text` of its own).
+// * Padding Check, Rewrite Instruction, Answer and Conversation Turn show the text they return (the
+//   frontend shows no `ui.text` of its own): the verdict, the rewrite, the answer, the turn's route.
 //
 // This file holds no rule of its own: the pack's routes answer from gie_core (gie_core/engine/web_rules.py).
 // GET /gie/rules gives the fusion-mode table (read once); GET /gie/pad_plan gives the pad record the
@@ -170,7 +170,9 @@ function snapText(node) {
   return text;
 }
 
-// --- Padding Check / Rewrite Instruction: show the text the node returned ------------------------
+// --- Padding Check, Rewrite Instruction, Answer, Conversation Turn: show the text the node returned ---
+
+const SHOWS_RESULT = ["GIEPaddingCheck", "GIERewriteInstruction", "GIEAnswer", "GIEConversationTurn"];
 
 function showExecutedText(node) {
   const widget = addInfoWidget(node, "gie_result", (n) => n.gieExecutedText ?? "(runs to show its result here)");
@@ -274,7 +276,7 @@ app.registerExtension({
   nodeCreated(node) {
     if (node.comfyClass === "GIEPadToRatio") addInfoWidget(node, "gie_snap_preview", snapText);
     if (node.comfyClass === "GIEFusionConnector") setupFusionConnector(node);
-    if (node.comfyClass === "GIEPaddingCheck" || node.comfyClass === "GIERewriteInstruction") showExecutedText(node);
+    if (SHOWS_RESULT.includes(node.comfyClass)) showExecutedText(node);
   },
   // a loaded workflow restores its saved size and widget values (without callbacks): fit and re-apply
   loadedGraphNode(node) {
