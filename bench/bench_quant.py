@@ -74,34 +74,6 @@ def extrapolate(model, layers=19, single=38) -> int:
 
 
 def write_models(root: Path, n_double: int, n_single: int) -> dict:
-    """A random real-width Kontext transformer in a diffusers folder (bf16) and as GGUF files."""
-    marker = root / "bench.json"
-    want = {"double": n_double, "single": n_single}
-    if marker.exists() and json.loads(marker.read_text()) == want:
-        return want
-    root.mkdir(parents=True, exist_ok=True)
-    cfg = model_kwargs(load_config("flux1-kontext-dev-transformer"))
-    cfg.update(num_layers=n_double, num_single_layers=n_single)
-    torch.manual_seed(0)
-    model = FluxTransformer2DModel(**cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
-            else:
-                p.normal_(0, 0.02)
-    model = model.to(torch.bfloat16)
-    model.save_pretrained(root / "kontext" / "transformer")
-    bfl = flux_diffusers_to_bfl({k: v.float() for k, v in model.state_dict().items()})
-    for q in ("Q8_0", "Q4_0"):
-        t = time.perf_counter()
-        write_gguf(bfl, root / f"transformer-{q}.gguf", q)
-        print(f"wrote {q} GGUF in {time.perf_counter() - t:.1f} s", file=sys.stderr)
-    marker.write_text(json.dumps(want))
-    return want
-
-
-def write_models(root: Path, n_double: int, n_single: int) -> dict:
     """A random real-width Kontext transformer in a FLUX.1-Kontext folder (bf16) and as GGUF files."""
     marker = root / "bench.json"
     want = {"double": n_double, "single": n_single}
