@@ -7,6 +7,7 @@ The environment variables are set at import, before any test module imports
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -17,6 +18,12 @@ import torch  # noqa: E402
 
 # 2-core machines: two threads make a 20 ms tiny call swing up to ~1 s.
 torch.set_num_threads(1)
+
+# Headless Chromium for the page tests (Debian's chromium through Playwright for Python; never
+# `playwright install`, which downloads a browser build).
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +50,19 @@ def gie_dir(tiny_set):
 def tokenizer_dirs(tiny_set):
     """``TinyTokenizerPaths`` with the ``clip``, ``t5`` and ``qwen`` tokenizer directories."""
     return tiny_set.tokenizers
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for the session, or a skip saying what is missing."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install playwright; never `playwright install`)")
+    pw = sync_playwright().start()
+    b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+    yield b
+    b.close()
+    pw.stop()

@@ -51,9 +51,6 @@ UI_DIR = REPO / "workflows"
 API_DIR = UI_DIR / "api"
 WORKFLOWS = sorted(p.stem for p in API_DIR.glob("*.json"))
 PACK = "gpt_image_edit"  # the folder name under custom_nodes/ (also the /extensions/<name>/ prefix)
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 # The tiny models, under names other than the shipped workflows' so every run proves the
 # dropdown lists them and the rewrite reaches them. The Kontext folder is nested one level, as
@@ -890,21 +887,6 @@ def shots(tmp_path_factory):
         for p in d.glob("*.png"):
             shutil.copy2(p, dest / p.name)
     print(f"\nscreenshots: {d}")
-
-
-@pytest.fixture(scope="session")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install playwright; never `playwright install`)")
-    pw = sync_playwright().start()
-    b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-    yield b
-    b.close()
-    pw.stop()
 
 
 @pytest.fixture(scope="session")

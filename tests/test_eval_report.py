@@ -4,7 +4,6 @@ console error, every image decodes, the charts are there and the worst sample co
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -18,9 +17,6 @@ from gie_core.eval.judge import RUBRICS
 from gie_core.eval.runs import RunFolder
 from gie_core.eval.score import SIMILARITY_METRICS, aggregate, run_score, write_report
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 class ScriptedJudge:
@@ -56,21 +52,6 @@ def _scored_run(tmp_path: Path, name: str, scores: dict) -> Path:
     metrics = [*rub.metrics, *SIMILARITY_METRICS]
     write_report(folder, aggregate(samples, folder.read_records("judgements"), metrics, {"judge": "scripted"}))
     return folder.root
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install playwright; never `playwright install`)")
-    pw = sync_playwright().start()
-    b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-    yield b
-    b.close()
-    pw.stop()
 
 
 def test_report_page_renders_in_chromium_with_charts_and_the_worst_sample_first(tmp_path, browser):
