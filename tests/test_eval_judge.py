@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from gie_core.eval import synthetic
-from gie_core.eval.benchmarks import BENCHMARKS, load_samples
+from gie_core.eval.benchmarks import BENCHMARKS, SelectOptions, load_samples
 from gie_core.eval.judge import (
     RUBRICS,
     VIESCORE_PQ,
@@ -385,3 +385,41 @@ def test_tiny_qwen_judge_samples_are_seeded_and_asked_in_calls_of_five(gie_dir):
     assert judge.answer_samples([img], prompt, 7, seed=12) != first  # sampled, not greedy
     greedy = judge.answer([img], prompt)
     assert judge.answer([img], prompt) == greedy  # sampling left the greedy answer alone
+
+
+def test_omnicontext_multi_image_samples_show_the_judge_every_input(tmp_path):
+    """OmniContext's MULTIPLE/SCENE samples are judged on all their input images, in order, then the
+    output (OmniContext's own scorer compares the output with every input); a one-image sample keeps
+    the subject question pair over Image 1 and the output."""
+    (tmp_path / "images").mkdir()
+    sizes = {"0.png": (48, 40), "1.png": (32, 24), "2.png": (40, 40)}
+    for name, size in sizes.items():
+        Image.new("RGB", size, (len(name) * 40, 90, 20)).save(tmp_path / "images" / name)
+    data = tmp_path / "omni.jsonl"
+    rows = [{"key": "m0", "task_type": "multiple_object", "instruction": "Put both on a table.",
+             "instruction_language": "en", "input_images": ["images/0.png", "images/1.png"]},
+            {"key": "s0", "task_type": "single_character", "instruction": "She reads a book.",
+             "instruction_language": "en", "input_images": ["images/2.png"]}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples = load_samples("omnicontext", data, SelectOptions(task_types=("all",)))
+    folder = RunFolder(tmp_path / "run")
+    for s in samples:
+        out = folder.root / BENCHMARKS["omnicontext"].output_path(s)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (64, 48), (1, 2, 3)).save(out)
+
+    class SeeingJudge(ScriptedJudge):
+        def answer(self, images, prompt):
+            self.calls.append(([im.size for im in images], prompt))
+            return '{"reasoning": "ok", "prompt_following": 7, "subject_consistency": 6}'
+
+    judge = SeeingJudge([])
+    run_score(samples, BENCHMARKS["omnicontext"], folder, judge=judge, rub=RUBRICS["omnicontext"], progress=False)
+    seen = {text: shown for shown, prompt in judge.calls for text in ("Put both on a table.", "She reads a book.")
+            if text in prompt}
+    assert seen["Put both on a table."] == [(48, 40), (32, 24), (64, 48)]  # Image 1, Image 2, the output
+    assert seen["She reads a book."] == [(40, 40), (64, 48)]
+    multi = [p for shown, p in judge.calls if len(shown) == 3]
+    assert len(multi) == 2 and all(p.startswith("The first images show the subjects") for p in multi)
+    recs = {r["key"]: r for r in folder.read_records("judgements")}
+    assert recs["m0"]["metrics"]["prompt_following"] == 7 and recs["m0"]["status"] == "ok"

@@ -29,7 +29,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,7 +69,7 @@ class Question:
     """One call to the judge: which images it sees (in order), what it scores, on which scale."""
 
     name: str
-    images: tuple[str, ...]  # "source" and/or "output", in the order shown
+    images: tuple[str, ...]  # "source" (Image 1), "sources" (every input image) and/or "output", in the order shown
     criteria: tuple[Criterion, ...]
     low: int
     high: int
@@ -252,6 +252,31 @@ OMNI_SC = Question(
 )
 
 
+# OmniContext's MULTIPLE and SCENE tasks: the judge sees every input image, then the output.
+_SUBJECTS_INTRO = (
+    "The first images show the subjects (characters, objects or a scene) given as input. The last image was "
+    'generated from all of them with this prompt:\n"{instruction}"'
+)
+OMNI_PF_MULTI = Question(
+    "prompt_following", ("sources", "output"),
+    (Criterion("prompt_following", "how fully the last image shows the scene, action and details the prompt asks for, "
+                                   "with the input subjects together (0 = unrelated, 10 = everything asked for)"),),
+    0, 10, _SUBJECTS_INTRO,
+)
+OMNI_SC_MULTI = Question(
+    "subject_consistency", ("sources", "output"),
+    (Criterion("subject_consistency", "whether every subject of the input images is the same one in the last image: "
+                                      "face or shape, clothing, colours, textures and markings (0 = different or "
+                                      "missing subjects, 10 = each clearly the same)"),),
+    0, 10, _SUBJECTS_INTRO,
+)
+
+
+def _omni_questions(sample) -> tuple[Question, ...]:
+    """One input image: the subject question pair; several: the same questions over all of them."""
+    return (OMNI_PF_MULTI, OMNI_SC_MULTI) if getattr(sample, "more_images", ()) else (OMNI_PF, OMNI_SC)
+
+
 def _omni_combine(v: dict) -> dict:
     pf, sc = v.get("prompt_following"), v.get("subject_consistency")
     return {"prompt_following": pf, "subject_consistency": sc, "overall": _geo(pf, sc)}
@@ -267,7 +292,7 @@ RUBRICS: dict[str, Rubric] = {
                ("instruction_following", "identity_preservation", "perceptual_quality", "overall"),
                lambda s: (COMPLEX_ALIGNMENT, COMPLEX_QUALITY), _complex_combine, samples=COMPLEX_EDIT_SAMPLES),
         Rubric("omnicontext", "OmniContext prompt following / subject consistency, 0-10",
-               ("prompt_following", "subject_consistency", "overall"), lambda s: (OMNI_PF, OMNI_SC), _omni_combine),
+               ("prompt_following", "subject_consistency", "overall"), _omni_questions, _omni_combine),
     )
 }
 
@@ -630,18 +655,21 @@ def _status(statuses: list[str]) -> str:
 
 
 def judge_sample(judge, rub: Rubric, sample, source: Image.Image, output: Image.Image, *, samples: int = 1,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, more_sources: Sequence[Image.Image] = ()) -> dict:
     """Ask every question of ``rub`` about one sample: answers (raw and parsed), status, metrics.
 
     ``judge`` is anything with ``answer(images, prompt) -> str`` (:class:`QwenJudge`). With
     ``samples`` > 1 each question is answered that many times (sampled, seeded by ``seed``, the
     sample's key and the question) and each criterion is the mean over the answers that gave it,
     as Complex-Edit aggregates its repeated judge samples; ``raw`` is then the list of answers.
+    ``more_sources``: the sample's further input images (Image 2 ...), shown with Image 1 to the
+    questions that ask about every input (OmniContext's multi-image tasks).
     """
     answers, values, statuses = {}, {}, []
-    pictures = {"source": source, "output": output}
+    pictures = {"source": [source], "sources": [source, *more_sources], "output": [output]}
     for q in rub.questions(sample):
-        raws = _ask(judge, [pictures[n] for n in q.images], q.prompt(sample.instruction), samples,
+        shown = [im for n in q.images for im in pictures[n]]
+        raws = _ask(judge, shown, q.prompt(sample.instruction), samples,
                     sample_seed(seed, f"{sample.key}/{q.name}"))
         runs = [parse_scores(raw, q.criteria, q.low, q.high) for raw in raws]
         names = [c.name for c in q.criteria]

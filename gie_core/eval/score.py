@@ -58,7 +58,8 @@ def score_sample(sample: Sample, output_path, record: dict, *, judge=None, rub=N
     source = load_sample_image(sample.judge_source, f"sample '{sample.key}' source image")
     record["status"] = "similarity"
     if judge is not None:
-        record.update(judge_sample(judge, rub, sample, source, output, samples=judge_samples))
+        more = [load_sample_image(ref, f"sample '{sample.key}' image {i}") for i, ref in enumerate(sample.more_images, 2)]
+        record.update(judge_sample(judge, rub, sample, source, output, samples=judge_samples, more_sources=more))
     if similarity or embedder is not None:
         sim, keep = similarity_outside(source, output, sample.mask)
         if embedder is not None:
