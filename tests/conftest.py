@@ -52,9 +52,11 @@ def tokenizer_dirs(tiny_set):
     return tiny_set.tokenizers
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """One headless Chromium for the session, or a skip saying what is missing."""
+    """One headless Chromium per test module, or a skip saying what is missing. Module-scoped:
+    Playwright's sync API keeps an event loop running while its browser is open, and a later
+    module's ``asyncio.run`` (the web-extension route tests) refuses to start inside it."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)")
     try:

@@ -889,7 +889,7 @@ def shots(tmp_path_factory):
     print(f"\nscreenshots: {d}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # as the browser it opens (tests/conftest.py)
 def page(browser, server):
     server.post("/settings/Comfy.TutorialCompleted", True)
     ctx = browser.new_context(viewport={"width": 1600, "height": 1000})
