@@ -143,6 +143,14 @@ def _generate_parser(sub, layouts: str) -> None:
     _model_args(g)
 
 
+def _judge_limit_args(p) -> None:
+    """The judge's answer and image bounds, as score and paper take them."""
+    p.add_argument("--judge-max-new-tokens", type=int, default=DEFAULT_JUDGE_MAX_NEW_TOKENS,
+                   help=f"bound on each judge answer (default {DEFAULT_JUDGE_MAX_NEW_TOKENS})")
+    p.add_argument("--judge-max-pixels", type=int, default=DEFAULT_JUDGE_MAX_PIXELS,
+                   help=f"images are scaled down to at most this many pixels for the judge (default {DEFAULT_JUDGE_MAX_PIXELS})")
+
+
 def _score_parser(sub) -> None:
     s = sub.add_parser(
         "score", allow_abbrev=False, formatter_class=HelpFormatter,
@@ -159,13 +167,10 @@ def _score_parser(sub) -> None:
     s.add_argument("--benchmark", choices=tuple(BENCHMARKS), help="for folders without _gie_eval/run.json")
     s.add_argument("--data", help="the instruction set, for folders without _gie_eval/run.json")
     _selection_args(s)
-    s.add_argument("--judge-max-new-tokens", type=int, default=DEFAULT_JUDGE_MAX_NEW_TOKENS,
-                   help=f"bound on each judge answer (default {DEFAULT_JUDGE_MAX_NEW_TOKENS})")
+    _judge_limit_args(s)
     s.add_argument("--judge-samples", type=int, default=None,
                    help=f"answers per question, averaged per criterion (default: the rubric's: {COMPLEX_EDIT_SAMPLES} for "
                         "complex-edit, as its eval.py -n, sampled at temperature 1; 1 greedy answer for the others)")
-    s.add_argument("--judge-max-pixels", type=int, default=DEFAULT_JUDGE_MAX_PIXELS,
-                   help=f"images are scaled down to at most this many pixels for the judge (default {DEFAULT_JUDGE_MAX_PIXELS})")
     s.add_argument("--dtype", choices=(AUTO_DTYPE, *DTYPE_NAMES), help="judge dtype (default bf16 on GPU, fp32 on CPU)")
     s.add_argument("--device", default=None, help="torch device (default: the process's GPU under accelerate, else cuda/mps/cpu)")
     s.add_argument("--quiet", action="store_true", help="no progress bar, no table on stdout")
@@ -221,10 +226,7 @@ def _paper_parser(sub) -> None:
     a.add_argument("--limit", type=int, default=None, help="only the first N samples of each set (a quick try)")
     j = a.add_argument_group("judge")
     j.add_argument("--judge", required=True, help="Qwen2.5-VL folder: a GPT-Image-Edit checkpoint or a stock Qwen2.5-VL")
-    j.add_argument("--judge-max-new-tokens", type=int, default=DEFAULT_JUDGE_MAX_NEW_TOKENS,
-                   help=f"bound on each judge answer (default {DEFAULT_JUDGE_MAX_NEW_TOKENS})")
-    j.add_argument("--judge-max-pixels", type=int, default=DEFAULT_JUDGE_MAX_PIXELS,
-                   help=f"images are scaled down to at most this many pixels for the judge (default {DEFAULT_JUDGE_MAX_PIXELS})")
+    _judge_limit_args(j)
     _model_args(a, paper=True)
 
 
