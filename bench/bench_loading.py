@@ -6,8 +6,13 @@ first; the folder is removed at the end unless ``--dir`` names one to keep):
 - ``transformer``: a diffusers-layout FLUX.1 Kontext transformer at the real width (3072, 24
   heads) with enough blocks for ``--transformer-gb`` (default 1.7 GB, bf16), in a FLUX.1-Kontext
   folder. Ours: ``load_part("transformer", folder, storage, dtype)``; the library:
-  ``FluxTransformer2DModel.from_pretrained(folder/transformer, torch_dtype=...)`` (and for fp8
-  its own ``enable_layerwise_casting(storage_dtype=float8_e4m3fn)``);
+  ``FluxTransformer2DModel.from_pretrained(folder/transformer, torch_dtype=...)``, and for fp8
+  diffusers' layerwise casting to float8_e4m3fn over the layers we store in fp8
+  (``diffusers.hooks.apply_layerwise_casting(..., skip_modules_pattern=FP8_KEEP["transformer"])``:
+  the same weights in the same dtypes, so the same conversion work); ``fp8-default`` is the
+  model's own ``enable_layerwise_casting(storage_dtype=float8_e4m3fn)``, whose skip patterns
+  leave every block's modulation layers (every module named ``norm*``) in bf16: less to
+  convert, about 20% more memory kept;
 - ``released``: a checkpoint in the released GPT-Image-Edit layout (``--released-gb``, default
   2 GB, sharded, pre-4.52 key names), sized mostly by Qwen2.5-VL layers. Ours:
   ``load_gie_checkpoint(parts=("encoder",), lm_head=True)``; the library:
@@ -17,14 +22,15 @@ first; the folder is removed at the end unless ``--dir`` names one to keep):
 Each measurement is a fresh process (libraries imported before its memory baseline), and after
 loading every page of every weight is touched (as a forward or a move to a GPU would), so a
 loader that only maps files is charged for reading them. Per checkpoint and dtype path (bf16 =
-the files' dtype; fp32 = every weight cast, the CLI's CPU default; fp8 for the transformer),
+the files' dtype; fp32 = every weight cast, the CLI's CPU default; fp8 and fp8-default for the
+transformer),
 warm page cache and cold (the files' pages dropped before every run, checked with mincore),
 ``--pairs`` interleaved pairs in alternating order. Reported: median seconds and spread per side,
 the ratio of medians (ours / library; goal <= 1.0), and each side's memory beside the bytes it
 keeps: steady VmRSS and peak VmHWM over the process's baseline, and its anonymous / file-backed
 parts (goal: peak <= 1.05x the bytes kept).
 
-    python bench/bench_loading.py [--cases transformer,released] [--dtypes bf16,fp32,fp8] [--pairs 3]
+    python bench/bench_loading.py [--cases transformer,released] [--dtypes bf16,fp32,fp8,fp8-default] [--pairs 3]
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ import torch  # noqa: E402
 from _measure import (disk_free, drop_page_cache, interleaved, machine_line, median_spread, proc_status,  # noqa: E402
                       report_child, run_child, spread_note, warm_page_cache)
 from diffusers import FluxTransformer2DModel  # noqa: E402
+from diffusers.hooks import apply_layerwise_casting  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402, F401
 
@@ -56,10 +63,12 @@ from gie_core.engine.encoders import load_qwen_image_processor  # noqa: E402, F4
 from gie_core.testing.tiny import build_tokenizers  # noqa: E402
 from gie_core.weights.loading import gie_config, load_gie_checkpoint, qwen_config_from_gie  # noqa: E402
 from gie_core.weights.parts import load_part  # noqa: E402
+from gie_core.weights.quantize import FP8_KEEP  # noqa: E402
 from gie_core.weights.reader import save_safetensors_atomic  # noqa: E402
 from gie_core.weights.single_file import load_config, model_kwargs  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.bfloat16}  # fp8: stored fp8, computed in bf16
+# fp8: stored fp8, computed in bf16 (fp8-default: the library with its default skip patterns; ours is the same load)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.bfloat16, "fp8-default": torch.bfloat16}
 
 
 def released_entries(hidden: int, gb: float) -> tuple[list[tuple[str, tuple]], dict, dict, dict]:
@@ -182,11 +191,14 @@ def child(case: str, side: str, dtype_name: str, path: Path) -> None:
     base = proc_status()
     t = time.perf_counter()
     if case == "transformer" and side == "ours":
-        models = [load_part("transformer", path, "fp8" if dtype_name == "fp8" else "auto", dtype=dtype).module]
+        models = [load_part("transformer", path, "fp8" if dtype_name.startswith("fp8") else "auto", dtype=dtype).module]
     elif case == "transformer":
         m = FluxTransformer2DModel.from_pretrained(path / "transformer", torch_dtype=dtype, use_safetensors=True,
                                                    local_files_only=True)
-        if dtype_name == "fp8":
+        if dtype_name == "fp8":  # the layers we store in fp8: the same result, the same work
+            apply_layerwise_casting(m, storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype,
+                                    skip_modules_pattern=FP8_KEEP["transformer"], skip_modules_classes=None)
+        elif dtype_name == "fp8-default":
             m.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
         models = [m]
     elif side == "ours":
@@ -243,7 +255,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  epilog="Writes ~4 GB of random checkpoints (temporary unless --dir is given).")
     ap.add_argument("--cases", default="transformer,released", help="transformer, released (default both)")
-    ap.add_argument("--dtypes", default="bf16,fp32,fp8", help="bf16, fp32, fp8 (fp8: transformer only; default all)")
+    ap.add_argument("--dtypes", default="bf16,fp32,fp8,fp8-default",
+                    help="bf16, fp32, fp8, fp8-default (the fp8 ones: transformer only; default all)")
     ap.add_argument("--states", default="warm,cold", help="warm, cold page cache (default both)")
     ap.add_argument("--pairs", type=int, default=3, help="interleaved ours/library pairs per measurement (default 3)")
     ap.add_argument("--transformer-gb", type=float, default=1.7)
@@ -277,7 +290,7 @@ def main():
             print(f"released-layout checkpoint: {n / 1e9:.2f} GB (bf16) in {paths['released']}")
         for case, path in paths.items():
             for dtype_name in [d for d in args.dtypes.split(",") if d]:
-                if dtype_name == "fp8" and case != "transformer":
+                if dtype_name.startswith("fp8") and case != "transformer":
                     continue
                 for state in [s for s in args.states.split(",") if s]:
                     res = measure(case, path, dtype_name, state == "cold", args.pairs)

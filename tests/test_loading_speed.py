@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from gie_core.weights.loading import OnDemandLMHead, load_connector, load_gie_checkpoint, load_kontext_dir
 from gie_core.engine.components import module_bytes as resident_bytes
+from gie_core.weights.gguf import load_gguf_transformer, write_gguf
 from gie_core.weights.reader import CheckpointReader
 
 
@@ -207,13 +208,47 @@ def test_a_gguf_load_keeps_no_mapping_of_the_file(kontext_dir, tmp_path):
     from diffusers import FluxTransformer2DModel
 
     import bfl_layout
-    from gie_core.weights.gguf import load_gguf_transformer, write_gguf
 
     tr = FluxTransformer2DModel.from_pretrained(kontext_dir / "transformer", local_files_only=True)
     path = write_gguf(bfl_layout.flux_diffusers_to_bfl(tr.state_dict()), tmp_path / "kontext-Q8_0.gguf", "Q8_0")
     model = load_gguf_transformer(path, dtype=torch.bfloat16)
     assert any(type(p).__name__ == "GGUFParameter" for p in model.parameters())
     assert _mapped([path]) == []
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_a_gguf_load_equals_diffusers_reader_split_afterwards(kontext_dir, tmp_path, monkeypatch, qtype):
+    # Fused BFL tensors (qkv, linear1) are read straight into their parts, row ranges of the
+    # file, and F16/F32 tensors are cast through a small buffer; the result must be what
+    # diffusers' own GGUF reader gives, split and cast afterwards, byte for byte.
+    from diffusers import FluxTransformer2DModel
+    from diffusers.models.model_loading_utils import load_gguf_checkpoint
+
+    import bfl_layout
+    from gie_core.weights import gguf as gguf_module
+    from gie_core.weights.single_file import bfl_flux_key_to_diffusers
+
+    tr = FluxTransformer2DModel.from_pretrained(kontext_dir / "transformer", local_files_only=True)
+    path = write_gguf(bfl_layout.flux_diffusers_to_bfl(tr.state_dict()), tmp_path / f"kontext-{qtype}.gguf", qtype)
+    monkeypatch.setattr(gguf_module, "CAST_CHUNK_BYTES", 256)  # several chunks per cast tensor, one partial
+    ours = dict(load_gguf_transformer(path, dtype=torch.bfloat16).state_dict())
+    inner = tr.config.num_attention_heads * tr.config.attention_head_dim
+    mlp = tr.single_transformer_blocks[0].proj_mlp.out_features
+    theirs = {}
+    for key, tensor in load_gguf_checkpoint(str(path)).items():
+        for name, part in bfl_flux_key_to_diffusers(key, tensor, inner_dim=inner, mlp_hidden_dim=mlp):
+            theirs[name] = part
+    assert sorted(ours) == sorted(theirs)
+    quantised = 0
+    for name, got in ours.items():
+        want = theirs[name]
+        if type(want).__name__ == "GGUFParameter":
+            quantised += 1
+            assert type(got).__name__ == "GGUFParameter" and got.quant_type == want.quant_type, name
+            assert torch.equal(got.as_subclass(torch.Tensor), want.as_subclass(torch.Tensor)), name
+        else:
+            assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16)), name
+    assert quantised > 0
 
 
 @needs_proc_maps

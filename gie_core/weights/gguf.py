@@ -35,7 +35,7 @@ from gie_core.weights.loading import _dtype_kwarg
 from gie_core.weights.reader import CheckpointError, read_at
 from gie_core.weights.single_file import _flux_config_from_shapes, bfl_flux_key_to_diffusers
 
-__all__ = ["GGUF_WRITE_TYPES", "gguf_metadata", "is_gguf", "load_gguf_transformer", "open_checked", "read_gguf_tensors",
+__all__ = ["GGUF_WRITE_TYPES", "gguf_metadata", "gguf_tensor_shapes", "is_gguf", "load_gguf_transformer", "open_checked", "read_gguf_tensors",
            "write_gguf"]
 
 # What write_gguf can store: block quantisations the gguf package encodes, and plain floats.
@@ -106,17 +106,53 @@ def gguf_metadata(path: str | os.PathLike) -> dict[str, object]:
     return out
 
 
-def read_gguf_tensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+# Plain (F16/F32) tensors cast while read go through a buffer of at most this many bytes, so a
+# cast never holds a whole tensor twice (a community file keeps its final layer in F32: 75 MB).
+CAST_CHUNK_BYTES = 4 * 2**20
+
+# layout(key, rows) -> [(name, source rows)]: the tensors a file's tensor becomes, each made of
+# some of its rows (dim 0) in order, e.g. a fused qkv weight split into q, k and v.
+Layout = Callable[[str, int], list[tuple[str, torch.Tensor]]]
+
+
+def _logical_shape(t) -> tuple[int, ...]:
+    """A GGUF tensor's shape as a model sees it (numpy order; quantised rows in elements)."""
+    shape = tuple(int(s) for s in t.data.shape)
+    if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return shape
+    return tuple(int(s) for s in gguf.quant_shape_from_byte_shape(shape, t.tensor_type))
+
+
+def _runs(rows: torch.Tensor) -> list[tuple[int, int]]:
+    """Row indices as (first, count) runs of consecutive rows."""
+    out: list[tuple[int, int]] = []
+    for r in rows.tolist():
+        if out and out[-1][0] + out[-1][1] == r:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((r, 1))
+    return out
+
+
+def gguf_tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Every tensor's logical shape in a complete GGUF file (:func:`open_checked`); no data read."""
+    return {t.name: _logical_shape(t) for t in open_checked(path).tensors}
+
+
+def read_gguf_tensors(path: Path, dtype: torch.dtype | None = None, layout: Layout | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of a complete GGUF file (:func:`open_checked`) in fresh memory, as diffusers'
     ``load_gguf_checkpoint`` gives them (quantised blocks as its ``GGUFParameter``, F16/F32 as
-    plain tensors, cast to ``dtype`` one at a time as they are read when given: the model keeps
-    them in its compute dtype, and casting them all at once later would hold both copies), or a
-    :class:`CheckpointError` naming a quantisation diffusers cannot dequantise, before any
-    tensor is read.
+    plain tensors, cast to ``dtype`` when given), or a :class:`CheckpointError` naming a
+    quantisation diffusers cannot dequantise, before any tensor is read.
+
+    ``layout`` renames and splits: each file tensor becomes the tensors it returns, each read
+    straight from the file's rows into its own memory (a quantised row is whole blocks, so rows
+    split as they do unquantised), never a fused copy split afterwards. F16/F32 tensors cast to
+    ``dtype`` go through a buffer of at most ``CAST_CHUNK_BYTES``.
 
     Read front to back by positional reads with the kernel's read-ahead, never through the
     file's memory map: the file's pages never enter the process, so loading peaks at the bytes
-    kept, and nothing of the file is mapped once the load returns."""
+    kept plus one cast buffer, and nothing of the file is mapped once the load returns."""
     from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES, GGUFParameter  # start-up: diffusers (~3 s)
 
     plain = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
@@ -131,36 +167,68 @@ def read_gguf_tensors(path: Path, dtype: torch.dtype | None = None) -> dict[str,
     with open(path, "rb", buffering=0) as fh:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        for t in tensors:
-            data = np.empty(t.data.shape, dtype=t.data.dtype)  # t.data maps the file; its pages are never touched
-            if read_at(fh, memoryview(data), int(t.data_offset)) < data.nbytes:
+
+        def read_rows(t, first: int, view: np.ndarray) -> None:
+            row = int(t.data.nbytes) // int(t.data.shape[0])
+            if read_at(fh, memoryview(view.reshape(-1)), int(t.data_offset) + first * row) < view.nbytes:
                 raise CheckpointError(f"{path} is truncated: could not read tensor '{t.name}'")
-            weights = torch.from_numpy(data)
-            if t.tensor_type not in plain:
-                weights = GGUFParameter(weights, quant_type=t.tensor_type)
-            elif dtype is not None:
-                weights = weights.to(dtype)
-            state[t.name] = weights
+
+        buffer = None
+        for t in tensors:  # t.data maps the file; only its shape and dtype are read, never its pages
+            shape, src_dtype = tuple(t.data.shape), t.data.dtype
+            parts = layout(t.name, shape[0]) if layout is not None else [(t.name, torch.arange(shape[0]))]
+            for name, rows in parts:
+                runs = _runs(rows)
+                cast = t.tensor_type in plain and dtype is not None and torch.from_numpy(np.empty(0, src_dtype)).dtype != dtype
+                if not cast:
+                    data = np.empty((len(rows), *shape[1:]), dtype=src_dtype)
+                    at = 0
+                    for first, count in runs:
+                        read_rows(t, first, data[at:at + count])
+                        at += count
+                    weights = torch.from_numpy(data)
+                    state[name] = weights if t.tensor_type in plain else GGUFParameter(weights, quant_type=t.tensor_type)
+                    continue
+                out = torch.empty((len(rows), *shape[1:]), dtype=dtype)
+                per_row = int(np.prod(shape[1:], dtype=np.int64)) * src_dtype.itemsize
+                step = max(1, CAST_CHUNK_BYTES // per_row)
+                if buffer is None or buffer.nbytes < min(step, len(rows)) * per_row:
+                    # one byte buffer for every cast (grown only for a row over CAST_CHUNK_BYTES)
+                    buffer = np.empty(max(CAST_CHUNK_BYTES, per_row), dtype=np.uint8)
+                at = 0
+                for first, count in runs:
+                    for i in range(0, count, step):
+                        n = min(step, count - i)
+                        chunk = buffer[:n * per_row].view(src_dtype).reshape(n, *shape[1:])
+                        read_rows(t, first + i, chunk)
+                        out[at:at + n].copy_(torch.from_numpy(chunk))
+                        at += n
+                state[name] = out
     return state
 
 
 class _Shapes:
     """The reader interface the shape-to-config code of :mod:`gie_core.weights.single_file` reads
-    (``keys``, ``shape``, ``in``), over a loaded GGUF state dict (logical shapes, not the
-    quantised byte shapes)."""
+    (``keys``, ``shape``, ``in``) over a GGUF file's logical shapes."""
 
-    def __init__(self, state: Mapping[str, torch.Tensor]):
-        self._state = state
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]]):
+        self._shapes = shapes
 
     def keys(self) -> list[str]:
-        return list(self._state)
+        return list(self._shapes)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._state
+        return key in self._shapes
 
     def shape(self, key: str) -> tuple[int, ...]:
-        t = self._state[key]
-        return tuple(getattr(t, "quant_shape", t.shape))
+        return self._shapes[key]
+
+
+def _strip(key: str) -> str:
+    for prefix in _PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
 
 
 def load_gguf_transformer(
@@ -176,30 +244,25 @@ def load_gguf_transformer(
     from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig  # start-up: diffusers' models (~4 s)
 
     p = Path(path)
-    raw = read_gguf_tensors(p, dtype)
-    state = {}
-    for key, tensor in raw.items():
-        for prefix in _PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-                break
-        state[key] = tensor
-    del raw
-    if "img_in.weight" in state:
+    shapes = {_strip(k): v for k, v in gguf_tensor_shapes(p).items()}
+    if "img_in.weight" in shapes:
         bfl = True
-    elif "x_embedder.weight" in state:
+    elif "x_embedder.weight" in shapes:
         bfl = False
     else:
-        first = ", ".join(list(state)[:3]) or "no tensors"
+        first = ", ".join(list(shapes)[:3]) or "no tensors"
         raise CheckpointError(f"{p} is not a FLUX transformer GGUF file (its first tensors are {first})")
-    config, mlp_hidden = _flux_config_from_shapes(_Shapes(state), "", p, bfl=bfl)
-    if bfl:
-        inner = config["num_attention_heads"] * config["attention_head_dim"]
-        converted = {}
-        for key in list(state):
-            for name, part in bfl_flux_key_to_diffusers(key, state.pop(key), inner_dim=inner, mlp_hidden_dim=mlp_hidden):
-                converted[name] = part
-        state = converted
+    config, mlp_hidden = _flux_config_from_shapes(_Shapes(shapes), "", p, bfl=bfl)
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+
+    def layout(key: str, rows: int) -> list[tuple[str, torch.Tensor]]:
+        # the BFL -> diffusers mapping applied to row numbers: which rows of the file's tensor
+        # make each diffusers tensor (split fused qkv / linear1, swap the final layer's halves)
+        if not bfl:
+            return [(_strip(key), torch.arange(rows))]
+        return bfl_flux_key_to_diffusers(_strip(key), torch.arange(rows), inner_dim=inner, mlp_hidden_dim=mlp_hidden)
+
+    state = read_gguf_tensors(p, dtype, layout)
     with tempfile.TemporaryDirectory(prefix="gie-gguf-config-") as cfg_dir:
         cfg = {k: v for k, v in config.items() if not k.startswith("_")}
         cfg["_class_name"] = "FluxTransformer2DModel"
