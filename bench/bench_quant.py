@@ -6,7 +6,8 @@ One random FLUX.1 Kontext transformer at the real width (3072, 24 heads, context
 FLUX.1-Kontext folder) and written as GGUF Q8_0 and Q4_0 files (BFL layout, with
 ``gie_core.weights.gguf.write_gguf``); each is loaded the way users load it,
 ``load_part("transformer", source, storage)`` (bf16; fp8 = the bf16 folder stored in float8;
-the GGUF files as stored), and measured two ways:
+fp8_fast = the ``fp8_e4m3fn_fast`` row: fp8 weights with per-tensor scales, each quantised as
+it is read; the GGUF files as stored), and measured two ways:
 
 - process memory, each load in a fresh child (``--pairs`` rounds, the order of the kinds
   alternating): steady ``VmRSS`` and peak ``VmHWM`` over the child's baseline after imports, and
@@ -18,7 +19,7 @@ the GGUF files as stored), and measured two ways:
 
 The layers outside the blocks (embedders, timestep MLPs, final layer: 62 M parameters) stay in
 bf16 under every kind, so the ratios depend on their share of the model's bytes: 0.5% of the
-12B model, 4.7% of the default 2 + 4 blocks, 9% of 1 + 2 (where even the weight bytes of
+12B model, 4.9% of the default 2 + 4 blocks, 9.3% of 1 + 2 (where even the weight bytes of
 Q4_0 are 0.348x bf16's); the bench prints the share.
 
 No timing column: on a CPU, fp8 and GGUF layers are dequantised to bf16 on every forward
@@ -62,7 +63,8 @@ from gie_core.weights.gguf import write_gguf  # noqa: E402
 from gie_core.weights.parts import load_part  # noqa: E402
 from gie_core.weights.single_file import load_config, model_kwargs  # noqa: E402
 
-KINDS = ("bf16", "fp8", "Q8_0", "Q4_0")
+KINDS = ("bf16", "fp8", "fp8_fast", "Q8_0", "Q4_0")
+STORAGE = {"bf16": "auto", "fp8": "fp8", "fp8_fast": "fp8_e4m3fn_fast"}  # folder kinds: load_part's storage row
 GOALS = {"fp8": 0.55, "Q8_0": 0.60, "Q4_0": 0.35}
 
 
@@ -127,8 +129,8 @@ def write_models(root: Path, n_double: int, n_single: int) -> dict:
 
 def load_weights(root: Path, kind: str, compute: torch.dtype):
     """The transformer stored as ``kind``, loaded as users load it."""
-    if kind in ("bf16", "fp8"):
-        return load_part("transformer", root / "kontext", "fp8" if kind == "fp8" else "auto", dtype=compute).module
+    if kind in STORAGE:
+        return load_part("transformer", root / "kontext", STORAGE[kind], dtype=compute).module
     return load_part("transformer", root / f"transformer-{kind}.gguf", dtype=compute).module
 
 

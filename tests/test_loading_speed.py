@@ -216,6 +216,42 @@ def test_a_gguf_load_keeps_no_mapping_of_the_file(kontext_dir, tmp_path):
     assert _mapped([path]) == []
 
 
+@needs_proc_maps
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_compute_quantises_each_weight_as_it_is_read(bf16_kontext, monkeypatch, dtype):
+    # fp8_e4m3fn_fast streams: each linear weight is quantised (in chunks of rows, the pages of
+    # the file dropped as read) while the file is read, never the whole model held in the compute
+    # dtype first; the values equal diffusers' loader followed by quantising each layer whole.
+    from diffusers import FluxTransformer2DModel
+
+    from gie_core.weights import fp8_compute
+    from gie_core.weights.parts import load_part
+
+    files = sorted(bf16_kontext.glob("transformer/*.safetensors"))
+    monkeypatch.setattr(fp8_compute, "QUANTIZE_CHUNK_ELEMENTS", 64)  # many chunks per weight
+    streamed = load_part("transformer", bf16_kontext, "fp8_e4m3fn_fast", dtype=dtype).module
+    assert _mapped(files) == []  # nothing of the bf16 file stays mapped, the kept bf16 layers included
+    assert any(isinstance(m, fp8_compute.Fp8Linear) for m in streamed.modules())
+    ref = FluxTransformer2DModel.from_pretrained(bf16_kontext / "transformer", torch_dtype=dtype, local_files_only=True,
+                                                 use_safetensors=True)
+    monkeypatch.setattr(fp8_compute, "QUANTIZE_CHUNK_ELEMENTS", 2**30)  # whole weights at once
+    fp8_compute.prepare_fp8_compute(ref, dtype, "transformer")
+    _equal_state(streamed, ref)
+
+
+def test_release_view_drops_only_a_files_own_pages(bf16_kontext):
+    path = next(bf16_kontext.glob("transformer/*.safetensors"))
+    with CheckpointReader.open(path) as reader:
+        key = max(reader.keys(), key=reader.nbytes)
+        view = reader.load(key)  # the file's pages, as stored
+        values = view.clone()
+        assert reader.release_view(view)  # its pages leave the process ...
+        assert torch.equal(view, values)  # ... and come back from the file when read again
+        copy = reader.load(key, torch.float32)
+        assert not reader.release_view(copy)  # a copy is never touched
+        assert torch.equal(copy, values.float())
+
+
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
 def test_a_gguf_load_equals_diffusers_reader_split_afterwards(kontext_dir, tmp_path, monkeypatch, qtype):
     # Fused BFL tensors (qkv, linear1) are read straight into their parts, row ranges of the

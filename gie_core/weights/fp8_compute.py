@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,7 @@ __all__ = [
     "FP8_MAX",
     "MIN_CAPABILITY",
     "Fp8Linear",
+    "fp8_compute_converters",
     "fp8_compute_unavailable",
     "fp8_linear",
     "prepare_fp8_compute",
@@ -79,14 +80,34 @@ def fp8_compute_unavailable(device: torch.device | str | None) -> str | None:
     return None
 
 
-def quantize_per_tensor(weight: torch.Tensor, scale: torch.Tensor | float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+# Rows of a weight quantised per step: the fp32 working copy stays small (a whole 12B-model
+# projection in fp32 would be ~190 MB on top of its weights).
+QUANTIZE_CHUNK_ELEMENTS = 2**22
+
+
+def quantize_per_tensor(weight: torch.Tensor, scale: torch.Tensor | float | None = None, *,
+                        release: Callable[[torch.Tensor], object] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(w_fp8, scale)`` with ``w ~ w_fp8 * scale``; ``scale`` None: ``amax(|w|) / 448``. The
-    scale is an fp32 scalar tensor on the weight's device."""
-    w = weight.detach().float()
+    scale is an fp32 scalar tensor on the weight's device. Computed in chunks of rows
+    (``(w / scale).clamp(-448, 448)`` in fp32, then float8), never a whole fp32 copy;
+    ``release(chunk)`` is called on each chunk of ``weight`` once it is read (a loader drops a
+    mapped file's pages there: :meth:`gie_core.weights.reader.CheckpointReader.release_view`)."""
+    w = weight.detach()
+    rows = w.reshape(w.shape[0], -1) if w.ndim > 1 else w.reshape(-1, 1)
+    step = max(1, QUANTIZE_CHUNK_ELEMENTS // max(1, rows.shape[1]))
+    release = release or (lambda chunk: None)
     if scale is None:
-        scale = (w.abs().amax() / FP8_MAX).clamp(min=1e-12)
+        amax = torch.zeros((), dtype=torch.float32, device=w.device)
+        for i in range(0, rows.shape[0], step):
+            amax = torch.maximum(amax, rows[i:i + step].abs().amax().float())
+            release(rows[i:i + step])
+        scale = (amax / FP8_MAX).clamp(min=1e-12)
     scale = torch.as_tensor(scale, dtype=torch.float32, device=w.device).reshape(())
-    return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    out = torch.empty(rows.shape, dtype=FP8, device=w.device)
+    for i in range(0, rows.shape[0], step):
+        out[i:i + step] = (rows[i:i + step].float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        release(rows[i:i + step])
+    return out.reshape(w.shape), scale
 
 
 def _quantize_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +196,11 @@ def prepare_fp8_compute(model: nn.Module, compute_dtype: torch.dtype, part: str 
     """Replace ``model``'s linear layers by :class:`Fp8Linear` (the layers of ``FP8_KEEP[part]``
     stay in ``compute_dtype``). ``scales``: ``{layer name: per-tensor scale}`` stored with the
     weights (:func:`gie_core.weights.single_file.stored_weight_scales`), so a scaled-fp8 file's values come back as stored.
-    Returns ``model``."""
+
+    On a loaded model each layer is quantised in turn. On a model built on the meta device (for
+    streaming) the layers are only replaced: :func:`fp8_compute_converters` then gives the
+    loader what turns each weight into fp8 and its scale as it is read, so the model is never
+    held in ``compute_dtype``. Returns ``model``."""
     if compute_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         raise ValueError("the compute dtype of fp8 compute must be bf16, fp16 or fp32")
     keep = [re.compile(p) for p in FP8_KEEP[part]]
@@ -189,6 +214,29 @@ def prepare_fp8_compute(model: nn.Module, compute_dtype: torch.dtype, part: str 
     model._gie_quantization = "fp8_e4m3fn_fast"
     model._gie_compute_dtype = compute_dtype
     return model
+
+
+def fp8_compute_converters(model: nn.Module, scales: Mapping[str, torch.Tensor] | None = None
+                           ) -> dict[str, Callable[[torch.Tensor], list[tuple[str, torch.Tensor]]]]:
+    """For a model prepared by :func:`prepare_fp8_compute` on the meta device: ``{weight name:
+    convert}``, where ``convert(weight, release=None)`` (the weight as read, in the compute dtype;
+    ``release(chunk)`` after each chunk is read, see :func:`quantize_per_tensor`) gives the
+    layer's float8 weight and its scale (``scales``: the stored ones, as given to
+    ``prepare_fp8_compute``), the same values as quantising a loaded model. For
+    :func:`gie_core.weights.reader.assign_weights` (``convert=``)."""
+    scales = scales or {}
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Fp8Linear):
+            prefix = f"{name}." if name else ""
+
+            def convert(weight: torch.Tensor, release: Callable[[torch.Tensor], object] | None = None, prefix=prefix,
+                        scale=scales.get(name)) -> list[tuple[str, torch.Tensor]]:
+                fp8, s = quantize_per_tensor(weight, scale, release=release)
+                return [(f"{prefix}weight", fp8), (f"{prefix}weight_scale", s)]
+
+            out[f"{prefix}weight"] = convert
+    return out
 
 
 def set_fp8_matmul(model: nn.Module, mode: str) -> int:

@@ -26,7 +26,7 @@ import torch
 from gie_core.constants import DTYPE_TABLE, MIXED_PRECISION_DTYPES, T5_MAX_LENGTH
 from gie_core.engine.connector import Connector
 from gie_core.engine.encoders import QwenVLEncoder, TextEncoders, load_qwen_image_processor, torchvision_available
-from gie_core.weights.fp8_compute import prepare_fp8_compute
+from gie_core.weights.fp8_compute import fp8_compute_converters, prepare_fp8_compute
 from gie_core.weights.quantize import bnb_config, prepare_fp8_storage, storage
 from gie_core.weights.reader import CheckpointError, CheckpointReader, empty_weights, stream_weights
 
@@ -279,13 +279,23 @@ def load_flux_transformer_from_reader(reader: CheckpointReader, prefix: str, con
     cfg = {k: v for k, v in config.items() if not k.startswith("_")}
     with empty_weights():
         transformer = FluxTransformer2DModel.from_config(cfg)
-    if q.method == "layerwise":
-        prepare_fp8_storage(transformer, dtype, "transformer", q.store)
+    convert = prepare_streamed_storage(transformer, q, dtype, "transformer")
     names = {k: k[len(prefix):] for k in reader.keys() if k.startswith(prefix)}
-    stream_weights(transformer, reader, names, dtype=dtype, device=device, what=what)
-    if q.method == "scaled_mm":
-        prepare_fp8_compute(transformer, dtype, "transformer")
+    stream_weights(transformer, reader, names, dtype=dtype, device=device, what=what, convert=convert)
     return transformer.eval().requires_grad_(False)
+
+
+def prepare_streamed_storage(model: torch.nn.Module, q, dtype: torch.dtype, part: str, scales=None) -> dict:
+    """Ready a model still on the meta device for a storage row's streaming load: float8 storage
+    (layerwise) is assigned straight into fp8; fp8 compute (scaled_mm) gets its ``Fp8Linear``
+    layers and the converters that quantise each weight as it is read (``scales``: stored
+    per-tensor scales). Returns the converters for :func:`stream_weights` (empty otherwise)."""
+    if q.method == "layerwise":
+        prepare_fp8_storage(model, dtype, part, q.store)
+    elif q.method == "scaled_mm":
+        prepare_fp8_compute(model, dtype, part, scales)
+        return fp8_compute_converters(model, scales)
+    return {}
 
 
 @dataclass
@@ -498,11 +508,9 @@ def load_diffusers_model(cls, folder: Path, dtype: torch.dtype, device, *, quant
             elif q.method == "scaled_mm":
                 prepare_fp8_compute(model, dtype, part)
             return model.eval().requires_grad_(False)
-        if q.method == "layerwise":
-            prepare_fp8_storage(model, dtype, part, q.store)
-        stream_weights(model, reader, names, dtype=dtype, device=device, what=f"{cls.__name__} weights in {folder}")
-        if q.method == "scaled_mm":
-            prepare_fp8_compute(model, dtype, part)
+        convert = prepare_streamed_storage(model, q, dtype, part)
+        stream_weights(model, reader, names, dtype=dtype, device=device, what=f"{cls.__name__} weights in {folder}",
+                       convert=convert)
     model.register_to_config(_name_or_path=folder)  # as from_pretrained records it
     return model.eval().requires_grad_(False)
 

@@ -402,10 +402,8 @@ def _load_transformer(plan: LoadPlan) -> LoadedPart:
     elif src.kind == "kontext_dir":
         model = loading.load_kontext_dir(src.path, dtype=plan.dtype, device=plan.device, parts=("transformer",),
                                          transformer_quantize=name).transformer
-    else:
+    else:  # fp8 compute keeps a scaled-fp8 file's stored scales (the loader reads them)
         model = single_file.load_bfl_transformer(src.path, dtype=plan.dtype, device=plan.device, quantize=name)
-        if plan.storage.method == "scaled_mm":  # fp8 compute keeps a scaled-fp8 file's stored scales
-            model = _layerwise(plan, model)
     return _done(plan, model.requires_grad_(False))
 
 

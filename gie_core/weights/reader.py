@@ -32,6 +32,7 @@ memory-mapped loader).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import mmap
 import os
@@ -39,7 +40,7 @@ import struct
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -176,6 +177,7 @@ class SafetensorsFile:
             raise
         self._size = size
         self._map: mmap.mmap | None = None
+        self._map_base = 0  # the mapping's address in memory
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -208,7 +210,9 @@ class SafetensorsFile:
                 if self._map is None:
                     # copy-on-write: a view's tensor may be changed in place (training) without
                     # touching the file; its unchanged pages are shared with the page cache
-                    self._map = mmap.mmap(self._fh.fileno(), self._size, access=mmap.ACCESS_COPY)
+                    mapping = mmap.mmap(self._fh.fileno(), self._size, access=mmap.ACCESS_COPY)
+                    self._map_base = torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr()
+                    self._map = mapping
         return self._map
 
     def aligned(self, key: str) -> bool:
@@ -280,6 +284,21 @@ class SafetensorsFile:
         were written to would be lost."""
         _, _, begin, end = self._entries[key]
         self._drop_pages(self._data_start + begin, end - begin)
+
+    def release_view(self, tensor: torch.Tensor) -> bool:
+        """Drop the pages wholly inside ``tensor``'s bytes from this process when ``tensor`` is a
+        view of this file's current mapping (they stay in the page cache; a later read maps them
+        again from the file), for a view whose bytes were read and are no longer needed. Anything
+        else (a copy, another file's view) is left alone: False."""
+        if self._map is None or tensor.device.type != "cpu" or tensor.numel() == 0:
+            return False
+        base = self._map_base
+        start = tensor.data_ptr()
+        nbytes = tensor.numel() * tensor.element_size()
+        if not (base <= start and start + nbytes <= base + self._size) or not tensor.is_contiguous():
+            return False
+        self._drop_pages(start - base, nbytes)
+        return True
 
     def unmap(self) -> None:
         """Forget this file's mapping: it leaves the process as soon as no view of it is left
@@ -403,6 +422,10 @@ class CheckpointReader:
         f.release(key)  # the source pages leave the process (they stay in the page cache)
         return out
 
+    def release_view(self, tensor: torch.Tensor) -> bool:
+        """:meth:`SafetensorsFile.release_view` on whichever file ``tensor`` is a view of."""
+        return any(f.release_view(tensor) for f in self.files)
+
     def offset(self, key: str) -> tuple[int, int]:
         """(file number, byte offset) of a tensor: sorting by it reads the files front to back."""
         f = self.file_of(key)
@@ -416,6 +439,7 @@ class CheckpointReader:
         *,
         read_ahead: bool = True,
         max_ahead_bytes: int = 256 * 2**20,
+        consumed: Iterable[str] = (),
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(key, tensor)`` for ``keys`` in file order (front to back: the fastest way
         through a disk), each loaded by :meth:`load` in ``dtype`` (one dtype for every floating
@@ -426,12 +450,18 @@ class CheckpointReader:
         device) every tensor is copied and the files are unmapped at the end: nothing of a
         source that is not used as stored stays in memory. With ``read_ahead`` the kernel is
         asked to read the next tensors into the page cache, at most ``max_ahead_bytes`` ahead,
-        while the current one is mapped or copied."""
+        while the current one is mapped or copied.
+
+        ``consumed``: keys the caller turns into other tensors and then drops (fp8 compute's
+        quantisation): they are views of the file whenever their dtype is the stored one on the
+        CPU (the caller drops their pages as it goes), and they never keep the files mapped:
+        a load that consumes any key copies every other tensor and unmaps the files."""
         keys = sorted(keys, key=self.offset)
         device = torch.device(device)
+        consumed = set(consumed)
         targets = {k: _target(self.dtype(k), dtype.get(k) if isinstance(dtype, Mapping) else dtype) for k in keys}
         used = {id(self.file_of(k)): self.file_of(k) for k in keys}
-        as_stored = device.type == "cpu" and all(targets[k] == self.dtype(k) for k in keys)
+        as_stored = device.type == "cpu" and not consumed and all(targets[k] == self.dtype(k) for k in keys)
         kept = set(used) if as_stored else set()
         for f in used.values():
             f.advise_sequential()
@@ -440,7 +470,7 @@ class CheckpointReader:
         ahead = _ReadAhead(self, keys, max_ahead_bytes) if read_ahead else None
         try:
             for k in keys:
-                tensor = self.load(k, targets[k], device, view=id(self.file_of(k)) in kept)
+                tensor = self.load(k, targets[k], device, view=id(self.file_of(k)) in kept or k in consumed)
                 if ahead is not None:
                     ahead.consumed(self.nbytes(k))
                 yield k, tensor
@@ -582,16 +612,23 @@ def stream_weights(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     what: str = "checkpoint",
+    convert: Mapping[str, Callable[[torch.Tensor], list[tuple[str, torch.Tensor]]]] | None = None,
 ) -> torch.nn.Module:
     """Fill a model built under :func:`empty_weights` from ``reader``: ``names`` maps checkpoint
     keys to parameter names. Each tensor is read once, front to back through the files, straight
     into the dtype the model keeps it in (:func:`weight_dtypes`; a view of the file when that is
     its stored dtype on the CPU, see :meth:`CheckpointReader.iter_loaded`), then assigned
-    (:func:`assign_weights`, strict)."""
+    (:func:`assign_weights`, strict). A parameter named in ``convert`` is read in ``dtype`` (a
+    view of the file when stored so, whose pages its function drops as it goes) and handed to
+    its function as it comes (see :func:`assign_weights`); the files are then unmapped."""
+    convert = convert or {}
     wanted = weight_dtypes(model, dtype)
-    per_key = {k: wanted.get(n, dtype) for k, n in names.items()}
-    pairs = ((names[k], t) for k, t in reader.iter_loaded(names, per_key, device))
-    return assign_weights(model, pairs, dtype=dtype, device=device, what=what)
+    per_key = {k: dtype if n in convert else wanted.get(n, dtype) for k, n in names.items()}
+    consumed = [k for k, n in names.items() if n in convert]
+    # a converter may drop the pages of what it has read, where that is a view of these files
+    convert = {n: functools.partial(fn, release=reader.release_view) for n, fn in convert.items()}
+    pairs = ((names[k], t) for k, t in reader.iter_loaded(names, per_key, device, consumed=consumed))
+    return assign_weights(model, pairs, dtype=dtype, device=device, what=what, convert=convert)
 
 
 def assign_weights(
@@ -602,8 +639,14 @@ def assign_weights(
     device: torch.device | str = "cpu",
     what: str = "checkpoint",
     strict: bool = True,
+    convert: Mapping[str, Callable[[torch.Tensor], list[tuple[str, torch.Tensor]]]] | None = None,
 ) -> torch.nn.Module:
     """Move ``(parameter name, tensor)`` pairs into a model built under :func:`empty_weights`.
+
+    ``convert``: ``{name: fn}``; such a tensor is handed to ``fn`` in ``dtype`` as it comes, and
+    the ``(name, tensor)`` pairs it returns are assigned as they are (final dtypes, e.g. a float8
+    weight and its scale: :func:`gie_core.weights.fp8_compute.fp8_compute_converters`), so a
+    converting load never holds the whole model in ``dtype``.
 
     Floating tensors are cast to ``dtype`` (fp8-stored weights are upcast), except modules the
     model asks to keep in fp32 (T5's ``wo``) and parameters the model already stores in fp8
@@ -619,7 +662,22 @@ def assign_weights(
     keep32 = _keep_fp32(model)
     seen: set[str] = set()
     unexpected: list[str] = []
-    for name, tensor in tensors:
+    convert = convert or {}
+
+    def converted(pairs):
+        for name, tensor in pairs:
+            fn = convert.get(name)
+            if fn is None or name not in expected or tuple(tensor.shape) != tuple(expected[name].shape):
+                yield name, tensor, False  # unknown or misshapen: reported below, as any other
+                continue
+            if tensor.is_floating_point() and tensor.dtype != dtype:
+                tensor = tensor.to(dtype)  # converted from the compute dtype, as a loaded model would be
+            outputs = fn(tensor)
+            del tensor
+            for out_name, out in outputs:
+                yield out_name, out, True
+
+    for name, tensor, final in converted(tensors):
         old = expected.get(name)
         if old is None:
             unexpected.append(name)
@@ -630,7 +688,7 @@ def assign_weights(
                 f"{what}: tensor '{name}' has shape {tuple(tensor.shape)} but the model expects {want} "
                 "(is this checkpoint for a different architecture?)"
             )
-        target = _weight_dtype(old, name, dtype, keep32)
+        target = tensor.dtype if final else _weight_dtype(old, name, dtype, keep32)
         value = tensor.to(device=device, dtype=target) if tensor.is_floating_point() else tensor.to(device)
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model

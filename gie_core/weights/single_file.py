@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from gie_core.engine.encoders import QwenVLEncoder, load_qwen_image_processor
-from gie_core.weights.loading import map_qwen_key, qwen_config_from_gie, quiet_transformers
-from gie_core.weights.quantize import prepare_fp8_storage, storage
+from gie_core.weights.loading import prepare_streamed_storage, map_qwen_key, qwen_config_from_gie, quiet_transformers
+from gie_core.weights.quantize import storage
 from gie_core.weights.reader import FLOAT8_DTYPES, CheckpointError, CheckpointReader, assign_weights, empty_weights
 
 # Names of the shipped configs (files in gie_core/configs/, without ".json").
@@ -447,7 +447,8 @@ def load_bfl_transformer(
     files; bf16/fp16/fp32, plain fp8 and ComfyUI scaled fp8 weights (upcast to ``dtype``).
     The architecture is the real Kontext config with the sizes read from the tensor shapes.
     ``quantize="fp8"``: each tensor goes straight into float8 storage as it is read (the model
-    is never held in ``dtype`` first).
+    is never held in ``dtype`` first); ``"fp8_e4m3fn_fast"``: each linear weight is quantised
+    to fp8 with its per-tensor scale as it is read (a scaled-fp8 file's stored scales kept).
     """
     from diffusers import FluxTransformer2DModel  # start-up: diffusers' models (~4 s)
 
@@ -460,8 +461,10 @@ def load_bfl_transformer(
         config, mlp_hidden = _flux_config_from_shapes(reader, prefix, path, bfl=bfl)
         with empty_weights():
             model = FluxTransformer2DModel.from_config(model_kwargs(config))
-        if q.method == "layerwise":
-            prepare_fp8_storage(model, dtype, "transformer", q.store)
+        # fp8 storage: straight into float8; fp8 compute: each weight quantised as it is read,
+        # a scaled-fp8 file keeping its stored per-tensor scales (its fp8 values come back exactly)
+        scales = stored_weight_scales(path, model, kind) if q.method == "scaled_mm" else None
+        convert = prepare_streamed_storage(model, q, dtype, "transformer", scales)
 
         def tensors() -> Iterator[tuple[str, torch.Tensor]]:
             for key, tensor in _iter_component(reader, prefix):
@@ -473,7 +476,7 @@ def load_bfl_transformer(
                 else:
                     yield key, tensor
 
-        assign_weights(model, tensors(), dtype=dtype, device=device, what=f"{path} (FLUX transformer)")
+        assign_weights(model, tensors(), dtype=dtype, device=device, what=f"{path} (FLUX transformer)", convert=convert)
     return model.eval()
 
 
