@@ -1,29 +1,32 @@
 """Our Kontext sampler vs diffusers' FluxKontextPipeline on the same small random model.
 
-Both sides are measured the same way: ``--warmup`` untimed runs each, then ``--repeats`` timed
-runs each, alternating (ours, diffusers, ours, diffusers, ...) so drift in machine load falls on
-both; each side reports its median and min. Prints the wall-time ratio of the medians (ours /
-diffusers; goal <= 1.0), the ratio of the mins, and the max output difference, all measured in
-this one run. CPU by default; ``--device cuda`` on a GPU machine.
+Both sides are measured the same way (the shared method of ``bench/_measure.py``): ``--warmup``
+untimed runs each, then ``--repeats`` timed rounds in interleaved pairs whose order alternates
+(ours-diffusers, diffusers-ours, ...), so drift in machine load falls on both; each side reports
+its median and spread, with a note when the spread exceeds 10%. Prints the machine line, the
+wall-time ratio of the medians (ours / diffusers; goal <= 1.0), the median of the paired ratios,
+and the max output difference, all measured in this one run. CPU by default; ``--device cuda``
+on a GPU machine.
 
-    python bench/bench_sampler.py [--size 256] [--steps 8] [--repeats 3] [--warmup 1] [--device cpu]
+    python bench/bench_sampler.py [--size 256] [--steps 8] [--repeats 5] [--warmup 1] [--device cpu]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel  # noqa: E402
+from _measure import interleaved, machine_line, median_spread, spread_note  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from gie_core.engine.conditioning import Conditioning  # noqa: E402
@@ -74,26 +77,25 @@ def make_sides(args, device) -> tuple[dict, int, int]:
 
 
 def measure(sides: dict, device, warmup: int, repeats: int) -> tuple[dict, dict]:
-    """({side: [seconds]}, {side: last output}): warm-up, then timed runs alternating between the sides."""
+    """({side: [seconds]}, {side: last output}): warm-up, then timed rounds in interleaved pairs
+    whose order alternates."""
+    outs = {}
 
-    def once(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t, out
+    def timed(name, fn):
+        def run():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            outs[name] = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t
+        return run
 
-    for _ in range(warmup):  # the same untimed warm-up on both sides, in the same alternation
+    for _ in range(warmup):  # the same untimed warm-up on both sides
         for fn in sides.values():
             fn()
-    times = {name: [] for name in sides}
-    outs = {}
-    for _ in range(repeats):  # alternate so drift in machine load falls on both sides alike
-        for name, fn in sides.items():
-            t, outs[name] = once(fn)
-            times[name].append(t)
+    times = interleaved({name: timed(name, fn) for name, fn in sides.items()}, repeats)
     return times, outs
 
 
@@ -101,7 +103,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per side (default 3)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed rounds per side, order alternating (default 5)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs per side first (default 1)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
@@ -114,16 +116,18 @@ def main():
     sides, w, h = make_sides(args, device)
     times, outs = measure(sides, device, args.warmup, args.repeats)
 
-    med = {name: statistics.median(ts) for name, ts in times.items()}
-    low = {name: min(ts) for name, ts in times.items()}
-    diff = (outs["ours"].float().cpu() - outs["diffusers"].float().cpu()).abs().max().item()
-    print(f"device {device}, {w}x{h}, {args.steps} steps, {args.warmup} warm-up + {args.repeats} timed runs "
-          "per side, alternating")
+    print(machine_line())
+    print(f"device {device}, {w}x{h}, {args.steps} steps, {args.warmup} warm-up + {args.repeats} timed rounds "
+          "per side, order alternating")
+    med = {}
     for name in sides:
+        med[name], spread = median_spread(times[name])
         runs = ", ".join(f"{t * 1000:.1f}" for t in times[name])
-        print(f"  {name:<9} median {med[name] * 1000:8.1f} ms   min {low[name] * 1000:8.1f} ms   (runs: {runs})")
-    print(f"  time ratio ours/diffusers = {med['ours'] / med['diffusers']:.3f} median, "
-          f"{low['ours'] / low['diffusers']:.3f} min  (goal <= 1.0)")
+        print(f"  {name:<9} median {med[name] * 1000:8.1f} ms  spread {spread:4.0%}  (runs: {runs}){spread_note(spread)}")
+    paired, pspread = median_spread(a / b for a, b in zip(times["ours"], times["diffusers"]))
+    diff = (outs["ours"].float().cpu() - outs["diffusers"].float().cpu()).abs().max().item()
+    print(f"  time ratio ours/diffusers = {med['ours'] / med['diffusers']:.3f} (medians; paired {paired:.3f}, "
+          f"spread {pspread:.0%})  (goal <= 1.0)")
     print(f"  max |ours - diffusers| = {diff:.2e}")
 
 
