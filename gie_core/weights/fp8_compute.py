@@ -80,32 +80,43 @@ def fp8_compute_unavailable(device: torch.device | str | None) -> str | None:
     return None
 
 
-# Rows of a weight quantised per step: the fp32 working copy stays small (a whole 12B-model
-# projection in fp32 would be ~190 MB on top of its weights).
-QUANTIZE_CHUNK_ELEMENTS = 2**22
+# Elements of a weight quantised per step, through one fp32 buffer: the working memory stays at
+# 4 MB (a whole 12B-model projection in fp32 would be ~190 MB on top of its weights).
+QUANTIZE_CHUNK_ELEMENTS = 2**20
 
 
 def quantize_per_tensor(weight: torch.Tensor, scale: torch.Tensor | float | None = None, *,
-                        release: Callable[[torch.Tensor], object] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        release: Callable[[torch.Tensor], object] | None = None,
+                        work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(w_fp8, scale)`` with ``w ~ w_fp8 * scale``; ``scale`` None: ``amax(|w|) / 448``. The
     scale is an fp32 scalar tensor on the weight's device. Computed in chunks of rows
     (``(w / scale).clamp(-448, 448)`` in fp32, then float8), never a whole fp32 copy;
     ``release(chunk)`` is called on each chunk of ``weight`` once it is read (a loader drops a
-    mapped file's pages there: :meth:`gie_core.weights.reader.CheckpointReader.release_view`)."""
+    mapped file's pages there: :meth:`gie_core.weights.reader.CheckpointReader.release_view`).
+    ``work``: an fp32 buffer of ``QUANTIZE_CHUNK_ELEMENTS`` on the weight's device to compute in
+    (a loader quantising layer after layer reuses one: a new 4 MB buffer per layer, freed between
+    the kept fp8 weights, would leave holes in the heap)."""
     w = weight.detach()
     rows = w.reshape(w.shape[0], -1) if w.ndim > 1 else w.reshape(-1, 1)
     step = max(1, QUANTIZE_CHUNK_ELEMENTS // max(1, rows.shape[1]))
     release = release or (lambda chunk: None)
+    need = min(step, rows.shape[0]) * rows.shape[1]
+    if work is None or work.numel() < need or work.device != w.device:
+        work = torch.empty(need, dtype=torch.float32, device=w.device)
+    work = work.view(-1)[:need].view(-1, rows.shape[1])
     if scale is None:
         amax = torch.zeros((), dtype=torch.float32, device=w.device)
-        for i in range(0, rows.shape[0], step):
-            amax = torch.maximum(amax, rows[i:i + step].abs().amax().float())
+        for i in range(0, rows.shape[0], step):  # |w| in the fp32 buffer (exact): no temporary per chunk
+            chunk = work[:min(step, rows.shape[0] - i)]
+            amax = torch.maximum(amax, chunk.copy_(rows[i:i + step]).abs_().amax())
             release(rows[i:i + step])
         scale = (amax / FP8_MAX).clamp(min=1e-12)
     scale = torch.as_tensor(scale, dtype=torch.float32, device=w.device).reshape(())
     out = torch.empty(rows.shape, dtype=FP8, device=w.device)
     for i in range(0, rows.shape[0], step):
-        out[i:i + step] = (rows[i:i + step].float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        chunk = work[:min(step, rows.shape[0] - i)]  # one fp32 buffer for every chunk
+        chunk.copy_(rows[i:i + step]).div_(scale).clamp_(-FP8_MAX, FP8_MAX)
+        out[i:i + step].copy_(chunk)
         release(rows[i:i + step])
     return out.reshape(w.shape), scale
 
@@ -226,13 +237,17 @@ def fp8_compute_converters(model: nn.Module, scales: Mapping[str, torch.Tensor] 
     :func:`gie_core.weights.reader.assign_weights` (``convert=``)."""
     scales = scales or {}
     out = {}
+    work: dict[torch.device, torch.Tensor] = {}  # one fp32 buffer per device for every layer
+
     for name, module in model.named_modules():
         if isinstance(module, Fp8Linear):
             prefix = f"{name}." if name else ""
 
             def convert(weight: torch.Tensor, release: Callable[[torch.Tensor], object] | None = None, prefix=prefix,
                         scale=scales.get(name)) -> list[tuple[str, torch.Tensor]]:
-                fp8, s = quantize_per_tensor(weight, scale, release=release)
+                if weight.device not in work:
+                    work[weight.device] = torch.empty(QUANTIZE_CHUNK_ELEMENTS, dtype=torch.float32, device=weight.device)
+                fp8, s = quantize_per_tensor(weight, scale, release=release, work=work[weight.device])
                 return [(f"{prefix}weight", fp8), (f"{prefix}weight_scale", s)]
 
             out[f"{prefix}weight"] = convert
