@@ -638,6 +638,25 @@ def stream_weights(
     return assign_weights(model, pairs, dtype=dtype, device=device, what=what, convert=convert)
 
 
+def _converted(tensors: Iterable[tuple[str, torch.Tensor]], convert: Mapping[str, Callable],
+               expected: Mapping[str, torch.Tensor], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    """``(name, tensor, final)`` for :func:`assign_weights`: a tensor named in ``convert`` (and
+    shaped as the model expects) is handed to its function in ``dtype``, as a loaded model would
+    hold it, and replaced by what it returns (``final``: assigned as it is); others pass as they
+    come (an unknown or misshapen one is reported by the caller, as any other)."""
+    for name, tensor in tensors:
+        fn = convert.get(name)
+        if fn is None or name not in expected or tuple(tensor.shape) != tuple(expected[name].shape):
+            yield name, tensor, False
+            continue
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        outputs = fn(tensor)
+        del tensor
+        for out_name, out in outputs:
+            yield out_name, out, True
+
+
 def assign_weights(
     model: torch.nn.Module,
     tensors: Iterable[tuple[str, torch.Tensor]],
@@ -669,22 +688,7 @@ def assign_weights(
     keep32 = _keep_fp32(model)
     seen: set[str] = set()
     unexpected: list[str] = []
-    convert = convert or {}
-
-    def converted(pairs):
-        for name, tensor in pairs:
-            fn = convert.get(name)
-            if fn is None or name not in expected or tuple(tensor.shape) != tuple(expected[name].shape):
-                yield name, tensor, False  # unknown or misshapen: reported below, as any other
-                continue
-            if tensor.is_floating_point() and tensor.dtype != dtype:
-                tensor = tensor.to(dtype)  # converted from the compute dtype, as a loaded model would be
-            outputs = fn(tensor)
-            del tensor
-            for out_name, out in outputs:
-                yield out_name, out, True
-
-    for name, tensor, final in converted(tensors):
+    for name, tensor, final in _converted(tensors, convert or {}, expected, dtype):
         old = expected.get(name)
         if old is None:
             unexpected.append(name)
