@@ -176,9 +176,9 @@ def read_gguf_tensors(path: Path, dtype: torch.dtype | None = None, layout: Layo
         for t in tensors:  # t.data maps the file; only its shape and dtype are read, never its pages
             shape, src_dtype = tuple(t.data.shape), t.data.dtype
             parts = layout(t.name, shape[0]) if layout is not None else [(t.name, torch.arange(shape[0]))]
+            cast = t.tensor_type in plain and dtype is not None and torch.from_numpy(np.empty(0, src_dtype)).dtype != dtype
             for name, rows in parts:
                 runs = _runs(rows)
-                cast = t.tensor_type in plain and dtype is not None and torch.from_numpy(np.empty(0, src_dtype)).dtype != dtype
                 if not cast:
                     data = np.empty((len(rows), *shape[1:]), dtype=src_dtype)
                     at = 0

@@ -41,7 +41,6 @@ from gie_core.engine.encoders import TextEncoders
 from gie_core.engine.taskhead import TaskHead
 from gie_core.weights import gguf as gguf_files
 from gie_core.weights import loading, single_file
-from gie_core.weights.fp8_compute import prepare_fp8_compute
 from gie_core.weights.lora import load_lora
 from gie_core.weights.quantize import (
     NO_QUANTIZATION,
@@ -381,14 +380,11 @@ def _done(plan: LoadPlan, module, **extra) -> LoadedPart:
 
 
 def _layerwise(plan: LoadPlan, module: torch.nn.Module) -> torch.nn.Module:
-    """Apply a layerwise or fp8-compute row to a module loaded in the compute dtype (loaders
-    that stream straight into the stored dtype do it themselves)."""
+    """Apply a layerwise row (fp8 storage) to a module loaded in the compute dtype. Loaders that
+    stream straight into the stored dtype do it themselves, as every loader of fp8 compute (a
+    transformer-only row) does."""
     if plan.storage.method == "layerwise":
         prepare_fp8_storage(module, plan.dtype, plan.part, plan.storage.store)
-    elif plan.storage.method == "scaled_mm":
-        # a scaled-fp8 file keeps its stored per-tensor scales: its fp8 values come back exactly
-        scales = single_file.stored_weight_scales(plan.source.path, module, plan.source.layout) if plan.source.kind == "file" else None
-        prepare_fp8_compute(module, plan.dtype, plan.part, scales)  # where it cannot run, a layer logs why once
     return module
 
 
